@@ -1,0 +1,67 @@
+//! `qmigrate`: live-migrate QEMU virtual machines between hosts.
+//!
+//! The binary's edge: parse arguments, install logging, run one subcommand, print the error
+//! chain once and turn it into a documented exit code.
+
+mod cmd;
+mod exit;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Live-migrate QEMU virtual machines between hosts.
+///
+/// On the destination: `tunnel-server` and `receive`. On the source: `tunnel-client` and `send`.
+#[derive(Debug, Parser)]
+#[command(name = "qmigrate", version, about, long_about = None, after_help = exit::EXIT_CODES_HELP)]
+struct Cli {
+    /// More log output on stderr (-v: info, -vv: debug incl. every QMP command, -vvv: trace).
+    /// RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Destination: accept tunnel connections and forward each to QEMU's migration socket.
+    TunnelServer(cmd::tunnel_server::Args),
+    /// Source: accept QEMU's migration connections on a Unix socket and tunnel each to the server.
+    TunnelClient(cmd::tunnel_client::Args),
+    /// Destination: prepare QEMU (started with `-incoming defer`) to receive a migration.
+    Receive(cmd::receive::Args),
+    /// Source: start the migration and follow it to the end.
+    Send(cmd::send::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("qmigrate: error: cannot start the async runtime: {err}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("qmigrate: error: {err:#}");
+            ExitCode::from(exit::code_of(&err))
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::TunnelServer(args) => cmd::tunnel_server::run(args).await,
+        Command::TunnelClient(args) => cmd::tunnel_client::run(args).await,
+        Command::Receive(args) => cmd::receive::run(args).await,
+        Command::Send(args) => cmd::send::run(args).await,
+    }
+}

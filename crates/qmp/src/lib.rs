@@ -1,0 +1,1 @@
+//! Typed async QMP client and QAPI migration models.

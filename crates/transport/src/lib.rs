@@ -1,0 +1,1 @@
+//! Tunnel transports and the relay.

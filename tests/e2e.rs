@@ -1,0 +1,1 @@
+//! End-to-end tests: real QEMU processes, the real `qmigrate` binary, real guest RAM.
