@@ -57,5 +57,6 @@ impl std::fmt::Display for Exit {
 ///
 /// anyhow's `downcast_ref` looks through nested context layers, which `chain()` does not.
 pub fn code_of(err: &anyhow::Error) -> u8 {
-    err.downcast_ref::<Exit>().map_or(FAILED, |exit| exit.code())
+    err.downcast_ref::<Exit>()
+        .map_or(FAILED, |exit| exit.code())
 }

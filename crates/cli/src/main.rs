@@ -6,6 +6,10 @@
 mod cmd;
 mod exit;
 mod logging;
+mod migration;
+mod progress;
+mod signals;
+mod units;
 
 use std::process::ExitCode;
 
@@ -41,7 +45,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("qmigrate: error: cannot start the async runtime: {err}");
