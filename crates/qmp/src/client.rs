@@ -723,9 +723,15 @@ mod tests {
         let data = b"{\"a\":1}\r\nlast".to_vec();
         let mut r = BufReader::new(&data[..]);
         let mut buf = Vec::new();
-        assert_eq!(read_line(&mut r, &mut buf).await.expect("read"), Line::Complete);
+        assert_eq!(
+            read_line(&mut r, &mut buf).await.expect("read"),
+            Line::Complete
+        );
         assert_eq!(buf, b"{\"a\":1}");
-        assert_eq!(read_line(&mut r, &mut buf).await.expect("read"), Line::Complete);
+        assert_eq!(
+            read_line(&mut r, &mut buf).await.expect("read"),
+            Line::Complete
+        );
         assert_eq!(buf, b"last");
         assert_eq!(read_line(&mut r, &mut buf).await.expect("read"), Line::Eof);
 

@@ -183,12 +183,14 @@ impl MigrationAddress {
                     offset,
                 }
             }
-            other => return Err(err(
-                s,
-                format!(
+            other => {
+                return Err(err(
+                    s,
+                    format!(
                     "unknown scheme {other:?} (expected unix, tcp, exec, file, rdma, vsock or fd)"
                 ),
-            )),
+                ))
+            }
         })
     }
 

@@ -1,0 +1,262 @@
+//! Against a real QEMU 10 (and 7.2 when unpacked): handshake, typed commands, the channels
+//! probe, an incoming migration set up with `channels`, and typed refusals.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../../tests/support/qemu.rs"]
+mod qemu;
+
+use qemu::{QemuBinary, Vm, VmConfig};
+use qmigrate_qmp::probe::supports_channels;
+use qmigrate_qmp::*;
+
+fn small(incoming: bool) -> VmConfig {
+    VmConfig {
+        mem_mib: 32,
+        random_ram: false,
+        incoming_defer: incoming,
+        ..VmConfig::default()
+    }
+}
+
+async fn start(bin: &QemuBinary, cfg: &VmConfig) -> (Vm, Qmp) {
+    let vm = Vm::start(bin, cfg).expect("start QEMU");
+    let qmp = Qmp::connect_unix(&vm.qmp_path, &ConnectOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}\n{}", vm.log()));
+    (vm, qmp)
+}
+
+#[tokio::test]
+async fn negotiates_and_queries_version_and_status() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "qemu-system-x86_64") else {
+        return;
+    };
+    let (_vm, qmp) = start(&bin, &small(false)).await;
+    assert!(
+        qmp.greeting().version.qemu.major >= 10,
+        "{:?}",
+        qmp.greeting()
+    );
+    let v = qmp.execute(&QueryVersion).await.unwrap();
+    assert!(v.qemu.at_least(10, 0, 0), "{v:?}");
+    assert_eq!(v.qemu, qmp.greeting().version.qemu);
+    let st = qmp.execute(&QueryStatus).await.unwrap();
+    assert_eq!(st.status, RunState::Running);
+    assert!(st.running);
+    let info = qmp.execute(&QueryMigrate).await.unwrap();
+    assert_eq!(info.status, None, "{info:?}");
+    let caps = qmp.execute(&QueryMigrateCapabilities).await.unwrap();
+    assert!(caps
+        .iter()
+        .all(|c| c.capability != MigrationCapability::Other));
+    let params = qmp.execute(&QueryMigrateParameters).await.unwrap();
+    assert_eq!(params.mode, Some(MigMode::Normal));
+    assert_eq!(params.multifd_compression, Some(MultiFdCompression::None));
+    qmp.execute(&MigrateSetParameters {
+        max_bandwidth: Some(1 << 30),
+        tls_creds: Some(StrOrNull::Str(String::new())),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let params = qmp.execute(&QueryMigrateParameters).await.unwrap();
+    assert_eq!(params.max_bandwidth, Some(1 << 30));
+    qmp.execute(&MigrateSetCapabilities {
+        capabilities: vec![MigrationCapabilityStatus {
+            capability: MigrationCapability::Events,
+            state: true,
+        }],
+    })
+    .await
+    .unwrap();
+    qmp.execute(&Stop).await.unwrap();
+    assert_eq!(
+        qmp.execute(&QueryStatus).await.unwrap().status,
+        RunState::Paused
+    );
+    qmp.execute(&Cont).await.unwrap();
+}
+
+#[tokio::test]
+async fn channels_probe_true_on_qemu10() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "qemu-system-x86_64") else {
+        return;
+    };
+    let (_vm, qmp) = start(&bin, &small(false)).await;
+    assert!(supports_channels(&qmp).await.unwrap());
+}
+
+#[tokio::test]
+async fn channels_probe_false_on_qemu72() {
+    let Some(bin) = qemu::require(qemu::qemu72(), "QEMU 7.2 (target/qemu-7.2)") else {
+        return;
+    };
+    assert_eq!((bin.version.0, bin.version.1), (7, 2));
+    let (_vm, qmp) = start(&bin, &small(true)).await;
+    assert_eq!(qmp.greeting().version.qemu.major, 7);
+    assert!(!supports_channels(&qmp).await.unwrap());
+    assert_eq!(
+        qmp.execute(&QueryStatus).await.unwrap().status,
+        RunState::InMigrate
+    );
+}
+
+#[tokio::test]
+async fn incoming_with_channels_reaches_setup() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "qemu-system-x86_64") else {
+        return;
+    };
+    let (vm, qmp) = start(&bin, &small(true)).await;
+    let st = qmp.execute(&QueryStatus).await.unwrap();
+    assert_eq!(st.status, RunState::InMigrate);
+    assert!(!st.running);
+
+    let sock = vm.dir.join("incoming.sock");
+    let addr = MigrationAddress::Socket(SocketAddress::Unix {
+        path: sock.display().to_string(),
+    });
+    let mut events = qmp.events();
+    qmp.execute(&MigrateSetCapabilities {
+        capabilities: vec![MigrationCapabilityStatus {
+            capability: MigrationCapability::Events,
+            state: true,
+        }],
+    })
+    .await
+    .unwrap();
+    qmp.execute(&MigrateIncoming::new(MigrationTarget::from_address(
+        addr, true,
+    )))
+    .await
+    .unwrap();
+    let info = qmp.execute(&QueryMigrate).await.unwrap();
+    assert_eq!(info.status, Some(MigrationStatus::Setup), "{info:?}");
+    assert_eq!(
+        info.socket_address,
+        Some(vec![SocketAddress::Unix {
+            path: sock.display().to_string()
+        }])
+    );
+    assert!(sock.exists());
+    let ev = tokio::time::timeout(std::time::Duration::from_secs(5), events.recv())
+        .await
+        .expect("MIGRATION event in time")
+        .unwrap();
+    assert_eq!(
+        ev.migration_status(),
+        Some(MigrationStatus::Setup),
+        "{ev:?}"
+    );
+}
+
+#[tokio::test]
+async fn refused_commands_are_typed_errors() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "qemu-system-x86_64") else {
+        return;
+    };
+    let (vm, qmp) = start(&bin, &small(false)).await;
+    let addr = MigrationAddress::parse_uri(&format!("unix:{}/x.sock", vm.dir.display())).unwrap();
+    let err = qmp
+        .execute(&MigrateIncoming::new(MigrationTarget::from_address(
+            addr, true,
+        )))
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Qmp {
+            command,
+            class,
+            desc,
+        } => {
+            assert_eq!(command, "migrate-incoming");
+            assert_eq!(class, "GenericError");
+            assert!(desc.contains("incoming"), "{desc}");
+        }
+        other => panic!("expected a QMP error, got {other:?}"),
+    }
+    let err = qmp.execute_raw("no-such-command", None).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Qmp { class, .. } if class == "CommandNotFound"),
+        "{err:?}"
+    );
+    // The connection is still fine.
+    qmp.execute(&QueryVersion).await.unwrap();
+}
+
+#[tokio::test]
+async fn busy_socket_and_quit() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "qemu-system-x86_64") else {
+        return;
+    };
+    let (mut vm, qmp) = start(&bin, &small(false)).await;
+    let opts = ConnectOptions {
+        greeting_timeout: std::time::Duration::from_millis(300),
+        ..ConnectOptions::default()
+    };
+    let err = Qmp::connect_unix(&vm.qmp_path, &opts).await.unwrap_err();
+    assert!(matches!(err, Error::Busy { .. }), "{err:?}");
+    assert!(err.is_unreachable());
+    assert!(err.to_string().contains("QMP socket busy"), "{err}");
+
+    let mut events = qmp.events();
+    qmp.execute(&Quit).await.unwrap();
+    // SHUTDOWN arrives, then the connection ends.
+    loop {
+        match events.recv().await {
+            Ok(_) => continue,
+            Err(Error::Disconnected) => break,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(matches!(
+        qmp.execute(&QueryStatus).await,
+        Err(Error::Disconnected)
+    ));
+    for _ in 0..100 {
+        if !vm.is_alive() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("QEMU did not quit");
+}
+
+#[test]
+fn fixture_random_ram_vm_starts_and_pmemsave_hashes() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "qemu-system-x86_64") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let cfg = VmConfig {
+            mem_mib: 16,
+            ..VmConfig::default()
+        };
+        let (vm, qmp) = start(&bin, &cfg).await;
+        let dump = vm.dir.join("dump.bin");
+        qmp.execute(&Pmemsave {
+            val: 0,
+            size: 1 << 20,
+            filename: dump.display().to_string(),
+        })
+        .await
+        .unwrap();
+        let ram = std::fs::read(vm.dir.join("ram.bin")).unwrap();
+        let dumped = std::fs::read(&dump).unwrap();
+        assert_eq!(dumped.len(), 1 << 20);
+        // Low RAM below 640 KiB is plain RAM backed by our random file.
+        assert_eq!(&dumped[..0x9_0000], &ram[..0x9_0000]);
+        assert_eq!(qemu::sha256_file(&dump).len(), 64);
+    });
+}
+
+#[test]
+fn sha256_known_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("abc");
+    std::fs::write(&p, b"abc").unwrap();
+    assert_eq!(
+        qemu::sha256_file(&p),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+}
