@@ -17,9 +17,10 @@ use anyhow::{anyhow, bail, Context as _};
 use qmigrate_qmp::{
     probe, ConnectOptions, Error as QmpError, Migrate, MigrateCancel, MigrateIncoming,
     MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy, MigrationAddress,
-    MigrationCapability, MigrationCapabilityStatus, MigrationInfo, MigrationStatus,
-    MigrationTarget, MultiFdCompression, Qmp, QmpTarget, QueryMigrate, QueryMigrateCapabilities,
-    QueryStatus, RunState, SocketAddress, StatusInfo,
+    MigrationCapability, MigrationCapabilityStatus, MigrationInfo, MigrationParameters,
+    MigrationStatus, MigrationTarget, MultiFdCompression, Qmp, QmpTarget, QueryMigrate,
+    QueryMigrateCapabilities, QueryMigrateParameters, QueryStatus, RunState, SocketAddress,
+    StatusInfo,
 };
 use tracing::{debug, info, warn};
 
@@ -579,7 +580,21 @@ pub async fn run_migration(
             (was != want.state).then(|| cap(want.capability, was))
         })
         .collect();
+    let params = plan.source_parameters();
+    let before_params = qmp
+        .execute(&QueryMigrateParameters)
+        .await
+        .context("query-migrate-parameters failed")?;
+    let restore_params = parameters_to_restore(&params, &before_params);
     set_capabilities(qmp, wanted).await?;
+    let set_params = qmp
+        .execute(&params)
+        .await
+        .context("QEMU refused the migration parameters");
+    if let Err(err) = set_params {
+        restore_settings(qmp, restore, restore_params).await;
+        return Err(err);
+    }
 
     let result = migrate_and_follow(qmp, plan, endpoint, source, opts, progress, cancel).await;
 
@@ -593,10 +608,43 @@ pub async fn run_migration(
         // QEMU refuses capability changes while a migration is underway, and this one is.
         return result;
     }
-    if let Err(err) = set_capabilities(qmp, restore).await {
+    restore_settings(qmp, restore, restore_params).await;
+    result
+}
+
+/// For each parameter that `set` changes, its value in `before`: what to set back afterwards so
+/// that the source's settings are as we found them (as libvirt does).
+fn parameters_to_restore(
+    set: &MigrateSetParameters,
+    before: &MigrationParameters,
+) -> MigrateSetParameters {
+    MigrateSetParameters {
+        max_bandwidth: set.max_bandwidth.and(before.max_bandwidth),
+        downtime_limit: set.downtime_limit.and(before.downtime_limit),
+        multifd_channels: set.multifd_channels.and(before.multifd_channels),
+        multifd_compression: set.multifd_compression.and(before.multifd_compression),
+        max_postcopy_bandwidth: set
+            .max_postcopy_bandwidth
+            .and(before.max_postcopy_bandwidth),
+        ..MigrateSetParameters::default()
+    }
+}
+
+/// Sets back the capabilities and parameters we changed; a failure is only worth a warning,
+/// the migration's outcome is what the caller reports.
+async fn restore_settings(
+    qmp: &Qmp,
+    capabilities: Vec<MigrationCapabilityStatus>,
+    params: MigrateSetParameters,
+) {
+    if let Err(err) = set_capabilities(qmp, capabilities).await {
         warn!("could not restore the source's migration capabilities: {err:#}");
     }
-    result
+    if params != MigrateSetParameters::default() {
+        if let Err(err) = qmp.execute(&params).await {
+            warn!("could not restore the source's migration parameters: {err}");
+        }
+    }
 }
 
 async fn migrate_and_follow(
@@ -608,9 +656,6 @@ async fn migrate_and_follow(
     progress: &mut dyn Progress,
     cancel: impl Future<Output = String>,
 ) -> anyhow::Result<Summary> {
-    qmp.execute(&plan.source_parameters())
-        .await
-        .context("QEMU refused the migration parameters")?;
     let target = endpoint.target(qmp).await?;
 
     let mut events = qmp.events();
@@ -896,6 +941,28 @@ mod tests {
             MigrateSetParameters::default()
         );
         assert_eq!(plan.describe(), "multifd 4 (zstd), postcopy off");
+    }
+
+    #[test]
+    fn only_changed_parameters_are_restored() {
+        let plan = MigrationPlan {
+            multifd: Some(4),
+            ..Default::default()
+        };
+        let before = MigrationParameters {
+            max_bandwidth: Some(134_217_728),
+            downtime_limit: Some(300),
+            multifd_channels: Some(2),
+            multifd_compression: Some(MultiFdCompression::None),
+            max_postcopy_bandwidth: Some(0),
+            ..Default::default()
+        };
+        let restore = parameters_to_restore(&plan.source_parameters(), &before);
+        assert_eq!(restore.max_bandwidth, Some(134_217_728));
+        assert_eq!(restore.multifd_channels, Some(2));
+        assert_eq!(restore.multifd_compression, Some(MultiFdCompression::None));
+        assert_eq!(restore.downtime_limit, None);
+        assert_eq!(restore.max_postcopy_bandwidth, None);
     }
 
     #[test]
