@@ -1,0 +1,105 @@
+//! The tunnel as real processes of the built binary: `tunnel-server` on `127.0.0.1:0` and
+//! `tunnel-client` connected to it, both killed when the [`Tunnel`] is dropped.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::proc::Proc;
+
+/// How long a tunnel process may take to print its ready line.
+const READY: Duration = Duration::from_secs(20);
+
+/// Which transport the tunnel uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain TCP.
+    Tcp,
+    /// WebSocket.
+    Ws,
+}
+
+/// A running tunnel: QEMU on the source connects to `source_socket`, QEMU on the destination
+/// listens on `dest_socket`.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// The `tunnel-server` process.
+    pub server: Proc,
+    /// The `tunnel-client` process.
+    pub client: Proc,
+    /// The URL the server printed (`tcp://127.0.0.1:PORT` or `ws://...`).
+    pub url: String,
+    /// The Unix socket the destination QEMU must listen on (`receive --socket`).
+    pub dest_socket: PathBuf,
+    /// The Unix socket the source QEMU connects to (`send --socket`).
+    pub source_socket: PathBuf,
+}
+
+impl Tunnel {
+    /// Starts server and client in `dir` and waits for both ready lines.
+    pub async fn start(dir: &Path, transport: Transport) -> Tunnel {
+        let dest_socket = dir.join("dest.sock");
+        let source_socket = dir.join("source.sock");
+        let ws: &[&str] = match transport {
+            Transport::Tcp => &[],
+            Transport::Ws => &["--ws"],
+        };
+
+        let mut server_args: Vec<String> = vec!["tunnel-server".into()];
+        server_args.extend(ws.iter().map(|s| s.to_string()));
+        server_args.extend([
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--socket".into(),
+            dest_socket.display().to_string(),
+        ]);
+        let mut server = Proc::spawn("tunnel-server", dir, &server_args);
+        let line = server.next_line(READY).await;
+        let url = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected tunnel-server ready line: {line:?}"))
+            .trim()
+            .to_owned();
+        let scheme = match transport {
+            Transport::Tcp => "tcp://",
+            Transport::Ws => "ws://",
+        };
+        assert!(
+            url.starts_with(scheme),
+            "server URL {url:?} is not {scheme}"
+        );
+
+        let mut client_args: Vec<String> = vec!["tunnel-client".into()];
+        client_args.extend(ws.iter().map(|s| s.to_string()));
+        client_args.extend([
+            "--connect".into(),
+            url.clone(),
+            "--socket".into(),
+            source_socket.display().to_string(),
+        ]);
+        let mut client = Proc::spawn("tunnel-client", dir, &client_args);
+        let line = client.next_line(READY).await;
+        let expected = format!("listening on unix:{} -> ", source_socket.display());
+        assert!(
+            line.starts_with(&expected),
+            "unexpected tunnel-client ready line: {line:?} (expected {expected:?}...)"
+        );
+        Tunnel {
+            server,
+            client,
+            url,
+            dest_socket,
+            source_socket,
+        }
+    }
+
+    /// Both processes' stderr, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- tunnel-server stderr\n{}\n--- tunnel-client stderr\n{}",
+            self.server.stderr(),
+            self.client.stderr()
+        )
+    }
+}
