@@ -473,3 +473,28 @@ async fn tcp_connect() {
     drop(qmp);
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn lagging_subscriber_skips_instead_of_failing() {
+    let f = fake(|mut p| async move {
+        p.handshake().await;
+        let id = p.expect("query-status").await;
+        for i in 0..1100 {
+            p.send(&json!({"event": "MIGRATION_PASS", "data": {"pass": i}, "timestamp": {"seconds": 0, "microseconds": 0}}).to_string()).await;
+        }
+        p.reply(&id, json!({"running": true, "status": "running"}))
+            .await;
+        p.wait_close().await;
+    });
+    let qmp = connect(&f).await;
+    let mut events = qmp.events();
+    qmp.execute(&QueryStatus).await.unwrap();
+    // The reply came after all events, so all 1100 were broadcast; only the last 1024 are kept.
+    let first = events.recv().await.unwrap();
+    assert_eq!(first.migration_pass(), Some(1100 - 1024));
+    let mut last = first;
+    for _ in 1..1024 {
+        last = events.recv().await.unwrap();
+    }
+    assert_eq!(last.migration_pass(), Some(1099));
+}

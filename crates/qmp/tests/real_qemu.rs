@@ -92,7 +92,13 @@ async fn channels_probe_false_on_qemu72() {
         return;
     };
     assert_eq!((bin.version.0, bin.version.1), (7, 2));
-    let (_vm, qmp) = start(&bin, &small(true)).await;
+    // Also checks that the fixture's file-backed random RAM works on 7.2.
+    let cfg = VmConfig {
+        mem_mib: 16,
+        random_ram: true,
+        ..small(true)
+    };
+    let (_vm, qmp) = start(&bin, &cfg).await;
     assert_eq!(qmp.greeting().version.qemu.major, 7);
     assert!(!supports_channels(&qmp).await.unwrap());
     assert_eq!(
