@@ -7,6 +7,8 @@
 //! connection. [`models`] holds the QAPI types of QEMU 10's migration schema, [`probe`] asks a
 //! QEMU what it supports.
 
+#![warn(missing_docs)]
+
 mod client;
 pub mod commands;
 mod error;

@@ -266,3 +266,91 @@ fn sha256_known_value() {
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
 }
+
+#[tokio::test]
+async fn local_migration_with_channels_and_events() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "qemu-system-x86_64") else {
+        return;
+    };
+    let cfg = VmConfig {
+        mem_mib: 32,
+        ..VmConfig::default()
+    };
+    let (src_vm, src) = start(&bin, &cfg).await;
+    let (dst_vm, dst) = start(
+        &bin,
+        &VmConfig {
+            incoming_defer: true,
+            ..cfg.clone()
+        },
+    )
+    .await;
+    let events_on = MigrateSetCapabilities {
+        capabilities: vec![MigrationCapabilityStatus {
+            capability: MigrationCapability::Events,
+            state: true,
+        }],
+    };
+    src.execute(&events_on).await.unwrap();
+    dst.execute(&events_on).await.unwrap();
+    let addr: MigrationAddress = format!("unix:{}/mig.sock", dst_vm.dir.display())
+        .parse()
+        .unwrap();
+    dst.execute(&MigrateIncoming::new(MigrationTarget::from_address(
+        addr.clone(),
+        true,
+    )))
+    .await
+    .unwrap();
+    let mut events = src.events();
+    src.execute(&Migrate::new(MigrationTarget::from_address(addr, true)))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let deadline = std::time::Duration::from_secs(30);
+    loop {
+        let ev = tokio::time::timeout(deadline, events.recv())
+            .await
+            .expect("migration finishes in time")
+            .unwrap();
+        if let Some(status) = ev.migration_status() {
+            seen.push(status);
+            if status.is_terminal() {
+                break;
+            }
+        }
+    }
+    assert_eq!(seen.first(), Some(&MigrationStatus::Setup), "{seen:?}");
+    assert_eq!(seen.last(), Some(&MigrationStatus::Completed), "{seen:?}");
+    let info = src.execute(&QueryMigrate).await.unwrap();
+    assert_eq!(info.status, Some(MigrationStatus::Completed));
+    assert!(info.ram.unwrap().transferred.unwrap() > 0);
+    assert_eq!(
+        src.execute(&QueryStatus).await.unwrap().status,
+        RunState::Postmigrate
+    );
+    // The destination finishes loading shortly after the source reports completed.
+    let mut dst_status = None;
+    for _ in 0..100 {
+        dst_status = dst.execute(&QueryMigrate).await.unwrap().status;
+        if dst_status == Some(MigrationStatus::Completed) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(dst_status, Some(MigrationStatus::Completed));
+
+    let hash = |qmp: Qmp, dump: std::path::PathBuf| async move {
+        qmp.execute(&Pmemsave {
+            val: 0,
+            size: 32 << 20,
+            filename: dump.display().to_string(),
+        })
+        .await
+        .unwrap();
+        qemu::sha256_file(&dump)
+    };
+    let a = hash(src, src_vm.dir.join("dump")).await;
+    let b = hash(dst, dst_vm.dir.join("dump")).await;
+    assert_eq!(a, b, "guest RAM differs after migration");
+}
