@@ -44,6 +44,19 @@ pub async fn migration_status(qmp: &Qmp) -> (MigrationStatus, Option<String>) {
     )
 }
 
+/// Waits (at most `limit`) for the migration to end and returns its final status, or the
+/// status it is stuck in.
+pub async fn wait_for_migration(qmp: &Qmp, limit: Duration) -> MigrationStatus {
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        let (status, _) = migration_status(qmp).await;
+        if status.is_terminal() || tokio::time::Instant::now() >= until {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// SHA-256 of the guest's first `mem_mib` MiB of physical memory, dumped with `pmemsave` to
 /// `dump`.
 pub async fn ram_sha256(qmp: &Qmp, mem_mib: u64, dump: &Path) -> String {

@@ -83,7 +83,7 @@ pub struct MigrationPlan {
     pub multifd: Option<u32>,
     /// Compression of the multifd channels (needs `multifd`).
     pub compression: Option<Compression>,
-    /// Enable postcopy (`postcopy-ram` and `return-path`).
+    /// Enable postcopy (`postcopy-ram`).
     pub postcopy: bool,
     /// Source only: throttle the guest's CPUs when the migration does not converge.
     pub auto_converge: bool,
@@ -129,17 +129,16 @@ impl MigrationPlan {
     /// The capabilities that both QEMUs must agree on, set to exactly what this plan wants
     /// (so that a leftover from an earlier run cannot make the two sides disagree).
     fn shared_capabilities(&self) -> Vec<MigrationCapabilityStatus> {
-        let mut caps = vec![
+        vec![
             cap(MigrationCapability::Events, true),
             cap(MigrationCapability::Multifd, self.multifd.is_some()),
             cap(MigrationCapability::PostcopyRam, self.postcopy),
-        ];
-        // The return path carries postcopy's page requests; without postcopy we leave it as
-        // it is rather than turn off something the operator may rely on.
-        if self.postcopy {
-            caps.push(cap(MigrationCapability::ReturnPath, true));
-        }
-        caps
+            // The return path lets the destination tell the source how loading ended: with it
+            // the source reports `completed` only after the destination has loaded everything
+            // (not when the last byte left for the tunnel), and postcopy needs it for page
+            // requests.
+            cap(MigrationCapability::ReturnPath, true),
+        ]
     }
 
     /// Capabilities for the destination QEMU.
@@ -916,9 +915,7 @@ mod tests {
 
         let single = MigrationPlan::default().destination_capabilities();
         assert!(single.contains(&cap(MigrationCapability::Multifd, false)));
-        assert!(!single
-            .iter()
-            .any(|c| c.capability == MigrationCapability::ReturnPath));
+        assert!(single.contains(&cap(MigrationCapability::ReturnPath, true)));
     }
 
     #[test]
