@@ -242,7 +242,9 @@ impl Vm {
         };
 
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !vm.qmp_path.exists() {
+        // QEMU creates the socket file at bind() and accepts only after listen(): wait for
+        // both, without connecting (the monitor serves one client, the test's).
+        while !is_listening(&vm.qmp_path) {
             if let Some(status) = vm.child.try_wait()? {
                 return Err(std::io::Error::other(format!(
                     "QEMU exited ({status}) before creating its QMP socket: {}",
@@ -251,7 +253,7 @@ impl Vm {
             }
             if Instant::now() > deadline {
                 return Err(std::io::Error::other(format!(
-                    "QEMU created no QMP socket within 10 s: {}",
+                    "QEMU's QMP socket was not listening within 10 s: {}",
                     vm.log()
                 )));
             }
@@ -280,6 +282,23 @@ impl Vm {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default()
     }
+}
+
+/// True when a Unix socket is bound at `path` and listening, judged from `/proc/net/unix`
+/// (the `__SO_ACCEPTCON` flag) so no connection is made; where that file cannot be read, the
+/// socket file's existence has to do.
+fn is_listening(path: &Path) -> bool {
+    if !path.exists() {
+        return false;
+    }
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return true;
+    };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols.len() >= 8 && cols[3] == "00010000" && cols[7..].join(" ") == want
+    })
 }
 
 impl Drop for Vm {

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 
@@ -206,12 +208,10 @@ impl Shared {
     }
 }
 
-type Writer = Box<dyn AsyncWrite + Send + Unpin>;
-
 #[derive(Debug)]
 struct Inner {
     shared: Arc<Shared>,
-    writer: tokio::sync::Mutex<Option<WriterBox>>,
+    writer: tokio::sync::Mutex<Option<Writer>>,
     reader: JoinHandle<()>,
     next_id: AtomicU64,
     greeting: Greeting,
@@ -219,12 +219,56 @@ struct Inner {
     target: String,
 }
 
-/// Wrapper so `Inner` can derive `Debug`.
-struct WriterBox(Writer);
+/// The write side of the connection; concrete so a Unix socket can also pass file descriptors.
+#[derive(Debug)]
+enum Writer {
+    Unix(tokio::net::unix::OwnedWriteHalf),
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+}
 
-impl fmt::Debug for WriterBox {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("WriterBox")
+impl Writer {
+    /// Writes `line`; with `fd`, the descriptor rides along (SCM_RIGHTS) with its first bytes.
+    async fn send(&mut self, line: &[u8], fd: Option<RawFd>) -> std::io::Result<()> {
+        let mut rest = line;
+        if let Some(fd) = fd {
+            let Writer::Unix(w) = self else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "file descriptors can only be passed over a Unix socket",
+                ));
+            };
+            let sock: &tokio::net::UnixStream = w.as_ref();
+            loop {
+                sock.writable().await?;
+                match sock.try_io(tokio::io::Interest::WRITABLE, || {
+                    crate::fdpass::send_with_fd(sock.as_raw_fd(), rest, fd)
+                }) {
+                    Ok(n) => {
+                        rest = &rest[n..];
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        match self {
+            Writer::Unix(w) => {
+                w.write_all(rest).await?;
+                w.flush().await
+            }
+            Writer::Tcp(w) => {
+                w.write_all(rest).await?;
+                w.flush().await
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            Writer::Unix(w) => w.shutdown().await,
+            Writer::Tcp(w) => w.shutdown().await,
+        }
     }
 }
 
@@ -271,7 +315,7 @@ impl Qmp {
                 Err(_) => return Err(connect_timed_out(context, opts.connect_timeout)),
             };
         let (r, w) = stream.into_split();
-        Qmp::handshake(target, Box::new(r), Box::new(w), opts).await
+        Qmp::handshake(target, Box::new(r), Writer::Unix(w), opts).await
     }
 
     /// Connects to a QMP TCP server at `host:port`; see [`Qmp::connect`].
@@ -288,7 +332,7 @@ impl Qmp {
             };
         let _ = stream.set_nodelay(true);
         let (r, w) = stream.into_split();
-        Qmp::handshake(target, Box::new(r), Box::new(w), opts).await
+        Qmp::handshake(target, Box::new(r), Writer::Tcp(w), opts).await
     }
 
     #[tracing::instrument(level = "debug", skip(reader, writer, opts))]
@@ -326,11 +370,7 @@ impl Qmp {
 
         let negotiate = b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n";
         tracing::debug!(command = "qmp_capabilities", args = "{}", "qmp ->");
-        let written = async {
-            writer.write_all(negotiate).await?;
-            writer.flush().await
-        };
-        match tokio::time::timeout_at(deadline, written).await {
+        match tokio::time::timeout_at(deadline, writer.send(negotiate, None)).await {
             Err(_) => return Err(busy()),
             Ok(Err(e)) => {
                 return Err(Error::Greeting(format!(
@@ -365,7 +405,7 @@ impl Qmp {
         Ok(Qmp {
             inner: Arc::new(Inner {
                 shared,
-                writer: tokio::sync::Mutex::new(Some(WriterBox(writer))),
+                writer: tokio::sync::Mutex::new(Some(writer)),
                 reader: reader_task,
                 next_id: AtomicU64::new(1),
                 greeting,
@@ -401,6 +441,36 @@ impl Qmp {
         cmd: &C,
         timeout: Duration,
     ) -> Result<C::Reply, Error> {
+        self.execute_inner(cmd, timeout, None).await
+    }
+
+    /// Runs a command with a file descriptor attached (SCM_RIGHTS), e.g. [`crate::Getfd`] to
+    /// give QEMU a socket under a name. Unix sockets only: over TCP this fails with
+    /// [`Error::InvalidArguments`]. QEMU keeps its own copy; `fd` stays open here.
+    pub async fn execute_with_fd<C: Command>(
+        &self,
+        cmd: &C,
+        fd: BorrowedFd<'_>,
+    ) -> Result<C::Reply, Error> {
+        if !matches!(
+            self.inner.writer.lock().await.as_ref(),
+            Some(Writer::Unix(_)) | None
+        ) {
+            return Err(Error::InvalidArguments(format!(
+                "{}: file descriptors can only be passed over a Unix socket",
+                C::NAME
+            )));
+        }
+        self.execute_inner(cmd, self.inner.command_timeout, Some(fd.as_raw_fd()))
+            .await
+    }
+
+    async fn execute_inner<C: Command>(
+        &self,
+        cmd: &C,
+        timeout: Duration,
+        fd: Option<RawFd>,
+    ) -> Result<C::Reply, Error> {
         let args = serde_json::to_value(cmd)
             .map_err(|e| Error::InvalidArguments(format!("{}: {e}", C::NAME)))?;
         let args = match args {
@@ -414,7 +484,7 @@ impl Qmp {
                 )))
             }
         };
-        let reply = self.call(C::NAME, args, timeout).await?;
+        let reply = self.call(C::NAME, args, timeout, fd).await?;
         serde_json::from_value(reply).map_err(|source| Error::Decode {
             command: C::NAME.to_string(),
             source,
@@ -431,7 +501,8 @@ impl Qmp {
                 )));
             }
         }
-        self.call(name, args, self.inner.command_timeout).await
+        self.call(name, args, self.inner.command_timeout, None)
+            .await
     }
 
     async fn call(
@@ -439,6 +510,7 @@ impl Qmp {
         name: &str,
         args: Option<Value>,
         timeout: Duration,
+        fd: Option<RawFd>,
     ) -> Result<Value, Error> {
         let shared = &self.inner.shared;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -469,14 +541,10 @@ impl Qmp {
         let exchange = async {
             {
                 let mut w = self.inner.writer.lock().await;
-                let Some(WriterBox(w)) = w.as_mut() else {
+                let Some(w) = w.as_mut() else {
                     return Err(Error::Disconnected);
                 };
-                let written = async {
-                    w.write_all(line.as_bytes()).await?;
-                    w.flush().await
-                };
-                if let Err(e) = written.await {
+                if let Err(e) = w.send(line.as_bytes(), fd).await {
                     tracing::debug!(error = %e, command = %name, "qmp write failed");
                     return Err(Error::Disconnected);
                 }
@@ -514,7 +582,7 @@ impl Qmp {
     /// Closes the connection politely (shuts the socket down). Every clone of this handle sees
     /// [`Error::Disconnected`] afterwards. Dropping the last clone also closes it.
     pub async fn close(self) {
-        if let Some(WriterBox(mut w)) = self.inner.writer.lock().await.take() {
+        if let Some(mut w) = self.inner.writer.lock().await.take() {
             let _ = w.shutdown().await;
         }
         self.inner.reader.abort();

@@ -235,11 +235,19 @@ command!(Quit, "quit", Empty);
 pub struct QueryQmpSchema;
 command!(QueryQmpSchema, "query-qmp-schema", Vec<serde_json::Value>);
 
-/// `getfd`: name a file descriptor passed with SCM_RIGHTS on the same message (fd passing
-/// itself is not implemented yet, so QEMU answers that no fd was received).
+/// `getfd`: name the file descriptor passed with it; send it with [`crate::Qmp::execute_with_fd`]
+/// (with plain `execute` QEMU answers that no descriptor was supplied).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Getfd {
     /// The name for the fd.
     pub fdname: String,
 }
 command!(Getfd, "getfd", Empty);
+
+/// `closefd`: close a descriptor QEMU got with [`Getfd`] and did not use.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Closefd {
+    /// The name given in `getfd`.
+    pub fdname: String,
+}
+command!(Closefd, "closefd", Empty);

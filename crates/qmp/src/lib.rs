@@ -12,6 +12,7 @@
 mod client;
 pub mod commands;
 mod error;
+mod fdpass;
 pub mod models;
 pub mod probe;
 mod uri;

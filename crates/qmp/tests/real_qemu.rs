@@ -354,3 +354,42 @@ async fn local_migration_with_channels_and_events() {
     let b = hash(dst, dst_vm.dir.join("dump")).await;
     assert_eq!(a, b, "guest RAM differs after migration");
 }
+
+#[tokio::test]
+async fn getfd_passes_a_descriptor() {
+    use std::os::fd::AsFd;
+    let Some(bin) = qemu::require(qemu::qemu10(), "qemu-system-x86_64") else {
+        return;
+    };
+    let (_vm, qmp) = start(&bin, &small(false)).await;
+    // Without a descriptor QEMU refuses getfd.
+    let err = qmp
+        .execute(&Getfd {
+            fdname: "mig".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Qmp { .. }), "{err:?}");
+    let (_r, w) = std::io::pipe().unwrap();
+    qmp.execute_with_fd(
+        &Getfd {
+            fdname: "mig".into(),
+        },
+        w.as_fd(),
+    )
+    .await
+    .unwrap();
+    // QEMU now holds it under that name: closefd succeeds once, then the name is gone.
+    qmp.execute(&Closefd {
+        fdname: "mig".into(),
+    })
+    .await
+    .unwrap();
+    let err = qmp
+        .execute(&Closefd {
+            fdname: "mig".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Qmp { .. }), "{err:?}");
+}
