@@ -240,9 +240,10 @@ async fn ws_tunnel_multifd_4() {
 }
 
 /// Without the tunnel: QEMU to QEMU over a Unix socket given as a legacy URI, with `receive
-/// --wait` following the migration on the destination at the same time.
+/// --start` following the migration on the destination at the same time and starting the
+/// destination (paused by `-S`) afterwards.
 #[tokio::test(flavor = "multi_thread")]
-async fn direct_unix_uri_with_receive_wait() {
+async fn direct_unix_uri_with_receive_start() {
     let Some(bin) = qemu10() else { return };
     let pair = pair(&bin, MEM_MIB);
     let uri = format!("unix:{}", pair.dir().join("direct.sock").display());
@@ -255,7 +256,7 @@ async fn direct_unix_uri_with_receive_wait() {
             &path(&pair.dst.qmp_path),
             "--uri",
             &uri,
-            "--wait",
+            "--start",
         ],
     );
     let ready = receive.next_line(RUN).await;
@@ -270,9 +271,52 @@ async fn direct_unix_uri_with_receive_wait() {
     let (status, _) = receive.wait(RUN).await;
     assert!(
         status.success(),
-        "receive --wait: {status}\n{}",
+        "receive --start: {status}\n{}",
         receive.stderr()
     );
+    pair.verify_completed().await;
+    let dst = support::qmp(&pair.dst.qmp_path).await;
+    assert_eq!(support::vm_state(&dst).await, (RunState::Running, true));
+}
+
+/// `send --detach` returns once the migration runs; QEMU finishes it on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn send_detach_returns_and_migration_completes() {
+    let Some(bin) = qemu10() else { return };
+    let pair = pair(&bin, MEM_MIB);
+    let uri = format!("unix:{}", pair.dir().join("direct.sock").display());
+    pair.receive(&["--uri".into(), uri.clone()], &[]).await;
+    let out = run(
+        [
+            "send",
+            "--qmp",
+            &path(&pair.src.qmp_path),
+            "--uri",
+            &uri,
+            "--detach",
+            "--max-bandwidth",
+            "64M",
+        ],
+        RUN,
+    )
+    .await;
+    out.expect_success();
+    assert!(
+        out.stderr.contains("not following it (--detach)"),
+        "{}",
+        out.stderr
+    );
+    let src = support::qmp(&pair.src.qmp_path).await;
+    let (status, _) = support::migration_status(&src).await;
+    assert!(
+        matches!(status, MigrationStatus::Setup | MigrationStatus::Active),
+        "right after --detach the migration must still run, not {status:?}"
+    );
+    assert_eq!(
+        support::wait_for_migration(&src, Duration::from_secs(60)).await,
+        MigrationStatus::Completed
+    );
+    drop(src);
     pair.verify_completed().await;
 }
 
