@@ -470,6 +470,16 @@ async fn tcp_connect() {
         qmp.execute(&QueryStatus).await.unwrap().status,
         RunState::InMigrate
     );
+    // Descriptors cannot travel over TCP; refused before anything is sent.
+    let (_r, w) = std::io::pipe().unwrap();
+    let err = qmp
+        .execute_with_fd(&Getfd { fdname: "x".into() }, std::os::fd::AsFd::as_fd(&w))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArguments(m) if m.contains("Unix socket")),
+        "{err:?}"
+    );
     drop(qmp);
     task.await.unwrap();
 }
