@@ -6,6 +6,25 @@
 //! reply type; replies are decoded in the caller, so one odd reply fails one call, never the
 //! connection. [`models`] holds the QAPI types of QEMU 10's migration schema, [`probe`] asks a
 //! QEMU what it supports.
+//!
+//! ```no_run
+//! use qmigrate_qmp::{probe, ConnectOptions, MigrateIncoming, MigrationAddress, MigrationTarget, Qmp, QueryMigrate};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let qmp = Qmp::connect_unix("/run/dst.qmp", &ConnectOptions::default()).await?;
+//! let addr: MigrationAddress = "unix:/run/dst-migration.sock".parse()?;
+//! let channels = probe::supports_channels(&qmp).await?;
+//! qmp.execute(&MigrateIncoming::new(MigrationTarget::from_address(addr, channels))).await?;
+//! let mut events = qmp.events();
+//! while let Ok(event) = events.recv().await {
+//!     if event.migration_status().is_some_and(|s| s.is_terminal()) {
+//!         break;
+//!     }
+//! }
+//! println!("{:?}", qmp.execute(&QueryMigrate).await?.status);
+//! # Ok(())
+//! # }
+//! ```
 
 #![warn(missing_docs)]
 
