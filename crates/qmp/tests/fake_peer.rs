@@ -508,3 +508,75 @@ async fn lagging_subscriber_skips_instead_of_failing() {
     }
     assert_eq!(last.migration_pass(), Some(1099));
 }
+
+/// Records every tracing event as `message field=value ...` lines.
+#[derive(Clone, Default)]
+struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+struct Line(String);
+
+impl tracing::field::Visit for Line {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!(" {}={:?}", field.name(), value));
+    }
+}
+
+impl tracing::Subscriber for Recorder {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut line = Line(format!("{}", event.metadata().level()));
+        event.record(&mut line);
+        self.0.lock().unwrap().push(line.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn commands_logged_at_debug_replies_at_trace() {
+    let rec = Recorder::default();
+    tracing::subscriber::with_default(rec.clone(), || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let f = fake(|mut p| async move {
+                    p.handshake().await;
+                    let id = p.expect("pmemsave").await;
+                    p.reply(&id, json!({})).await;
+                    p.wait_close().await;
+                });
+                let qmp = connect(&f).await;
+                qmp.execute(&Pmemsave {
+                    val: 0,
+                    size: 4096,
+                    filename: "/tmp/d".into(),
+                })
+                .await
+                .unwrap();
+            });
+    });
+    let lines = rec.0.lock().unwrap().clone();
+    let sent = lines
+        .iter()
+        .find(|l| l.contains("command=pmemsave") && l.contains("qmp ->"))
+        .unwrap_or_else(|| panic!("no debug line for pmemsave in {lines:#?}"));
+    assert!(sent.starts_with("DEBUG"), "{sent}");
+    assert!(
+        sent.contains(r#"args={"filename":"/tmp/d","size":4096,"val":0}"#),
+        "{sent}"
+    );
+    let got = lines
+        .iter()
+        .find(|l| l.contains("command=pmemsave") && l.contains("qmp <-"))
+        .unwrap_or_else(|| panic!("no trace line for the reply in {lines:#?}"));
+    assert!(got.starts_with("TRACE"), "{got}");
+}
