@@ -1,5 +1,6 @@
 //! Real QEMU processes for tests: find the binaries, start a VM in its own temp dir with a QMP
-//! socket, kill it on drop. std + the `tempfile` and `sha2` dev-dependencies only, so any crate's tests can include it.
+//! socket, kill it on drop. Uses std and the `tempfile` and `sha2` dev-dependencies only (not
+//! qmigrate-qmp), so the tests of any crate can include it.
 
 #![allow(dead_code)] // each test binary uses a different part
 
