@@ -762,17 +762,24 @@ async fn migrate_and_follow(
         info.total_time = u64::try_from(started.elapsed().as_millis()).ok();
     }
     let status = status_of(&info);
-    let outcome = match status {
-        MigrationStatus::Completed => Outcome::Completed,
-        MigrationStatus::Cancelled => Outcome::Cancelled(match cancelling {
-            Cancelling::Requested { reason, .. } => reason,
-            _ => "cancelled by another QMP client".to_owned(),
-        }),
-        _ => Outcome::Failed(
-            info.error_desc
-                .clone()
-                .unwrap_or_else(|| format!("QEMU reports {}", migration_status_name(&status))),
-        ),
+    let error = info
+        .error_desc
+        .clone()
+        .unwrap_or_else(|| format!("QEMU reports {}", migration_status_name(&status)));
+    let outcome = match (status, cancelling) {
+        (MigrationStatus::Completed, _) => Outcome::Completed,
+        (MigrationStatus::Cancelled, Cancelling::Requested { reason, .. }) => {
+            Outcome::Cancelled(reason)
+        }
+        (MigrationStatus::Cancelled, _) => {
+            Outcome::Cancelled("cancelled by another QMP client".to_owned())
+        }
+        // Cancelling tears the connection down; with the return path QEMU sometimes sees that
+        // error first and ends the migration as failed. It still ended because we asked.
+        (_, Cancelling::Requested { reason, .. }) => {
+            Outcome::Cancelled(format!("{reason} (QEMU ended it as failed: {error})"))
+        }
+        _ => Outcome::Failed(error),
     };
     if outcome != Outcome::Completed {
         ensure_source_running(qmp, source, progress).await?;
