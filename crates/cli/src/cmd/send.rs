@@ -164,3 +164,39 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context(Exit::Failed)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Args;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Cli::try_parse_from(std::iter::once("send").chain(args.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn postcopy_after_defaults_to_one_pass() {
+        assert_eq!(parse(&[]).expect("no flags").postcopy, None);
+        assert_eq!(parse(&["--postcopy"]).expect("bare").postcopy, Some(1));
+        assert_eq!(parse(&["--postcopy=0"]).expect("=0").postcopy, Some(0));
+        // `--postcopy 3` would be ambiguous with a following positional; only `=` is accepted.
+        assert!(parse(&["--postcopy", "3"]).is_err());
+    }
+
+    #[test]
+    fn units_and_conflicts() {
+        let args = parse(&["--max-bandwidth", "512MiB", "--timeout", "10m"]).expect("valid");
+        assert_eq!(args.max_bandwidth, Some(512 << 20));
+        assert_eq!(args.timeout, Some(std::time::Duration::from_secs(600)));
+        assert!(parse(&["--uri", "tcp:h:1", "--socket", "/x"]).is_err());
+        assert!(parse(&["--detach", "--timeout", "1s"]).is_err());
+        assert!(parse(&["--compress", "lz4"]).is_err());
+    }
+}
