@@ -687,3 +687,25 @@ async fn busy_qmp_socket() {
         out.stderr
     );
 }
+
+/// Compressed multifd without the tunnel, with the other source-only knobs set.
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_multifd_zstd() {
+    let Some(bin) = qemu10() else { return };
+    let pair = pair(&bin, MEM_MIB);
+    let uri = format!("unix:{}", pair.dir().join("direct.sock").display());
+    let flags = ["--multifd", "2", "--compress", "zstd"];
+    let out = pair.receive(&["--uri".into(), uri.clone()], &flags).await;
+    assert!(
+        out.stdout.contains("(multifd 2 (zstd), postcopy off)"),
+        "{}",
+        out.stdout
+    );
+    let mut extra = flags.to_vec();
+    extra.extend(["--auto-converge", "--downtime-limit", "500"]);
+    let mut send = pair.send(&["--uri".into(), uri], &extra);
+    let (status, stdout) = send.wait(RUN).await;
+    assert!(status.success(), "send: {status}\n{}", send.stderr());
+    assert_eq!(summary_of(&stdout)["status"], "completed");
+    pair.verify_completed().await;
+}
