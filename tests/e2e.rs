@@ -131,8 +131,19 @@ impl Pair {
     /// Checks the result of a completed migration over QMP: both sides completed, the source
     /// paused in `postmigrate`, the destination's RAM identical to the source's.
     async fn verify_completed(&self) {
-        let src = support::qmp(&self.src.qmp_path).await;
-        let dst = support::qmp(&self.dst.qmp_path).await;
+        let logs = || {
+            format!(
+                "--- source QEMU's log\n{}\n--- destination QEMU's log\n{}",
+                self.src.log(),
+                self.dst.log()
+            )
+        };
+        let src = support::try_qmp(&self.src.qmp_path)
+            .await
+            .unwrap_or_else(|e| panic!("source: {e}\n{}", logs()));
+        let dst = support::try_qmp(&self.dst.qmp_path)
+            .await
+            .unwrap_or_else(|e| panic!("destination: {e}\n{}", logs()));
         assert_eq!(
             support::migration_status(&src).await.0,
             MigrationStatus::Completed
@@ -145,7 +156,13 @@ impl Pair {
             "destination QEMU's log:\n{}",
             self.dst.log()
         );
-        assert_eq!(support::vm_state(&src).await.0, RunState::Postmigrate);
+        let (state, _) = support::vm_state(&src).await;
+        assert_eq!(
+            state,
+            RunState::Postmigrate,
+            "source QEMU's log:\n{}",
+            self.src.log()
+        );
         let src_ram = support::ram_sha256(&src, self.mem_mib, &self.dir().join("src.ram")).await;
         let dst_ram = support::ram_sha256(&dst, self.mem_mib, &self.dir().join("dst.ram")).await;
         assert_eq!(

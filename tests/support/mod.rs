@@ -16,17 +16,25 @@ use qmigrate_qmp::{
 
 /// Opens a QMP connection for checks (only when no `qmigrate` process holds the socket).
 pub async fn qmp(path: &Path) -> Qmp {
+    try_qmp(path).await.unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// Like [`qmp`], with the failure returned for a message that says more.
+pub async fn try_qmp(path: &Path) -> Result<Qmp, String> {
     let mut last = None;
     // The socket serves one client at a time; a `qmigrate` that just exited may still be
     // closing its connection.
     for _ in 0..50 {
         match Qmp::connect_unix(path, &ConnectOptions::default()).await {
-            Ok(qmp) => return qmp,
+            Ok(qmp) => return Ok(qmp),
             Err(err) => last = Some(err),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("cannot connect to QMP {}: {last:?}", path.display())
+    Err(format!(
+        "cannot connect to QMP {}: {last:?}",
+        path.display()
+    ))
 }
 
 /// The VM's run state and whether it runs.
