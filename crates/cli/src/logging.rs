@@ -6,7 +6,7 @@ use tracing_subscriber::EnvFilter;
 /// Installs the subscriber; `RUST_LOG` wins over `-v`.
 pub fn init(verbose: u8) {
     let default = match verbose {
-        0 => "warn,qmigrate=info",
+        0 => "warn,qmigrate=info,qmigrate_transport=info",
         1 => "info",
         2 => "info,qmigrate=debug,qmigrate_qmp=debug,qmigrate_transport=debug",
         _ => "trace",

@@ -1,1 +1,43 @@
-//! Tunnel transports and the relay.
+//! The tunnel that carries QEMU migration streams between hosts.
+//!
+//! QEMU migrates over a Unix socket on each host; this crate joins the two. A [`Client`] on
+//! the source accepts each connection QEMU opens and carries it over one tunnel connection
+//! (TCP or WebSocket, see [`Transport`]) to a [`Server`] on the destination, which connects
+//! it to the destination QEMU's socket. Every QEMU connection stays its own tunnel
+//! connection, in order, full duplex, with half-close forwarded and any failure turned into
+//! a torn-down pair rather than a silently truncated stream. The handshake that opens each
+//! tunnel connection is in [`protocol`]; `docs/PROTOCOL.md` describes the wire format.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), qmigrate_transport::Error> {
+//! use qmigrate_transport::{Endpoint, Scheme, Server, ServerConfig};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let listen = Endpoint::parse("127.0.0.1:0", Scheme::Ws)?;
+//! let server = Server::bind(&listen, ServerConfig::new("/tmp/dest.sock")).await?;
+//! println!("listening on {}", server.local_endpoint());
+//! let report = server.serve(CancellationToken::new()).await;
+//! println!("{report}");
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod client;
+mod endpoint;
+mod error;
+pub mod protocol;
+mod relay;
+mod report;
+mod server;
+mod stream;
+mod transport;
+
+pub use client::{Client, ClientConfig};
+pub use endpoint::{Endpoint, Scheme};
+pub use error::{Error, Result};
+pub use relay::{relay, RelayStats};
+pub use report::Report;
+pub use server::{Server, ServerConfig};
+pub use stream::{TunnelReader, TunnelStream, TunnelWriter, WS_MESSAGE};
+pub use transport::{AnyTransport, Tcp, Transport, WebSocket};

@@ -1,10 +1,77 @@
-//! `qmigrate tunnel-client`.
+//! `qmigrate tunnel-client`: the source end of the tunnel.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use qmigrate_transport::{Client, ClientConfig, Endpoint, Scheme};
+use tokio_util::sync::CancellationToken;
+
+use super::tunnel_server::{finish, ready};
+use crate::exit::Exit;
+use crate::signals::Interrupts;
+use crate::units::parse_duration;
 
 /// Arguments of `qmigrate tunnel-client`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+#[command(after_help = "\
+Prints `listening on unix:PATH -> URL` on stdout once the socket exists. Point the source \
+QEMU's migration at PATH (`qmigrate send --socket PATH`); each connection QEMU opens becomes \
+one tunnel connection.")]
+pub struct Args {
+    /// Use WebSocket instead of plain TCP (and default to port 8765).
+    #[arg(long)]
+    pub ws: bool,
+
+    /// The tunnel server: HOST:PORT, tcp://HOST:PORT or ws://HOST:PORT/PATH (a scheme
+    /// overrides --ws). [default: 127.0.0.1:9999, with --ws 127.0.0.1:8765]
+    #[arg(long, value_name = "ADDR")]
+    pub connect: Option<String>,
+
+    /// The Unix socket the source QEMU connects to (created 0600; a stale socket is replaced,
+    /// and it is removed on exit).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/tmp/qemu_migration_source.sock"
+    )]
+    pub socket: PathBuf,
+
+    /// Exit after the first migration's connections have all closed (0 if all went well).
+    #[arg(long)]
+    pub once: bool,
+
+    /// How long connecting to the tunnel server may take.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+}
 
 /// Runs `qmigrate tunnel-client`.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`tunnel-client` is not built yet")
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let scheme = if args.ws { Scheme::Ws } else { Scheme::Tcp };
+    let connect = args
+        .connect
+        .unwrap_or_else(|| format!("127.0.0.1:{}", scheme.default_port()));
+    let server = Endpoint::parse(&connect, scheme).context(Exit::Usage)?;
+    let config = ClientConfig {
+        connect_timeout: args.connect_timeout,
+        once: args.once,
+        ..ClientConfig::new(server.clone())
+    };
+    let client = Client::bind(&args.socket, config)?;
+    let mut interrupts = Interrupts::install().context("cannot install signal handlers")?;
+    ready(&format!(
+        "listening on unix:{} -> {server}",
+        client.socket_path().display()
+    ))?;
+
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let signal = interrupts.recv().await;
+        tracing::info!("{signal}: shutting down");
+        stop.cancel();
+    });
+    let report = client.serve(shutdown).await;
+    finish(args.once, "tunnel-client", &report)
 }

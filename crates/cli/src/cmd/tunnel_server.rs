@@ -1,10 +1,109 @@
-//! `qmigrate tunnel-server`.
+//! `qmigrate tunnel-server`: the destination end of the tunnel.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use qmigrate_transport::{Endpoint, Scheme, Server, ServerConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::exit::Exit;
+use crate::signals::Interrupts;
+use crate::units::parse_duration;
 
 /// Arguments of `qmigrate tunnel-server`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+#[command(after_help = "\
+Prints `listening on tcp://IP:PORT` (or `ws://IP:PORT/PATH`) on stdout once it listens. \
+Each tunnel connection is connected to --socket only after its handshake, in the order the \
+source opened them; the socket is never probed, since QEMU takes any connection as migration data.")]
+pub struct Args {
+    /// Use WebSocket instead of plain TCP (and default to port 8765).
+    #[arg(long)]
+    pub ws: bool,
+
+    /// Where to listen: HOST:PORT, tcp://HOST:PORT or ws://HOST:PORT/PATH (a scheme overrides
+    /// --ws). Port 0 picks a free port. [default: 0.0.0.0:9999, with --ws 0.0.0.0:8765]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// The destination QEMU's migration socket (where `qmigrate receive --socket` makes QEMU
+    /// listen).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/tmp/qemu_migration_dest.sock"
+    )]
+    pub socket: PathBuf,
+
+    /// Exit after the first migration's connections have all closed (0 if all went well).
+    #[arg(long)]
+    pub once: bool,
+
+    /// How long a connection waits for the destination socket to appear.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// How long a new connection may take to send its handshake.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+}
 
 /// Runs `qmigrate tunnel-server`.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`tunnel-server` is not built yet")
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let scheme = if args.ws { Scheme::Ws } else { Scheme::Tcp };
+    let listen = args
+        .listen
+        .unwrap_or_else(|| format!("0.0.0.0:{}", scheme.default_port()));
+    let listen = Endpoint::parse(&listen, scheme).context(Exit::Usage)?;
+    let config = ServerConfig {
+        connect_timeout: args.connect_timeout,
+        handshake_timeout: args.handshake_timeout,
+        once: args.once,
+        ..ServerConfig::new(&args.socket)
+    };
+    let server = Server::bind(&listen, config).await?;
+    let mut interrupts = Interrupts::install().context("cannot install signal handlers")?;
+    ready(&format!("listening on {}", server.local_endpoint()))?;
+    tracing::info!("forwarding tunnel connections to {}", args.socket.display());
+
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let signal = interrupts.recv().await;
+        tracing::info!("{signal}: shutting down");
+        stop.cancel();
+    });
+    let report = server.serve(shutdown).await;
+    finish(args.once, "tunnel-server", &report)
+}
+
+/// Prints the ready line: exactly one line on stdout, flushed, since scripts wait for it.
+pub(crate) fn ready(line: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .context("cannot write the ready line to stdout")
+}
+
+/// The `--once` summary and exit status.
+pub(crate) fn finish(
+    once: bool,
+    who: &str,
+    report: &qmigrate_transport::Report,
+) -> anyhow::Result<()> {
+    if once {
+        println!("{who}: {report}");
+    }
+    tracing::info!("{who}: {report}");
+    if report.failed > 0 {
+        return Err(anyhow::anyhow!(
+            "{} of {} tunnel connections failed (see the log above)",
+            report.failed,
+            report.connections
+        ))
+        .context(Exit::Failed);
+    }
+    Ok(())
 }

@@ -1,0 +1,285 @@
+//! The tunnel client: accepts the source QEMU's migration connections on a Unix socket and
+//! opens one tunnel connection to the server for each.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::endpoint::Endpoint;
+use crate::error::{Error, Result};
+use crate::protocol::{Hello, Reply};
+use crate::relay::relay;
+use crate::report::{Report, Tally};
+use crate::stream::TunnelStream;
+use crate::transport::{AnyTransport, Transport};
+
+/// How a [`Client`] behaves.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The tunnel server; its scheme picks the transport.
+    pub server: Endpoint,
+    /// Limit for the TCP connect and WebSocket upgrade to the server.
+    pub connect_timeout: Duration,
+    /// Limit for the server's answer to a hello. The server may wait up to its own
+    /// `--connect-timeout` for the destination socket before it answers, so this is longer.
+    pub reply_timeout: Duration,
+    /// Return after the first migration session's connections have all closed.
+    pub once: bool,
+}
+
+impl ClientConfig {
+    /// Defaults for a server address.
+    pub fn new(server: Endpoint) -> Self {
+        ClientConfig {
+            server,
+            connect_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(120),
+            once: false,
+        }
+    }
+}
+
+/// A bound tunnel client, ready to [`serve`](Client::serve). Its socket file is removed when
+/// it is dropped.
+#[derive(Debug)]
+pub struct Client {
+    listener: UnixListener,
+    path: PathBuf,
+    config: ClientConfig,
+}
+
+/// The migration session the next accepted connection belongs to. A session starts when a
+/// connection arrives while none is open (QEMU opens all of a migration's connections while
+/// its main connection is open) and numbers its connections from 0.
+#[derive(Debug, Default)]
+struct Sessions {
+    id: String,
+    next_seq: u64,
+    active: u64,
+    started: u64,
+}
+
+impl Client {
+    /// Creates the Unix socket at `path` (mode 0600). A stale socket file there is replaced;
+    /// a live one (another tunnel-client) or a file that is not a socket is refused.
+    pub fn bind(path: &Path, config: ClientConfig) -> Result<Client> {
+        let bad = |why: String| Error::UnixSocket {
+            path: path.to_owned(),
+            why,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                // Connecting to our own listening socket is harmless (unlike the destination
+                // socket, where any connection is migration data).
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(bad(
+                        "another process is listening on it (a tunnel-client already running?)"
+                            .into(),
+                    ));
+                }
+                std::fs::remove_file(path)
+                    .map_err(|e| bad(format!("cannot remove the stale socket: {e}")))?;
+                debug!("removed stale socket {}", path.display());
+            }
+            Ok(_) => {
+                return Err(bad(
+                    "the path exists and is not a socket; refusing to replace it".into(),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bad(e.to_string())),
+        }
+        let listener = UnixListener::bind(path).map_err(|e| {
+            bad(match e.kind() {
+                std::io::ErrorKind::NotFound => "its directory does not exist".into(),
+                _ => e.to_string(),
+            })
+        })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| bad(format!("cannot make it private (chmod 600): {e}")))?;
+        Ok(Client {
+            listener,
+            path: path.to_owned(),
+            config,
+        })
+    }
+
+    /// The socket path QEMU connects to.
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves until `shutdown` is cancelled (or, with `once`, until the first migration is
+    /// over).
+    pub async fn serve(self, shutdown: CancellationToken) -> Report {
+        let transport = AnyTransport::for_scheme(self.config.server.scheme);
+        let config = Arc::new(self.config.clone());
+        let sessions = Arc::new(Mutex::new(Sessions::default()));
+        let (done_tx, mut done_rx) = watch::channel(());
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let tracker = TaskTracker::new();
+        let mut next_id: u64 = 0;
+        loop {
+            let once_over = config.once
+                && sessions
+                    .lock()
+                    .map(|s| s.started > 0 && s.active == 0)
+                    .unwrap_or(true);
+            if once_over {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = done_rx.changed() => continue,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((unix, _)) => {
+                        next_id += 1;
+                        let (session, seq) = match sessions.lock() {
+                            Ok(mut s) => {
+                                if s.active == 0 {
+                                    s.id = new_session_id();
+                                    s.next_seq = 0;
+                                }
+                                s.active += 1;
+                                s.started += 1;
+                                s.next_seq += 1;
+                                (s.id.clone(), s.next_seq - 1)
+                            }
+                            Err(_) => continue,
+                        };
+                        let span = info_span!("conn", id = next_id, %session, seq);
+                        let (config, sessions, tally) = (config.clone(), sessions.clone(), tally.clone());
+                        let done = done_tx.clone();
+                        let cancel = shutdown.child_token();
+                        tracker.spawn(async move {
+                            tokio::select! {
+                                _ = cancel.cancelled() => debug!("shutting down"),
+                                _ = handle(&transport, &config, &tally, unix, &session, seq) => {}
+                            }
+                            if let Ok(mut s) = sessions.lock() {
+                                s.active -= 1;
+                            }
+                            let _ = done.send(());
+                        }.instrument(span));
+                    }
+                    Err(e) => {
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        let report = tally.lock().map(|t| t.report()).unwrap_or_default();
+        report
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn handle(
+    transport: &AnyTransport,
+    config: &ClientConfig,
+    tally: &Mutex<Tally>,
+    unix: UnixStream,
+    session: &str,
+    seq: u64,
+) {
+    if let Ok(mut t) = tally.lock() {
+        t.started();
+    }
+    let stream = match open(transport, config, session, seq).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            error!("{e}");
+            if let Ok(mut t) = tally.lock() {
+                t.ended(&Default::default(), true);
+            }
+            return;
+        }
+    };
+    let (stats, result) = relay(unix, stream).await;
+    match &result {
+        Ok(()) => info!(
+            sent = stats.to_tunnel,
+            received = stats.from_tunnel,
+            secs = stats.elapsed.as_secs_f64(),
+            "connection closed"
+        ),
+        Err(e) => error!(
+            sent = stats.to_tunnel,
+            received = stats.from_tunnel,
+            secs = stats.elapsed.as_secs_f64(),
+            "connection failed: {e}"
+        ),
+    }
+    if let Ok(mut t) = tally.lock() {
+        t.ended(&stats, result.is_err());
+    }
+}
+
+/// Connects to the server and runs the handshake for one data connection.
+async fn open(
+    transport: &AnyTransport,
+    config: &ClientConfig,
+    session: &str,
+    seq: u64,
+) -> Result<TunnelStream> {
+    let mut stream =
+        tokio::time::timeout(config.connect_timeout, transport.connect(&config.server))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "connecting to the tunnel server",
+                after: config.connect_timeout,
+            })??;
+    stream.send_msg(&Hello::data(session, seq)).await?;
+    let reply: Reply = tokio::time::timeout(config.reply_timeout, stream.recv_msg())
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "waiting for the tunnel server's answer",
+            after: config.reply_timeout,
+        })??;
+    match reply {
+        Reply::Accept { version, software } => {
+            debug!(version, server = %software, "tunnel connection accepted");
+            Ok(stream)
+        }
+        Reply::Reject {
+            reason,
+            message,
+            software,
+            ..
+        } => Err(Error::Rejected {
+            reason,
+            message,
+            software,
+        }),
+    }
+}
+
+/// 64 random bits in hex; falls back to time and pid if the kernel's RNG is unavailable
+/// (the id only orders connections, it is not a secret).
+fn new_session_id() -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        bytes = (t ^ u64::from(std::process::id()) << 32).to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

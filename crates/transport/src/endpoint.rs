@@ -1,0 +1,177 @@
+//! Tunnel addresses: `HOST:PORT`, `tcp://HOST:PORT`, `ws://HOST:PORT/PATH`.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use crate::error::{Error, Result};
+
+/// The transport a tunnel address names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain TCP with qmigrate framing.
+    Tcp,
+    /// WebSocket (binary messages) over TCP.
+    Ws,
+}
+
+impl Scheme {
+    /// The default port operators know from the old scripts.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Tcp => 9999,
+            Scheme::Ws => 8765,
+        }
+    }
+}
+
+/// Where a tunnel server listens or a tunnel client connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// TCP or WebSocket.
+    pub scheme: Scheme,
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port (0 when listening: any free port).
+    pub port: u16,
+    /// WebSocket request path, always starting with `/` (`/` for TCP).
+    pub path: String,
+}
+
+impl Endpoint {
+    /// Parses an address. A scheme in the address wins over `default`; without one, `HOST:PORT`
+    /// (or just `HOST`, taking the scheme's default port) uses `default`.
+    pub fn parse(addr: &str, default: Scheme) -> Result<Endpoint> {
+        let bad = |why: &str| Error::InvalidAddress {
+            addr: addr.to_owned(),
+            why: why.to_owned(),
+        };
+        let (scheme, rest) = match addr.split_once("://") {
+            Some(("tcp", rest)) => (Scheme::Tcp, rest),
+            Some(("ws", rest)) => (Scheme::Ws, rest),
+            Some(("wss" | "tls", _)) => {
+                return Err(bad(
+                    "TLS (wss://, tls://) is not supported by this build yet",
+                ))
+            }
+            Some((other, _)) => {
+                return Err(bad(&format!(
+                    "unknown scheme {other:?}: use tcp://HOST:PORT or ws://HOST:PORT/PATH"
+                )))
+            }
+            None => (default, addr),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if scheme == Scheme::Tcp && path != "/" {
+            return Err(bad("a tcp:// address has no path"));
+        }
+        let (host, port) = split_host_port(authority).ok_or_else(|| bad("expected HOST:PORT"))?;
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .map_err(|_| bad("the port is not a number 0-65535"))?,
+            None => scheme.default_port(),
+        };
+        if host.is_empty() {
+            return Err(bad("the host is empty"));
+        }
+        Ok(Endpoint {
+            scheme,
+            host: host.to_owned(),
+            port,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The same endpoint at the address a listener actually bound (port 0 resolved).
+    pub fn with_bound(&self, addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            ..self.clone()
+        }
+    }
+
+    /// `HOST:PORT` with IPv6 brackets, as `TcpListener::bind` and `connect` take it.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.scheme {
+            Scheme::Tcp => write!(f, "tcp://{}", self.authority()),
+            Scheme::Ws => write!(f, "ws://{}{}", self.authority(), self.path),
+        }
+    }
+}
+
+/// Splits `host:port`, `[v6]:port`, `host` or `[v6]`.
+fn split_host_port(s: &str) -> Option<(&str, Option<&str>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return match after {
+            "" => Some((host, None)),
+            _ => Some((host, Some(after.strip_prefix(':')?))),
+        };
+    }
+    match s.rsplit_once(':') {
+        // A bare IPv6 address without brackets has more than one colon.
+        Some((h, _)) if h.contains(':') => Some((s, None)),
+        Some((h, p)) => Some((h, Some(p))),
+        None => Some((s, None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_accepted_forms() {
+        let e = Endpoint::parse("10.0.0.2:9999", Scheme::Tcp).expect("plain");
+        assert_eq!(
+            (e.scheme, e.host.as_str(), e.port),
+            (Scheme::Tcp, "10.0.0.2", 9999)
+        );
+        assert_eq!(e.to_string(), "tcp://10.0.0.2:9999");
+
+        let e = Endpoint::parse("ws://dest:8765/vm1", Scheme::Tcp).expect("ws url");
+        assert_eq!(
+            (e.scheme, e.port, e.path.as_str()),
+            (Scheme::Ws, 8765, "/vm1")
+        );
+        assert_eq!(e.to_string(), "ws://dest:8765/vm1");
+
+        let e = Endpoint::parse("dest", Scheme::Ws).expect("host only");
+        assert_eq!((e.port, e.path.as_str()), (8765, "/"));
+
+        let e = Endpoint::parse("tcp://[::1]:0", Scheme::Ws).expect("v6");
+        assert_eq!((e.scheme, e.host.as_str(), e.port), (Scheme::Tcp, "::1", 0));
+        assert_eq!(e.authority(), "[::1]:0");
+    }
+
+    #[test]
+    fn rejects_nonsense_with_a_reason() {
+        for (addr, why) in [
+            ("http://x:1", "unknown scheme"),
+            ("x:port", "not a number"),
+            ("x:70000", "not a number"),
+            ("tcp://x:1/path", "no path"),
+            (":9999", "empty"),
+            ("wss://x:1/", "TLS"),
+        ] {
+            let err = Endpoint::parse(addr, Scheme::Tcp)
+                .expect_err(addr)
+                .to_string();
+            assert!(err.contains(why), "{addr}: {err}");
+        }
+    }
+}

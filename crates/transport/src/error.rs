@@ -1,0 +1,128 @@
+//! The transport crate's one error type.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::protocol::{EnvelopeError, RejectReason};
+
+/// Everything that can go wrong while setting up or carrying a tunnel connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tunnel address could not be parsed.
+    #[error("invalid tunnel address {addr:?}: {why}")]
+    InvalidAddress {
+        /// What the operator wrote.
+        addr: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Listening on a TCP address failed (in use, not ours to bind, ...).
+    #[error("cannot listen on {addr}: {source}{}", bind_hint(source))]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// Why the kernel refused.
+        source: io::Error,
+    },
+    /// The client's Unix socket could not be set up.
+    #[error("cannot listen on Unix socket {}: {why}", path.display())]
+    UnixSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        why: String,
+    },
+    /// The tunnel server could not be reached.
+    #[error("cannot reach the tunnel server at {url}: {source} (is `qmigrate tunnel-server` running there, and is the port open?)")]
+    Connect {
+        /// The server URL.
+        url: String,
+        /// The connect error.
+        source: io::Error,
+    },
+    /// The WebSocket upgrade failed (wrong path, not a WebSocket server, proxy refused, ...).
+    #[error("WebSocket handshake failed: {0}")]
+    WebSocketHandshake(#[source] Box<tokio_tungstenite::tungstenite::Error>),
+    /// The WebSocket connection failed after the upgrade.
+    #[error("WebSocket error: {0}")]
+    WebSocket(#[source] Box<tokio_tungstenite::tungstenite::Error>),
+    /// The peer sent a handshake that is not ours or is malformed.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// The peer broke the data framing of an established tunnel connection.
+    #[error("tunnel protocol violation: {0}")]
+    Protocol(String),
+    /// The server refused this connection.
+    #[error("the tunnel server ({software}) refused the connection ({reason}): {message}")]
+    Rejected {
+        /// Why, as a code.
+        reason: RejectReason,
+        /// The server's explanation.
+        message: String,
+        /// The server's software and version.
+        software: String,
+    },
+    /// The destination migration socket could not be connected (in time).
+    #[error("destination migration socket {}: {why} (is the destination QEMU started with `-incoming defer`, and has `qmigrate receive --socket {}` run?)", path.display(), path.display())]
+    Destination {
+        /// The socket path.
+        path: PathBuf,
+        /// What happened, including how long the server kept retrying.
+        why: String,
+    },
+    /// A step took longer than allowed.
+    #[error("timed out after {}s {what}", after.as_secs_f32())]
+    Timeout {
+        /// What was being waited for.
+        what: &'static str,
+        /// The limit.
+        after: Duration,
+    },
+    /// The tunnel connection ended without the peer's end-of-stream marker: the other side
+    /// died, was killed, or the network dropped. The stream is truncated.
+    #[error("the tunnel connection was lost before the end of the stream ({0})")]
+    ConnectionLost(String),
+    /// Any other I/O error on a socket.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl Error {
+    pub(crate) fn ws(e: tokio_tungstenite::tungstenite::Error) -> Self {
+        use tokio_tungstenite::tungstenite::Error as W;
+        match e {
+            W::ConnectionClosed | W::AlreadyClosed => {
+                Error::ConnectionLost("WebSocket closed".into())
+            }
+            W::Io(io) => Error::lost_or_io(io),
+            W::Protocol(p) => Error::ConnectionLost(format!("WebSocket protocol error: {p}")),
+            other => Error::WebSocket(Box::new(other)),
+        }
+    }
+
+    /// An I/O error, classified as a lost connection when it is one.
+    pub(crate) fn lost_or_io(e: io::Error) -> Self {
+        use io::ErrorKind::*;
+        match e.kind() {
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
+                Error::ConnectionLost(e.to_string())
+            }
+            _ => Error::Io(e),
+        }
+    }
+}
+
+fn bind_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => {
+            " (another process listens there: stop it, or pick another port with --listen)"
+        }
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need root)",
+        io::ErrorKind::AddrNotAvailable => " (that IP address is not on this host)",
+        _ => "",
+    }
+}
+
+/// This crate's results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,291 @@
+//! The tunnel handshake: what a tunnel client and server say to each other before any
+//! migration byte flows. See `docs/PROTOCOL.md` for the wire format and its rationale.
+//!
+//! Messages are plain data (serde, JSON) inside a tiny binary envelope: an 8-byte magic, a
+//! big-endian `u32` length and the JSON body. The magic lets the server reject a peer that
+//! speaks something else (HTTP, TLS, random bytes) after reading eight bytes, and the length
+//! bounds what it will buffer before it knows who it talks to.
+
+use serde::{Deserialize, Serialize};
+
+/// First eight bytes of every handshake envelope.
+pub const MAGIC: &[u8; 8] = b"QMTUNL\r\n";
+
+/// Largest handshake body accepted: a hello is a few hundred bytes, so anything near this is
+/// not our protocol.
+pub const MAX_HANDSHAKE_LEN: u32 = 64 * 1024;
+
+/// The oldest protocol version this build speaks.
+pub const PROTOCOL_MIN: u32 = 1;
+/// The newest protocol version this build speaks.
+pub const PROTOCOL_MAX: u32 = 1;
+
+/// Largest data frame on a TCP tunnel connection. Frames carry whatever one read from the
+/// Unix socket returned, so this is also the relay's buffer size.
+pub const MAX_FRAME: usize = 1024 * 1024;
+
+/// Which kind of connection a hello opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Purpose {
+    /// A migration connection: the server connects it to the destination socket.
+    Data,
+    /// Anything a newer peer may send that this build does not know.
+    #[serde(other)]
+    Other,
+}
+
+/// Client -> server, first message of every tunnel connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Oldest protocol version the client speaks.
+    pub min_version: u32,
+    /// Newest protocol version the client speaks.
+    pub max_version: u32,
+    /// The client's software and version, for error messages (`qmigrate 0.1.0`).
+    pub software: String,
+    /// Random id shared by all connections of one migration (hex).
+    pub session: String,
+    /// Position of this connection in the order the source QEMU opened them, from 0.
+    pub seq: u64,
+    /// What this connection is for.
+    pub purpose: Purpose,
+    /// The route (destination VM) asked for; `None` for the server's only destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+}
+
+impl Hello {
+    /// A hello for data connection `seq` of `session`, offering every version this build speaks.
+    pub fn data(session: &str, seq: u64) -> Self {
+        Hello {
+            min_version: PROTOCOL_MIN,
+            max_version: PROTOCOL_MAX,
+            software: software(),
+            session: session.to_owned(),
+            seq,
+            purpose: Purpose::Data,
+            route: None,
+        }
+    }
+}
+
+/// Server -> client, the answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Reply {
+    /// The connection is accepted: the destination socket is connected and data may flow.
+    Accept {
+        /// The protocol version both sides now speak.
+        version: u32,
+        /// The server's software and version.
+        software: String,
+    },
+    /// The connection is refused; the server closes it after this message.
+    Reject {
+        /// Machine-readable reason.
+        reason: RejectReason,
+        /// What went wrong and what to do, for the operator.
+        message: String,
+        /// The server's software and version, so version mismatches name both sides.
+        software: String,
+        /// Versions the server speaks, on a version mismatch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        versions: Option<(u32, u32)>,
+    },
+}
+
+/// Why a server refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RejectReason {
+    /// No protocol version in common.
+    Version,
+    /// The hello was malformed or asked for something this server does not do.
+    BadRequest,
+    /// The destination migration socket could not be connected.
+    Destination,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// A reason a newer server gives that this build does not know.
+    #[serde(other)]
+    Other,
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RejectReason::Version => "version mismatch",
+            RejectReason::BadRequest => "bad request",
+            RejectReason::Destination => "destination unavailable",
+            RejectReason::ShuttingDown => "server shutting down",
+            RejectReason::Other => "refused",
+        })
+    }
+}
+
+/// `qmigrate <version>`: how each side names itself in handshakes.
+pub fn software() -> String {
+    format!("qmigrate {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The highest version both ranges contain, if any.
+pub fn negotiate(min: u32, max: u32) -> Option<u32> {
+    let hi = max.min(PROTOCOL_MAX);
+    let lo = min.max(PROTOCOL_MIN);
+    (lo <= hi).then_some(hi)
+}
+
+/// Encodes `msg` as one envelope: magic, big-endian length, JSON.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing plain structs of strings and integers cannot fail.
+    let body = serde_json::to_vec(msg).unwrap_or_default();
+    let mut out = Vec::with_capacity(12 + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// What is wrong with bytes that should have been an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// The first bytes are not our magic; the string guesses what the peer speaks.
+    #[error("the peer does not speak the qmigrate tunnel protocol ({0})")]
+    NotOurProtocol(&'static str),
+    /// The length field is larger than [`MAX_HANDSHAKE_LEN`].
+    #[error("handshake message of {0} bytes is larger than the {MAX_HANDSHAKE_LEN}-byte limit")]
+    TooLarge(u32),
+    /// Fewer bytes than the header or the length field promised.
+    #[error("truncated handshake message")]
+    Truncated,
+    /// The body is not the JSON message expected.
+    #[error("malformed handshake message: {0}")]
+    Json(String),
+}
+
+/// Checks an envelope header (the first 12 bytes) and returns the body length.
+pub fn parse_header(header: &[u8; 12]) -> Result<u32, EnvelopeError> {
+    if &header[..8] != MAGIC {
+        return Err(EnvelopeError::NotOurProtocol(guess_protocol(header)));
+    }
+    let len = u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
+    if len > MAX_HANDSHAKE_LEN {
+        return Err(EnvelopeError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes one whole envelope (as carried in one WebSocket message).
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, EnvelopeError> {
+    let header: &[u8; 12] = bytes
+        .get(..12)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| {
+            if bytes.len() >= 8 && &bytes[..8] != MAGIC {
+                let mut h = [0u8; 12];
+                h[..bytes.len().min(12)].copy_from_slice(&bytes[..bytes.len().min(12)]);
+                EnvelopeError::NotOurProtocol(guess_protocol(&h))
+            } else {
+                EnvelopeError::Truncated
+            }
+        })?;
+    let len = parse_header(header)? as usize;
+    let body = &bytes[12..];
+    if body.len() != len {
+        return Err(EnvelopeError::Truncated);
+    }
+    decode_body(body)
+}
+
+/// Decodes an envelope body.
+pub fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, EnvelopeError> {
+    serde_json::from_slice(body).map_err(|e| EnvelopeError::Json(e.to_string()))
+}
+
+/// A guess at what a peer that did not send our magic speaks, for the log line.
+fn guess_protocol(first: &[u8]) -> &'static str {
+    const HTTP: [&[u8]; 6] = [b"GET ", b"POST", b"PUT ", b"HEAD", b"OPTI", b"HTTP"];
+    if HTTP.iter().any(|m| first.starts_with(m)) {
+        "it sent HTTP: a WebSocket client must talk to a server started with --ws"
+    } else if first.first() == Some(&0x16) {
+        "it sent a TLS handshake: this server does not use TLS"
+    } else if first.starts_with(b"QEVM") {
+        "it sent a raw QEMU migration stream: point QEMU at tunnel-client, not tunnel-server"
+    } else if first.starts_with(b"SSH-") {
+        "it sent SSH"
+    } else {
+        "unknown bytes"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_round_trips_through_an_envelope() {
+        let hello = Hello::data("0123abcd", 7);
+        let bytes = encode(&hello);
+        assert_eq!(&bytes[..8], MAGIC);
+        let back: Hello = decode(&bytes).expect("decode");
+        assert_eq!(back, hello);
+    }
+
+    #[test]
+    fn hello_json_is_stable() {
+        let hello = Hello::data("s1", 2);
+        let json: serde_json::Value = serde_json::to_value(&hello).expect("json");
+        assert_eq!(json["min_version"], 1);
+        assert_eq!(json["seq"], 2);
+        assert_eq!(json["purpose"], "data");
+        assert!(json.get("route").is_none());
+    }
+
+    #[test]
+    fn unknown_reject_reason_and_purpose_decode_as_other() {
+        let r: Reply = serde_json::from_str(
+            r#"{"type":"reject","reason":"quota","message":"m","software":"qmigrate 9"}"#,
+        )
+        .expect("reply");
+        assert!(matches!(
+            r,
+            Reply::Reject {
+                reason: RejectReason::Other,
+                ..
+            }
+        ));
+        let p: Purpose = serde_json::from_str(r#""control""#).expect("purpose");
+        assert_eq!(p, Purpose::Other);
+    }
+
+    #[test]
+    fn negotiation_picks_the_highest_common_version() {
+        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 5), Some(PROTOCOL_MAX));
+        assert_eq!(negotiate(PROTOCOL_MAX + 1, PROTOCOL_MAX + 3), None);
+        assert_eq!(negotiate(0, 0), None);
+    }
+
+    #[test]
+    fn garbage_is_named() {
+        let mut h = [0u8; 12];
+        h.copy_from_slice(b"GET / HTTP/1");
+        assert!(matches!(
+            parse_header(&h),
+            Err(EnvelopeError::NotOurProtocol(s)) if s.contains("--ws")
+        ));
+        let mut big = [0u8; 12];
+        big[..8].copy_from_slice(MAGIC);
+        big[8..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(parse_header(&big), Err(EnvelopeError::TooLarge(u32::MAX)));
+        assert_eq!(
+            decode::<Hello>(&encode(&Hello::data("x", 0))[..20]),
+            Err(EnvelopeError::Truncated)
+        );
+        assert!(matches!(
+            decode::<Hello>(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\x00"),
+            Err(EnvelopeError::NotOurProtocol(s)) if s.contains("TLS")
+        ));
+    }
+}

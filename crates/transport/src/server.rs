@@ -1,0 +1,365 @@
+//! The tunnel server: accepts tunnel connections and connects each to the destination QEMU's
+//! migration socket, in the order the source opened them.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::endpoint::Endpoint;
+use crate::error::{Error, Result};
+use crate::protocol::{self, Hello, Purpose, RejectReason, Reply};
+use crate::relay::relay;
+use crate::report::{Report, Tally};
+use crate::stream::TunnelStream;
+use crate::transport::{AnyTransport, Transport};
+
+/// How a [`Server`] behaves.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The destination QEMU's migration socket (`migrate-incoming` listens there).
+    pub dest_socket: PathBuf,
+    /// How long a connection waits for the destination socket to appear (and for the
+    /// connections opened before it to be connected).
+    pub connect_timeout: Duration,
+    /// How long a new connection may take to finish the upgrade and send its hello.
+    pub handshake_timeout: Duration,
+    /// Return after the first migration session's connections have all closed.
+    pub once: bool,
+}
+
+impl ServerConfig {
+    /// Defaults for a destination socket.
+    pub fn new(dest_socket: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            dest_socket: dest_socket.into(),
+            connect_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            once: false,
+        }
+    }
+}
+
+/// A bound tunnel server, ready to [`serve`](Server::serve).
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    local: Endpoint,
+    transport: AnyTransport,
+    config: ServerConfig,
+}
+
+/// How many connections are under way, and whether any has started: `--once` ends when a
+/// migration has started and all its connections are gone.
+#[derive(Debug, Clone, Copy, Default)]
+struct Activity {
+    started: u64,
+    active: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    transport: AnyTransport,
+    config: ServerConfig,
+    sessions: Mutex<HashMap<String, Session>>,
+    activity: watch::Sender<Activity>,
+    tally: Mutex<Tally>,
+}
+
+/// Connect order of one migration session: connection `seq` may connect to the destination
+/// once `next` has reached `seq`.
+#[derive(Debug)]
+struct Session {
+    next: watch::Sender<u64>,
+    last_used: Instant,
+}
+
+/// Sessions idle this long are forgotten.
+const SESSION_TTL: Duration = Duration::from_secs(600);
+
+impl Server {
+    /// Binds the listening socket. `listen`'s scheme picks the transport.
+    pub async fn bind(listen: &Endpoint, config: ServerConfig) -> Result<Server> {
+        let listener = TcpListener::bind(listen.authority())
+            .await
+            .map_err(|source| Error::Bind {
+                addr: listen.authority(),
+                source,
+            })?;
+        let local = listen.with_bound(listener.local_addr()?);
+        Ok(Server {
+            listener,
+            local,
+            transport: AnyTransport::for_scheme(listen.scheme),
+            config,
+        })
+    }
+
+    /// The address actually bound (port 0 resolved), as a URL clients can use.
+    pub fn local_endpoint(&self) -> &Endpoint {
+        &self.local
+    }
+
+    /// Serves until `shutdown` is cancelled (or, with `once`, until the first migration is
+    /// over). Connections still open at shutdown are dropped.
+    pub async fn serve(self, shutdown: CancellationToken) -> Report {
+        let (activity, mut activity_rx) = watch::channel(Activity::default());
+        let shared = Arc::new(Shared {
+            transport: self.transport,
+            config: self.config,
+            sessions: Mutex::new(HashMap::new()),
+            activity,
+            tally: Mutex::new(Tally::default()),
+        });
+        let tracker = TaskTracker::new();
+        let once = shared.config.once;
+        let mut next_id: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = activity_rx.wait_for(|a| a.started > 0 && a.active == 0), if once => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        next_id += 1;
+                        let span = info_span!("conn", id = next_id, %peer, session = tracing::field::Empty, seq = tracing::field::Empty);
+                        let shared = shared.clone();
+                        let cancel = shutdown.child_token();
+                        tracker.spawn(async move {
+                            tokio::select! {
+                                _ = cancel.cancelled() => debug!("shutting down"),
+                                _ = handle(shared, tcp) => {}
+                            }
+                        }.instrument(span));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        let report = shared.tally.lock().map(|t| t.report()).unwrap_or_default();
+        report
+    }
+}
+
+/// Decrements the active count however a connection ends.
+struct ActiveGuard<'a>(&'a watch::Sender<Activity>);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|a| a.active -= 1);
+    }
+}
+
+async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
+    let config = &shared.config;
+    let handshake = async {
+        let mut stream = shared.transport.accept(tcp).await?;
+        let hello: Hello = stream.recv_msg().await?;
+        Ok::<_, Error>((stream, hello))
+    };
+    let (mut stream, hello) = match tokio::time::timeout(config.handshake_timeout, handshake).await
+    {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(e)) => {
+            warn!("refused a connection: {e}");
+            return;
+        }
+        Err(_) => {
+            warn!(
+                "refused a connection: no handshake within {}s",
+                config.handshake_timeout.as_secs()
+            );
+            return;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("session", hello.session.as_str());
+    span.record("seq", hello.seq);
+
+    let Some(version) = protocol::negotiate(hello.min_version, hello.max_version) else {
+        let message = format!(
+            "no common protocol version: the client ({}) speaks {}-{}, this server ({}) speaks {}-{}; upgrade the older side",
+            hello.software,
+            hello.min_version,
+            hello.max_version,
+            protocol::software(),
+            protocol::PROTOCOL_MIN,
+            protocol::PROTOCOL_MAX
+        );
+        reject(&mut stream, RejectReason::Version, message).await;
+        return;
+    };
+    if hello.purpose != Purpose::Data {
+        let message = "this server only accepts data connections".to_owned();
+        reject(&mut stream, RejectReason::BadRequest, message).await;
+        return;
+    }
+    if let Some(route) = &hello.route {
+        let message = format!("this server has no routes, but the client asked for {route:?}");
+        reject(&mut stream, RejectReason::BadRequest, message).await;
+        return;
+    }
+
+    shared.activity.send_modify(|a| {
+        a.started += 1;
+        a.active += 1;
+    });
+    let _active = ActiveGuard(&shared.activity);
+    if let Ok(mut t) = shared.tally.lock() {
+        t.started();
+    }
+
+    let dest = connect_in_order(&shared, &hello).await;
+    let dest = match dest {
+        Ok(dest) => dest,
+        Err(e) => {
+            error!("{e}");
+            reject(&mut stream, RejectReason::Destination, e.to_string()).await;
+            if let Ok(mut t) = shared.tally.lock() {
+                t.ended(&Default::default(), true);
+            }
+            return;
+        }
+    };
+    let accept = Reply::Accept {
+        version,
+        software: protocol::software(),
+    };
+    if let Err(e) = stream.send_msg(&accept).await {
+        warn!("the client went away during the handshake: {e}");
+        if let Ok(mut t) = shared.tally.lock() {
+            t.ended(&Default::default(), true);
+        }
+        return;
+    }
+    debug!(version, client = %hello.software, "connected to the destination socket");
+
+    let (stats, result) = relay(dest, stream).await;
+    match &result {
+        Ok(()) => info!(
+            received = stats.from_tunnel,
+            sent = stats.to_tunnel,
+            secs = stats.elapsed.as_secs_f64(),
+            "connection closed"
+        ),
+        Err(e) => error!(
+            received = stats.from_tunnel,
+            sent = stats.to_tunnel,
+            secs = stats.elapsed.as_secs_f64(),
+            "connection failed: {e}"
+        ),
+    }
+    if let Ok(mut t) = shared.tally.lock() {
+        t.ended(&stats, result.is_err());
+    }
+}
+
+async fn reject(stream: &mut TunnelStream, reason: RejectReason, message: String) {
+    warn!("refused: {message}");
+    let reply = Reply::Reject {
+        reason,
+        message,
+        software: protocol::software(),
+        versions: (reason == RejectReason::Version)
+            .then_some((protocol::PROTOCOL_MIN, protocol::PROTOCOL_MAX)),
+    };
+    let _ = stream.send_msg(&reply).await;
+}
+
+/// Waits until the connections the source opened before this one are connected, connects
+/// this one, and lets the next one go, so the destination QEMU sees its connections in the
+/// source's order (the postcopy-preempt channel has no magic to be recognised by).
+async fn connect_in_order(shared: &Shared, hello: &Hello) -> Result<UnixStream> {
+    let config = &shared.config;
+    let turn = {
+        let mut sessions = shared
+            .sessions
+            .lock()
+            .map_err(|_| Error::Protocol("session table poisoned".into()))?;
+        let now = Instant::now();
+        sessions.retain(|_, s| now.duration_since(s.last_used) < SESSION_TTL);
+        let session = sessions
+            .entry(hello.session.clone())
+            .or_insert_with(|| Session {
+                next: watch::channel(0).0,
+                last_used: now,
+            });
+        session.last_used = now;
+        session.next.clone()
+    };
+    let mut rx = turn.subscribe();
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    if tokio::time::timeout_at(deadline, rx.wait_for(|next| *next >= hello.seq))
+        .await
+        .is_err()
+    {
+        warn!(
+            "connections before #{} of this session did not arrive within {}s; connecting anyway",
+            hello.seq,
+            config.connect_timeout.as_secs()
+        );
+    }
+    let result = connect_dest(&config.dest_socket, deadline, config.connect_timeout).await;
+    turn.send_modify(|next| *next = (*next).max(hello.seq + 1));
+    result
+}
+
+/// Connects to the destination socket, retrying while it does not exist yet or nobody
+/// listens on it (`migrate-incoming` may come after the tunnel is up). One attempt is one
+/// connection that QEMU takes as migration data, so nothing else ever connects there.
+async fn connect_dest(
+    path: &std::path::Path,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<UnixStream> {
+    let mut told = false;
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Error::Destination {
+                        path: path.to_owned(),
+                        why: if e.kind() == std::io::ErrorKind::NotFound {
+                            format!("did not appear within {}s", timeout.as_secs())
+                        } else {
+                            format!("nobody listened on it within {}s", timeout.as_secs())
+                        },
+                    });
+                }
+                if !told {
+                    info!(
+                        "waiting up to {}s for the destination socket {} ({e})",
+                        timeout.as_secs(),
+                        path.display()
+                    );
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(Error::Destination {
+                    path: path.to_owned(),
+                    why: format!("cannot connect: {e}"),
+                })
+            }
+        }
+    }
+}

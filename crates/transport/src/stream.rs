@@ -1,0 +1,401 @@
+//! [`TunnelStream`]: one tunnel connection, full duplex, over TCP or WebSocket.
+//!
+//! Both transports carry the same thing: a handshake (see [`crate::protocol`]) and then two
+//! independent byte streams, each ending with an explicit end-of-stream marker. The marker is
+//! what lets the far side tell a finished stream (forward a half-close to QEMU) from a peer
+//! that died or a network that dropped (tear everything down, never a clean EOF on a
+//! truncated migration stream). On TCP the data is framed as a big-endian `u32` length and that
+//! many bytes, a zero length marking the end; on WebSocket each binary message is data and an
+//! empty binary message is the end.
+
+use std::time::Duration;
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::error::{Error, Result};
+use crate::protocol::{self, EnvelopeError, MAX_FRAME};
+
+/// Size of one WebSocket data message. tokio-tungstenite copies each payload into its write
+/// buffer, so large messages cost a large memcpy; ~64 KiB measured fastest.
+pub const WS_MESSAGE: usize = 64 * 1024;
+
+/// How long a finished WebSocket connection waits for the peer's close frame.
+const WS_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// One established tunnel connection (after the TCP connect or WebSocket upgrade, before or
+/// after the handshake).
+#[derive(Debug)]
+pub enum TunnelStream {
+    /// Plain TCP with length-prefixed frames.
+    Tcp(TcpStream),
+    /// WebSocket binary messages.
+    Ws(Box<Ws>),
+}
+
+impl TunnelStream {
+    /// Sends one handshake message.
+    pub async fn send_msg<T: Serialize>(&mut self, msg: &T) -> Result<()> {
+        let bytes = protocol::encode(msg);
+        match self {
+            TunnelStream::Tcp(s) => s.write_all(&bytes).await.map_err(Error::lost_or_io),
+            TunnelStream::Ws(ws) => ws
+                .send(Message::Binary(Bytes::from(bytes)))
+                .await
+                .map_err(Error::ws),
+        }
+    }
+
+    /// Receives one handshake message. Reads no further than the message's own bytes, so the
+    /// data that follows stays in the socket.
+    pub async fn recv_msg<T: DeserializeOwned>(&mut self) -> Result<T> {
+        match self {
+            TunnelStream::Tcp(s) => {
+                let mut header = [0u8; 12];
+                read_exact_or_lost(s, &mut header, "before the handshake").await?;
+                let len = protocol::parse_header(&header)?;
+                let mut body = vec![0u8; len as usize];
+                read_exact_or_lost(s, &mut body, "in the handshake").await?;
+                Ok(protocol::decode_body(&body)?)
+            }
+            TunnelStream::Ws(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) => return Ok(protocol::decode(&b)?),
+                    Some(Ok(Message::Text(_))) => {
+                        return Err(EnvelopeError::NotOurProtocol(
+                            "it sent a WebSocket text message",
+                        )
+                        .into())
+                    }
+                    Some(Ok(Message::Close(_))) | None => {
+                        return Err(Error::ConnectionLost(
+                            "closed before the handshake finished".into(),
+                        ))
+                    }
+                    Some(Ok(_)) => continue, // ping, pong
+                    Some(Err(e)) => return Err(Error::ws(e)),
+                }
+            },
+        }
+    }
+
+    /// Splits the connection into its two directions, so both can run at once.
+    pub fn into_split(self) -> (TunnelReader, TunnelWriter) {
+        match self {
+            TunnelStream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (
+                    TunnelReader::Tcp {
+                        rd: r,
+                        remaining: 0,
+                        eos: false,
+                    },
+                    TunnelWriter::Tcp(w),
+                )
+            }
+            TunnelStream::Ws(ws) => {
+                let (w, r) = (*ws).split();
+                (
+                    TunnelReader::Ws {
+                        rd: r,
+                        pending: Bytes::new(),
+                        eos: false,
+                    },
+                    TunnelWriter::Ws(w),
+                )
+            }
+        }
+    }
+
+    /// Ends a connection whose both directions finished: the WebSocket close handshake, so
+    /// that neither side resets a connection with a close frame still unread.
+    pub async fn finish(reader: TunnelReader, writer: TunnelWriter) {
+        if let (TunnelReader::Ws { rd, .. }, TunnelWriter::Ws(wr)) = (reader, writer) {
+            let Ok(mut ws) = rd.reunite(wr) else { return };
+            let _ = ws.close(None).await;
+            let _ = tokio::time::timeout(WS_CLOSE_WAIT, async {
+                while let Some(Ok(_)) = ws.next().await {}
+            })
+            .await;
+        }
+    }
+}
+
+async fn read_exact_or_lost(s: &mut TcpStream, buf: &mut [u8], when: &str) -> Result<()> {
+    match s.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(Error::ConnectionLost(format!("the peer closed {when}")))
+        }
+        Err(e) => Err(Error::lost_or_io(e)),
+    }
+}
+
+/// The receiving direction of a [`TunnelStream`].
+#[derive(Debug)]
+pub enum TunnelReader {
+    /// TCP: bytes left in the current frame, and whether the end marker arrived.
+    #[allow(missing_docs)]
+    Tcp {
+        rd: OwnedReadHalf,
+        remaining: usize,
+        eos: bool,
+    },
+    /// WebSocket: the rest of the current message.
+    #[allow(missing_docs)]
+    Ws {
+        rd: SplitStream<Ws>,
+        pending: Bytes,
+        eos: bool,
+    },
+}
+
+impl TunnelReader {
+    /// Reads the next bytes into `buf`; `Ok(0)` means the peer ended the stream cleanly.
+    /// A connection that ends without the end marker is [`Error::ConnectionLost`].
+    pub async fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        match self {
+            TunnelReader::Tcp { rd, remaining, eos } => {
+                if *eos {
+                    return Ok(0);
+                }
+                if *remaining == 0 {
+                    match next_frame_len(rd).await? {
+                        0 => {
+                            *eos = true;
+                            return Ok(0);
+                        }
+                        n => *remaining = n,
+                    }
+                }
+                let want = (*remaining).min(buf.len());
+                let n = rd.read(&mut buf[..want]).await.map_err(Error::lost_or_io)?;
+                if n == 0 {
+                    return Err(Error::ConnectionLost("the peer closed mid-frame".into()));
+                }
+                *remaining -= n;
+                Ok(n)
+            }
+            TunnelReader::Ws { rd, pending, eos } => {
+                if pending.is_empty() {
+                    if *eos {
+                        return Ok(0);
+                    }
+                    match next_ws_data(rd).await? {
+                        Some(b) => *pending = b,
+                        None => {
+                            *eos = true;
+                            return Ok(0);
+                        }
+                    }
+                }
+                let n = pending.len().min(buf.len());
+                buf[..n].copy_from_slice(&pending.split_to(n));
+                Ok(n)
+            }
+        }
+    }
+
+    /// Copies everything the peer sends into `w` until its end marker, then shuts `w`'s write
+    /// side down (the half-close). `count` is bumped as bytes go, so a caller sees the
+    /// progress of a stream that fails half-way.
+    pub async fn pump_to<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut W,
+        count: &std::sync::atomic::AtomicU64,
+    ) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self {
+            TunnelReader::Tcp { .. } => {
+                let mut buf = vec![0u8; MAX_FRAME];
+                loop {
+                    let n = self.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    w.write_all(&buf[..n]).await.map_err(Error::lost_or_io)?;
+                    count.fetch_add(n as u64, Relaxed);
+                }
+            }
+            TunnelReader::Ws { rd, pending, eos } => {
+                // Write each message straight from tungstenite's buffer: no copy of ours.
+                if !pending.is_empty() {
+                    w.write_all(pending).await.map_err(Error::lost_or_io)?;
+                    count.fetch_add(pending.len() as u64, Relaxed);
+                    *pending = Bytes::new();
+                }
+                while !*eos {
+                    match next_ws_data(rd).await? {
+                        Some(b) => {
+                            w.write_all(&b).await.map_err(Error::lost_or_io)?;
+                            count.fetch_add(b.len() as u64, Relaxed);
+                        }
+                        None => *eos = true,
+                    }
+                }
+            }
+        }
+        w.shutdown().await.map_err(Error::lost_or_io)
+    }
+}
+
+async fn next_frame_len(rd: &mut OwnedReadHalf) -> Result<usize> {
+    let mut header = [0u8; 4];
+    match rd.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(Error::ConnectionLost(
+                "the peer closed without ending the stream".into(),
+            ))
+        }
+        Err(e) => return Err(Error::lost_or_io(e)),
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(Error::Protocol(format!(
+            "data frame of {len} bytes is larger than the {MAX_FRAME}-byte limit"
+        )));
+    }
+    Ok(len)
+}
+
+/// The next data message, or `None` at the end marker.
+async fn next_ws_data(rd: &mut SplitStream<Ws>) -> Result<Option<Bytes>> {
+    loop {
+        match rd.next().await {
+            Some(Ok(Message::Binary(b))) if b.is_empty() => return Ok(None),
+            Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
+            Some(Ok(Message::Text(_))) => {
+                return Err(Error::Protocol(
+                    "the peer sent a text message inside the data stream".into(),
+                ))
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Err(Error::ConnectionLost(match frame {
+                    Some(f) if !f.reason.is_empty() => {
+                        format!("the peer closed the WebSocket early: {}", f.reason)
+                    }
+                    _ => "the peer closed the WebSocket before ending the stream".into(),
+                }))
+            }
+            Some(Ok(_)) => continue, // ping, pong, raw frame
+            Some(Err(e)) => return Err(Error::ws(e)),
+            None => {
+                return Err(Error::ConnectionLost(
+                    "the connection closed without a WebSocket close".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// The sending direction of a [`TunnelStream`].
+#[derive(Debug)]
+pub enum TunnelWriter {
+    /// TCP: length-prefixed frames.
+    Tcp(OwnedWriteHalf),
+    /// WebSocket: binary messages.
+    Ws(SplitSink<Ws, Message>),
+}
+
+impl TunnelWriter {
+    /// Sends all of `data`.
+    pub async fn write_all(&mut self, data: &[u8]) -> Result<()> {
+        match self {
+            TunnelWriter::Tcp(w) => {
+                for chunk in data.chunks(MAX_FRAME) {
+                    w.write_all(&(chunk.len() as u32).to_be_bytes())
+                        .await
+                        .map_err(Error::lost_or_io)?;
+                    w.write_all(chunk).await.map_err(Error::lost_or_io)?;
+                }
+                Ok(())
+            }
+            TunnelWriter::Ws(w) => {
+                for chunk in data.chunks(WS_MESSAGE) {
+                    w.send(Message::Binary(Bytes::copy_from_slice(chunk)))
+                        .await
+                        .map_err(Error::ws)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends this direction: the end marker, then (TCP) a FIN. The other direction stays open.
+    pub async fn finish(&mut self) -> Result<()> {
+        match self {
+            TunnelWriter::Tcp(w) => {
+                w.write_all(&[0u8; 4]).await.map_err(Error::lost_or_io)?;
+                w.shutdown().await.map_err(Error::lost_or_io)
+            }
+            TunnelWriter::Ws(w) => w
+                .send(Message::Binary(Bytes::new()))
+                .await
+                .map_err(Error::ws),
+        }
+    }
+
+    /// Copies everything from `r` to the peer until `r` ends, then sends the end marker.
+    /// `count` is bumped as bytes go.
+    pub async fn pump_from<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        count: &std::sync::atomic::AtomicU64,
+    ) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self {
+            TunnelWriter::Tcp(w) => {
+                // Read behind a 4-byte gap so header and payload leave in one write.
+                let mut buf = vec![0u8; 4 + MAX_FRAME];
+                loop {
+                    let n = r.read(&mut buf[4..]).await.map_err(Error::lost_or_io)?;
+                    if n == 0 {
+                        break;
+                    }
+                    buf[..4].copy_from_slice(&(n as u32).to_be_bytes());
+                    w.write_all(&buf[..4 + n])
+                        .await
+                        .map_err(Error::lost_or_io)?;
+                    count.fetch_add(n as u64, Relaxed);
+                }
+            }
+            TunnelWriter::Ws(w) => {
+                // Read into one large buffer and hand out frozen slices of it: no copy and no
+                // allocation per message (BytesMut::reserve reclaims the space once the sent
+                // messages are dropped).
+                let mut buf = BytesMut::with_capacity(4 * MAX_FRAME);
+                loop {
+                    if buf.capacity() < WS_MESSAGE {
+                        buf.reserve(4 * MAX_FRAME);
+                    }
+                    let n = r
+                        .read_buf(&mut (&mut buf).limit(WS_MESSAGE))
+                        .await
+                        .map_err(Error::lost_or_io)?;
+                    if n == 0 {
+                        break;
+                    }
+                    w.send(Message::Binary(buf.split().freeze()))
+                        .await
+                        .map_err(Error::ws)?;
+                    count.fetch_add(n as u64, Relaxed);
+                }
+            }
+        }
+        self.finish().await
+    }
+}
