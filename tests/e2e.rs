@@ -246,25 +246,21 @@ async fn tunnel_migration(transport: Transport, multifd: Option<&str>) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs tunnel-server/tunnel-client (issue #4), not built yet: run with --ignored once they land"]
 async fn tcp_tunnel_single_channel() {
     tunnel_migration(Transport::Tcp, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs tunnel-server/tunnel-client (issue #4), not built yet: run with --ignored once they land"]
 async fn tcp_tunnel_multifd_4() {
     tunnel_migration(Transport::Tcp, Some("4")).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs tunnel-server/tunnel-client (issue #4), not built yet: run with --ignored once they land"]
 async fn ws_tunnel_single_channel() {
     tunnel_migration(Transport::Ws, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs tunnel-server/tunnel-client (issue #4), not built yet: run with --ignored once they land"]
 async fn ws_tunnel_multifd_4() {
     tunnel_migration(Transport::Ws, Some("4")).await;
 }
@@ -353,7 +349,6 @@ async fn send_detach_returns_and_migration_completes() {
 /// Postcopy through the tunnel: precopy is throttled so that the switch really happens, and
 /// postcopy itself must not be throttled.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs tunnel-server/tunnel-client (issue #4), not built yet: run with --ignored once they land"]
 async fn postcopy_through_tunnel() {
     let Some(bin) = qemu10() else { return };
     let mem = 256;
@@ -388,7 +383,6 @@ async fn postcopy_through_tunnel() {
 
 /// The tunnel server dies mid-migration: QEMU's reason, non-zero exit, source still running.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs tunnel-server/tunnel-client (issue #4), not built yet: run with --ignored once they land"]
 async fn tunnel_server_killed_mid_migration() {
     let Some(bin) = qemu10() else { return };
     let pair = pair(&bin, MEM_MIB);
@@ -422,7 +416,6 @@ async fn tunnel_server_killed_mid_migration() {
 
 /// SIGINT during the migration cancels it; the source keeps running; exit 4.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs tunnel-server/tunnel-client (issue #4), not built yet: run with --ignored once they land"]
 async fn sigint_cancels_and_source_keeps_running() {
     let Some(bin) = qemu10() else { return };
     let pair = pair(&bin, MEM_MIB);
@@ -604,7 +597,6 @@ async fn send_preflight_starts_nothing() {
 
 /// QEMU 7.2 has no `channels`: the legacy `uri` path, through the tunnel.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs tunnel-server/tunnel-client (issue #4), not built yet: run with --ignored once they land"]
 async fn qemu72_to_qemu72_through_tunnel() {
     let Some(bin) = qemu72() else { return };
     let pair = pair(&bin, MEM_MIB);
@@ -625,7 +617,6 @@ async fn qemu72_to_qemu72_through_tunnel() {
 /// QEMU 7.2 to QEMU 10 with the same versioned machine type: uri on the source, channels on the
 /// destination.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs tunnel-server/tunnel-client (issue #4), not built yet: run with --ignored once they land"]
 async fn qemu72_to_qemu10_through_tunnel() {
     let (Some(old), Some(new)) = (qemu72(), qemu10()) else {
         return;
