@@ -123,7 +123,7 @@ impl Server {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = activity_rx.wait_for(|a| a.started > 0 && a.active == 0), if once => break,
+                _ = async { let _ = activity_rx.wait_for(|a| a.started > 0 && a.active == 0).await; }, if once => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         next_id += 1;
