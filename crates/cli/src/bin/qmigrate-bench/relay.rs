@@ -1,0 +1,435 @@
+//! `qmigrate-bench relay`: the data path alone, without QEMU.
+//!
+//! A writer thread stands in for the source QEMU and a reader thread for the destination QEMU;
+//! between them run the relay processes under test, exactly as an operator would start them.
+//! The direct variant connects the writer straight to the reader's socket: that is the limit
+//! every relay is measured against. The relays' CPU time and peak memory come from `wait4`,
+//! so they count the relay processes only, not the writer and reader.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::procs::{self, Proc, Usage};
+use crate::table::{self, median, num, Table};
+
+/// Arguments of `qmigrate-bench relay`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Bytes to send through each variant per repetition (K, M, G: binary units).
+    #[arg(long, default_value = "2GiB", value_parser = table::parse_size)]
+    size: u64,
+
+    /// Repetitions; the variants are interleaved so that machine noise hits all of them alike.
+    #[arg(long, default_value_t = 3)]
+    reps: u32,
+
+    /// Variants to run, comma-separated, in this order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,socat,socat-1m,tcp,ws"
+    )]
+    only: Vec<Variant>,
+
+    /// The qmigrate binary to measure (default: the one next to this benchmark).
+    #[arg(long, value_name = "PATH")]
+    qmigrate: Option<PathBuf>,
+
+    /// The socat binary.
+    #[arg(long, value_name = "PATH", default_value = "socat")]
+    socat: PathBuf,
+
+    /// Print the results as one JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One way of getting bytes from the source socket to the destination socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Variant {
+    /// The writer connects to the reader's socket: no relay at all.
+    Direct,
+    /// Two socats (Unix -> TCP -> Unix) with their default 8 KiB buffers.
+    Socat,
+    /// Two socats with `-b 1048576`, the usual tuning.
+    #[value(name = "socat-1m")]
+    Socat1m,
+    /// qmigrate tunnel-client and tunnel-server over TCP.
+    Tcp,
+    /// qmigrate tunnel-client and tunnel-server over WebSocket.
+    Ws,
+}
+
+impl Variant {
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct unix socket",
+            Variant::Socat => "socat (default buffers)",
+            Variant::Socat1m => "socat -b 1048576",
+            Variant::Tcp => "qmigrate tcp",
+            Variant::Ws => "qmigrate ws",
+        }
+    }
+}
+
+/// One repetition of one variant.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    elapsed: Duration,
+    relay: Usage,
+    verified: bool,
+}
+
+/// The size of the writer's and reader's buffers, and of a pattern block.
+const BLOCK: usize = 1 << 20;
+
+/// How long a relay may take to exit after the stream ended.
+const EXIT_LIMIT: Duration = Duration::from_secs(15);
+
+pub fn run(args: Args) -> anyhow::Result<bool> {
+    let qmigrate = match &args.qmigrate {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("qmigrate"),
+    };
+    if args
+        .only
+        .iter()
+        .any(|v| matches!(v, Variant::Tcp | Variant::Ws))
+        && !qmigrate.exists()
+    {
+        bail!(
+            "{} does not exist: build it first (cargo build --release) or pass --qmigrate PATH",
+            qmigrate.display()
+        );
+    }
+    let size = args.size.div_ceil(BLOCK as u64) * BLOCK as u64;
+    let dir = tempfile::Builder::new()
+        .prefix("qmigrate-bench-")
+        .tempdir()?;
+    let base = pattern_block();
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); args.only.len()];
+    let mut all_ok = true;
+    eprintln!(
+        "relay benchmark: {} per run, {} repetitions, variants interleaved",
+        human(size),
+        args.reps
+    );
+    for rep in 0..args.reps {
+        for (i, &variant) in args.only.iter().enumerate() {
+            let run_dir = dir.path().join(format!("{rep}-{i}"));
+            std::fs::create_dir(&run_dir)?;
+            let env = Env {
+                dir: &run_dir,
+                qmigrate: &qmigrate,
+                socat: &args.socat,
+            };
+            match run_once(variant, &env, size, &base) {
+                Ok(sample) => {
+                    eprintln!(
+                        "  rep {}/{}  {:<24} {:>6.2} GB/s  relay {:>5.2} core-s/GB  {}",
+                        rep + 1,
+                        args.reps,
+                        variant.label(),
+                        gbps(size, sample.elapsed),
+                        core_per_gb(size, sample.relay.cpu),
+                        if sample.verified {
+                            "verified"
+                        } else {
+                            "NOT VERIFIED"
+                        }
+                    );
+                    all_ok &= sample.verified;
+                    samples[i].push(sample);
+                }
+                Err(err) => {
+                    eprintln!(
+                        "  rep {}/{}  {:<24} failed: {err:#}",
+                        rep + 1,
+                        args.reps,
+                        variant.label()
+                    );
+                    all_ok = false;
+                }
+            }
+        }
+    }
+    report(&args, size, &samples);
+    Ok(all_ok)
+}
+
+fn gbps(size: u64, elapsed: Duration) -> f64 {
+    size as f64 / elapsed.as_secs_f64() / 1e9
+}
+
+fn core_per_gb(size: u64, cpu: Duration) -> f64 {
+    cpu.as_secs_f64() / (size as f64 / 1e9)
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+fn report(args: &Args, size: u64, samples: &[Vec<Sample>]) {
+    let direct = args
+        .only
+        .iter()
+        .position(|&v| v == Variant::Direct)
+        .map(|i| {
+            median(
+                &samples[i]
+                    .iter()
+                    .map(|s| gbps(size, s.elapsed))
+                    .collect::<Vec<_>>(),
+            )
+        });
+    if args.json {
+        let variants: Vec<serde_json::Value> = args
+            .only
+            .iter()
+            .zip(samples)
+            .map(|(v, s)| {
+                let rate = median(&s.iter().map(|s| gbps(size, s.elapsed)).collect::<Vec<_>>());
+                serde_json::json!({
+                    "variant": format!("{v:?}").to_lowercase(),
+                    "label": v.label(),
+                    "runs": s.len(),
+                    "gb_per_s": rate,
+                    "ratio_to_direct": direct.map(|d| rate / d),
+                    "relay_core_s_per_gb": median(&s.iter().map(|s| core_per_gb(size, s.relay.cpu)).collect::<Vec<_>>()),
+                    "relay_peak_rss_bytes": s.iter().map(|s| s.relay.max_rss).max(),
+                    "verified": !s.is_empty() && s.iter().all(|s| s.verified),
+                    "samples_gb_per_s": s.iter().map(|s| gbps(size, s.elapsed)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let out = serde_json::json!({"benchmark": "relay", "bytes": size, "reps": args.reps, "variants": variants});
+        println!("{out}");
+        return;
+    }
+    let mut t = Table::new(&[
+        "variant",
+        "GB/s",
+        "x direct",
+        "relay core-s/GB",
+        "relay peak RSS",
+        "verified",
+    ]);
+    for (v, s) in args.only.iter().zip(samples) {
+        let rate = median(&s.iter().map(|s| gbps(size, s.elapsed)).collect::<Vec<_>>());
+        let is_relay = *v != Variant::Direct;
+        t.row(vec![
+            v.label().to_owned(),
+            num(rate, 2),
+            direct.map_or("-".into(), |d| num(rate / d, 2)),
+            if is_relay {
+                num(
+                    median(
+                        &s.iter()
+                            .map(|s| core_per_gb(size, s.relay.cpu))
+                            .collect::<Vec<_>>(),
+                    ),
+                    2,
+                )
+            } else {
+                "-".into()
+            },
+            match s.iter().map(|s| s.relay.max_rss).max() {
+                Some(rss) if is_relay => format!("{:.1} MiB", rss as f64 / (1 << 20) as f64),
+                _ => "-".into(),
+            },
+            if !s.is_empty() && s.iter().all(|s| s.verified) {
+                format!("yes ({}/{})", s.len(), args.reps)
+            } else {
+                format!(
+                    "NO ({} of {} ok)",
+                    s.iter().filter(|s| s.verified).count(),
+                    args.reps
+                )
+            },
+        ]);
+    }
+    println!(
+        "\n{} per run, median of {} runs; GB = 10^9 bytes; relay CPU and RSS are the two relay \
+         processes' (wait4), summed and maximum\n",
+        human(size),
+        args.reps
+    );
+    print!("{}", t.render());
+}
+
+/// Paths shared by one run.
+struct Env<'a> {
+    dir: &'a Path,
+    qmigrate: &'a Path,
+    socat: &'a Path,
+}
+
+fn run_once(variant: Variant, env: &Env<'_>, size: u64, base: &[u8]) -> anyhow::Result<Sample> {
+    let dest = env.dir.join("dest.sock");
+    let listener = UnixListener::bind(&dest).with_context(|| format!("bind {}", dest.display()))?;
+    let expected = base.to_vec();
+    let reader = thread::spawn(move || read_and_verify(&listener, size, &expected));
+
+    let source = env.dir.join("source.sock");
+    let mut relays: Vec<Proc> = Vec::new();
+    let limit = Duration::from_secs(10);
+    match variant {
+        Variant::Direct => {}
+        Variant::Socat | Variant::Socat1m => {
+            let buf: Vec<String> = if variant == Variant::Socat1m {
+                vec!["-b".into(), "1048576".into()]
+            } else {
+                vec![]
+            };
+            let port = procs::free_port()?;
+            let mut a = buf.clone();
+            a.push(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"));
+            a.push(format!("UNIX-CONNECT:{}", dest.display()));
+            relays.push(Proc::spawn("socat-dest", env.dir, env.socat, &a)?);
+            procs::wait_listening_tcp(port, limit)?;
+            let mut a = buf;
+            a.push(format!("UNIX-LISTEN:{}", source.display()));
+            a.push(format!("TCP:127.0.0.1:{port}"));
+            relays.push(Proc::spawn("socat-source", env.dir, env.socat, &a)?);
+            procs::wait_path(&source, limit)?;
+        }
+        Variant::Tcp | Variant::Ws => {
+            let ws = variant == Variant::Ws;
+            let mut a: Vec<String> = vec!["tunnel-server".into()];
+            if ws {
+                a.push("--ws".into());
+            }
+            a.extend(["--listen".into(), "127.0.0.1:0".into(), "--once".into()]);
+            a.extend(["--socket".into(), dest.display().to_string()]);
+            let mut server = Proc::spawn("tunnel-server", env.dir, env.qmigrate, &a)?;
+            let line = server.ready_line()?;
+            let url = line
+                .strip_prefix("listening on ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .with_context(|| format!("unexpected ready line from tunnel-server: {line:?}"))?
+                .to_owned();
+            relays.push(server);
+            let mut a: Vec<String> = vec!["tunnel-client".into()];
+            if ws {
+                a.push("--ws".into());
+            }
+            a.extend(["--connect".into(), url, "--once".into()]);
+            a.extend(["--socket".into(), source.display().to_string()]);
+            let mut client = Proc::spawn("tunnel-client", env.dir, env.qmigrate, &a)?;
+            client.ready_line()?;
+            relays.push(client);
+        }
+    }
+    let target = if variant == Variant::Direct {
+        &dest
+    } else {
+        &source
+    };
+
+    let start = Instant::now();
+    let written = write_pattern(target, size, base);
+    let read = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reader thread panicked"))?;
+    let mut relay = Usage {
+        success: true,
+        ..Usage::default()
+    };
+    for p in &mut relays {
+        let u = p.wait(EXIT_LIMIT)?;
+        relay.cpu += u.cpu;
+        relay.max_rss = relay.max_rss.max(u.max_rss);
+        if !u.success {
+            eprintln!(
+                "    relay exited unsuccessfully; its log:\n{}",
+                p.log_text()
+            );
+        }
+        relay.success &= u.success;
+    }
+    written.context("writing the source stream")?;
+    let (end, intact) = read.context("reading the destination stream")?;
+    Ok(Sample {
+        elapsed: end - start,
+        relay,
+        verified: intact && relay.success,
+    })
+}
+
+/// 1 MiB of pseudo-random bytes (xorshift): incompressible, cheap to make.
+fn pattern_block() -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut block = Vec::with_capacity(BLOCK);
+    while block.len() < BLOCK {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        block.extend_from_slice(&x.to_le_bytes());
+    }
+    block
+}
+
+/// Block `i` of the stream is the base block with its first 8 bytes replaced by `i`, so that a
+/// lost, repeated or reordered block is detected by a plain comparison.
+fn stamp(block: &mut [u8], i: u64) {
+    block[..8].copy_from_slice(&i.to_le_bytes());
+}
+
+fn write_pattern(target: &Path, size: u64, base: &[u8]) -> anyhow::Result<()> {
+    let mut stream =
+        UnixStream::connect(target).with_context(|| format!("connect {}", target.display()))?;
+    let mut block = base.to_vec();
+    let blocks = size / BLOCK as u64;
+    for i in 0..blocks {
+        stamp(&mut block, i);
+        stream.write_all(&block)?;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    Ok(())
+}
+
+/// Accepts one connection, reads it to the end and compares every block; returns when the
+/// stream ended and whether it was exactly the expected bytes.
+fn read_and_verify(
+    listener: &UnixListener,
+    size: u64,
+    base: &[u8],
+) -> anyhow::Result<(Instant, bool)> {
+    let (mut stream, _) = listener.accept()?;
+    let mut buf = vec![0u8; BLOCK];
+    let mut expected = base.to_vec();
+    let mut intact = true;
+    let mut i = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < BLOCK {
+            let n = stream.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        stamp(&mut expected, i);
+        if filled < BLOCK || buf != expected {
+            intact = false;
+        }
+        i += 1;
+        if filled < BLOCK {
+            break;
+        }
+    }
+    let end = Instant::now();
+    Ok((end, intact && i * BLOCK as u64 == size))
+}
