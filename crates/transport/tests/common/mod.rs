@@ -1,0 +1,378 @@
+//! Fixtures for the tunnel tests: a server and a client wired together in-process, a fake
+//! destination QEMU (a Unix listener on the server's destination socket), a fake source QEMU
+//! (connections to the client's socket), and reproducible data streams to push through.
+
+#![allow(dead_code)] // not every test binary uses every helper
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use qmigrate_transport::{Client, ClientConfig, Endpoint, Report, Scheme, Server, ServerConfig};
+use tempfile::TempDir;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Limit for a step that should finish: a hang fails the test instead of blocking the run.
+pub const STEP: Duration = Duration::from_secs(20);
+
+/// How long to watch the destination socket before concluding nothing will connect there.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+/// Awaits `fut`, failing the test with `what` if it takes longer than `limit`.
+pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {limit:?}: {what}"),
+    }
+}
+
+/// How to start a [`Tunnel`].
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// `once` for both the server and the client.
+    pub once: bool,
+    /// The server's wait for the destination socket.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            once: true,
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A tunnel server on `127.0.0.1:0` and a client pointed at it, each serving in its own task,
+/// in a temporary directory of their own. Nothing listens on the destination socket until a
+/// test binds it. Dropping the tunnel stops both.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub dir: TempDir,
+    pub scheme: Scheme,
+    /// The destination QEMU's socket (the server connects there).
+    pub dest: PathBuf,
+    /// The client's socket (the source QEMU connects there).
+    pub source: PathBuf,
+    /// Where the server listens.
+    pub url: Endpoint,
+    pub server_stop: CancellationToken,
+    pub client_stop: CancellationToken,
+    server: Option<JoinHandle<Report>>,
+    client: Option<JoinHandle<Report>>,
+}
+
+impl Tunnel {
+    /// Starts a server and a client.
+    pub async fn start(scheme: Scheme, opts: Opts) -> Tunnel {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dest = dir.path().join("dest.sock");
+        let source = dir.path().join("source.sock");
+        let listen = Endpoint::parse("127.0.0.1:0", scheme).expect("endpoint");
+        let config = ServerConfig {
+            connect_timeout: opts.connect_timeout,
+            once: opts.once,
+            ..ServerConfig::new(&dest)
+        };
+        let server = Server::bind(&listen, config).await.expect("server bind");
+        let url = server.local_endpoint().clone();
+        assert_ne!(url.port, 0, "the server reports the port it bound");
+        assert_eq!(url.scheme, scheme);
+        let client = Client::bind(
+            &source,
+            ClientConfig {
+                once: opts.once,
+                ..ClientConfig::new(url.clone())
+            },
+        )
+        .expect("client bind");
+        assert_eq!(client.socket_path(), source);
+        let (server_stop, client_stop) = (CancellationToken::new(), CancellationToken::new());
+        let server = tokio::spawn(server.serve(server_stop.clone()));
+        let client = tokio::spawn(client.serve(client_stop.clone()));
+        Tunnel {
+            dir,
+            scheme,
+            dest,
+            source,
+            url,
+            server_stop,
+            client_stop,
+            server: Some(server),
+            client: Some(client),
+        }
+    }
+
+    /// The fake destination QEMU: listens on the destination socket.
+    pub fn dest_listener(&self) -> UnixListener {
+        UnixListener::bind(&self.dest).expect("bind the destination socket")
+    }
+
+    /// The fake source QEMU: one migration connection to the client.
+    pub async fn source_connect(&self) -> UnixStream {
+        within(
+            STEP,
+            "connect to the client socket",
+            UnixStream::connect(&self.source),
+        )
+        .await
+        .expect("connect to the client socket")
+    }
+
+    /// Whether the server's serve loop is still running.
+    pub fn server_running(&self) -> bool {
+        self.server.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// Whether the client's serve loop is still running.
+    pub fn client_running(&self) -> bool {
+        self.client.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// The server's report once its serve loop returns (by itself with `once`, or after
+    /// `server_stop`).
+    pub async fn server_report(&mut self) -> Report {
+        let h = self.server.take().expect("server report taken twice");
+        within(STEP, "the server to return", h)
+            .await
+            .expect("server task")
+    }
+
+    /// The client's report once its serve loop returns.
+    pub async fn client_report(&mut self) -> Report {
+        let h = self.client.take().expect("client report taken twice");
+        within(STEP, "the client to return", h)
+            .await
+            .expect("client task")
+    }
+
+    /// Cancels both ends and returns their reports (server, client).
+    pub async fn stop(&mut self) -> (Report, Report) {
+        self.server_stop.cancel();
+        self.client_stop.cancel();
+        (self.server_report().await, self.client_report().await)
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.server_stop.cancel();
+        self.client_stop.cancel();
+    }
+}
+
+/// Fails if `listener` gets a connection within [`QUIET`]: the destination must not be
+/// touched (QEMU takes any connection as migration data).
+pub async fn assert_no_connection(listener: &UnixListener, why: &str) {
+    if let Ok(accepted) = tokio::time::timeout(QUIET, listener.accept()).await {
+        panic!(
+            "the destination got a connection ({why}): {:?}",
+            accepted.map(|_| ())
+        );
+    }
+}
+
+/// Accepts one destination connection.
+pub async fn accept(listener: &UnixListener) -> UnixStream {
+    within(STEP, "a connection at the destination", listener.accept())
+        .await
+        .expect("accept at the destination")
+        .0
+}
+
+/// Bytes per block of a [`Pattern`] stream.
+const BLOCK: usize = 1 << 20;
+
+/// Rotation between consecutive blocks: odd, so the first 2^20 blocks all differ.
+const ROTATE: u64 = 7919;
+
+/// A reproducible pseudo-random byte stream that costs next to nothing to produce and check,
+/// even in a debug build: one block of xorshift64 output per seed, and block `k` of the stream
+/// is that block rotated by `k * ROTATE`. Every block differs and every byte is random, so a
+/// lost, repeated, reordered or altered byte anywhere shows as a mismatch at that offset, and
+/// two seeds' streams differ from the first byte.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    base: Vec<u8>,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        let mut x = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut base = Vec::with_capacity(BLOCK);
+        while base.len() < BLOCK {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            base.extend_from_slice(&x.to_le_bytes());
+        }
+        Pattern { base }
+    }
+
+    /// The longest run of the stream that starts at `pos` and is contiguous in the block.
+    pub fn at(&self, pos: u64) -> &[u8] {
+        let (k, i) = (pos / BLOCK as u64, (pos % BLOCK as u64) as usize);
+        let start = ((k.wrapping_mul(ROTATE) + i as u64) % BLOCK as u64) as usize;
+        let run = (BLOCK - start).min(BLOCK - i);
+        &self.base[start..start + run]
+    }
+
+    /// Bytes `pos..pos + len` of the stream.
+    pub fn bytes(&self, mut pos: u64, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let run = self.at(pos);
+            let n = run.len().min(len - out.len());
+            out.extend_from_slice(&run[..n]);
+            pos += n as u64;
+        }
+        out
+    }
+}
+
+/// Writes bytes `from..to` of `pattern` (no shutdown). On error, returns the stream offset
+/// the failed write started at.
+pub async fn write_range<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    pattern: &Pattern,
+    from: u64,
+    to: u64,
+) -> Result<(), (u64, io::Error)> {
+    let mut pos = from;
+    while pos < to {
+        let run = pattern.at(pos);
+        let n = run.len().min((to - pos) as usize).min(256 * 1024);
+        w.write_all(&run[..n]).await.map_err(|e| (pos, e))?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Writes the first `len` bytes of `pattern`, then shuts the write side down.
+pub async fn send<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    pattern: &Pattern,
+    len: u64,
+) -> Result<(), (u64, io::Error)> {
+    send_range(w, pattern, 0, len).await
+}
+
+/// Writes bytes `from..to` of `pattern`, then shuts the write side down.
+pub async fn send_range<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    pattern: &Pattern,
+    from: u64,
+    to: u64,
+) -> Result<(), (u64, io::Error)> {
+    write_range(w, pattern, from, to).await?;
+    w.shutdown().await.map_err(|e| (to, e))
+}
+
+/// What a reader got, checked against the stream it expected.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes read before EOF or the error.
+    pub len: u64,
+    /// Offset of the first byte that differs from the expected stream.
+    pub mismatch_at: Option<u64>,
+    /// The read error that ended the stream, if it did not end with EOF.
+    pub error: Option<io::Error>,
+}
+
+impl Received {
+    /// Fails unless the stream was exactly `len` bytes of the expected data, then EOF.
+    #[track_caller]
+    pub fn assert_exact(&self, len: u64, what: &str) {
+        assert!(self.error.is_none(), "{what}: read failed: {self:?}");
+        assert_eq!(self.mismatch_at, None, "{what}: wrong byte at this offset");
+        assert_eq!(self.len, len, "{what}: EOF after this many bytes");
+    }
+
+    /// Fails unless what arrived is a correct prefix of the expected stream.
+    #[track_caller]
+    pub fn assert_prefix(&self, what: &str) {
+        assert_eq!(self.mismatch_at, None, "{what}: wrong byte at this offset");
+    }
+}
+
+/// Reads until EOF or an error, comparing every byte with `pattern`.
+pub async fn recv<R: AsyncRead + Unpin>(r: &mut R, pattern: &Pattern) -> Received {
+    recv_from(r, pattern, 0, u64::MAX).await
+}
+
+/// Reads until EOF, an error or stream offset `until`, comparing every byte with `pattern`,
+/// for a stream whose first `start` bytes were already read (`len` counts them).
+pub async fn recv_from<R: AsyncRead + Unpin>(
+    r: &mut R,
+    pattern: &Pattern,
+    start: u64,
+    until: u64,
+) -> Received {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = Received {
+        len: start,
+        mismatch_at: None,
+        error: None,
+    };
+    while got.len < until {
+        let want = buf
+            .len()
+            .min((until - got.len).try_into().unwrap_or(usize::MAX));
+        let n = match r.read(&mut buf[..want]).await {
+            Ok(0) => return got,
+            Ok(n) => n,
+            Err(e) => {
+                got.error = Some(e);
+                return got;
+            }
+        };
+        let mut done = 0;
+        while done < n && got.mismatch_at.is_none() {
+            let expect = pattern.at(got.len + done as u64);
+            let m = expect.len().min(n - done);
+            if expect[..m] != buf[done..done + m] {
+                let i = (0..m).find(|&i| expect[i] != buf[done + i]).unwrap_or(0);
+                got.mismatch_at = Some(got.len + (done + i) as u64);
+            }
+            done += m;
+        }
+        got.len += n as u64;
+    }
+    got
+}
+
+/// Sends `len` bytes of `out` on `s` (then a half-close) while reading everything the peer
+/// sends (checked against `inp`), both at once.
+pub async fn duplex(s: UnixStream, out: Pattern, len: u64, inp: Pattern) -> Received {
+    let (mut rd, mut wr) = s.into_split();
+    let (sent, got) = tokio::join!(send(&mut wr, &out, len), recv(&mut rd, &inp));
+    if let Err((n, e)) = sent {
+        panic!("send failed at byte {n} of {len}: {e}");
+    }
+    got
+}
+
+/// Reads until the peer closes the connection (EOF or an error), failing the test if that
+/// takes longer than [`STEP`]. Returns how many bytes came and the error, if any.
+pub async fn read_until_closed<R: AsyncRead + Unpin>(
+    r: &mut R,
+    what: &str,
+) -> (usize, Option<io::Error>) {
+    within(STEP, what, async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => return (total, None),
+                Ok(n) => total += n,
+                Err(e) => return (total, Some(e)),
+            }
+        }
+    })
+    .await
+}
