@@ -94,7 +94,10 @@ impl Transport for Tcp {
 /// not a qmigrate peer and is refused before it is buffered.
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(256 * 1024)
+        // tungstenite zero-fills up to this many bytes before every read attempt, also the
+        // ones that find the socket empty; measured with `qmigrate-bench relay`, 16 KiB cut
+        // the receiving relay's CPU per GB by a quarter against 256 KiB and was the fastest.
+        .read_buffer_size(16 * 1024)
         .max_message_size(Some(MAX_FRAME))
         .max_frame_size(Some(MAX_FRAME))
 }
