@@ -40,4 +40,4 @@ pub use client::{ConnectOptions, Event, Events, Greeting, Qmp, QmpTarget, Timest
 pub use commands::*;
 pub use error::Error;
 pub use models::*;
-pub use uri::UriError;
+pub use uri::{split_command, UriError};

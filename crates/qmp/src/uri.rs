@@ -223,6 +223,106 @@ impl MigrationAddress {
     }
 }
 
+/// First words that only a shell understands: reserved words and builtins that are not also
+/// programs on disk.
+const SHELL_WORDS: &[&str] = &[
+    "!", "{", "}", "case", "do", "done", "elif", "else", "esac", "fi", "for", "if", "in", "then",
+    "until", "while", ".", ":", "alias", "break", "cd", "command", "continue", "eval", "exec",
+    "exit", "export", "readonly", "return", "set", "shift", "source", "times", "trap", "ulimit",
+    "umask", "unset", "wait",
+];
+
+/// Splits the command of an `exec:` URI into an argv list the way a POSIX shell splits a simple
+/// command, for the typed `exec` transport (which runs `args` without a shell).
+///
+/// The rules: blanks separate words; `'...'` quotes literally; `"..."` quotes, with `\`
+/// escaping `\`, `"`, `$` and `` ` ``; a `\` outside quotes escapes the next character.
+/// Returns `None` when the command needs a real shell to mean what it says, and the caller
+/// should run it with `/bin/sh -c` as QEMU's `exec:` URI does: unquoted operators, redirections
+/// or expansions (``| & ; < > ( ) $ ` * ? [``, a leading `~` or `#`), `$` or `` ` `` inside
+/// double quotes, a leading `NAME=value`, a reserved word or shell builtin as the first word,
+/// unbalanced quotes, or no words at all.
+pub fn split_command(command: &str) -> Option<Vec<String>> {
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    // A word may be empty ("") but still a word; `started` tells it from no word at all.
+    let mut started = false;
+    let mut quoted = false;
+    let mut chars = command.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' | '\t' | '\n' => {
+                if started {
+                    words.push(std::mem::take(&mut word));
+                    started = false;
+                    quoted = false;
+                }
+            }
+            '\'' => {
+                started = true;
+                quoted = true;
+                loop {
+                    match chars.next()? {
+                        '\'' => break,
+                        ch => word.push(ch),
+                    }
+                }
+            }
+            '"' => {
+                started = true;
+                quoted = true;
+                loop {
+                    match chars.next()? {
+                        '"' => break,
+                        '$' | '`' => return None,
+                        '\\' => match chars.next()? {
+                            ch @ ('\\' | '"' | '$' | '`') => word.push(ch),
+                            '\n' => {}
+                            ch => {
+                                word.push('\\');
+                                word.push(ch);
+                            }
+                        },
+                        ch => word.push(ch),
+                    }
+                }
+            }
+            '\\' => match chars.next()? {
+                '\n' => {}
+                ch => {
+                    started = true;
+                    quoted = true;
+                    word.push(ch);
+                }
+            },
+            '|' | '&' | ';' | '<' | '>' | '(' | ')' | '$' | '`' | '*' | '?' | '[' => return None,
+            '#' | '~' if !started => return None,
+            '=' if words.is_empty() && !quoted && is_name(&word) => return None,
+            ch => {
+                started = true;
+                word.push(ch);
+            }
+        }
+    }
+    if started {
+        words.push(word);
+    }
+    match words.first() {
+        None => None,
+        Some(first) if SHELL_WORDS.contains(&first.as_str()) => None,
+        Some(_) => Some(words),
+    }
+}
+
+/// A shell variable name: what makes `NAME=value cmd` an assignment.
+fn is_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
 impl FromStr for MigrationAddress {
     type Err = UriError;
 
@@ -234,5 +334,60 @@ impl FromStr for MigrationAddress {
 impl fmt::Display for MigrationAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_uri())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_command;
+
+    fn split(s: &str) -> Option<Vec<String>> {
+        split_command(s)
+    }
+
+    fn words(w: &[&str]) -> Option<Vec<String>> {
+        Some(w.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn simple_commands_split_into_words() {
+        assert_eq!(
+            split("zstd -q -o /var/lib/vm/state.zst"),
+            words(&["zstd", "-q", "-o", "/var/lib/vm/state.zst"])
+        );
+        assert_eq!(split("  gzip\t-dc   f  "), words(&["gzip", "-dc", "f"]));
+        assert_eq!(
+            split("cat '/a b/c' \"d \\\"e\\\"\" f\\ g \"\""),
+            words(&["cat", "/a b/c", "d \"e\"", "f g", ""])
+        );
+        assert_eq!(split("cmd --opt=x"), words(&["cmd", "--opt=x"]));
+        assert_eq!(split("/usr/bin/x=y"), words(&["/usr/bin/x=y"]));
+        assert_eq!(split("cmd a~b c#d"), words(&["cmd", "a~b", "c#d"]));
+        assert_eq!(split("cmd '$HOME' 'a|b'"), words(&["cmd", "$HOME", "a|b"]));
+    }
+
+    #[test]
+    fn shell_syntax_needs_a_shell() {
+        for cmd in [
+            "gzip -c > /tmp/f",
+            "cat f | zstd",
+            "a; b",
+            "a && b",
+            "cmd $HOME",
+            "cmd \"$HOME\"",
+            "cmd `x`",
+            "cmd *.bin",
+            "cmd ~/f",
+            "FOO=1 cmd",
+            "exec cat",
+            "if true",
+            "cmd 'unbalanced",
+            "cmd \"unbalanced",
+            "",
+            "   ",
+            "# comment",
+        ] {
+            assert_eq!(split_command(cmd), None, "{cmd:?}");
+        }
     }
 }
