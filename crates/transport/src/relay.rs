@@ -26,10 +26,12 @@ pub struct RelayStats {
 /// the other way); an error in either direction drops both sockets at once, so the tunnel
 /// peer sees a lost connection rather than an end marker and QEMU sees its stream cut
 /// short. The stats are returned in both cases.
-pub async fn relay(unix: UnixStream, tunnel: TunnelStream) -> (RelayStats, Result<()>) {
+pub async fn relay(mut unix: UnixStream, tunnel: TunnelStream) -> (RelayStats, Result<()>) {
     let start = Instant::now();
     let (to_tunnel, from_tunnel) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (mut unix_rd, mut unix_wr) = unix.into_split();
+    // Borrowed halves: tokio's owned write half shuts the socket down when dropped, and that
+    // half-close would reach QEMU as a clean EOF before the close that resets its connection.
+    let (mut unix_rd, mut unix_wr) = unix.split();
     let (mut tun_rd, mut tun_wr) = tunnel.into_split();
 
     let result = tokio::try_join!(
