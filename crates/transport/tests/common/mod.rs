@@ -285,6 +285,29 @@ pub struct Received {
 }
 
 impl Received {
+    fn new(start: u64) -> Received {
+        Received {
+            len: start,
+            mismatch_at: None,
+            error: None,
+        }
+    }
+
+    /// Takes the next bytes of the stream, checking them against `pattern`.
+    fn check(&mut self, buf: &[u8], pattern: &Pattern) {
+        let mut done = 0;
+        while done < buf.len() && self.mismatch_at.is_none() {
+            let expect = pattern.at(self.len + done as u64);
+            let m = expect.len().min(buf.len() - done);
+            if expect[..m] != buf[done..done + m] {
+                let i = (0..m).find(|&i| expect[i] != buf[done + i]).unwrap_or(0);
+                self.mismatch_at = Some(self.len + (done + i) as u64);
+            }
+            done += m;
+        }
+        self.len += buf.len() as u64;
+    }
+
     /// Fails unless the stream was exactly `len` bytes of the expected data, then EOF.
     #[track_caller]
     pub fn assert_exact(&self, len: u64, what: &str) {
@@ -314,36 +337,66 @@ pub async fn recv_from<R: AsyncRead + Unpin>(
     until: u64,
 ) -> Received {
     let mut buf = vec![0u8; 256 * 1024];
-    let mut got = Received {
-        len: start,
-        mismatch_at: None,
-        error: None,
-    };
+    let mut got = Received::new(start);
     while got.len < until {
         let want = buf
             .len()
             .min((until - got.len).try_into().unwrap_or(usize::MAX));
-        let n = match r.read(&mut buf[..want]).await {
+        match r.read(&mut buf[..want]).await {
+            Ok(0) => break,
+            Ok(n) => got.check(&buf[..n], pattern),
+            Err(e) => {
+                got.error = Some(e);
+                break;
+            }
+        }
+    }
+    got
+}
+
+/// [`recv`] for a blocking socket.
+pub fn recv_blocking<R: std::io::Read>(r: &mut R, pattern: &Pattern) -> Received {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = Received::new(0);
+    loop {
+        match r.read(&mut buf) {
             Ok(0) => return got,
-            Ok(n) => n,
+            Ok(n) => got.check(&buf[..n], pattern),
             Err(e) => {
                 got.error = Some(e);
                 return got;
             }
-        };
-        let mut done = 0;
-        while done < n && got.mismatch_at.is_none() {
-            let expect = pattern.at(got.len + done as u64);
-            let m = expect.len().min(n - done);
-            if expect[..m] != buf[done..done + m] {
-                let i = (0..m).find(|&i| expect[i] != buf[done + i]).unwrap_or(0);
-                got.mismatch_at = Some(got.len + (done + i) as u64);
-            }
-            done += m;
         }
-        got.len += n as u64;
     }
-    got
+}
+
+/// [`send`] for a blocking socket.
+pub fn send_blocking<W: std::io::Write>(
+    w: &mut W,
+    pattern: &Pattern,
+    len: u64,
+) -> Result<(), (u64, io::Error)> {
+    let mut pos = 0;
+    while pos < len {
+        let run = pattern.at(pos);
+        let n = run.len().min((len - pos) as usize).min(256 * 1024);
+        w.write_all(&run[..n]).map_err(|e| (pos, e))?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread of its own, for blocking socket calls (QEMU's return path is read by
+/// a thread of its own), and hands its result back. The thread is not joined: give its
+/// sockets timeouts so that it ends even if the test fails.
+pub fn on_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> tokio::sync::oneshot::Receiver<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
 }
 
 /// Sends `len` bytes of `out` on `s` (then a half-close) while reading everything the peer
