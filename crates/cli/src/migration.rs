@@ -6,6 +6,13 @@
 //! control channel to receive, a one-shot `migrate` command) can do the same jobs with the same
 //! checks: these functions take a connected [`Qmp`] and report through [`Progress`], they never
 //! print or exit.
+//!
+//! Saving a VM to a file and restoring it are the same two jobs with a `file:` or `exec:`
+//! [`Endpoint`]: the plan then knows it is a [`Stream::File`] or [`Stream::Exec`] (no return
+//! path, the guest paused before the save, mapped-ram with multifd), and [`statefile`] checks
+//! and writes the state files.
+
+pub mod statefile;
 
 use std::fmt;
 use std::future::Future;
@@ -14,13 +21,14 @@ use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
+use qmigrate_qmp::probe::{self, MigrationSupport};
 use qmigrate_qmp::{
-    probe, ConnectOptions, Error as QmpError, Migrate, MigrateCancel, MigrateIncoming,
+    ConnectOptions, Error as QmpError, MigMode, Migrate, MigrateCancel, MigrateIncoming,
     MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy, MigrationAddress,
     MigrationCapability, MigrationCapabilityStatus, MigrationInfo, MigrationParameters,
     MigrationStatus, MigrationTarget, MultiFdCompression, Qmp, QmpTarget, QueryMigrate,
     QueryMigrateCapabilities, QueryMigrateParameters, QueryStatus, RunState, SocketAddress,
-    StatusInfo,
+    StatusInfo, Stop,
 };
 use tracing::{debug, info, warn};
 
@@ -72,13 +80,56 @@ impl Compression {
     }
 }
 
+/// The migration mode (QEMU's `mode` parameter, QEMU 8.2+).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Mode {
+    /// An ordinary migration or save.
+    #[default]
+    Normal,
+    /// Save for a restart of QEMU on this host (a host kernel upgrade): with a shared memory
+    /// backend and `x-ignore-shared` the guest RAM stays in its backing file instead of the
+    /// state file.
+    CprReboot,
+}
+
+impl Mode {
+    /// The `mode` value.
+    pub fn qapi(self) -> MigMode {
+        match self {
+            Mode::Normal => MigMode::Normal,
+            Mode::CprReboot => MigMode::CprReboot,
+        }
+    }
+}
+
+/// What carries the migration stream, as far as capabilities and the source's handling care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stream {
+    /// A live migration to another QEMU (a socket): with a return path.
+    #[default]
+    Live,
+    /// A state file QEMU writes or reads itself: seekable, so mapped-ram works.
+    File,
+    /// A command's stdin or stdout: a pipe.
+    Exec,
+}
+
 /// The capabilities and parameters of one migration, as chosen on the command line.
 ///
 /// The part that must match on both sides (multifd and its channel count, compression,
-/// postcopy) is set by both [`prepare_incoming`] and [`run_migration`]; the rest only matters to
-/// the source.
+/// postcopy, mapped-ram, x-ignore-shared) is set by both [`prepare_incoming`] and
+/// [`run_migration`]; the rest only matters to the source.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MigrationPlan {
+    /// What carries the stream; a save or restore when it is not [`Stream::Live`].
+    pub stream: Stream,
+    /// `mapped-ram` (QEMU 9.0+, [`Stream::File`] only): every page at its own offset in the
+    /// file, so multifd channels write and read it in parallel.
+    pub mapped_ram: bool,
+    /// `x-ignore-shared`: leave out RAM on a shared memory backend (for `cpr-reboot`).
+    pub ignore_shared: bool,
+    /// The migration mode; `Normal` unless `--mode` says otherwise.
+    pub mode: Mode,
     /// Number of multifd channels, or `None` for the single-stream migration.
     pub multifd: Option<u32>,
     /// Compression of the multifd channels (needs `multifd`).
@@ -105,6 +156,31 @@ pub enum PlanError {
     /// QEMU rejects a downtime limit above 2000 s.
     #[error("--downtime-limit must be between 0 and 2000000 ms, not {0}")]
     DowntimeLimit(u64),
+    /// Multifd to a file means mapped-ram, which writes each page at its own offset.
+    #[error(
+        "--multifd cannot be used with exec: multifd channels to or from a file use mapped-ram, \
+         which puts every page at its own offset in a seekable file, and a command's stdin or \
+         stdout is a pipe; use file:PATH for parallel channels, or drop --multifd"
+    )]
+    MultifdWithPipe,
+    /// mapped-ram stores raw pages at fixed offsets.
+    #[error(
+        "--compress cannot be used with file: multifd channels to a file use mapped-ram, which \
+         stores raw pages at fixed offsets; compress with exec:'zstd -q -o PATH' instead"
+    )]
+    CompressionToFile,
+    /// Postcopy needs a running destination asking for pages.
+    #[error(
+        "--postcopy needs a running destination QEMU that asks for pages; a save to file: or \
+         exec: is precopy only"
+    )]
+    PostcopyToFile,
+    /// cpr-reboot keeps RAM on this host.
+    #[error(
+        "--mode cpr-reboot restarts QEMU on this host from a saved state: use it with file:PATH \
+         (or exec:), not with a live migration"
+    )]
+    CprRebootLive,
 }
 
 impl MigrationPlan {
@@ -123,7 +199,22 @@ impl MigrationPlan {
                 return Err(PlanError::DowntimeLimit(ms));
             }
         }
+        match self.stream {
+            Stream::Live if self.mode == Mode::CprReboot => return Err(PlanError::CprRebootLive),
+            Stream::Live => {}
+            Stream::Exec if self.multifd.is_some() => return Err(PlanError::MultifdWithPipe),
+            Stream::File | Stream::Exec if self.postcopy => return Err(PlanError::PostcopyToFile),
+            Stream::File if self.compression.is_some_and(|c| c != Compression::None) => {
+                return Err(PlanError::CompressionToFile)
+            }
+            Stream::File | Stream::Exec => {}
+        }
         Ok(())
+    }
+
+    /// True for a save or restore ([`Stream::File`] or [`Stream::Exec`]).
+    pub fn is_save(&self) -> bool {
+        self.stream != Stream::Live
     }
 
     /// The capabilities that both QEMUs must agree on, set to exactly what this plan wants
@@ -136,8 +227,11 @@ impl MigrationPlan {
             // The return path lets the destination tell the source how loading ended: with it
             // the source reports `completed` only after the destination has loaded everything
             // (not when the last byte left for the tunnel), and postcopy needs it for page
-            // requests.
-            cap(MigrationCapability::ReturnPath, true),
+            // requests. A file or a command has no way back: QEMU fails the save at its end
+            // ("Unable to read from file") if it is on.
+            cap(MigrationCapability::ReturnPath, self.stream == Stream::Live),
+            cap(MigrationCapability::MappedRam, self.mapped_ram),
+            cap(MigrationCapability::XIgnoreShared, self.ignore_shared),
         ]
     }
 
@@ -155,7 +249,10 @@ impl MigrationPlan {
 
     /// Parameters for the destination QEMU: only what must match the source.
     pub fn destination_parameters(&self) -> MigrateSetParameters {
-        let mut params = MigrateSetParameters::default();
+        let mut params = MigrateSetParameters {
+            mode: Some(self.mode.qapi()),
+            ..MigrateSetParameters::default()
+        };
         if let Some(n) = self.multifd {
             params.multifd_channels = Some(u64::from(n));
             params.multifd_compression = Some(self.compression.unwrap_or(Compression::None).qapi());
@@ -176,15 +273,29 @@ impl MigrationPlan {
         params
     }
 
-    /// A short description for messages: `multifd 4 (zstd), postcopy on`.
+    /// A short description for messages: `multifd 4 (zstd), postcopy on` for a live migration,
+    /// `multifd 4, mapped-ram` for a save.
     pub fn describe(&self) -> String {
         let multifd = match (self.multifd, self.compression) {
             (None, _) => "single channel".to_owned(),
             (Some(n), None | Some(Compression::None)) => format!("multifd {n}"),
             (Some(n), Some(c)) => format!("multifd {n} ({})", c.qemu_name()),
         };
-        let postcopy = if self.postcopy { "on" } else { "off" };
-        format!("{multifd}, postcopy {postcopy}")
+        if !self.is_save() {
+            let postcopy = if self.postcopy { "on" } else { "off" };
+            return format!("{multifd}, postcopy {postcopy}");
+        }
+        let mut text = multifd;
+        if self.mapped_ram {
+            text.push_str(", mapped-ram");
+        }
+        if self.mode == Mode::CprReboot {
+            text.push_str(", mode cpr-reboot");
+        }
+        if self.ignore_shared {
+            text.push_str(", x-ignore-shared");
+        }
+        text
     }
 }
 
@@ -192,12 +303,23 @@ fn cap(capability: MigrationCapability, state: bool) -> MigrationCapabilityStatu
     MigrationCapabilityStatus { capability, state }
 }
 
-/// Where the migration stream goes: the tunnel's Unix socket, or any legacy QEMU URI.
+/// Where the migration stream goes: the tunnel's Unix socket, a state file, a command, or any
+/// other legacy QEMU URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     /// A Unix socket: QEMU listens on it (destination) or connects to it (source).
     Socket(PathBuf),
-    /// A legacy migration URI (`tcp:HOST:PORT`, `unix:PATH`, `exec:CMD`, `file:PATH`, ...).
+    /// `file:PATH[,offset=N]`: QEMU writes (save) or reads (restore) the file itself.
+    File {
+        /// The file, absolute (QEMU's working directory is not ours).
+        path: PathBuf,
+        /// Where the stream starts in the file.
+        offset: u64,
+    },
+    /// `exec:CMD`: QEMU runs the command and writes the stream to its stdin (save) or reads it
+    /// from its stdout (restore).
+    Exec(String),
+    /// Any other legacy migration URI (`tcp:HOST:PORT`, `unix:PATH`, `fd:NAME`, ...).
     Uri(String),
 }
 
@@ -205,18 +327,68 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Socket(path) => write!(f, "unix:{}", path.display()),
+            Endpoint::File { path, offset: 0 } => write!(f, "file:{}", path.display()),
+            Endpoint::File { path, offset } => {
+                write!(f, "file:{},offset={offset}", path.display())
+            }
+            Endpoint::Exec(command) => write!(f, "exec:{command}"),
             Endpoint::Uri(uri) => f.write_str(uri),
         }
     }
 }
 
+/// Which way the stream flows, where a transport differs between the sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// `migrate`: the source sends (or saves).
+    Outgoing,
+    /// `migrate-incoming`: the destination receives (or restores).
+    Incoming,
+}
+
 impl Endpoint {
+    /// The endpoint for a URI given on the command line: `file:` and `exec:` become
+    /// [`Endpoint::File`] and [`Endpoint::Exec`] (a relative file name is taken from our working
+    /// directory, not QEMU's), anything else stays a URI for QEMU.
+    pub fn from_uri(uri: &str) -> Endpoint {
+        match MigrationAddress::parse_uri(uri) {
+            Ok(MigrationAddress::File { filename, offset }) => {
+                let path = PathBuf::from(filename);
+                let path = if path.is_absolute() {
+                    path
+                } else {
+                    std::env::current_dir().map_or(path.clone(), |cwd| cwd.join(&path))
+                };
+                Endpoint::File { path, offset }
+            }
+            Ok(MigrationAddress::Exec { .. }) => match uri.strip_prefix("exec:") {
+                Some(command) => Endpoint::Exec(command.to_owned()),
+                None => Endpoint::Uri(uri.to_owned()),
+            },
+            _ => Endpoint::Uri(uri.to_owned()),
+        }
+    }
+
+    /// What kind of stream this is: a save/restore for `file:` and `exec:`.
+    pub fn stream(&self) -> Stream {
+        match self {
+            Endpoint::File { .. } => Stream::File,
+            Endpoint::Exec(_) => Stream::Exec,
+            Endpoint::Socket(_) | Endpoint::Uri(_) => Stream::Live,
+        }
+    }
+
     /// The typed address, or `None` for a URI our parser does not know (which QEMU may still).
     fn address(&self) -> Option<MigrationAddress> {
         match self {
             Endpoint::Socket(path) => Some(MigrationAddress::Socket(SocketAddress::Unix {
                 path: path.display().to_string(),
             })),
+            Endpoint::File { path, offset } => Some(MigrationAddress::File {
+                filename: path.display().to_string(),
+                offset: *offset,
+            }),
+            Endpoint::Exec(_) => None,
             Endpoint::Uri(uri) => match MigrationAddress::parse_uri(uri) {
                 Ok(address) => Some(address),
                 Err(err) => {
@@ -228,17 +400,113 @@ impl Endpoint {
     }
 
     /// The argument for `migrate`/`migrate-incoming`: the typed `channels` when this QEMU has
-    /// them (8.2+), the `uri` string otherwise.
-    pub async fn target(&self, qmp: &Qmp) -> anyhow::Result<MigrationTarget> {
-        let use_channels = probe::supports_channels(qmp)
-            .await
-            .context("cannot ask QEMU whether it supports migration channels")?;
-        debug!(use_channels, "migration argument style");
-        Ok(match self.address() {
-            Some(address) => MigrationTarget::from_address(address, use_channels),
-            None => MigrationTarget::Uri(self.to_string()),
-        })
+    /// them (8.2+, see [`probe::migration_support`]), the `uri` string otherwise. `direction`
+    /// matters only for a file on a QEMU without the file transport. Says at info level how
+    /// QEMU is told, for `file:` and `exec:`.
+    pub fn target_for(
+        &self,
+        qmp: &Qmp,
+        support: &MigrationSupport,
+        direction: Direction,
+    ) -> anyhow::Result<MigrationTarget> {
+        let channels = support.channels;
+        debug!(use_channels = channels, "migration argument style");
+        let version = qmp.greeting().version.qemu;
+        match self {
+            Endpoint::File { path, offset } if !channels && !version.at_least(8, 2, 0) => {
+                // QEMU before 8.2 has no file transport; `cat` through its exec transport
+                // writes and reads the same stream.
+                if *offset != 0 {
+                    bail!(
+                        "QEMU {version} has no file transport (8.2+), and file:PATH,offset=N \
+                         cannot be emulated with exec:cat: save without offset"
+                    );
+                }
+                let quoted = shell_quote(&path.display().to_string());
+                let uri = match direction {
+                    Direction::Outgoing => format!("exec:cat > {quoted}"),
+                    Direction::Incoming => format!("exec:cat {quoted}"),
+                };
+                info!("QEMU {version} has no file transport (8.2+): using the legacy URI {uri}");
+                Ok(MigrationTarget::Uri(uri))
+            }
+            Endpoint::Exec(command) => {
+                let args = exec_args(command)?;
+                if channels {
+                    info!(?args, "exec: QEMU's typed exec transport (argv, no shell)");
+                    Ok(MigrationTarget::from_address(
+                        MigrationAddress::Exec { args },
+                        true,
+                    ))
+                } else {
+                    info!("exec: the legacy URI exec:{command} (QEMU runs it with /bin/sh -c)");
+                    Ok(MigrationTarget::Uri(format!("exec:{command}")))
+                }
+            }
+            _ => {
+                let target = match self.address() {
+                    Some(address) => MigrationTarget::from_address(address, channels),
+                    None => MigrationTarget::Uri(self.to_string()),
+                };
+                if let Endpoint::File { .. } = self {
+                    match &target {
+                        MigrationTarget::Channels(_) => {
+                            info!("file: QEMU's typed file transport ({self})")
+                        }
+                        MigrationTarget::Uri(uri) => info!("file: the legacy URI {uri}"),
+                    }
+                }
+                Ok(target)
+            }
+        }
     }
+}
+
+/// The argv for the typed exec transport, which runs it without a shell and without a `PATH`
+/// search: a simple command is split into words (see [`qmigrate_qmp::split_command`]) and its
+/// program looked up on our `PATH`; anything that needs a shell (redirections, pipes,
+/// variables) runs as `/bin/sh -c COMMAND`, exactly as QEMU runs an `exec:` URI.
+pub fn exec_args(command: &str) -> anyhow::Result<Vec<String>> {
+    let Some(mut words) = qmigrate_qmp::split_command(command) else {
+        return Ok(vec!["/bin/sh".into(), "-c".into(), command.to_owned()]);
+    };
+    let program = find_program(&words[0]).with_context(|| format!("exec:{command}"))?;
+    words[0] = program.display().to_string();
+    Ok(words)
+}
+
+/// An executable file: `name` itself when it has a `/` (made absolute), else the first match
+/// on `PATH`.
+fn find_program(name: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let is_executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if name.contains('/') {
+        let path = PathBuf::from(name);
+        let path = if path.is_absolute() {
+            path
+        } else {
+            std::env::current_dir()
+                .context("cannot resolve a relative program path")?
+                .join(path)
+        };
+        if !is_executable(&path) {
+            bail!("{} is not an executable file", path.display());
+        }
+        return Ok(path);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+        .ok_or_else(|| anyhow!("program {name:?} not found on PATH"))
+}
+
+/// `s` in single quotes for `/bin/sh` (a `'` inside becomes `'\''`).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// Connects to QEMU's QMP socket (a path, or `tcp:HOST:PORT`), with an operator-readable error
@@ -300,6 +568,53 @@ pub fn check_migration_socket(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Fits the capabilities a plan wants to what this QEMU has (`known`, from
+/// `query-migrate-capabilities`): one it lacks is left out when it is to be off, and an error
+/// naming the QEMU version that has it when it is to be on.
+fn fit_capabilities(
+    wanted: Vec<MigrationCapabilityStatus>,
+    known: &[MigrationCapabilityStatus],
+    qemu: &str,
+) -> anyhow::Result<Vec<MigrationCapabilityStatus>> {
+    let mut fitted = Vec::with_capacity(wanted.len());
+    for want in wanted {
+        if known.iter().any(|k| k.capability == want.capability) {
+            fitted.push(want);
+        } else if want.state {
+            let since = match want.capability {
+                MigrationCapability::MappedRam => " (QEMU 9.0+; needed for --multifd with file:)",
+                _ => "",
+            };
+            bail!(
+                "QEMU {qemu} does not have the migration capability {}{since}",
+                want.capability
+            );
+        }
+    }
+    Ok(fitted)
+}
+
+/// Fits the parameters a plan wants to what this QEMU has (`current`, from
+/// `query-migrate-parameters`): `mode` exists since QEMU 8.2 and is only sent where it does.
+fn fit_parameters(
+    mut wanted: MigrateSetParameters,
+    current: &MigrationParameters,
+    qemu: &str,
+) -> anyhow::Result<MigrateSetParameters> {
+    if current.mode.is_none() {
+        match wanted.mode.take() {
+            Some(MigMode::Normal) | None => {}
+            Some(mode) => bail!("QEMU {qemu} has no migration modes (8.2+), so no mode {mode}"),
+        }
+    }
+    Ok(wanted)
+}
+
+/// The QEMU version from the greeting, for messages.
+fn qemu_version(qmp: &Qmp) -> String {
+    qmp.greeting().version.qemu.to_string()
+}
+
 /// Sets capabilities, with a hint when this QEMU lacks one we need.
 async fn set_capabilities(qmp: &Qmp, wanted: Vec<MigrationCapabilityStatus>) -> anyhow::Result<()> {
     if wanted.is_empty() {
@@ -340,10 +655,18 @@ pub struct Incoming {
     pub endpoint: String,
     /// Whether the typed `channels` argument was used (else the legacy `uri`).
     pub channels: bool,
+    /// Whether QEMU stays up when the incoming migration fails (`exit-on-error: false`), so
+    /// that [`follow_incoming`] can read its reason; else it exits, QEMU's default.
+    pub stays_on_error: bool,
 }
 
 /// Prepares a destination QEMU started with `-incoming defer`: checks its state, sets the
-/// capabilities and parameters that must match the source, and makes it listen on `endpoint`.
+/// capabilities and parameters that must match the source, and makes it listen on `endpoint`
+/// (for a `file:` or `exec:` restore: start loading).
+///
+/// With `stay_on_error`, asks QEMU (9.1+; older ones ignore the wish) not to exit when the
+/// incoming migration fails, so its reason can be reported: meant for a caller that follows
+/// the migration to its end.
 ///
 /// Returns once QEMU listens. Fails (before changing anything) when QEMU is not waiting for an
 /// incoming migration, saying how to start it instead.
@@ -351,6 +674,7 @@ pub async fn prepare_incoming(
     qmp: &Qmp,
     plan: &MigrationPlan,
     endpoint: &Endpoint,
+    stay_on_error: bool,
 ) -> anyhow::Result<Incoming> {
     let status = query_status(qmp).await?;
     if status.status != RunState::InMigrate {
@@ -375,17 +699,38 @@ pub async fn prepare_incoming(
         ),
     }
 
-    set_capabilities(qmp, plan.destination_capabilities()).await?;
-    let params = plan.destination_parameters();
+    let qemu = qemu_version(qmp);
+    let known = qmp
+        .execute(&QueryMigrateCapabilities)
+        .await
+        .context("query-migrate-capabilities failed")?;
+    set_capabilities(
+        qmp,
+        fit_capabilities(plan.destination_capabilities(), &known, &qemu)?,
+    )
+    .await?;
+    let current = qmp
+        .execute(&QueryMigrateParameters)
+        .await
+        .context("query-migrate-parameters failed")?;
+    let params = fit_parameters(plan.destination_parameters(), &current, &qemu)?;
     if params != MigrateSetParameters::default() {
         qmp.execute(&params)
             .await
             .context("QEMU refused the migration parameters")?;
     }
 
-    let target = endpoint.target(qmp).await?;
+    let support = probe::migration_support(qmp)
+        .await
+        .context("cannot ask QEMU which migration arguments it supports")?;
+    let target = endpoint.target_for(qmp, &support, Direction::Incoming)?;
     let channels = matches!(target, MigrationTarget::Channels(_));
-    qmp.execute(&MigrateIncoming::new(target))
+    let stays_on_error = stay_on_error && support.incoming_exit_on_error;
+    let mut incoming = MigrateIncoming::new(target);
+    if stays_on_error {
+        incoming = incoming.exit_on_error(false);
+    }
+    qmp.execute(&incoming)
         .await
         .with_context(|| format!("migrate-incoming on {endpoint} failed"))?;
     let now = status_of(&query_migrate(qmp).await?);
@@ -396,6 +741,7 @@ pub async fn prepare_incoming(
     Ok(Incoming {
         endpoint: endpoint.to_string(),
         channels,
+        stays_on_error,
     })
 }
 
@@ -487,8 +833,8 @@ pub async fn preflight_source(qmp: &Qmp) -> anyhow::Result<SourceState> {
     match status.status {
         RunState::Running | RunState::Paused => {}
         RunState::Postmigrate => bail!(
-            "the source VM has already been migrated away (state postmigrate); its guest now \
-             runs on the destination"
+            "the source VM has already been migrated away or saved (state postmigrate); its \
+             guest now runs on the destination, or waits in the saved state to be restored"
         ),
         RunState::InMigrate => bail!(
             "this QEMU is waiting for an incoming migration (state inmigrate): it is a \
@@ -555,6 +901,11 @@ pub enum Outcome {
 /// cancelled. Whenever it does not complete, the source VM is left running if it was running
 /// before (QEMU restarts it itself; we `cont` only if it did not). The capabilities changed here
 /// are restored afterwards, except with `detach` (the migration still needs them).
+///
+/// A save ([`MigrationPlan::is_save`]) pauses a running guest before `migrate` (except in
+/// cpr-reboot mode, where QEMU does) and leaves it paused (`postmigrate`) once completed; a
+/// save that does not complete resumes it. Writing the state file safely is the caller's job
+/// (see [`statefile::Partial`]).
 pub async fn run_migration(
     qmp: &Qmp,
     plan: &MigrationPlan,
@@ -564,11 +915,12 @@ pub async fn run_migration(
     progress: &mut dyn Progress,
     cancel: impl Future<Output = String>,
 ) -> anyhow::Result<Summary> {
+    let qemu = qemu_version(qmp);
     let before = qmp
         .execute(&QueryMigrateCapabilities)
         .await
         .context("query-migrate-capabilities failed")?;
-    let wanted = plan.source_capabilities();
+    let wanted = fit_capabilities(plan.source_capabilities(), &before, &qemu)?;
     let restore: Vec<MigrationCapabilityStatus> = wanted
         .iter()
         .filter_map(|want| {
@@ -579,12 +931,16 @@ pub async fn run_migration(
             (was != want.state).then(|| cap(want.capability, was))
         })
         .collect();
-    let params = plan.source_parameters();
     let before_params = qmp
         .execute(&QueryMigrateParameters)
         .await
         .context("query-migrate-parameters failed")?;
+    let params = fit_parameters(plan.source_parameters(), &before_params, &qemu)?;
     let restore_params = parameters_to_restore(&params, &before_params);
+    let support = probe::migration_support(qmp)
+        .await
+        .context("cannot ask QEMU which migration arguments it supports")?;
+    let target = endpoint.target_for(qmp, &support, Direction::Outgoing)?;
     set_capabilities(qmp, wanted).await?;
     let set_params = qmp
         .execute(&params)
@@ -595,7 +951,38 @@ pub async fn run_migration(
         return Err(err);
     }
 
-    let result = migrate_and_follow(qmp, plan, endpoint, source, opts, progress, cancel).await;
+    // A state saved while the guest runs is only consistent at QEMU's final pass, and every
+    // page the guest dirties meanwhile is written again; paused, each page is written once. In
+    // cpr-reboot mode QEMU pauses the guest at once itself, and records that it was running,
+    // so that the restored guest resumes.
+    let pause = plan.is_save() && plan.mode != Mode::CprReboot && source.was_running;
+    if pause {
+        if let Err(err) = qmp.execute(&Stop).await {
+            restore_settings(qmp, restore, restore_params).await;
+            return Err(anyhow!(err).context("cannot pause the guest for the save (stop failed)"));
+        }
+        progress.note("guest paused for the save");
+    }
+    // QEMU restarts a guest that was running when a migration fails by itself; one we paused
+    // is ours to restart, at once.
+    let resume_grace = if pause { Duration::ZERO } else { RESUME_GRACE };
+    let result = migrate_and_follow(
+        qmp,
+        plan,
+        endpoint,
+        target,
+        source,
+        opts,
+        progress,
+        resume_grace,
+        cancel,
+    )
+    .await;
+    if pause && result.is_err() {
+        if let Err(err) = ensure_source_running(qmp, source, progress, resume_grace).await {
+            warn!("after the failed save: {err:#}");
+        }
+    }
 
     if matches!(
         result,
@@ -625,6 +1012,7 @@ fn parameters_to_restore(
         max_postcopy_bandwidth: set
             .max_postcopy_bandwidth
             .and(before.max_postcopy_bandwidth),
+        mode: set.mode.and(before.mode),
         ..MigrateSetParameters::default()
     }
 }
@@ -636,6 +1024,7 @@ async fn restore_settings(
     capabilities: Vec<MigrationCapabilityStatus>,
     params: MigrateSetParameters,
 ) {
+    wait_for_cleanup(qmp).await;
     if let Err(err) = set_capabilities(qmp, capabilities).await {
         warn!("could not restore the source's migration capabilities: {err:#}");
     }
@@ -646,17 +1035,45 @@ async fn restore_settings(
     }
 }
 
+/// Waits (at most 5 s) until QEMU has torn the finished migration down.
+///
+/// QEMU reports `completed` before its cleanup has run, and that cleanup reads the
+/// capabilities: with `multifd` switched off under it, QEMU 10 skips closing the multifd
+/// channels and then aborts on a yank assertion, killing the source VM (seen here about one
+/// multifd migration in three). The migration's yank instance is the last thing the cleanup
+/// removes, so its absence from `query-yank` tells it is over.
+async fn wait_for_cleanup(qmp: &Qmp) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match qmp.execute(&qmigrate_qmp::QueryYank).await {
+            Ok(instances) if instances.iter().all(|i| i.kind != "migration") => return,
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(_) => {
+                warn!("QEMU has not finished cleaning up the migration after 5 s");
+                return;
+            }
+            Err(err) => {
+                debug!(%err, "query-yank failed; restoring the settings without waiting");
+                return;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the one caller passes its own arguments on
 async fn migrate_and_follow(
     qmp: &Qmp,
     plan: &MigrationPlan,
     endpoint: &Endpoint,
+    target: MigrationTarget,
     source: &SourceState,
     opts: &FollowOptions,
     progress: &mut dyn Progress,
+    resume_grace: Duration,
     cancel: impl Future<Output = String>,
 ) -> anyhow::Result<Summary> {
-    let target = endpoint.target(qmp).await?;
-
     let mut events = qmp.events();
     let started = Instant::now();
     qmp.execute(&Migrate::new(target))
@@ -782,7 +1199,7 @@ async fn migrate_and_follow(
         _ => Outcome::Failed(error),
     };
     if outcome != Outcome::Completed {
-        ensure_source_running(qmp, source, progress).await?;
+        ensure_source_running(qmp, source, progress, resume_grace).await?;
     }
     Ok(Summary::from_info(&info, outcome, postcopy_requested))
 }
@@ -826,26 +1243,31 @@ async fn cancel_migration(
 
 /// After a migration that did not complete: makes sure a source VM that was running before
 /// runs again. QEMU restarts it by itself once its migration thread has cleaned up, so we give
-/// it [`RESUME_GRACE`] and only then `cont`.
+/// it `grace` ([`RESUME_GRACE`], or nothing for a guest we paused) and only then `cont`.
 async fn ensure_source_running(
     qmp: &Qmp,
     source: &SourceState,
     progress: &mut dyn Progress,
+    grace: Duration,
 ) -> anyhow::Result<()> {
     if !source.was_running {
         return Ok(());
     }
-    let deadline = Instant::now() + RESUME_GRACE;
+    let deadline = Instant::now() + grace;
     loop {
         let status = query_status(qmp).await?;
         if status.running {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            progress.note(&format!(
-                "the source VM is {} after the migration stopped; resuming it",
-                run_state_name(&status.status)
-            ));
+            if grace.is_zero() {
+                progress.note("resuming the guest, paused for the save");
+            } else {
+                progress.note(&format!(
+                    "the source VM is {} after the migration stopped; resuming it",
+                    run_state_name(&status.status)
+                ));
+            }
             qmp.execute(&qmigrate_qmp::Cont)
                 .await
                 .context("could not resume the source VM (cont failed)")?;
@@ -860,6 +1282,16 @@ async fn ensure_source_running(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Resumes a source guest that was running before a save whose state file turned out unusable
+/// although QEMU completed it (the guest is then in `postmigrate`).
+pub async fn resume_source(
+    qmp: &Qmp,
+    source: &SourceState,
+    progress: &mut dyn Progress,
+) -> anyhow::Result<()> {
+    ensure_source_running(qmp, source, progress, Duration::ZERO).await
 }
 
 /// QEMU's own lowercase name for a run state (`inmigrate`), for messages.
@@ -940,9 +1372,14 @@ mod tests {
         assert_eq!(dest.max_bandwidth, None);
         assert_eq!(dest.multifd_channels, Some(4));
         assert_eq!(dest.multifd_compression, src.multifd_compression);
+        // The mode is always set (to what QEMU calls it), so that a leftover cpr-reboot from
+        // an earlier run cannot apply.
         assert_eq!(
             MigrationPlan::default().destination_parameters(),
-            MigrateSetParameters::default()
+            MigrateSetParameters {
+                mode: Some(MigMode::Normal),
+                ..MigrateSetParameters::default()
+            }
         );
         assert_eq!(plan.describe(), "multifd 4 (zstd), postcopy off");
     }

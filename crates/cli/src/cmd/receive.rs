@@ -1,16 +1,20 @@
 //! `qmigrate receive`: on the destination, make a QEMU started with `-incoming defer` listen for
-//! the migration with the capabilities the source will use.
+//! the migration with the capabilities the source will use, or restore a saved state.
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::{anyhow, Context as _};
 use qmigrate_qmp::MigrationStatus;
 use serde_json::json;
+use tracing::info;
 
 use crate::exit::Exit;
+use crate::migration::statefile::{self, StateFile};
 use crate::migration::{
-    self, migration_status_name, run_state_name, Compression, Endpoint, MigrationPlan,
+    self, migration_status_name, run_state_name, Compression, Endpoint, MigrationPlan, Mode, Stream,
 };
+use crate::units::{format_bytes, format_duration};
 
 /// Arguments of `qmigrate receive`.
 #[derive(Debug, clap::Args)]
@@ -33,12 +37,21 @@ pub struct Args {
     )]
     pub socket: PathBuf,
 
-    /// Listen on a legacy QEMU URI instead of --socket (tcp:HOST:PORT, unix:PATH, exec:CMD,
-    /// file:PATH, ...), without the tunnel.
-    #[arg(long, value_name = "URI", conflicts_with = "socket")]
-    pub uri: Option<String>,
+    /// Receive from a QEMU URI instead of --socket, without the tunnel: tcp:HOST:PORT,
+    /// unix:PATH, ...; or restore a saved VM: file:PATH[,offset=N] (checked before QEMU is
+    /// asked: it must exist and start with QEMU's stream header; the capabilities it was saved
+    /// with, mapped-ram and x-ignore-shared, are set to match) or exec:CMD (the stream from
+    /// CMD's stdout).
+    #[arg(
+        long = "from",
+        visible_alias = "uri",
+        value_name = "URI",
+        conflicts_with = "socket"
+    )]
+    pub from: Option<String>,
 
-    /// Expect N multifd channels (must match the source's --multifd N).
+    /// Expect N multifd channels (must match the source's --multifd N). From a file: load a
+    /// mapped-ram state (saved with --multifd) with N parallel channels.
     #[arg(long, value_name = "N")]
     pub multifd: Option<u32>,
 
@@ -50,12 +63,16 @@ pub struct Args {
     #[arg(long)]
     pub postcopy: bool,
 
+    /// Migration mode; give cpr-reboot when the state was saved with --mode cpr-reboot.
+    #[arg(long, value_name = "MODE", default_value = "normal")]
+    pub mode: Mode,
+
     /// Follow the migration to its end and exit 0 only if it completed.
     #[arg(long)]
     pub wait: bool,
 
-    /// After completion, start the guest if it is paused (QEMU started with -S); implies
-    /// --wait.
+    /// After completion, start the guest if it is paused (QEMU started with -S, or a state
+    /// saved by `send --to file:`, which pauses the guest first); implies --wait.
     #[arg(long)]
     pub start: bool,
 
@@ -64,22 +81,69 @@ pub struct Args {
     pub json: bool,
 }
 
+impl Args {
+    fn endpoint(&self) -> Endpoint {
+        match &self.from {
+            Some(uri) => Endpoint::from_uri(uri),
+            None => Endpoint::Socket(self.socket.clone()),
+        }
+    }
+
+    /// The plan, with the capabilities a state file records taken from its header.
+    fn plan(&self, stream: Stream, state: Option<&StateFile>) -> anyhow::Result<MigrationPlan> {
+        let mut plan = MigrationPlan {
+            stream,
+            mapped_ram: stream == Stream::File && self.multifd.is_some(),
+            ignore_shared: self.mode == Mode::CprReboot,
+            mode: self.mode,
+            multifd: self.multifd,
+            compression: self.compress,
+            postcopy: self.postcopy,
+            ..MigrationPlan::default()
+        };
+        // A header without the configuration section (very old machine types) says nothing
+        // about capabilities; the flags stand then.
+        if let Some(state) = state.filter(|s| s.header.machine.is_some()) {
+            let shown = state.path.display();
+            plan.mapped_ram = state.header.has("mapped-ram");
+            plan.ignore_shared = state.header.has("x-ignore-shared");
+            match (plan.mapped_ram, plan.multifd) {
+                (false, Some(_)) => {
+                    return Err(anyhow!(
+                        "{shown} was saved without mapped-ram (without --multifd): restore it \
+                         without --multifd"
+                    )
+                    .context(Exit::Usage))
+                }
+                (true, None) => info!(
+                    "{shown} was saved with mapped-ram: loading it with one channel (--multifd N \
+                     loads it with N in parallel)"
+                ),
+                _ => {}
+            }
+            if plan.ignore_shared && self.mode != Mode::CprReboot {
+                info!("{shown} was saved with x-ignore-shared: setting it here too");
+            }
+        }
+        Ok(plan)
+    }
+}
+
 /// Runs `qmigrate receive`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let plan = MigrationPlan {
-        multifd: args.multifd,
-        compression: args.compress,
-        postcopy: args.postcopy,
-        ..MigrationPlan::default()
+    let endpoint = args.endpoint();
+    let state = match &endpoint {
+        Endpoint::File { path, offset } => Some(statefile::inspect(path, *offset)?),
+        _ => None,
     };
+    let plan = args.plan(endpoint.stream(), state.as_ref())?;
     plan.validate().context(Exit::Usage)?;
-    let endpoint = match &args.uri {
-        Some(uri) => Endpoint::Uri(uri.clone()),
-        None => Endpoint::Socket(args.socket.clone()),
-    };
+    let follow = args.wait || args.start;
 
     let qmp = migration::connect_qmp(&args.qmp).await?;
-    let incoming = migration::prepare_incoming(&qmp, &plan, &endpoint).await?;
+    let started = Instant::now();
+    let incoming =
+        migration::prepare_incoming(&qmp, &plan, &endpoint, follow && plan.is_save()).await?;
     if args.json {
         println!(
             "{}",
@@ -89,8 +153,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 "multifd": plan.multifd,
                 "compress": plan.compression.map(|c| c.qemu_name()),
                 "postcopy": plan.postcopy,
+                "mapped_ram": plan.mapped_ram,
                 "channels": incoming.channels,
+                "file_size": state.as_ref().map(|s| s.size),
             })
+        );
+    } else if plan.is_save() {
+        println!(
+            "ready: destination QEMU loads from {} ({})",
+            incoming.endpoint,
+            plan.describe()
         );
     } else {
         println!(
@@ -100,13 +172,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
-    if !(args.wait || args.start) {
+    if !follow {
         // QMP serves one client at a time: let go so the operator's tools can look.
         qmp.close().await;
         return Ok(());
     }
-    let outcome = migration::follow_incoming(&qmp, args.start).await?;
+    let outcome = migration::follow_incoming(&qmp, args.start).await;
     qmp.close().await;
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(err) if plan.is_save() => {
+            return Err(err.context(format!("restoring from {endpoint} failed")))
+        }
+        Err(err) => return Err(err),
+    };
+    let elapsed = started.elapsed();
     let status = migration_status_name(&outcome.status);
     let vm = run_state_name(&outcome.run_state);
     if args.json {
@@ -118,19 +198,107 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 "vm": vm,
                 "error": outcome.error,
                 "started": outcome.started,
+                "elapsed_ms": u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                "file": state.as_ref().map(|s| s.path.display().to_string()),
+                "file_size": state.as_ref().map(|s| s.size),
             })
+        );
+    } else if let Some(state) = &state {
+        eprintln!(
+            "restore {status} in {} from {} ({}); destination VM {vm}",
+            format_duration(elapsed),
+            state.path.display(),
+            format_bytes(state.size)
+        );
+    } else if plan.is_save() {
+        eprintln!(
+            "restore {status} in {} from {endpoint}; destination VM {vm}",
+            format_duration(elapsed)
         );
     } else {
         eprintln!("incoming migration {status}; destination VM {vm}");
     }
     match outcome.status {
         MigrationStatus::Completed => Ok(()),
-        _ => Err(anyhow!(
-            "{}",
-            outcome
+        _ => {
+            let reason = outcome
                 .error
-                .unwrap_or_else(|| format!("the incoming migration ended as {status}"))
-        )
-        .context(Exit::Failed)),
+                .unwrap_or_else(|| format!("the incoming migration ended as {status}"));
+            let err = if plan.is_save() {
+                // With exit-on-error off QEMU stays up, but cannot load anything else now.
+                let left = if incoming.stays_on_error {
+                    format!(
+                        "; the destination QEMU is left as it is ({vm}): quit it, and start a \
+                         new one to try again"
+                    )
+                } else {
+                    String::new()
+                };
+                anyhow!(
+                    "restoring from {endpoint} failed: {reason} (the state is truncated, \
+                     corrupted, or from a differently configured VM){left}"
+                )
+            } else {
+                anyhow!("{reason}")
+            };
+            Err(err.context(Exit::Failed))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::migration::statefile::StateHeader;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(args: &[&str]) -> Args {
+        Cli::try_parse_from(std::iter::once("receive").chain(args.iter().copied()))
+            .map(|c| c.args)
+            .expect("valid arguments")
+    }
+
+    fn state(capabilities: &[&str]) -> StateFile {
+        StateFile {
+            path: "/s".into(),
+            size: 1,
+            header: StateHeader {
+                machine: Some("pc-q35-10.0".into()),
+                capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn capabilities_follow_the_state_file() {
+        let args = parse(&["--from", "file:/s", "--multifd", "4"]);
+        let plan = args
+            .plan(Stream::File, Some(&state(&["mapped-ram"])))
+            .expect("mapped-ram with multifd");
+        assert!(plan.mapped_ram);
+        let err = args
+            .plan(Stream::File, Some(&state(&[])))
+            .expect_err("multifd for a plain file");
+        assert!(format!("{err:#}").contains("without --multifd"), "{err:#}");
+
+        let args = parse(&["--uri", "file:/s"]);
+        let plan = args
+            .plan(
+                Stream::File,
+                Some(&state(&["mapped-ram", "x-ignore-shared"])),
+            )
+            .expect("plain");
+        assert!(plan.mapped_ram && plan.ignore_shared && plan.multifd.is_none());
+        assert_eq!(
+            plan.describe(),
+            "single channel, mapped-ram, x-ignore-shared"
+        );
     }
 }

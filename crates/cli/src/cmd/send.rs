@@ -1,15 +1,21 @@
-//! `qmigrate send`: on the source, start the migration and follow it to a truthful end.
+//! `qmigrate send`: on the source, start the migration (or the save to a file) and follow it to
+//! a truthful end.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context as _};
+use anyhow::{anyhow, bail, Context as _};
+use qmigrate_qmp::{Error as QmpError, Quit};
+use serde_json::json;
 
 use crate::exit::Exit;
-use crate::migration::{self, Compression, Endpoint, FollowOptions, MigrationPlan, Outcome};
-use crate::progress;
+use crate::migration::statefile::Partial;
+use crate::migration::{
+    self, Compression, Endpoint, FollowOptions, MigrationPlan, Mode, Outcome, Stream,
+};
+use crate::progress::{self, Progress, Summary};
 use crate::signals::Interrupts;
-use crate::units::{self, format_duration};
+use crate::units::{self, format_bytes, format_duration};
 
 /// Arguments of `qmigrate send`.
 #[derive(Debug, clap::Args)]
@@ -31,14 +37,36 @@ pub struct Args {
     )]
     pub socket: PathBuf,
 
-    /// Migrate to a legacy QEMU URI instead of --socket (tcp:HOST:PORT, unix:PATH, exec:CMD,
-    /// file:PATH, ...), without the tunnel.
-    #[arg(long, value_name = "URI", conflicts_with = "socket")]
-    pub uri: Option<String>,
+    /// Send to a QEMU URI instead of --socket, without the tunnel: tcp:HOST:PORT, unix:PATH,
+    /// ...; or save the VM: file:PATH[,offset=N] (QEMU writes PATH.partial, renamed to PATH
+    /// once complete, removed otherwise) or exec:CMD (the stream on CMD's stdin; a simple
+    /// command runs without a shell, one with redirections or pipes with /bin/sh -c). A save
+    /// pauses the guest first and leaves it paused (postmigrate) when it completes; a save that
+    /// fails or is cancelled resumes it.
+    #[arg(
+        long = "to",
+        visible_alias = "uri",
+        value_name = "URI",
+        conflicts_with = "socket"
+    )]
+    pub to: Option<String>,
 
-    /// Use N parallel multifd channels (the destination needs the same --multifd N).
+    /// Use N parallel multifd channels (the destination needs the same --multifd N). To a
+    /// file: with mapped-ram (QEMU 9.0+), each channel writing its pages at their own offsets;
+    /// not with exec: (a pipe).
     #[arg(long, value_name = "N")]
     pub multifd: Option<u32>,
+
+    /// Migration mode. cpr-reboot (QEMU 8.2+, with file:) saves for a restart of QEMU on this
+    /// host; with RAM on a shared memory backend (share=on) it stays out of the state file
+    /// (x-ignore-shared is set). See the README for the preconditions.
+    #[arg(long, value_name = "MODE", default_value = "normal")]
+    pub mode: Mode,
+
+    /// After a completed migration or save (state file renamed into place), end the source
+    /// QEMU (QMP quit).
+    #[arg(long, conflicts_with = "detach")]
+    pub quit: bool,
 
     /// Enable postcopy and switch to it after AFTER complete precopy passes (default 1; 0
     /// switches at once). The destination needs --postcopy too.
@@ -83,8 +111,12 @@ pub struct Args {
 }
 
 impl Args {
-    fn plan(&self) -> MigrationPlan {
+    fn plan(&self, stream: Stream) -> MigrationPlan {
         MigrationPlan {
+            stream,
+            mapped_ram: stream == Stream::File && self.multifd.is_some(),
+            ignore_shared: self.mode == Mode::CprReboot,
+            mode: self.mode,
             multifd: self.multifd,
             compression: self.compress,
             postcopy: self.postcopy.is_some(),
@@ -95,21 +127,50 @@ impl Args {
     }
 
     fn endpoint(&self) -> Endpoint {
-        match &self.uri {
-            Some(uri) => Endpoint::Uri(uri.clone()),
+        match &self.to {
+            Some(uri) => Endpoint::from_uri(uri),
             None => Endpoint::Socket(self.socket.clone()),
         }
     }
 }
 
+/// Where a completed save went, for the summary.
+#[derive(Debug)]
+enum Saved {
+    /// The state file, renamed into place, and its size.
+    File(PathBuf, u64),
+    /// The command that got the stream.
+    Command(String),
+}
+
 /// Runs `qmigrate send`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let plan = args.plan();
-    plan.validate().context(Exit::Usage)?;
     let endpoint = args.endpoint();
-    if let Endpoint::Socket(path) = &endpoint {
-        migration::check_migration_socket(path)?;
+    let plan = args.plan(endpoint.stream());
+    plan.validate().context(Exit::Usage)?;
+    if args.detach && plan.stream == Stream::File {
+        return Err(anyhow!(
+            "--detach cannot be used with file:: qmigrate follows the save to rename \
+             PATH.partial to PATH once QEMU completes it"
+        )
+        .context(Exit::Usage));
     }
+    // QEMU writes the state to PATH.partial; dropping `partial` without a commit removes it.
+    let (partial, endpoint) = match endpoint {
+        Endpoint::File { path, offset } => {
+            let partial = Partial::new(&path, offset)?;
+            let qemu_side = Endpoint::File {
+                path: partial.partial().to_path_buf(),
+                offset,
+            };
+            (Some(partial), qemu_side)
+        }
+        Endpoint::Socket(path) => {
+            migration::check_migration_socket(&path)?;
+            (None, Endpoint::Socket(path))
+        }
+        other => (None, other),
+    };
 
     let qmp = migration::connect_qmp(&args.qmp).await?;
     let source = migration::preflight_source(&qmp).await?;
@@ -142,7 +203,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         cancel,
     )
     .await?;
-    progress.finish(&summary);
+
+    let saved = match (&summary.outcome, partial, &endpoint) {
+        (Outcome::Completed, Some(partial), _) => {
+            let path = partial.path().to_path_buf();
+            match partial.commit() {
+                Ok(size) => Some(Saved::File(path, size)),
+                Err(err) => {
+                    report(progress.as_mut(), args.json, &summary, None);
+                    if let Err(resume) =
+                        migration::resume_source(&qmp, &source, progress.as_mut()).await
+                    {
+                        tracing::warn!("{resume:#}");
+                    }
+                    qmp.close().await;
+                    return Err(err.context(Exit::Failed));
+                }
+            }
+        }
+        (Outcome::Completed, None, Endpoint::Exec(command)) => {
+            Some(Saved::Command(command.clone()))
+        }
+        // Not completed: dropping the partial file removes it.
+        _ => None,
+    };
+    report(progress.as_mut(), args.json, &summary, saved.as_ref());
+    if args.quit && summary.outcome == Outcome::Completed {
+        quit(&qmp).await?;
+        tracing::info!("source QEMU quit (--quit)");
+    }
     qmp.close().await;
 
     match summary.outcome {
@@ -165,11 +254,50 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// Prints the summary, with the state file and its size (or the command) after a save.
+fn report(progress: &mut dyn Progress, json: bool, summary: &Summary, saved: Option<&Saved>) {
+    match (saved, json) {
+        (None, _) => progress.finish(summary),
+        (Some(saved), true) => {
+            // JSON lines: the same summary object, with the save's facts in it.
+            let mut value = summary.json();
+            match saved {
+                Saved::File(path, size) => {
+                    value["file"] = json!(path.display().to_string());
+                    value["file_size"] = json!(size);
+                }
+                Saved::Command(command) => value["command"] = json!(command),
+            }
+            println!("{value}");
+        }
+        (Some(saved), false) => {
+            progress.finish(summary);
+            match saved {
+                Saved::File(path, size) => eprintln!(
+                    "  state file   {} ({})",
+                    path.display(),
+                    format_bytes(*size)
+                ),
+                Saved::Command(command) => eprintln!("  written to   exec:{command}"),
+            }
+        }
+    }
+}
+
+/// Ends the source QEMU; its reply may be lost as it exits, which is success too.
+async fn quit(qmp: &qmigrate_qmp::Qmp) -> anyhow::Result<()> {
+    match qmp.execute(&Quit).await {
+        Ok(_) | Err(QmpError::Disconnected) => Ok(()),
+        Err(err) => bail!("--quit: QEMU refused to quit: {err}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
 
-    use super::Args;
+    use super::{Args, Endpoint};
+    use crate::migration::PlanError;
 
     #[derive(Debug, Parser)]
     struct Cli {
@@ -196,7 +324,49 @@ mod tests {
         assert_eq!(args.max_bandwidth, Some(512 << 20));
         assert_eq!(args.timeout, Some(std::time::Duration::from_secs(600)));
         assert!(parse(&["--uri", "tcp:h:1", "--socket", "/x"]).is_err());
+        assert!(parse(&["--to", "tcp:h:1", "--socket", "/x"]).is_err());
+        assert!(parse(&["--quit", "--detach"]).is_err());
         assert!(parse(&["--detach", "--timeout", "1s"]).is_err());
         assert!(parse(&["--compress", "lz4"]).is_err());
+    }
+
+    #[test]
+    fn to_and_uri_are_one_option() {
+        let to = parse(&["--to", "file:/tmp/state.bin"]).expect("--to");
+        let uri = parse(&["--uri", "file:/tmp/state.bin"]).expect("--uri");
+        assert_eq!(to.to, uri.to);
+        assert_eq!(
+            to.endpoint(),
+            Endpoint::File {
+                path: "/tmp/state.bin".into(),
+                offset: 0
+            }
+        );
+    }
+
+    #[test]
+    fn save_plans() {
+        let args = parse(&["--to", "file:/tmp/s", "--multifd", "4"]).expect("valid");
+        let plan = args.plan(args.endpoint().stream());
+        assert!(plan.mapped_ram);
+        assert_eq!(plan.validate(), Ok(()));
+        assert_eq!(plan.describe(), "multifd 4, mapped-ram");
+
+        let args = parse(&["--to", "exec:gzip -c > /tmp/s", "--multifd", "4"]).expect("parses");
+        let plan = args.plan(args.endpoint().stream());
+        assert_eq!(plan.validate(), Err(PlanError::MultifdWithPipe));
+
+        let args = parse(&["--to", "file:/tmp/s", "--postcopy"]).expect("parses");
+        let plan = args.plan(args.endpoint().stream());
+        assert_eq!(plan.validate(), Err(PlanError::PostcopyToFile));
+
+        let args = parse(&["--to", "tcp:h:1", "--mode", "cpr-reboot"]).expect("parses");
+        let plan = args.plan(args.endpoint().stream());
+        assert_eq!(plan.validate(), Err(PlanError::CprRebootLive));
+
+        let args = parse(&["--to", "file:/tmp/s", "--mode", "cpr-reboot"]).expect("parses");
+        let plan = args.plan(args.endpoint().stream());
+        assert!(plan.ignore_shared);
+        assert_eq!(plan.validate(), Ok(()));
     }
 }
