@@ -251,3 +251,19 @@ pub struct Closefd {
     pub fdname: String,
 }
 command!(Closefd, "closefd", Empty);
+
+/// `query-yank`: the instances that have yank functions registered (QEMU 6.0+). A migration
+/// holds one (`{"type": "migration"}`) from its start until QEMU has finished tearing it down,
+/// which is the moment it is safe to change migration capabilities again: QEMU's cleanup
+/// reads them (see `YankInstance`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueryYank;
+command!(QueryYank, "query-yank", Vec<YankInstance>);
+
+/// One entry of [`QueryYank`]'s reply; only its kind matters to us.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct YankInstance {
+    /// `block-node`, `chardev` or `migration`.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
