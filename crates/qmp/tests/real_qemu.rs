@@ -325,10 +325,16 @@ async fn local_migration_with_channels_and_events() {
     let info = src.execute(&QueryMigrate).await.unwrap();
     assert_eq!(info.status, Some(MigrationStatus::Completed));
     assert!(info.ram.unwrap().transferred.unwrap() > 0);
-    assert_eq!(
-        src.execute(&QueryStatus).await.unwrap().status,
-        RunState::Postmigrate
-    );
+    // QEMU emits `completed` a moment before the source's run state leaves finish-migrate.
+    let mut src_state = None;
+    for _ in 0..100 {
+        src_state = Some(src.execute(&QueryStatus).await.unwrap().status);
+        if src_state != Some(RunState::FinishMigrate) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(src_state, Some(RunState::Postmigrate));
     // The destination finishes loading shortly after the source reports completed.
     let mut dst_status = None;
     for _ in 0..100 {
