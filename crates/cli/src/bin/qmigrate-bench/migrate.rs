@@ -1,0 +1,643 @@
+//! `qmigrate-bench migrate`: whole QEMU migrations, side by side.
+//!
+//! Every run starts a fresh pair of tiny VMs (the source's RAM is a file of random bytes, so
+//! nothing compresses and every page moves; its vCPU halts, so nothing is dirtied), connects
+//! them through the variant under test, and drives the migration with `qmigrate receive` and
+//! `qmigrate send` as an operator would (bandwidth unlimited). The figures come from QEMU's own
+//! summary (total time, downtime) and from `wait4` on the relay processes. After each run both
+//! guests' RAM is dumped with `pmemsave` and compared byte for byte.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use qmigrate_qmp::{ConnectOptions, Pmemsave, Qmp};
+
+use crate::procs::{self, Proc, Usage};
+use crate::table::{self, median, num, Table};
+
+/// Arguments of `qmigrate-bench migrate`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Guest RAM (K, M, G: binary units), all of it random bytes.
+    #[arg(long, default_value = "1GiB", value_parser = table::parse_size)]
+    mem: u64,
+
+    /// Repetitions; the variants are interleaved so that machine noise hits all of them alike.
+    #[arg(long, default_value_t = 3)]
+    reps: u32,
+
+    /// Variants to run, comma-separated, in this order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct-unix,direct-tcp,socat,socat-1m,tcp,ws,direct-unix-multifd4,tcp-multifd4,ws-multifd4"
+    )]
+    only: Vec<Variant>,
+
+    /// The qmigrate binary to measure (default: the one next to this benchmark).
+    #[arg(long, value_name = "PATH")]
+    qmigrate: Option<PathBuf>,
+
+    /// The QEMU binary.
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+
+    /// The socat binary.
+    #[arg(long, value_name = "PATH", default_value = "socat")]
+    socat: PathBuf,
+
+    /// Print the results as one JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How the migration stream gets from the source QEMU to the destination QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Variant {
+    /// QEMU to QEMU over a Unix socket: the limit.
+    DirectUnix,
+    /// QEMU to QEMU over loopback TCP.
+    DirectTcp,
+    /// QEMU to QEMU over a Unix socket with `--multifd 4`.
+    #[value(name = "direct-unix-multifd4")]
+    DirectUnixMultifd4,
+    /// Two socats (Unix -> TCP -> Unix), default buffers.
+    Socat,
+    /// Two socats with `-b 1048576`.
+    #[value(name = "socat-1m")]
+    Socat1m,
+    /// The qmigrate TCP tunnel.
+    Tcp,
+    /// The qmigrate WebSocket tunnel.
+    Ws,
+    /// The qmigrate TCP tunnel with `--multifd 4`.
+    #[value(name = "tcp-multifd4")]
+    TcpMultifd4,
+    /// The qmigrate WebSocket tunnel with `--multifd 4`.
+    #[value(name = "ws-multifd4")]
+    WsMultifd4,
+}
+
+impl Variant {
+    fn label(self) -> &'static str {
+        match self {
+            Variant::DirectUnix => "direct unix:",
+            Variant::DirectTcp => "direct tcp:",
+            Variant::DirectUnixMultifd4 => "direct unix:, multifd 4",
+            Variant::Socat => "socat (default buffers)",
+            Variant::Socat1m => "socat -b 1048576",
+            Variant::Tcp => "qmigrate tcp",
+            Variant::Ws => "qmigrate ws",
+            Variant::TcpMultifd4 => "qmigrate tcp, multifd 4",
+            Variant::WsMultifd4 => "qmigrate ws, multifd 4",
+        }
+    }
+
+    fn multifd(self) -> Option<u32> {
+        matches!(
+            self,
+            Variant::DirectUnixMultifd4 | Variant::TcpMultifd4 | Variant::WsMultifd4
+        )
+        .then_some(4)
+    }
+
+    fn is_relay(self) -> bool {
+        !matches!(
+            self,
+            Variant::DirectUnix | Variant::DirectTcp | Variant::DirectUnixMultifd4
+        )
+    }
+}
+
+/// One repetition of one variant.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    total: Duration,
+    downtime: Option<Duration>,
+    relay: Usage,
+    verified: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<bool> {
+    let qmigrate = match &args.qmigrate {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("qmigrate"),
+    };
+    if !qmigrate.exists() {
+        bail!(
+            "{} does not exist: build it first (cargo build --release) or pass --qmigrate PATH",
+            qmigrate.display()
+        );
+    }
+    let mib = args.mem.div_ceil(1 << 20);
+    let dir = tempfile::Builder::new()
+        .prefix("qmigrate-bench-")
+        .tempdir()?;
+    let ram = dir.path().join("ram.bin");
+    write_random(&ram, mib)?;
+    let fw = dir.path().join("fw.bin");
+    let mut firmware = vec![0u8; 64 * 1024];
+    firmware[0xFFF0..0xFFF3].copy_from_slice(&[0xF4, 0xEB, 0xFD]); // hlt; jmp back
+    std::fs::write(&fw, firmware)?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); args.only.len()];
+    let mut all_ok = true;
+    eprintln!(
+        "migration benchmark: {mib} MiB of random guest RAM, {} repetitions, variants interleaved",
+        args.reps
+    );
+    // One untimed migration first: the first QEMU start of a run pays for loading the binary
+    // and faulting in the RAM file, which would otherwise count against the first variant.
+    if let Some(&first) = args.only.first() {
+        let warm = dir.path().join("warm-up");
+        std::fs::create_dir(&warm)?;
+        let env = Env {
+            dir: &warm,
+            qmigrate: &qmigrate,
+            qemu: &args.qemu,
+            socat: &args.socat,
+            ram: &ram,
+            fw: &fw,
+            mib,
+        };
+        if let Err(err) = run_once(first, &env, &rt) {
+            eprintln!("  warm-up ({}) failed: {err:#}", first.label());
+        }
+        let _ = std::fs::remove_dir_all(&warm);
+    }
+    for rep in 0..args.reps {
+        for (i, &variant) in args.only.iter().enumerate() {
+            let run_dir = dir.path().join(format!("{rep}-{i}"));
+            std::fs::create_dir(&run_dir)?;
+            let env = Env {
+                dir: &run_dir,
+                qmigrate: &qmigrate,
+                qemu: &args.qemu,
+                socat: &args.socat,
+                ram: &ram,
+                fw: &fw,
+                mib,
+            };
+            match run_once(variant, &env, &rt) {
+                Ok(s) => {
+                    eprintln!(
+                        "  rep {}/{}  {:<24} {:>6.2} s  {:>5.2} GB/s  downtime {:>4} ms  relay {:>5} core-s/GB  {}",
+                        rep + 1,
+                        args.reps,
+                        variant.label(),
+                        s.total.as_secs_f64(),
+                        gbps(mib, s.total),
+                        s.downtime.map_or("-".into(), |d| d.as_millis().to_string()),
+                        if variant.is_relay() { num(core_per_gb(mib, s.relay.cpu), 2) } else { "-".into() },
+                        if s.verified { "verified" } else { "NOT VERIFIED" }
+                    );
+                    all_ok &= s.verified;
+                    samples[i].push(s);
+                }
+                Err(err) => {
+                    eprintln!(
+                        "  rep {}/{}  {:<24} failed: {err:#}",
+                        rep + 1,
+                        args.reps,
+                        variant.label()
+                    );
+                    all_ok = false;
+                }
+            }
+            let _ = std::fs::remove_dir_all(&run_dir);
+        }
+    }
+    report(&args, mib, &samples);
+    Ok(all_ok)
+}
+
+fn gbps(mib: u64, total: Duration) -> f64 {
+    (mib << 20) as f64 / total.as_secs_f64() / 1e9
+}
+
+fn core_per_gb(mib: u64, cpu: Duration) -> f64 {
+    cpu.as_secs_f64() / ((mib << 20) as f64 / 1e9)
+}
+
+fn report(args: &Args, mib: u64, samples: &[Vec<Sample>]) {
+    let rate = |s: &[Sample]| median(&s.iter().map(|s| gbps(mib, s.total)).collect::<Vec<_>>());
+    let direct = args
+        .only
+        .iter()
+        .position(|&v| v == Variant::DirectUnix)
+        .map(|i| rate(&samples[i]));
+    let rows: Vec<_> = args
+        .only
+        .iter()
+        .zip(samples)
+        .map(|(&v, s)| {
+            let total = median(&s.iter().map(|s| s.total.as_secs_f64()).collect::<Vec<_>>());
+            let downtime = median(
+                &s.iter()
+                    .filter_map(|s| s.downtime.map(|d| d.as_secs_f64() * 1000.0))
+                    .collect::<Vec<_>>(),
+            );
+            let cpu = median(
+                &s.iter()
+                    .map(|s| core_per_gb(mib, s.relay.cpu))
+                    .collect::<Vec<_>>(),
+            );
+            let rss = s.iter().map(|s| s.relay.max_rss).max();
+            let ok = s.iter().filter(|s| s.verified).count();
+            (v, total, downtime, rate(s), cpu, rss, ok)
+        })
+        .collect();
+    if args.json {
+        let variants: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|&(v, total, downtime, r, cpu, rss, ok)| {
+                serde_json::json!({
+                    "variant": v.label(),
+                    "total_s": total,
+                    "downtime_ms": downtime,
+                    "gb_per_s": r,
+                    "ratio_to_direct_unix": direct.map(|d| r / d),
+                    "relay_core_s_per_gb": v.is_relay().then_some(cpu),
+                    "relay_peak_rss_bytes": if v.is_relay() { rss } else { None },
+                    "verified_runs": ok,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({"benchmark": "migrate", "guest_ram_mib": mib, "reps": args.reps, "variants": variants});
+        println!("{out}");
+        return;
+    }
+    let mut t = Table::new(&[
+        "variant",
+        "total s",
+        "downtime ms",
+        "GB/s",
+        "x direct unix",
+        "relay core-s/GB",
+        "relay peak RSS",
+        "verified",
+    ]);
+    for (v, total, downtime, r, cpu, rss, ok) in rows {
+        t.row(vec![
+            v.label().to_owned(),
+            num(total, 2),
+            num(downtime, 0),
+            num(r, 2),
+            direct.map_or("-".into(), |d| num(r / d, 2)),
+            if v.is_relay() {
+                num(cpu, 2)
+            } else {
+                "-".into()
+            },
+            match rss {
+                Some(rss) if v.is_relay() => format!("{:.1} MiB", rss as f64 / (1 << 20) as f64),
+                _ => "-".into(),
+            },
+            if ok == args.reps as usize {
+                format!("yes ({ok}/{})", args.reps)
+            } else {
+                format!("NO ({ok} of {})", args.reps)
+            },
+        ]);
+    }
+    println!(
+        "\n{mib} MiB of random guest RAM, QEMU {}, median of {} runs; GB/s = guest RAM / total \
+         time (GB = 10^9 bytes); relay CPU and RSS are the relay processes' (wait4), summed and \
+         maximum\n",
+        qemu_version(&args.qemu),
+        args.reps
+    );
+    print!("{}", t.render());
+}
+
+fn qemu_version(qemu: &Path) -> String {
+    std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.split_whitespace().nth(3).map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Paths shared by one run.
+struct Env<'a> {
+    dir: &'a Path,
+    qmigrate: &'a Path,
+    qemu: &'a Path,
+    socat: &'a Path,
+    ram: &'a Path,
+    fw: &'a Path,
+    mib: u64,
+}
+
+impl Env<'_> {
+    /// Starts a VM; the source's RAM is the random file, the destination's plain RAM.
+    fn vm(&self, name: &str, source: bool) -> anyhow::Result<(Proc, PathBuf)> {
+        let qmp = self.dir.join(format!("{name}.qmp"));
+        let mut a: Vec<String> = [
+            "-nodefaults",
+            "-display",
+            "none",
+            "-accel",
+            "kvm",
+            "-accel",
+            "tcg",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(["-bios".into(), self.fw.display().to_string()]);
+        a.extend(["-m".into(), format!("{}M", self.mib)]);
+        if source {
+            a.push("-object".into());
+            a.push(format!(
+                "memory-backend-file,id=m0,size={}M,mem-path={},share=off",
+                self.mib,
+                self.ram.display()
+            ));
+            a.extend(["-machine".into(), "q35,memory-backend=m0".into()]);
+        } else {
+            // The RAM block must have the same name ("m0") on both sides.
+            a.push("-object".into());
+            a.push(format!("memory-backend-ram,id=m0,size={}M", self.mib));
+            a.extend(["-machine".into(), "q35,memory-backend=m0".into()]);
+            a.extend(["-incoming".into(), "defer".into()]);
+        }
+        a.push("-qmp".into());
+        a.push(format!("unix:{},server=on,wait=off", qmp.display()));
+        let p = Proc::spawn(name, self.dir, self.qemu, &a)?;
+        procs::wait_path(&qmp, Duration::from_secs(10))
+            .with_context(|| format!("QEMU {name} did not start: {}", p.log_text()))?;
+        Ok((p, qmp))
+    }
+
+    fn qmigrate(&self, name: &str, args: &[String]) -> anyhow::Result<Proc> {
+        Proc::spawn(name, self.dir, self.qmigrate, args)
+    }
+}
+
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn run_once(
+    variant: Variant,
+    env: &Env<'_>,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<Sample> {
+    let (_src_vm, src_qmp) = env.vm("source", true)?;
+    let (dst_vm, dst_qmp) = env.vm("destination", false)?;
+    let dest_sock = env.dir.join("dest.sock");
+    let src_sock = env.dir.join("source.sock");
+    let limit = Duration::from_secs(10);
+
+    // Where receive listens and where send sends.
+    let (recv_to, send_to) = match variant {
+        Variant::DirectUnix | Variant::DirectUnixMultifd4 => {
+            let uri = format!("unix:{}", dest_sock.display());
+            (vec!["--uri".into(), uri.clone()], vec!["--uri".into(), uri])
+        }
+        Variant::DirectTcp => {
+            let uri = format!("tcp:127.0.0.1:{}", procs::free_port()?);
+            (vec!["--uri".into(), uri.clone()], vec!["--uri".into(), uri])
+        }
+        _ => (
+            vec!["--socket".into(), dest_sock.display().to_string()],
+            vec!["--socket".into(), src_sock.display().to_string()],
+        ),
+    };
+    let multifd: Vec<String> = variant
+        .multifd()
+        .map(|n| vec!["--multifd".into(), n.to_string()])
+        .unwrap_or_default();
+
+    let mut relays: Vec<Proc> = Vec::new();
+    match variant {
+        Variant::DirectUnix | Variant::DirectTcp | Variant::DirectUnixMultifd4 => {}
+        Variant::Socat | Variant::Socat1m => {
+            let buf = if variant == Variant::Socat1m {
+                strings(&["-b", "1048576"])
+            } else {
+                vec![]
+            };
+            let port = procs::free_port()?;
+            let mut a = buf.clone();
+            a.push(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"));
+            a.push(format!("UNIX-CONNECT:{}", dest_sock.display()));
+            relays.push(Proc::spawn("socat-dest", env.dir, env.socat, &a)?);
+            procs::wait_listening_tcp(port, limit)?;
+            let mut a = buf;
+            a.push(format!("UNIX-LISTEN:{}", src_sock.display()));
+            a.push(format!("TCP:127.0.0.1:{port}"));
+            relays.push(Proc::spawn("socat-source", env.dir, env.socat, &a)?);
+            procs::wait_path(&src_sock, limit)?;
+        }
+        Variant::Tcp | Variant::Ws | Variant::TcpMultifd4 | Variant::WsMultifd4 => {
+            let ws = matches!(variant, Variant::Ws | Variant::WsMultifd4);
+            let mut a = strings(&["tunnel-server", "--listen", "127.0.0.1:0", "--once"]);
+            if ws {
+                a.push("--ws".into());
+            }
+            a.extend(["--socket".into(), dest_sock.display().to_string()]);
+            let mut server = env.qmigrate("tunnel-server", &a)?;
+            let line = server.ready_line()?;
+            let url = line
+                .strip_prefix("listening on ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .with_context(|| format!("unexpected ready line from tunnel-server: {line:?}"))?
+                .to_owned();
+            relays.push(server);
+            let mut a = strings(&["tunnel-client", "--once", "--connect", &url]);
+            if ws {
+                a.push("--ws".into());
+            }
+            a.extend(["--socket".into(), src_sock.display().to_string()]);
+            let mut client = env.qmigrate("tunnel-client", &a)?;
+            client.ready_line()?;
+            relays.push(client);
+        }
+    }
+
+    let mut a = strings(&["receive", "--qmp", &dst_qmp.display().to_string()]);
+    a.extend(recv_to);
+    a.extend(multifd.clone());
+    let mut receive = env.qmigrate("receive", &a)?;
+    let u = receive.wait(Duration::from_secs(30))?;
+    if !u.success {
+        bail!("qmigrate receive failed:\n{}", receive.log_text());
+    }
+
+    let mut a = strings(&[
+        "send",
+        "--json",
+        "--timeout",
+        "10m",
+        "--qmp",
+        &src_qmp.display().to_string(),
+    ]);
+    a.extend(send_to);
+    a.extend(multifd);
+    let mut send = env.qmigrate("send", &a)?;
+    let mut summary = None;
+    while let Ok(line) = send.ready_line() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["type"] == "summary" {
+                summary = Some(v);
+            }
+        }
+    }
+    let sent = send.wait(Duration::from_secs(30))?;
+    let summary = summary
+        .with_context(|| format!("qmigrate send printed no summary:\n{}", send.log_text()))?;
+    if !sent.success || summary["outcome"] != "completed" {
+        bail!(
+            "the migration did not complete: {}\n--- destination QEMU's log:\n{}",
+            summary["error"],
+            dst_vm.log_text()
+        );
+    }
+    let ms = |key: &str| summary[key].as_u64().map(Duration::from_millis);
+    let total = ms("total_time_ms").context("the summary has no total time")?;
+
+    let mut relay = Usage {
+        success: true,
+        ..Usage::default()
+    };
+    for p in &mut relays {
+        let u = p.wait(Duration::from_secs(15))?;
+        relay.cpu += u.cpu;
+        relay.max_rss = relay.max_rss.max(u.max_rss);
+        if !u.success {
+            eprintln!(
+                "    relay exited unsuccessfully; its log:\n{}",
+                p.log_text()
+            );
+        }
+        relay.success &= u.success;
+    }
+
+    let identical = rt.block_on(same_ram(&src_qmp, &dst_qmp, env.mib))?;
+    Ok(Sample {
+        total,
+        downtime: ms("downtime_ms"),
+        relay,
+        verified: identical && relay.success,
+    })
+}
+
+/// The guest-physical ranges of a q35 guest's RAM: below 4 GiB up to 2 GiB (or all of it when
+/// it fits below the PCI hole at 2.75 GiB), the rest from 4 GiB.
+fn ram_ranges(mib: u64) -> Vec<(u64, u64)> {
+    let bytes = mib << 20;
+    if bytes < 0xB000_0000 {
+        vec![(0, bytes)]
+    } else {
+        vec![(0, 0x8000_0000), (1 << 32, bytes - 0x8000_0000)]
+    }
+}
+
+/// Dumps both guests' RAM (in tmpfs when there is one) and compares them byte for byte.
+async fn same_ram(src: &Path, dst: &Path, mib: u64) -> anyhow::Result<bool> {
+    let shm = Path::new("/dev/shm");
+    let dumps = tempfile::Builder::new()
+        .prefix("qmigrate-bench-ram-")
+        .tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") })?;
+    let opts = ConnectOptions::default();
+    let src = Qmp::connect_unix(src, &opts)
+        .await
+        .context("QMP of the source")?;
+    let dst = Qmp::connect_unix(dst, &opts)
+        .await
+        .context("QMP of the destination")?;
+    for (n, (start, len)) in ram_ranges(mib).into_iter().enumerate() {
+        let a = dumps.path().join(format!("source-{n}.bin"));
+        let b = dumps.path().join(format!("destination-{n}.bin"));
+        for (qmp, file) in [(&src, &a), (&dst, &b)] {
+            qmp.execute_with_timeout(
+                &Pmemsave {
+                    val: start,
+                    size: len,
+                    filename: file.display().to_string(),
+                },
+                Duration::from_secs(120),
+            )
+            .await
+            .context("pmemsave")?;
+        }
+        let same = files_equal(&a, &b)?;
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
+        if !same {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn files_equal(a: &Path, b: &Path) -> anyhow::Result<bool> {
+    let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = read_full(&mut fa, &mut ba)?;
+        let m = read_full(&mut fb, &mut bb)?;
+        if n != m || ba[..n] != bb[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match f.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// `mib` MiB of pseudo-random bytes (splitmix64): incompressible guest RAM.
+fn write_random(path: &Path, mib: u64) -> anyhow::Result<()> {
+    let mut state: u64 = 0x0005_EED0_F0DD_u64 ^ u64::from(std::process::id());
+    let mut f = BufWriter::new(File::create(path)?);
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for chunk in buf.chunks_exact_mut(8) {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        }
+        f.write_all(&buf)?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q35_ram_layout() {
+        assert_eq!(ram_ranges(1024), vec![(0, 1 << 30)]);
+        assert_eq!(
+            ram_ranges(4096),
+            vec![(0, 0x8000_0000), (1 << 32, 0x8000_0000)]
+        );
+    }
+}
