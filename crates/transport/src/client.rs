@@ -32,6 +32,9 @@ pub struct ClientConfig {
     pub reply_timeout: Duration,
     /// Return after the first migration session's connections have all closed.
     pub once: bool,
+    /// Put every connection into this migration session (the one a control connection
+    /// prepared, see [`open_control`]) instead of starting a new one per migration.
+    pub session: Option<String>,
 }
 
 impl ClientConfig {
@@ -42,6 +45,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(120),
             once: false,
+            session: None,
         }
     }
 }
@@ -143,7 +147,11 @@ impl Client {
                         next_id += 1;
                         let (session, seq) = match sessions.lock() {
                             Ok(mut s) => {
-                                if s.active == 0 {
+                                if let Some(fixed) = &config.session {
+                                    if s.started == 0 {
+                                        s.id = fixed.clone();
+                                    }
+                                } else if s.active == 0 {
                                     s.id = new_session_id();
                                     s.next_seq = 0;
                                 }
@@ -201,7 +209,9 @@ async fn handle(
     if let Ok(mut t) = tally.lock() {
         t.started();
     }
-    let stream = match open(transport, config, session, seq).await {
+    let mut hello = Hello::data(session, seq);
+    hello.route = config.server.route();
+    let stream = match open(transport, config, &hello).await {
         Ok(stream) => stream,
         Err(e) => {
             error!("{e}");
@@ -231,12 +241,24 @@ async fn handle(
     }
 }
 
-/// Connects to the server and runs the handshake for one data connection.
+/// Opens the control connection of a new migration session to `config.server` (its path
+/// names the route) and returns it with the session id; then send [`Control`] messages on it
+/// and serve a [`Client`] with that session in `config.session`.
+///
+/// [`Control`]: crate::protocol::Control
+pub async fn open_control(config: &ClientConfig) -> Result<(TunnelStream, String)> {
+    let session = new_session_id();
+    let transport = AnyTransport::for_scheme(config.server.scheme);
+    let hello = Hello::control(&session, config.server.route());
+    let stream = open(&transport, config, &hello).await?;
+    Ok((stream, session))
+}
+
+/// Connects to the server and runs the handshake for one connection.
 async fn open(
     transport: &AnyTransport,
     config: &ClientConfig,
-    session: &str,
-    seq: u64,
+    hello: &Hello,
 ) -> Result<TunnelStream> {
     let mut stream =
         tokio::time::timeout(config.connect_timeout, transport.connect(&config.server))
@@ -245,7 +267,7 @@ async fn open(
                 what: "connecting to the tunnel server",
                 after: config.connect_timeout,
             })??;
-    stream.send_msg(&Hello::data(session, seq)).await?;
+    stream.send_msg(hello).await?;
     let reply: Reply = tokio::time::timeout(config.reply_timeout, stream.recv_msg())
         .await
         .map_err(|_| Error::Timeout {

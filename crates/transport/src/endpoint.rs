@@ -33,7 +33,8 @@ pub struct Endpoint {
     pub host: String,
     /// TCP port (0 when listening: any free port).
     pub port: u16,
-    /// WebSocket request path, always starting with `/` (`/` for TCP).
+    /// The path, always starting with `/`: the WebSocket request path, and for both schemes
+    /// the route ([`Endpoint::route`]).
     pub path: String,
 }
 
@@ -64,9 +65,6 @@ impl Endpoint {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        if scheme == Scheme::Tcp && path != "/" {
-            return Err(bad("a tcp:// address has no path"));
-        }
         let (host, port) = split_host_port(authority).ok_or_else(|| bad("expected HOST:PORT"))?;
         let port = match port {
             Some(p) => p
@@ -104,10 +102,20 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// The route named by the path (`ws://dest:8765/vm1` and `tcp://dest:9999/vm1` name
+    /// `vm1`); `None` for `/`, the server's only destination.
+    pub fn route(&self) -> Option<String> {
+        let name = self.path.trim_matches('/');
+        (!name.is_empty()).then(|| name.to_owned())
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.scheme {
-            Scheme::Tcp => write!(f, "tcp://{}", self.authority()),
+            Scheme::Tcp if self.path == "/" => write!(f, "tcp://{}", self.authority()),
+            Scheme::Tcp => write!(f, "tcp://{}{}", self.authority(), self.path),
             Scheme::Ws => write!(f, "ws://{}{}", self.authority(), self.path),
         }
     }
@@ -164,7 +172,6 @@ mod tests {
             ("http://x:1", "unknown scheme"),
             ("x:port", "not a number"),
             ("x:70000", "not a number"),
-            ("tcp://x:1/path", "no path"),
             (":9999", "empty"),
             ("wss://x:1/", "TLS"),
         ] {
@@ -173,5 +180,20 @@ mod tests {
                 .to_string();
             assert!(err.contains(why), "{addr}: {err}");
         }
+    }
+
+    #[test]
+    fn the_path_names_the_route() {
+        let e = Endpoint::parse("tcp://dest:1/vm1", Scheme::Tcp).expect("tcp route");
+        assert_eq!(e.route().as_deref(), Some("vm1"));
+        assert_eq!(e.to_string(), "tcp://dest:1/vm1");
+        let e = Endpoint::parse("ws://dest:1/vm2/", Scheme::Tcp).expect("ws route");
+        assert_eq!(e.route().as_deref(), Some("vm2"));
+        assert_eq!(
+            Endpoint::parse("dest:1", Scheme::Ws)
+                .expect("plain")
+                .route(),
+            None
+        );
     }
 }

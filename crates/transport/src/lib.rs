@@ -33,11 +33,11 @@ mod server;
 mod stream;
 mod transport;
 
-pub use client::{Client, ClientConfig};
+pub use client::{open_control, Client, ClientConfig};
 pub use endpoint::{Endpoint, Scheme};
 pub use error::{Error, Result};
 pub use relay::{relay, RelayStats};
 pub use report::Report;
-pub use server::{Server, ServerConfig};
+pub use server::{Controller, Server, ServerConfig, SessionMap};
 pub use stream::{TunnelReader, TunnelStream, TunnelWriter, WS_MESSAGE};
 pub use transport::{AnyTransport, Tcp, Transport, WebSocket};

@@ -30,6 +30,9 @@ pub const MAX_FRAME: usize = 1024 * 1024;
 pub enum Purpose {
     /// A migration connection: the server connects it to the destination socket.
     Data,
+    /// The control connection of a migration session (`qmigrate migrate`): [`Control`]
+    /// messages prepare the destination QEMU before any data connection is opened.
+    Control,
     /// Anything a newer peer may send that this build does not know.
     #[serde(other)]
     Other,
@@ -68,6 +71,76 @@ impl Hello {
             route: None,
         }
     }
+}
+
+impl Hello {
+    /// A hello for the control connection of `session`, to `route` (`None`: the server's only
+    /// destination).
+    pub fn control(session: &str, route: Option<String>) -> Self {
+        Hello {
+            purpose: Purpose::Control,
+            route,
+            ..Hello::data(session, 0)
+        }
+    }
+}
+
+/// The messages of a control connection, after its [`Reply::Accept`], in this order:
+/// client `Prepare`, server `Ready` (or `Failed`, then close); the client then opens the
+/// session's data connections and runs the migration; client `Finished`, server `Done`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Control {
+    /// Client: prepare the destination QEMU for these settings (`migrate-incoming`).
+    Prepare {
+        /// What must match on both sides.
+        settings: MigrationSettings,
+    },
+    /// Server: the destination QEMU listens; the data connections of this session go there.
+    Ready {
+        /// The destination QEMU's version, for the operator.
+        qemu: String,
+    },
+    /// Server: the destination could not be prepared (or followed); `message` is the
+    /// destination's own explanation.
+    Failed {
+        /// What went wrong, for the operator.
+        message: String,
+    },
+    /// Client: the source side has ended; `outcome` is `completed`, `failed` or `cancelled`.
+    Finished {
+        /// The source's outcome.
+        outcome: String,
+    },
+    /// Server: how the migration ended on the destination.
+    Done {
+        /// The destination's final migration status (`completed`, `failed`, ...).
+        status: String,
+        /// The destination VM's run state afterwards (`running`, `paused`, ...).
+        vm: String,
+        /// QEMU's reason when it failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        /// Whether the server sent `cont`.
+        started: bool,
+    },
+}
+
+/// The migration settings both QEMUs must agree on, sent by the source in [`Control::Prepare`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationSettings {
+    /// multifd channels, `None` for a single stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multifd: Option<u32>,
+    /// multifd compression (`zstd`, `zlib`, `none`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
+    /// `postcopy-ram`.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Leave the destination VM paused after a completed migration (no `cont`).
+    #[serde(default)]
+    pub no_start: bool,
 }
 
 /// Server -> client, the answer to a [`Hello`].
@@ -255,8 +328,10 @@ mod tests {
                 ..
             }
         ));
-        let p: Purpose = serde_json::from_str(r#""control""#).expect("purpose");
+        let p: Purpose = serde_json::from_str(r#""snapshot""#).expect("purpose");
         assert_eq!(p, Purpose::Other);
+        let p: Purpose = serde_json::from_str(r#""control""#).expect("purpose");
+        assert_eq!(p, Purpose::Control);
     }
 
     #[test]

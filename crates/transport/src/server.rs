@@ -2,7 +2,9 @@
 //! migration socket, in the order the source opened them.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,6 +55,50 @@ pub struct Server {
     local: Endpoint,
     transport: AnyTransport,
     config: ServerConfig,
+    controller: Option<Arc<dyn Controller>>,
+}
+
+/// The destination side of control connections (`tunnel-server --qmp`): prepares the
+/// destination QEMU for a migration session when the source asks, and follows it to its end.
+///
+/// Without a controller the server only relays, to [`ServerConfig::dest_socket`]; with one,
+/// each data connection goes to the socket its session was prepared with, and data
+/// connections of sessions nobody prepared are refused.
+pub trait Controller: Send + Sync + std::fmt::Debug + 'static {
+    /// Serves one accepted control connection (version agreed, [`Reply::Accept`] sent) to its
+    /// end: [`protocol::Control`] messages. `hello.route` names the destination. The
+    /// controller registers the session's destination socket in `sessions` before it answers
+    /// `Ready`, and removes it at the end.
+    fn serve(
+        &self,
+        hello: Hello,
+        stream: TunnelStream,
+        sessions: SessionMap,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+}
+
+/// The destination socket of each migration session a [`Controller`] prepared.
+#[derive(Debug, Clone, Default)]
+pub struct SessionMap(Arc<Mutex<HashMap<String, PathBuf>>>);
+
+impl SessionMap {
+    /// Sends the data connections of `session` to `dest`.
+    pub fn insert(&self, session: &str, dest: PathBuf) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(session.to_owned(), dest);
+        }
+    }
+
+    /// Forgets `session`: its later data connections are refused.
+    pub fn remove(&self, session: &str) {
+        if let Ok(mut map) = self.0.lock() {
+            map.remove(session);
+        }
+    }
+
+    fn get(&self, session: &str) -> Option<PathBuf> {
+        self.0.lock().ok().and_then(|map| map.get(session).cloned())
+    }
 }
 
 /// How many connections are under way, and whether any has started: `--once` ends when a
@@ -67,6 +113,8 @@ struct Activity {
 struct Shared {
     transport: AnyTransport,
     config: ServerConfig,
+    controller: Option<Arc<dyn Controller>>,
+    prepared: SessionMap,
     sessions: Mutex<HashMap<String, Session>>,
     activity: watch::Sender<Activity>,
     tally: Mutex<Tally>,
@@ -98,7 +146,14 @@ impl Server {
             local,
             transport: AnyTransport::for_scheme(listen.scheme),
             config,
+            controller: None,
         })
+    }
+
+    /// Serves control connections with `controller` (see [`Controller`]).
+    pub fn with_controller(mut self, controller: Arc<dyn Controller>) -> Self {
+        self.controller = Some(controller);
+        self
     }
 
     /// The address actually bound (port 0 resolved), as a URL clients can use.
@@ -113,6 +168,8 @@ impl Server {
         let shared = Arc::new(Shared {
             transport: self.transport,
             config: self.config,
+            controller: self.controller,
+            prepared: SessionMap::default(),
             sessions: Mutex::new(HashMap::new()),
             activity,
             tally: Mutex::new(Tally::default()),
@@ -201,12 +258,43 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
         reject(&mut stream, RejectReason::Version, message).await;
         return;
     };
-    if hello.purpose != Purpose::Data {
-        let message = "this server only accepts data connections".to_owned();
-        reject(&mut stream, RejectReason::BadRequest, message).await;
-        return;
+    match (hello.purpose, &shared.controller) {
+        (Purpose::Data, _) => {}
+        (Purpose::Control, Some(controller)) => {
+            shared.activity.send_modify(|a| {
+                a.started += 1;
+                a.active += 1;
+            });
+            let _active = ActiveGuard(&shared.activity);
+            let accept = Reply::Accept {
+                version,
+                software: protocol::software(),
+            };
+            if let Err(e) = stream.send_msg(&accept).await {
+                warn!("the client went away during the handshake: {e}");
+                return;
+            }
+            info!(route = ?hello.route, client = %hello.software, "control connection");
+            controller
+                .serve(hello, stream, shared.prepared.clone())
+                .await;
+            return;
+        }
+        (Purpose::Control, None) => {
+            let message = "this tunnel-server has no --qmp, so it cannot prepare the destination \
+                           QEMU: start it with --qmp PATH (or --route NAME=PATH), or run \
+                           `qmigrate receive` on the destination and `qmigrate send` here"
+                .to_owned();
+            reject(&mut stream, RejectReason::BadRequest, message).await;
+            return;
+        }
+        (Purpose::Other, _) => {
+            let message = "unknown connection purpose (a newer client?)".to_owned();
+            reject(&mut stream, RejectReason::BadRequest, message).await;
+            return;
+        }
     }
-    if let Some(route) = &hello.route {
+    if let (Some(route), None) = (&hello.route, &shared.controller) {
         let message = format!("this server has no routes, but the client asked for {route:?}");
         reject(&mut stream, RejectReason::BadRequest, message).await;
         return;
@@ -311,7 +399,17 @@ async fn connect_in_order(shared: &Shared, hello: &Hello) -> Result<UnixStream> 
             config.connect_timeout.as_secs()
         );
     }
-    let result = connect_dest(&config.dest_socket, deadline, config.connect_timeout).await;
+    let result = match &shared.controller {
+        None => connect_dest(&config.dest_socket, deadline, config.connect_timeout).await,
+        Some(_) => match shared.prepared.get(&hello.session) {
+            Some(path) => connect_dest(&path, deadline, config.connect_timeout).await,
+            None => Err(Error::Protocol(format!(
+                "no migration session {} was prepared on this server: with --qmp, migrations \
+                 start with `qmigrate migrate`",
+                hello.session
+            ))),
+        },
+    };
     turn.send_modify(|next| *next = (*next).max(hello.seq + 1));
     result
 }

@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::time::Duration;
-
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -90,7 +89,7 @@ fn assert_report(
 
 /// One connection through `t`: `up` bytes source -> destination while `down` bytes flow back,
 /// each direction then half-closed; both must arrive byte for byte.
-async fn exchange(t: &Tunnel, dest: &tokio::net::UnixListener, up: u64, down: u64) {
+async fn exchange(t: &Tunnel, dest: &UnixListener, up: u64, down: u64) {
     let what = format!("{:?}, {up} bytes up, {down} down", t.scheme);
     let source = t.source_connect().await;
     let (at_source, at_dest) = within(STEP, &format!("{what}: the transfer"), async {
