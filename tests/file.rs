@@ -710,3 +710,21 @@ fn write_random(path: &Path, mib: u64) {
     }
     out.flush().expect("flush");
 }
+
+/// The saved guest was paused for the save, so the restored one is paused too; `--start`
+/// resumes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_with_start_runs_the_guest() {
+    let Some(bin) = qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = format!("file:{}", dir.path().join("state.bin").display());
+    let src = source(&bin, MEM_MIB);
+    save(&src, &uri, &["--quit"]).await.expect_success();
+    let dst = destination(&bin, MEM_MIB);
+    let out = restore(&dst, &uri, &["--start"]).await;
+    out.expect_success();
+    let summary = json_line(&out, "summary");
+    assert_eq!(summary["started"], true, "{summary}");
+    let qmp = support::qmp(&dst.qmp_path).await;
+    assert_eq!(support::vm_state(&qmp).await, (RunState::Running, true));
+}
