@@ -325,3 +325,23 @@ pub fn sha256_file(path: &Path) -> String {
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A migration destination for a source started with `random_ram`: `-incoming defer`, paused
+/// (`-S`) so that its RAM can be compared after the migration, and its RAM anonymous under the
+/// source's backend id `m0` (migration matches RAM blocks by id; QEMU refuses postcopy on a
+/// destination whose RAM is a file outside tmpfs).
+pub fn destination_config(mem_mib: u64) -> VmConfig {
+    VmConfig {
+        mem_mib,
+        random_ram: false,
+        incoming_defer: true,
+        extra_args: vec![
+            "-S".to_owned(),
+            "-object".to_owned(),
+            format!("memory-backend-ram,id=m0,size={mem_mib}M"),
+            "-machine".to_owned(),
+            "memory-backend=m0".to_owned(),
+        ],
+        ..VmConfig::default()
+    }
+}

@@ -4,6 +4,7 @@
 //! chain once and turn it into a documented exit code.
 
 mod cmd;
+mod control;
 mod exit;
 mod logging;
 mod migration;
@@ -17,7 +18,9 @@ use clap::{Parser, Subcommand};
 
 /// Live-migrate QEMU virtual machines between hosts.
 ///
-/// On the destination: `tunnel-server` and `receive`. On the source: `tunnel-client` and `send`.
+/// In one command per host: `tunnel-server --qmp` on the destination, `migrate` on the source.
+/// Or step by step: `tunnel-server` and `receive` on the destination, `tunnel-client` and
+/// `send` on the source.
 #[derive(Debug, Parser)]
 #[command(name = "qmigrate", version, about, long_about = None, after_help = exit::EXIT_CODES_HELP)]
 struct Cli {
@@ -40,6 +43,9 @@ enum Command {
     Receive(cmd::receive::Args),
     /// Source: start the migration and follow it to the end.
     Send(cmd::send::Args),
+    /// Source, in one command: tunnel to a `tunnel-server --qmp`, which prepares the
+    /// destination, then migrate and follow it to the end on both sides.
+    Migrate(cmd::migrate::Args),
 }
 
 fn main() -> ExitCode {
@@ -70,5 +76,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TunnelClient(args) => cmd::tunnel_client::run(args).await,
         Command::Receive(args) => cmd::receive::run(args).await,
         Command::Send(args) => cmd::send::run(args).await,
+        Command::Migrate(args) => cmd::migrate::run(args).await,
     }
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand: its `Args` and its `run`.
 
+pub mod migrate;
 pub mod receive;
 pub mod send;
 pub mod tunnel_client;

@@ -1,13 +1,16 @@
 //! `qmigrate tunnel-server`: the destination end of the tunnel.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use qmigrate_transport::{Endpoint, Scheme, Server, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
+use crate::control::QmpController;
 use crate::exit::Exit;
 use crate::signals::Interrupts;
 use crate::units::parse_duration;
@@ -37,6 +40,17 @@ pub struct Args {
     )]
     pub socket: PathBuf,
 
+    /// Also play `receive` for `qmigrate migrate`: the destination QEMU's QMP socket (route
+    /// `/`). The source then sends the settings, this server prepares QEMU on a private socket
+    /// for each migration (--socket is not used) and starts the VM afterwards.
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<String>,
+
+    /// Several destination VMs through one server: NAME=QMP_PATH, repeatable. The source names
+    /// the route in its URL path (ws://HOST:PORT/NAME); unknown names are refused.
+    #[arg(long = "route", value_name = "NAME=PATH", value_parser = parse_route)]
+    pub routes: Vec<(String, String)>,
+
     /// Exit after the first migration's connections have all closed (0 if all went well).
     #[arg(long)]
     pub once: bool,
@@ -63,10 +77,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         once: args.once,
         ..ServerConfig::new(&args.socket)
     };
-    let server = Server::bind(&listen, config).await?;
+    let mut server = Server::bind(&listen, config).await?;
+    let mut routes: BTreeMap<Option<String>, String> = args
+        .routes
+        .iter()
+        .map(|(name, qmp)| (Some(name.clone()), qmp.clone()))
+        .collect();
+    if let Some(qmp) = &args.qmp {
+        routes.insert(None, qmp.clone());
+    }
+    let controller = if routes.is_empty() {
+        None
+    } else {
+        let controller = QmpController::new(routes)?;
+        server = server.with_controller(Arc::new(controller.clone()));
+        Some(controller)
+    };
     let mut interrupts = Interrupts::install().context("cannot install signal handlers")?;
     ready(&format!("listening on {}", server.local_endpoint()))?;
-    tracing::info!("forwarding tunnel connections to {}", args.socket.display());
+    match &controller {
+        Some(c) => tracing::info!(
+            "preparing destinations for `qmigrate migrate`: {}",
+            c.describe()
+        ),
+        None => tracing::info!("forwarding tunnel connections to {}", args.socket.display()),
+    }
 
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -77,6 +112,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
     let report = server.serve(shutdown).await;
     finish(args.once, "tunnel-server", &report)
+}
+
+/// `NAME=PATH` of `--route`.
+fn parse_route(value: &str) -> Result<(String, String), String> {
+    let (name, path) = value
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=QMP_PATH, got {value:?}"))?;
+    let name = name.trim_matches('/');
+    if name.is_empty() || name.contains('/') || path.is_empty() {
+        return Err(format!(
+            "expected NAME=QMP_PATH with a NAME without slashes, got {value:?}"
+        ));
+    }
+    Ok((name.to_owned(), path.to_owned()))
 }
 
 /// Prints the ready line: exactly one line on stdout, flushed, since scripts wait for it.

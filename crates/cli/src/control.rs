@@ -1,0 +1,310 @@
+//! The destination side of `qmigrate migrate`: a `tunnel-server` given `--qmp` or `--route`
+//! plays `receive` itself when a migration session opens.
+//!
+//! The source names the route in the URL path and sends, on the session's control connection,
+//! the settings both QEMUs must agree on. The server sets them on the destination QEMU, makes
+//! it listen on a private socket for this session only, and answers ready; the session's data
+//! connections then go there. At the end it follows the destination to its own verdict, starts
+//! the VM (`cont`) unless asked not to, and reports back, so the source prints the truth of both
+//! sides.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::ValueEnum as _;
+use qmigrate_qmp::QueryVersion;
+use qmigrate_transport::protocol::{Control, Hello, MigrationSettings};
+use qmigrate_transport::{Controller, SessionMap, TunnelStream};
+use tracing::{info, warn};
+
+use crate::migration::{self, Compression, Endpoint, MigrationPlan};
+
+/// How long the source may take to send its settings after the control connection opened.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the destination may take to reach its verdict once the source has ended without
+/// completing (a destination QEMU waits for data that never comes otherwise).
+const AFTER_SOURCE_FAILED: Duration = Duration::from_secs(15);
+
+/// Prepares destination QEMUs for control connections, one migration per route at a time.
+#[derive(Debug, Clone)]
+pub struct QmpController(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    /// Route name (`None`: the URL path `/`) to QMP socket.
+    routes: BTreeMap<Option<String>, String>,
+    /// Private directory (0700) for the per-session migration sockets.
+    dir: tempfile::TempDir,
+    /// Routes with a migration under way.
+    busy: Mutex<HashSet<Option<String>>>,
+}
+
+impl QmpController {
+    /// `routes` maps route names (`None` for the path `/`) to QMP sockets.
+    pub fn new(routes: BTreeMap<Option<String>, String>) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("qmigrate-server-")
+            .tempdir()
+            .context("cannot create a private directory for the migration sockets")?;
+        Ok(QmpController(Arc::new(Inner {
+            routes,
+            dir,
+            busy: Mutex::new(HashSet::new()),
+        })))
+    }
+
+    /// The routes as the operator wrote them, for the log.
+    pub fn describe(&self) -> String {
+        self.0
+            .routes
+            .iter()
+            .map(|(route, qmp)| match route {
+                Some(name) => format!("/{name} -> {qmp}"),
+                None => format!("/ -> {qmp}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl Controller for QmpController {
+    fn serve(
+        &self,
+        hello: Hello,
+        stream: TunnelStream,
+        sessions: SessionMap,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        let inner = self.0.clone();
+        Box::pin(async move { serve(inner, hello, stream, sessions).await })
+    }
+}
+
+/// Frees the route when the session ends, however it ends.
+struct Busy<'a>(&'a Inner, Option<String>);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.0.busy.lock() {
+            busy.remove(&self.1);
+        }
+    }
+}
+
+async fn serve(inner: Arc<Inner>, hello: Hello, mut stream: TunnelStream, sessions: SessionMap) {
+    let settings = match tokio::time::timeout(PREPARE_TIMEOUT, stream.recv_msg::<Control>()).await {
+        Ok(Ok(Control::Prepare { settings })) => settings,
+        Ok(Ok(other)) => {
+            warn!("control connection: expected prepare, got {other:?}");
+            return;
+        }
+        Ok(Err(e)) => {
+            warn!("control connection: {e}");
+            return;
+        }
+        Err(_) => {
+            warn!("control connection: no settings within {PREPARE_TIMEOUT:?}");
+            return;
+        }
+    };
+    let route = hello.route.clone();
+    let Some(qmp_path) = inner.routes.get(&route).cloned() else {
+        let known: Vec<String> = inner
+            .routes
+            .keys()
+            .map(|r| format!("/{}", r.as_deref().unwrap_or("")))
+            .collect();
+        let message = format!(
+            "unknown route {:?}: this server serves {} (name one in the URL path, e.g. ws://HOST:PORT/NAME)",
+            route.as_deref().unwrap_or("/"),
+            known.join(", ")
+        );
+        fail(&mut stream, message).await;
+        return;
+    };
+    let fresh = inner
+        .busy
+        .lock()
+        .map(|mut busy| busy.insert(route.clone()))
+        .unwrap_or(false);
+    if !fresh {
+        let message = format!(
+            "a migration to {qmp_path} (route {:?}) is already under way",
+            route.as_deref().unwrap_or("/")
+        );
+        fail(&mut stream, message).await;
+        return;
+    }
+    let _busy = Busy(&inner, route.clone());
+
+    // The session id names a file: accept only what our clients send (hex).
+    if hello.session.is_empty()
+        || hello.session.len() > 64
+        || !hello.session.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        fail(&mut stream, "malformed session id".into()).await;
+        return;
+    }
+    let socket = inner.dir.path().join(format!("{}.sock", hello.session));
+    info!(qmp = %qmp_path, socket = %socket.display(), ?settings, "preparing the destination");
+    match run_session(
+        &qmp_path,
+        &settings,
+        &socket,
+        &hello.session,
+        &mut stream,
+        &sessions,
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(err) => {
+            warn!("migration session failed on the destination: {err:#}");
+            fail(&mut stream, format!("{err:#}")).await;
+        }
+    }
+    sessions.remove(&hello.session);
+    let _ = std::fs::remove_file(&socket);
+}
+
+async fn fail(stream: &mut TunnelStream, message: String) {
+    warn!("refused the migration: {message}");
+    let _ = stream.send_msg(&Control::Failed { message }).await;
+}
+
+fn plan_for(settings: &MigrationSettings) -> anyhow::Result<MigrationPlan> {
+    let compression = match &settings.compression {
+        Some(name) => Some(
+            Compression::from_str(name, true)
+                .map_err(|_| anyhow!("unknown multifd compression {name:?}"))?,
+        ),
+        None => None,
+    };
+    let plan = MigrationPlan {
+        multifd: settings.multifd,
+        compression,
+        postcopy: settings.postcopy,
+        ..MigrationPlan::default()
+    };
+    plan.validate()?;
+    Ok(plan)
+}
+
+/// Prepares, answers ready, follows the destination to its verdict and reports it. An error
+/// before `Ready` is sent back as `Failed`.
+async fn run_session(
+    qmp_path: &str,
+    settings: &MigrationSettings,
+    socket: &std::path::Path,
+    session: &str,
+    stream: &mut TunnelStream,
+    sessions: &SessionMap,
+) -> anyhow::Result<()> {
+    let plan = plan_for(settings)?;
+    let qmp = migration::connect_qmp(qmp_path)
+        .await
+        .with_context(|| format!("destination QMP {qmp_path}"))?;
+    let version = qmp
+        .execute(&QueryVersion)
+        .await
+        .map(|v| format!("{}.{}.{}", v.qemu.major, v.qemu.minor, v.qemu.micro))
+        .unwrap_or_default();
+    let endpoint = Endpoint::Socket(socket.to_owned());
+    let incoming = migration::prepare_incoming(&qmp, &plan, &endpoint, true).await?;
+    sessions.insert(session, socket.to_owned());
+    info!(endpoint = %incoming.endpoint, "destination ready");
+    stream
+        .send_msg(&Control::Ready { qemu: version })
+        .await
+        .context("the source went away before the migration started")?;
+
+    // Follow the destination; meanwhile listen for the source's end. When the source ended
+    // without completing, the destination gets a little while to notice, then we report.
+    let outcome = {
+        let mut follow = pin!(migration::follow_incoming(&qmp, !settings.no_start));
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut source_ended = false;
+        loop {
+            let wait = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                outcome = &mut follow => break Some(outcome),
+                msg = stream.recv_msg::<Control>(), if !source_ended => {
+                    source_ended = true;
+                    match msg {
+                        Ok(Control::Finished { outcome }) if outcome == "completed" => {}
+                        Ok(Control::Finished { outcome }) => {
+                            info!("the source reports the migration {outcome}");
+                            deadline = Some(tokio::time::Instant::now() + AFTER_SOURCE_FAILED);
+                        }
+                        Ok(other) => bail!("unexpected control message {other:?}"),
+                        Err(e) => {
+                            warn!("the source's control connection ended: {e}");
+                            deadline = Some(tokio::time::Instant::now() + AFTER_SOURCE_FAILED);
+                        }
+                    }
+                }
+                _ = wait => break None,
+            }
+        }
+    };
+    let done = match outcome {
+        Some(Ok(o)) => Control::Done {
+            status: migration::migration_status_name(&o.status),
+            vm: migration::run_state_name(&o.run_state),
+            error: o.error,
+            started: o.started,
+        },
+        Some(Err(err)) => Control::Done {
+            status: "failed".into(),
+            vm: "unknown".into(),
+            error: Some(format!("{err:#}")),
+            started: false,
+        },
+        None => Control::Done {
+            status: "failed".into(),
+            vm: "unknown".into(),
+            error: Some(format!(
+                "the source ended the migration and the destination QEMU had not finished \
+                 {}s later",
+                AFTER_SOURCE_FAILED.as_secs()
+            )),
+            started: false,
+        },
+    };
+    info!(?done, "migration session over");
+    qmp.close().await;
+    let _ = stream.send_msg(&done).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_become_a_plan() {
+        let plan = plan_for(&MigrationSettings {
+            multifd: Some(4),
+            compression: Some("zstd".into()),
+            postcopy: false,
+            no_start: false,
+        })
+        .expect("valid");
+        assert_eq!(plan.multifd, Some(4));
+        assert_eq!(plan.compression, Some(Compression::Zstd));
+        assert!(plan_for(&MigrationSettings {
+            compression: Some("lz4".into()),
+            ..MigrationSettings::default()
+        })
+        .is_err());
+    }
+}

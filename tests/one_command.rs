@@ -1,0 +1,211 @@
+//! `qmigrate migrate` against a `tunnel-server --qmp/--route`: real QEMU pairs, the real
+//! binary, the destination prepared by the server from the source's settings, RAM compared.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use qmigrate_qmp::{MigrationStatus, RunState};
+use support::proc::{run, Output, Proc};
+use support::qemu::{self, QemuBinary, Vm, VmConfig};
+
+const MEM_MIB: u64 = 128;
+const RUN: Duration = Duration::from_secs(120);
+const READY: Duration = Duration::from_secs(10);
+
+fn qemu10() -> Option<QemuBinary> {
+    qemu::require(qemu::qemu10(), "QEMU 10")
+}
+
+struct Pair {
+    src: Vm,
+    dst: Vm,
+}
+
+fn pair(bin: &QemuBinary) -> Pair {
+    let src = Vm::start(
+        bin,
+        &VmConfig {
+            mem_mib: MEM_MIB,
+            ..VmConfig::default()
+        },
+    )
+    .expect("start the source QEMU");
+    let dst = Vm::start(bin, &qemu::destination_config(MEM_MIB)).expect("start the destination");
+    Pair { src, dst }
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Starts `tunnel-server ARGS --listen 127.0.0.1:0` and returns it with its URL.
+async fn server(dir: &Path, args: &[String]) -> (Proc, String) {
+    let mut all = vec![
+        "tunnel-server".to_owned(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    all.extend(args.iter().cloned());
+    let mut server = Proc::spawn("tunnel-server", dir, &all);
+    let line = server.next_line(READY).await;
+    let url = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
+        .trim()
+        .to_owned();
+    (server, url)
+}
+
+async fn migrate(pair: &Pair, to: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "migrate".to_owned(),
+        "--qmp".into(),
+        path(&pair.src.qmp_path),
+        "--to".into(),
+        to.to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    run(&args, RUN).await
+}
+
+/// Both sides completed, the source in postmigrate, the destination in `want` and its RAM
+/// identical to the source's.
+async fn verify(pair: &Pair, dir: &Path, want: RunState) {
+    let src = support::qmp(&pair.src.qmp_path).await;
+    let dst = support::qmp(&pair.dst.qmp_path).await;
+    assert_eq!(
+        support::migration_status(&src).await.0,
+        MigrationStatus::Completed
+    );
+    assert_eq!(
+        support::migration_status(&dst).await.0,
+        MigrationStatus::Completed
+    );
+    assert_eq!(support::vm_state(&src).await.0, RunState::Postmigrate);
+    assert_eq!(support::vm_state(&dst).await.0, want);
+    let a = support::ram_sha256(&src, MEM_MIB, &dir.join("src.ram")).await;
+    let b = support::ram_sha256(&dst, MEM_MIB, &dir.join("dst.ram")).await;
+    assert_eq!(a, b, "destination RAM differs from the source's");
+}
+
+/// Two VM pairs through one WebSocket server with two routes, at the same time: both
+/// complete, each destination gets its own source's RAM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_routes_two_concurrent_migrations() {
+    let Some(bin) = qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (pair(&bin), pair(&bin));
+    let (mut srv, url) = server(
+        dir.path(),
+        &[
+            "--ws".into(),
+            "--route".into(),
+            format!("alpha={}", path(&a.dst.qmp_path)),
+            "--route".into(),
+            format!("beta={}", path(&b.dst.qmp_path)),
+        ],
+    )
+    .await;
+    let (to_a, to_b) = (format!("{url}alpha"), format!("{url}beta"));
+    let (out_a, out_b) = tokio::join!(
+        migrate(&a, &to_a, &["--no-start"]),
+        migrate(&b, &to_b, &["--no-start", "--multifd", "2"]),
+    );
+    out_a.expect_success();
+    out_b.expect_success();
+    for out in [&out_a, &out_b] {
+        assert!(
+            out.stderr.contains("destination: completed"),
+            "the destination's verdict is reported on the source:\n{}",
+            out.stderr
+        );
+    }
+    verify(&a, dir.path(), RunState::Paused).await;
+    verify(&b, dir.path(), RunState::Paused).await;
+    srv.kill().await;
+}
+
+/// The default route over TCP: the server starts the destination VM afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_route_starts_the_destination() {
+    let Some(bin) = qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pair(&bin);
+    let (mut srv, url) = server(dir.path(), &["--qmp".into(), path(&p.dst.qmp_path)]).await;
+    assert!(url.starts_with("tcp://"), "{url}");
+    let out = migrate(&p, &url, &[]).await;
+    out.expect_success();
+    assert!(out.stderr.contains("VM started"), "{}", out.stderr);
+    verify(&p, dir.path(), RunState::Running).await;
+    srv.kill().await;
+}
+
+/// An unknown route is refused with the routes the server has; nothing is migrated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_route_is_refused() {
+    let Some(bin) = qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pair(&bin);
+    let (mut srv, url) = server(
+        dir.path(),
+        &[
+            "--ws".into(),
+            "--route".into(),
+            format!("alpha={}", path(&p.dst.qmp_path)),
+        ],
+    )
+    .await;
+    let out = migrate(&p, &format!("{url}gamma"), &[]).await;
+    out.expect_code(1);
+    let err = out.error_line();
+    assert!(
+        err.contains("unknown route") && err.contains("gamma") && err.contains("/alpha"),
+        "{err}"
+    );
+    let src = support::qmp(&p.src.qmp_path).await;
+    assert_eq!(support::vm_state(&src).await.0, RunState::Running);
+    assert_eq!(
+        support::migration_status(&src).await.0,
+        MigrationStatus::None
+    );
+    srv.kill().await;
+}
+
+/// A destination QEMU that was not started with `-incoming defer`: the destination's own
+/// explanation reaches the source, which keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_not_waiting_is_reported_on_the_source() {
+    let Some(bin) = qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = Vm::start(
+        &bin,
+        &VmConfig {
+            mem_mib: MEM_MIB,
+            ..VmConfig::default()
+        },
+    )
+    .expect("source");
+    let dst = Vm::start(
+        &bin,
+        &VmConfig {
+            mem_mib: MEM_MIB,
+            random_ram: false,
+            ..VmConfig::default()
+        },
+    )
+    .expect("destination without -incoming defer");
+    let (mut srv, url) = server(dir.path(), &["--qmp".into(), path(&dst.qmp_path)]).await;
+    let p = Pair { src, dst };
+    let out = migrate(&p, &url, &[]).await;
+    out.expect_code(1);
+    let err = out.error_line();
+    assert!(
+        err.contains("destination refused") && err.contains("-incoming defer"),
+        "{err}"
+    );
+    let qmp = support::qmp(&p.src.qmp_path).await;
+    assert_eq!(support::vm_state(&qmp).await.0, RunState::Running);
+    srv.kill().await;
+}
