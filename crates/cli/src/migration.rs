@@ -467,11 +467,15 @@ impl Endpoint {
 /// program looked up on our `PATH`; anything that needs a shell (redirections, pipes,
 /// variables) runs as `/bin/sh -c COMMAND`, exactly as QEMU runs an `exec:` URI.
 pub fn exec_args(command: &str) -> anyhow::Result<Vec<String>> {
+    let shell = || vec!["/bin/sh".into(), "-c".into(), command.to_owned()];
     let Some(mut words) = qmigrate_qmp::split_command(command) else {
-        return Ok(vec!["/bin/sh".into(), "-c".into(), command.to_owned()]);
+        return Ok(shell());
     };
-    let program = find_program(&words[0]).with_context(|| format!("exec:{command}"))?;
-    words[0] = program.display().to_string();
+    let Some(first) = words.first_mut() else {
+        return Ok(shell());
+    };
+    let program = find_program(first).with_context(|| format!("exec:{command}"))?;
+    *first = program.display().to_string();
     Ok(words)
 }
 
@@ -1404,6 +1408,105 @@ mod tests {
         assert_eq!(restore.multifd_compression, Some(MultiFdCompression::None));
         assert_eq!(restore.downtime_limit, None);
         assert_eq!(restore.max_postcopy_bandwidth, None);
+    }
+
+    #[test]
+    fn endpoints_from_uris() {
+        assert_eq!(
+            Endpoint::from_uri("file:/a/b,offset=4096"),
+            Endpoint::File {
+                path: "/a/b".into(),
+                offset: 4096
+            }
+        );
+        let Endpoint::File { path, offset: 0 } = Endpoint::from_uri("file:rel/state.bin") else {
+            panic!("not a file endpoint");
+        };
+        assert!(
+            path.is_absolute() && path.ends_with("rel/state.bin"),
+            "{path:?}"
+        );
+        assert_eq!(
+            Endpoint::from_uri("exec:gzip -c > f"),
+            Endpoint::Exec("gzip -c > f".into())
+        );
+        assert_eq!(
+            Endpoint::from_uri("exec:gzip -c > f").stream(),
+            Stream::Exec
+        );
+        assert_eq!(
+            Endpoint::from_uri("tcp:h:1"),
+            Endpoint::Uri("tcp:h:1".into())
+        );
+        assert_eq!(Endpoint::from_uri("tcp:h:1").stream(), Stream::Live);
+        assert_eq!(
+            Endpoint::from_uri("file:/a b,offset=0x10").to_string(),
+            "file:/a b,offset=16"
+        );
+    }
+
+    #[test]
+    fn exec_commands_become_argv_or_a_shell() {
+        let args = exec_args("sh -c 'exit 0'").expect("sh is on PATH");
+        assert!(
+            args[0].starts_with('/') && args[0].ends_with("/sh"),
+            "{args:?}"
+        );
+        assert_eq!(&args[1..], ["-c", "exit 0"]);
+        assert_eq!(
+            exec_args("gzip -c > '/x y'").expect("shell"),
+            ["/bin/sh", "-c", "gzip -c > '/x y'"]
+        );
+        let err = exec_args("no-such-program-here -x").expect_err("missing");
+        assert!(format!("{err:#}").contains("not found on PATH"), "{err:#}");
+        assert_eq!(shell_quote("/a b/it's"), r"'/a b/it'\''s'");
+    }
+
+    #[test]
+    fn capabilities_fit_the_qemu() {
+        let old = [
+            cap(MigrationCapability::Events, false),
+            cap(MigrationCapability::Multifd, false),
+        ];
+        let plan = MigrationPlan {
+            stream: Stream::File,
+            ..MigrationPlan::default()
+        };
+        let fitted = fit_capabilities(plan.source_capabilities(), &old, "7.2.0").expect("fits");
+        assert!(fitted.contains(&cap(MigrationCapability::Multifd, false)));
+        assert!(!fitted
+            .iter()
+            .any(|c| c.capability == MigrationCapability::MappedRam));
+        let plan = MigrationPlan {
+            stream: Stream::File,
+            multifd: Some(4),
+            mapped_ram: true,
+            ..MigrationPlan::default()
+        };
+        let err = fit_capabilities(plan.source_capabilities(), &old, "7.2.0").expect_err("old");
+        assert!(err.to_string().contains("mapped-ram (QEMU 9.0+"), "{err}");
+        // Saves have no return path.
+        assert!(plan
+            .source_capabilities()
+            .contains(&cap(MigrationCapability::ReturnPath, false)));
+
+        let cpr = MigrationPlan {
+            mode: Mode::CprReboot,
+            ..MigrationPlan::default()
+        };
+        let params = fit_parameters(
+            cpr.destination_parameters(),
+            &MigrationParameters::default(),
+            "7.2.0",
+        );
+        assert!(params.is_err());
+        let params = fit_parameters(
+            MigrationPlan::default().destination_parameters(),
+            &MigrationParameters::default(),
+            "7.2.0",
+        )
+        .expect("normal fits");
+        assert_eq!(params.mode, None);
     }
 
     #[test]
