@@ -11,8 +11,8 @@
 //! echo hello | socat -u - UNIX-CONNECT:/tmp/fwd.sock
 //! ```
 //!
-//! `qmigrate tunnel-client` is this plus sessions, ordering, `--once` and tidy shutdown
-//! (`qmigrate_transport::Client`).
+//! `qmigrate tunnel-client` is this plus authentication (a server with a token refuses this
+//! example), sessions, ordering, `--once` and tidy shutdown (`qmigrate_transport::Client`).
 
 use std::error::Error;
 
@@ -46,6 +46,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 match tunnel.recv_msg::<Reply>().await? {
                     Reply::Accept { .. } => {}
                     Reply::Reject { message, .. } => return Err(message.into()),
+                    // Authentication is left out here; `qmigrate tunnel-client` does it.
+                    Reply::Challenge { .. } => {
+                        return Err("the server requires a token; use qmigrate tunnel-client".into())
+                    }
                 }
                 let (stats, result) = relay(unix, tunnel).await;
                 println!(

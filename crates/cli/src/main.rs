@@ -10,6 +10,7 @@ mod logging;
 mod migration;
 mod progress;
 mod signals;
+mod token;
 mod units;
 
 use std::process::ExitCode;

@@ -63,6 +63,16 @@ pub enum Error {
         /// The server's software and version.
         software: String,
     },
+    /// Authentication failed on the client's side: the server asked for a token this client
+    /// does not have, or could not prove that it knows the token.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// A server was asked to listen beyond the loopback interface without a token.
+    #[error("refusing to listen on {addr} without authentication: anyone who can reach it could write a migration stream into the destination VM, and run code there. Give the server a token (--token-file PATH or QMIGRATE_TOKEN; make one with `{make}`), listen on 127.0.0.1, or pass --insecure if the network is trusted", make = crate::auth::MAKE_TOKEN)]
+    Unauthenticated {
+        /// The address asked for.
+        addr: String,
+    },
     /// The destination migration socket could not be connected (in time).
     #[error("destination migration socket {}: {why} (is the destination QEMU started with `-incoming defer`, and has `qmigrate receive --socket {}` run?)", path.display(), path.display())]
     Destination {

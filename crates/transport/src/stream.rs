@@ -46,7 +46,13 @@ pub enum TunnelStream {
 impl TunnelStream {
     /// Sends one handshake message.
     pub async fn send_msg<T: Serialize>(&mut self, msg: &T) -> Result<()> {
-        let bytes = protocol::encode(msg);
+        self.send_body(&protocol::encode_body(msg)).await
+    }
+
+    /// Sends one handshake message given as its body (the JSON an authentication proof
+    /// covers), in an envelope.
+    pub async fn send_body(&mut self, body: &[u8]) -> Result<()> {
+        let bytes = protocol::envelope(body);
         match self {
             TunnelStream::Tcp(s) => s.write_all(&bytes).await.map_err(Error::lost_or_io),
             TunnelStream::Ws(ws) => ws
@@ -59,6 +65,12 @@ impl TunnelStream {
     /// Receives one handshake message. Reads no further than the message's own bytes, so the
     /// data that follows stays in the socket.
     pub async fn recv_msg<T: DeserializeOwned>(&mut self) -> Result<T> {
+        Ok(protocol::decode_body(&self.recv_body().await?)?)
+    }
+
+    /// Receives one handshake message's body, unparsed (checked against the envelope's
+    /// magic and length limit only).
+    pub async fn recv_body(&mut self) -> Result<Vec<u8>> {
         match self {
             TunnelStream::Tcp(s) => {
                 let mut header = [0u8; 12];
@@ -66,11 +78,13 @@ impl TunnelStream {
                 let len = protocol::parse_header(&header)?;
                 let mut body = vec![0u8; len as usize];
                 read_exact_or_lost(s, &mut body, "in the handshake").await?;
-                Ok(protocol::decode_body(&body)?)
+                Ok(body)
             }
             TunnelStream::Ws(ws) => loop {
                 match ws.next().await {
-                    Some(Ok(Message::Binary(b))) => return Ok(protocol::decode(&b)?),
+                    Some(Ok(Message::Binary(b))) => {
+                        return Ok(protocol::unwrap_envelope(&b)?.to_vec())
+                    }
                     Some(Ok(Message::Text(_))) => {
                         return Err(EnvelopeError::NotOurProtocol(
                             "it sent a WebSocket text message",

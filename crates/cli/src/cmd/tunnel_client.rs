@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::tunnel_server::{finish, ready};
 use crate::exit::Exit;
 use crate::signals::Interrupts;
+use crate::token::TokenArgs;
 use crate::units::parse_duration;
 
 /// Arguments of `qmigrate tunnel-client`.
@@ -17,7 +18,10 @@ use crate::units::parse_duration;
 #[command(after_help = "\
 Prints `listening on unix:PATH -> URL` on stdout once the socket exists. Point the source \
 QEMU's migration at PATH (`qmigrate send --socket PATH`); each connection QEMU opens becomes \
-one tunnel connection.")]
+one tunnel connection.
+
+With a token (--token-file or QMIGRATE_TOKEN), each connection proves it knows it, and the \
+client accepts only a server that proves the same.")]
 pub struct Args {
     /// Use WebSocket instead of plain TCP (and default to port 8765).
     #[arg(long)]
@@ -44,6 +48,9 @@ pub struct Args {
     /// How long connecting to the tunnel server may take.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+
+    #[command(flatten)]
+    pub token: TokenArgs,
 }
 
 /// Runs `qmigrate tunnel-client`.
@@ -56,6 +63,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let config = ClientConfig {
         connect_timeout: args.connect_timeout,
         once: args.once,
+        token: args.token.load()?,
         ..ClientConfig::new(server.clone())
     };
     let client = Client::bind(&args.socket, config)?;

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use qmigrate_transport::{Endpoint, Scheme, Server, ServerConfig};
+use qmigrate_transport::{Endpoint, Error, Scheme, Server, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::QmpController;
 use crate::exit::Exit;
 use crate::signals::Interrupts;
+use crate::token::TokenArgs;
 use crate::units::parse_duration;
 
 /// Arguments of `qmigrate tunnel-server`.
@@ -20,7 +21,11 @@ use crate::units::parse_duration;
 #[command(after_help = "\
 Prints `listening on tcp://IP:PORT` (or `ws://IP:PORT/PATH`) on stdout once it listens. \
 Each tunnel connection is connected to --socket only after its handshake, in the order the \
-source opened them; the socket is never probed, since QEMU takes any connection as migration data.")]
+source opened them; the socket is never probed, since QEMU takes any connection as migration data.
+
+Every connection must prove it knows the token (--token-file or QMIGRATE_TOKEN) before \
+anything else happens. Without a token the server listens only on a loopback address \
+(127.0.0.1, ::1), unless --insecure is given.")]
 pub struct Args {
     /// Use WebSocket instead of plain TCP (and default to port 8765).
     #[arg(long)]
@@ -59,9 +64,18 @@ pub struct Args {
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
-    /// How long a new connection may take to send its handshake.
+    /// How long a new connection may take to send its handshake (and prove it knows the
+    /// token).
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
+
+    #[command(flatten)]
+    pub token: TokenArgs,
+
+    /// Listen on a non-loopback address without a token: anyone who can reach the port can
+    /// then write a migration stream into the destination VM. Only for a trusted network.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// Runs `qmigrate tunnel-server`.
@@ -75,9 +89,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         connect_timeout: args.connect_timeout,
         handshake_timeout: args.handshake_timeout,
         once: args.once,
+        token: args.token.load()?,
+        insecure: args.insecure,
         ..ServerConfig::new(&args.socket)
     };
-    let mut server = Server::bind(&listen, config).await?;
+    let mut server = match Server::bind(&listen, config).await {
+        Err(e @ Error::Unauthenticated { .. }) => return Err(e).context(Exit::Usage),
+        other => other?,
+    };
     let mut routes: BTreeMap<Option<String>, String> = args
         .routes
         .iter()
