@@ -137,8 +137,27 @@ async fn default_route_starts_the_destination() {
     assert!(url.starts_with("tcp://"), "{url}");
     let out = migrate(&p, &url, &[]).await;
     out.expect_success();
+    assert!(
+        out.stderr.contains("direct data path"),
+        "plain TCP with one channel takes the direct data path:\n{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("VM started"), "{}", out.stderr);
     verify(&p, dir.path(), RunState::Running).await;
+    srv.kill().await;
+}
+
+/// `--relay` keeps qmigrate in the data path even where the direct one would do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_flag_keeps_the_relay() {
+    let Some(bin) = qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pair(&bin);
+    let (mut srv, url) = server(dir.path(), &["--qmp".into(), path(&p.dst.qmp_path)]).await;
+    let out = migrate(&p, &url, &["--relay", "--no-start"]).await;
+    out.expect_success();
+    assert!(out.stderr.contains("relayed"), "{}", out.stderr);
+    verify(&p, dir.path(), RunState::Paused).await;
     srv.kill().await;
 }
 

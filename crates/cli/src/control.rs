@@ -16,11 +16,12 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use clap::ValueEnum as _;
-use qmigrate_qmp::QueryVersion;
+use qmigrate_qmp::{Getfd, QueryStatus, QueryVersion, RunState};
 use qmigrate_transport::protocol::{Control, Hello, MigrationSettings};
 use qmigrate_transport::{Controller, SessionMap, TunnelStream};
 use tracing::{info, warn};
 
+use crate::cmd::send::DIRECT_FD;
 use crate::migration::{self, Compression, Endpoint, MigrationPlan};
 
 /// How long the source may take to send its settings after the control connection opened.
@@ -213,14 +214,63 @@ async fn run_session(
         .await
         .map(|v| format!("{}.{}.{}", v.qemu.major, v.qemu.minor, v.qemu.micro))
         .unwrap_or_default();
-    let endpoint = Endpoint::Socket(socket.to_owned());
-    let incoming = migration::prepare_incoming(&qmp, &plan, &endpoint, true).await?;
-    sessions.insert(session, socket.to_owned());
-    info!(endpoint = %incoming.endpoint, "destination ready");
-    stream
-        .send_msg(&Control::Ready { qemu: version })
+    // The direct data path: one plain-TCP connection that both QEMUs take over.
+    let direct =
+        settings.direct && settings.multifd.is_none() && matches!(stream, TunnelStream::Tcp(_));
+    if direct {
+        let status = qmp.execute(&QueryStatus).await?;
+        if status.status != RunState::InMigrate {
+            bail!(
+                "destination QEMU is not waiting for an incoming migration (its state is {}): \
+                 start it with -incoming defer and the same machine options as the source",
+                migration::run_state_name(&status.status)
+            );
+        }
+        let mut handed = sessions.hand_over(session);
+        stream
+            .send_msg(&Control::Ready {
+                qemu: version,
+                direct: true,
+            })
+            .await
+            .context("the source went away before the migration started")?;
+        let tcp = tokio::select! {
+            tcp = handed.recv() => tcp.context("the data connection never came")?,
+            msg = stream.recv_msg::<Control>() => bail!("the source ended before it connected: {msg:?}"),
+            _ = tokio::time::sleep(PREPARE_TIMEOUT) => bail!("the source did not connect within {PREPARE_TIMEOUT:?}"),
+        };
+        sessions.remove(session);
+        let tcp = tcp
+            .into_std()
+            .context("taking the tunnel connection over")?;
+        tcp.set_nonblocking(false)?;
+        let fd = std::os::fd::OwnedFd::from(tcp);
+        qmp.execute_with_fd(
+            &Getfd {
+                fdname: DIRECT_FD.to_owned(),
+            },
+            std::os::fd::AsFd::as_fd(&fd),
+        )
         .await
-        .context("the source went away before the migration started")?;
+        .context("passing the tunnel connection to the destination QEMU (getfd)")?;
+        let endpoint = Endpoint::Uri(format!("fd:{DIRECT_FD}"));
+        let incoming = migration::prepare_incoming(&qmp, &plan, &endpoint, true).await?;
+        // QEMU holds its own descriptor now; ours only closes.
+        drop(fd);
+        info!(endpoint = %incoming.endpoint, "destination ready, direct data path");
+    } else {
+        let endpoint = Endpoint::Socket(socket.to_owned());
+        let incoming = migration::prepare_incoming(&qmp, &plan, &endpoint, true).await?;
+        sessions.insert(session, socket.to_owned());
+        info!(endpoint = %incoming.endpoint, "destination ready");
+        stream
+            .send_msg(&Control::Ready {
+                qemu: version,
+                direct: false,
+            })
+            .await
+            .context("the source went away before the migration started")?;
+    }
 
     // Follow the destination; meanwhile listen for the source's end. When the source ended
     // without completing, the destination gets a little while to notice, then we report.
@@ -297,6 +347,7 @@ mod tests {
             compression: Some("zstd".into()),
             postcopy: false,
             no_start: false,
+            direct: false,
         })
         .expect("valid");
         assert_eq!(plan.multifd, Some(4));

@@ -23,7 +23,6 @@
 
 #![warn(missing_docs)]
 
-pub mod auth;
 mod client;
 mod endpoint;
 mod error;
@@ -34,8 +33,7 @@ mod server;
 mod stream;
 mod transport;
 
-pub use auth::{Token, TokenError};
-pub use client::{open_control, Client, ClientConfig};
+pub use client::{open_control, open_data, Client, ClientConfig};
 pub use endpoint::{Endpoint, Scheme};
 pub use error::{Error, Result};
 pub use relay::{relay, RelayStats};

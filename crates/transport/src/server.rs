@@ -1,9 +1,8 @@
 //! The tunnel server: accepts tunnel connections and connects each to the destination QEMU's
 //! migration socket, in the order the source opened them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -15,10 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::auth::{self, Token};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
-use crate::protocol::{self, Auth, Hello, Purpose, RejectReason, Reply};
+use crate::protocol::{self, Hello, Purpose, RejectReason, Reply};
 use crate::relay::relay;
 use crate::report::{Report, Tally};
 use crate::stream::TunnelStream;
@@ -32,21 +30,10 @@ pub struct ServerConfig {
     /// How long a connection waits for the destination socket to appear (and for the
     /// connections opened before it to be connected).
     pub connect_timeout: Duration,
-    /// How long a new connection may take to finish the upgrade, send its hello and (with a
-    /// token) prove that it knows the token.
+    /// How long a new connection may take to finish the upgrade and send its hello.
     pub handshake_timeout: Duration,
     /// Return after the first migration session's connections have all closed.
     pub once: bool,
-    /// The pre-shared token every connection must prove it knows before anything else
-    /// happens. Without one, [`Server::bind`] listens on loopback addresses only, unless
-    /// `insecure` is set.
-    pub token: Option<Token>,
-    /// Listen beyond loopback without a token (a warning is logged at every start).
-    pub insecure: bool,
-    /// How many connections may be in their handshake (not authenticated yet) at once. A new
-    /// one beyond this drops the oldest, so a flood of idle connections neither grows without
-    /// bound nor locks out a client that authenticates within a round trip.
-    pub max_unauthenticated: usize,
 }
 
 impl ServerConfig {
@@ -57,9 +44,6 @@ impl ServerConfig {
             connect_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             once: false,
-            token: None,
-            insecure: false,
-            max_unauthenticated: 64,
         }
     }
 }
@@ -93,16 +77,36 @@ pub trait Controller: Send + Sync + std::fmt::Debug + 'static {
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 }
 
-/// The destination socket of each migration session a [`Controller`] prepared.
+/// Where each migration session a [`Controller`] prepared goes.
 #[derive(Debug, Clone, Default)]
-pub struct SessionMap(Arc<Mutex<HashMap<String, PathBuf>>>);
+pub struct SessionMap(Arc<Mutex<HashMap<String, SessionDest>>>);
+
+/// Where the data connections of one prepared session go.
+#[derive(Debug, Clone)]
+enum SessionDest {
+    /// Relayed to this Unix socket.
+    Socket(PathBuf),
+    /// Handed over as they are (TCP only, after the handshake and its accept): the direct
+    /// data path, where the controller gives the socket to the destination QEMU.
+    Handover(tokio::sync::mpsc::UnboundedSender<TcpStream>),
+}
 
 impl SessionMap {
     /// Sends the data connections of `session` to `dest`.
     pub fn insert(&self, session: &str, dest: PathBuf) {
         if let Ok(mut map) = self.0.lock() {
-            map.insert(session.to_owned(), dest);
+            map.insert(session.to_owned(), SessionDest::Socket(dest));
         }
+    }
+
+    /// Hands the data connections of `session` (TCP, after their handshake) to the returned
+    /// receiver instead of relaying them: the direct data path.
+    pub fn hand_over(&self, session: &str) -> tokio::sync::mpsc::UnboundedReceiver<TcpStream> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(session.to_owned(), SessionDest::Handover(tx));
+        }
+        rx
     }
 
     /// Forgets `session`: its later data connections are refused.
@@ -112,7 +116,7 @@ impl SessionMap {
         }
     }
 
-    fn get(&self, session: &str) -> Option<PathBuf> {
+    fn get(&self, session: &str) -> Option<SessionDest> {
         self.0.lock().ok().and_then(|map| map.get(session).cloned())
     }
 }
@@ -134,49 +138,6 @@ struct Shared {
     sessions: Mutex<HashMap<String, Session>>,
     activity: watch::Sender<Activity>,
     tally: Mutex<Tally>,
-    unauthenticated: Arc<Unauthenticated>,
-}
-
-/// The connections still in their handshake, oldest first (connection ids grow), each with
-/// the token that drops it.
-#[derive(Debug, Default)]
-struct Unauthenticated(Mutex<BTreeMap<u64, CancellationToken>>);
-
-impl Unauthenticated {
-    /// Registers connection `id`, dropping the oldest ones while `limit` are waiting.
-    fn admit(&self, id: u64, limit: usize) -> CancellationToken {
-        let drop_me = CancellationToken::new();
-        if let Ok(mut waiting) = self.0.lock() {
-            while waiting.len() >= limit.max(1) {
-                match waiting.pop_first() {
-                    Some((_, oldest)) => oldest.cancel(),
-                    None => break,
-                }
-            }
-            waiting.insert(id, drop_me.clone());
-        }
-        drop_me
-    }
-
-    fn done(&self, id: u64) {
-        if let Ok(mut waiting) = self.0.lock() {
-            waiting.remove(&id);
-        }
-    }
-}
-
-/// A connection's place among the unauthenticated ones, given up when it authenticates or
-/// ends.
-struct Waiting {
-    set: Arc<Unauthenticated>,
-    id: u64,
-    dropped: CancellationToken,
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.set.done(self.id);
-    }
 }
 
 /// Connect order of one migration session: connection `seq` may connect to the destination
@@ -192,32 +153,13 @@ const SESSION_TTL: Duration = Duration::from_secs(600);
 
 impl Server {
     /// Binds the listening socket. `listen`'s scheme picks the transport.
-    ///
-    /// Without a token in `config`, an address that is not loopback (`0.0.0.0`, a LAN
-    /// address, a name that resolves to one) is refused with [`Error::Unauthenticated`],
-    /// unless `config.insecure` is set, which logs a warning instead.
     pub async fn bind(listen: &Endpoint, config: ServerConfig) -> Result<Server> {
-        let bind_err = |source| Error::Bind {
-            addr: listen.authority(),
-            source,
-        };
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(listen.authority())
+        let listener = TcpListener::bind(listen.authority())
             .await
-            .map_err(bind_err)?
-            .collect();
-        if config.token.is_none() && addrs.iter().any(|a| !is_loopback(a.ip())) {
-            if !config.insecure {
-                return Err(Error::Unauthenticated {
-                    addr: listen.authority(),
-                });
-            }
-            warn!(
-                "listening on {} WITHOUT AUTHENTICATION (--insecure): anyone who can reach this \
-                 port can write a migration stream into the destination VM and run code there",
-                listen.authority()
-            );
-        }
-        let listener = TcpListener::bind(&addrs[..]).await.map_err(bind_err)?;
+            .map_err(|source| Error::Bind {
+                addr: listen.authority(),
+                source,
+            })?;
         let local = listen.with_bound(listener.local_addr()?);
         Ok(Server {
             listener,
@@ -251,7 +193,6 @@ impl Server {
             sessions: Mutex::new(HashMap::new()),
             activity,
             tally: Mutex::new(Tally::default()),
-            unauthenticated: Arc::default(),
         });
         let tracker = TaskTracker::new();
         let once = shared.config.once;
@@ -263,16 +204,13 @@ impl Server {
                 accepted = self.listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         next_id += 1;
-                        let id = next_id;
-                        let span = info_span!("conn", id, %peer, session = tracing::field::Empty, seq = tracing::field::Empty);
-                        let dropped = shared.unauthenticated.admit(id, shared.config.max_unauthenticated);
+                        let span = info_span!("conn", id = next_id, %peer, session = tracing::field::Empty, seq = tracing::field::Empty);
                         let shared = shared.clone();
                         let cancel = shutdown.child_token();
                         tracker.spawn(async move {
-                            let waiting = Waiting { set: shared.unauthenticated.clone(), id, dropped };
                             tokio::select! {
                                 _ = cancel.cancelled() => debug!("shutting down"),
-                                _ = handle(shared, tcp, waiting) => {}
+                                _ = handle(shared, tcp) => {}
                             }
                         }.instrument(span));
                     }
@@ -301,37 +239,28 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
+async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
     let config = &shared.config;
-    let started = Instant::now();
-    let outcome = tokio::select! {
-        _ = waiting.dropped.cancelled() => {
-            warn!(
-                "dropped after {:.1}s without a finished handshake: {} connections were waiting \
-                 to authenticate and this was the oldest",
-                started.elapsed().as_secs_f64(),
-                config.max_unauthenticated
-            );
-            return;
-        }
-        outcome = tokio::time::timeout(config.handshake_timeout, handshake(&shared, tcp)) => outcome,
+    let handshake = async {
+        let mut stream = shared.transport.accept(tcp).await?;
+        let hello: Hello = stream.recv_msg().await?;
+        Ok::<_, Error>((stream, hello))
     };
-    let (mut stream, hello, mac) = match outcome {
-        Ok(Ok(Some(ok))) => ok,
-        Ok(Ok(None)) => return,
+    let (mut stream, hello) = match tokio::time::timeout(config.handshake_timeout, handshake).await
+    {
+        Ok(Ok(ok)) => ok,
         Ok(Err(e)) => {
             warn!("refused a connection: {e}");
             return;
         }
         Err(_) => {
             warn!(
-                "refused a connection: no finished handshake within {}s",
+                "refused a connection: no handshake within {}s",
                 config.handshake_timeout.as_secs()
             );
             return;
         }
     };
-    drop(waiting);
     let span = tracing::Span::current();
     span.record("session", hello.session.as_str());
     span.record("seq", hello.seq);
@@ -360,7 +289,6 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
             let accept = Reply::Accept {
                 version,
                 software: protocol::software(),
-                mac,
             };
             if let Err(e) = stream.send_msg(&accept).await {
                 warn!("the client went away during the handshake: {e}");
@@ -401,7 +329,15 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
         t.started();
     }
 
-    let dest = connect_in_order(&shared, &hello).await;
+    // The direct data path: no destination socket; the connection itself goes to QEMU.
+    let handover = match shared.prepared.get(&hello.session) {
+        Some(SessionDest::Handover(to)) if matches!(stream, TunnelStream::Tcp(_)) => Some(to),
+        _ => None,
+    };
+    let dest = match &handover {
+        Some(_) => Ok(None),
+        None => connect_in_order(&shared, &hello).await.map(Some),
+    };
     let dest = match dest {
         Ok(dest) => dest,
         Err(e) => {
@@ -416,7 +352,6 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
     let accept = Reply::Accept {
         version,
         software: protocol::software(),
-        mac,
     };
     if let Err(e) = stream.send_msg(&accept).await {
         warn!("the client went away during the handshake: {e}");
@@ -425,6 +360,16 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
         }
         return;
     }
+    let (Some(dest), None) = (dest, &handover) else {
+        if let (Some(to), TunnelStream::Tcp(tcp)) = (handover, stream) {
+            info!("direct data path: the connection goes to the destination QEMU itself");
+            let _ = to.send(tcp);
+        }
+        if let Ok(mut t) = shared.tally.lock() {
+            t.ended(&Default::default(), false);
+        }
+        return;
+    };
     debug!(version, client = %hello.software, "connected to the destination socket");
 
     let (stats, result) = relay(dest, stream).await;
@@ -445,46 +390,6 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
     if let Ok(mut t) = shared.tally.lock() {
         t.ended(&stats, result.is_err());
     }
-}
-
-/// The part of a connection before it is trusted: the upgrade, the hello and, with a token,
-/// the challenge. Returns the stream, the hello and the server's proof for the accept, or
-/// `None` when the client failed to authenticate (it was told so, and it was logged).
-async fn handshake(
-    shared: &Shared,
-    tcp: TcpStream,
-) -> Result<Option<(TunnelStream, Hello, Option<String>)>> {
-    let mut stream = shared.transport.accept(tcp).await?;
-    let body = stream.recv_body().await?;
-    let hello: Hello = protocol::decode_body(&body)?;
-    let Some(token) = &shared.config.token else {
-        return Ok(Some((stream, hello, None)));
-    };
-    let nonce = auth::nonce()?;
-    stream
-        .send_msg(&Reply::Challenge {
-            nonce: auth::hex(&nonce),
-        })
-        .await?;
-    let answer: Auth = stream.recv_msg().await?;
-    let failure = match &answer.mac {
-        None => "the client has no token, and this server requires one",
-        Some(mac) if token.check_client_proof(&nonce, &body, mac) => {
-            debug!("the client proved it knows the token");
-            return Ok(Some((
-                stream,
-                hello,
-                Some(token.server_proof(&nonce, &body)),
-            )));
-        }
-        Some(_) => {
-            "the client's proof does not match this server's token (a wrong token, or a \
-             replayed handshake)"
-        }
-    };
-    let message = format!("authentication failed: {failure}");
-    reject(&mut stream, RejectReason::Auth, message).await;
-    Ok(None)
 }
 
 async fn reject(stream: &mut TunnelStream, reason: RejectReason, message: String) {
@@ -535,7 +440,13 @@ async fn connect_in_order(shared: &Shared, hello: &Hello) -> Result<UnixStream> 
     let result = match &shared.controller {
         None => connect_dest(&config.dest_socket, deadline, config.connect_timeout).await,
         Some(_) => match shared.prepared.get(&hello.session) {
-            Some(path) => connect_dest(&path, deadline, config.connect_timeout).await,
+            Some(SessionDest::Socket(path)) => {
+                connect_dest(&path, deadline, config.connect_timeout).await
+            }
+            Some(SessionDest::Handover(_)) => Err(Error::Protocol(
+                "this session uses the direct data path, which needs plain TCP and one connection"
+                    .into(),
+            )),
             None => Err(Error::Protocol(format!(
                 "no migration session {} was prepared on this server: with --qmp, migrations \
                  start with `qmigrate migrate`",
@@ -545,11 +456,6 @@ async fn connect_in_order(shared: &Shared, hello: &Hello) -> Result<UnixStream> 
     };
     turn.send_modify(|next| *next = (*next).max(hello.seq + 1));
     result
-}
-
-/// Whether `ip` is a loopback address (`127.0.0.0/8`, `::1`, or `::ffff:127.x.y.z`).
-fn is_loopback(ip: IpAddr) -> bool {
-    ip.to_canonical().is_loopback()
 }
 
 /// Connects to the destination socket, retrying while it does not exist yet or nobody

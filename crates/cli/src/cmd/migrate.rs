@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use qmigrate_transport::protocol::{Control, MigrationSettings};
-use qmigrate_transport::{open_control, Client, ClientConfig, Endpoint, Scheme, TunnelStream};
+use qmigrate_transport::{
+    open_control, open_data, Client, ClientConfig, Endpoint, Scheme, TunnelStream,
+};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -81,6 +83,12 @@ pub struct Args {
     #[arg(long, value_name = "DUR", value_parser = units::parse_duration)]
     pub timeout: Option<Duration>,
 
+    /// Relay the stream through qmigrate even where the direct data path would do: over
+    /// plain TCP with one channel, both QEMUs otherwise take the authenticated tunnel
+    /// connection over themselves and no byte goes through qmigrate.
+    #[arg(long)]
+    pub relay: bool,
+
     /// Leave the destination VM paused after the migration (no `cont`).
     #[arg(long)]
     pub no_start: bool,
@@ -103,6 +111,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         compression: args.compress.map(|c| c.qemu_name().to_owned()),
         postcopy: args.postcopy.is_some(),
         no_start: args.no_start,
+        direct: server.scheme == Scheme::Tcp && args.multifd.is_none() && !args.relay,
     };
 
     // The source first: a wrong path or a busy QMP socket must not leave a prepared
@@ -125,12 +134,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .send_msg(&Control::Prepare { settings })
         .await
         .context("the tunnel server went away")?;
-    match tokio::time::timeout(READY_TIMEOUT, control.recv_msg::<Control>()).await {
-        Ok(Ok(Control::Ready { qemu })) => {
-            tracing::debug!(%qemu, "destination ready");
+    let direct = match tokio::time::timeout(READY_TIMEOUT, control.recv_msg::<Control>()).await {
+        Ok(Ok(Control::Ready { qemu, direct })) => {
+            tracing::debug!(%qemu, direct, "destination ready");
             if !args.json {
-                eprintln!("destination ready (QEMU {qemu}) at {server}");
+                let path = if direct {
+                    "direct data path"
+                } else {
+                    "relayed"
+                };
+                eprintln!("destination ready (QEMU {qemu}) at {server}, {path}");
             }
+            direct
         }
         Ok(Ok(Control::Failed { message })) => {
             return Err(anyhow!("the destination refused: {message}")).context(Exit::Failed)
@@ -153,28 +168,49 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ))
             .context(Exit::Failed)
         }
+    };
+
+    // The direct data path: one tunnel connection, handed to the source QEMU as it is.
+    let mut pass_fd = None;
+    if direct {
+        let stream = open_data(&config, &session, 0)
+            .await
+            .map_err(|e| anyhow!(e))
+            .context("cannot open the data connection")?;
+        let TunnelStream::Tcp(tcp) = stream else {
+            return Err(anyhow!("the direct data path needs plain TCP")).context(Exit::Failed);
+        };
+        let tcp = tcp
+            .into_std()
+            .context("taking the tunnel connection over")?;
+        tcp.set_nonblocking(false)?;
+        pass_fd = Some(std::os::fd::OwnedFd::from(tcp));
     }
 
-    // The tunnel client, in-process, on a socket only this process and QEMU know.
+    // Otherwise the tunnel client, in-process, on a socket only this process and QEMU know.
     let dir = tempfile::Builder::new()
         .prefix("qmigrate-migrate-")
         .tempdir()
         .context("cannot create a private directory for the migration socket")?;
     let socket = dir.path().join("source.sock");
-    let client = Client::bind(
-        &socket,
-        ClientConfig {
-            session: Some(session),
-            ..config
-        },
-    )?;
     let stop = CancellationToken::new();
-    let tunnel = tokio::spawn(client.serve(stop.clone()));
+    let tunnel = if direct {
+        None
+    } else {
+        let client = Client::bind(
+            &socket,
+            ClientConfig {
+                session: Some(session),
+                ..config
+            },
+        )?;
+        Some(tokio::spawn(client.serve(stop.clone())))
+    };
 
     let result = send::run(send::Args {
         qmp: args.qmp,
         socket,
-        to: None,
+        to: pass_fd.is_some().then(|| format!("fd:{}", send::DIRECT_FD)),
         multifd: args.multifd,
         mode: Mode::Normal,
         quit: false,
@@ -186,6 +222,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         timeout: args.timeout,
         detach: false,
         json: args.json,
+        pass_fd,
     })
     .await;
 
@@ -196,7 +233,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let verdict = destination_verdict(&mut control, outcome).await;
     stop.cancel();
-    if let Ok(report) = tunnel.await {
+    if let Some(Ok(report)) = match tunnel {
+        Some(t) => Some(t.await),
+        None => None,
+    } {
         tracing::info!("tunnel: {report}");
     }
     drop(dir);

@@ -108,7 +108,16 @@ pub struct Args {
     /// One JSON object per line on stdout: progress ticks, then a summary.
     #[arg(long)]
     pub json: bool,
+
+    /// A connected socket for QEMU to migrate over (`migrate` gives the tunnel's TCP
+    /// connection on the direct data path): passed with `getfd` as [`DIRECT_FD`], with
+    /// `--to fd:qmigrate-direct`. Not a command-line flag.
+    #[arg(skip)]
+    pub pass_fd: Option<std::os::fd::OwnedFd>,
 }
+
+/// The name under which `send` passes [`Args::pass_fd`] to QEMU.
+pub const DIRECT_FD: &str = "qmigrate-direct";
 
 impl Args {
     fn plan(&self, stream: Stream) -> MigrationPlan {
@@ -175,6 +184,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let qmp = migration::connect_qmp(&args.qmp).await?;
     let source = migration::preflight_source(&qmp).await?;
     tracing::debug!(qemu = %source.qemu, running = source.was_running, plan = %plan.describe(), "source checked");
+    if let Some(fd) = &args.pass_fd {
+        use std::os::fd::AsFd as _;
+        // Descriptors passed with getfd belong to the monitor connection: this one.
+        qmp.execute_with_fd(
+            &qmigrate_qmp::Getfd {
+                fdname: DIRECT_FD.to_owned(),
+            },
+            fd.as_fd(),
+        )
+        .await
+        .context("passing the tunnel connection to the source QEMU (getfd)")?;
+    }
 
     // Installed before `migrate` so that Ctrl-C from here on cancels instead of killing us.
     let mut interrupts = Interrupts::install().context("cannot install signal handlers")?;

@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct-unix,direct-tcp,socat,socat-1m,tcp,ws,direct-unix-multifd4,tcp-multifd4,ws-multifd4"
+        default_value = "direct-unix,direct-tcp,socat,socat-1m,tcp,ws,tcp-direct,direct-unix-multifd4,tcp-multifd4,ws-multifd4"
     )]
     only: Vec<Variant>,
 
@@ -79,6 +79,10 @@ pub enum Variant {
     /// The qmigrate WebSocket tunnel with `--multifd 4`.
     #[value(name = "ws-multifd4")]
     WsMultifd4,
+    /// `qmigrate migrate` to a `tunnel-server --qmp` over TCP: the direct data path, where
+    /// both QEMUs take the tunnel connection over (relay CPU: both qmigrate processes).
+    #[value(name = "tcp-direct")]
+    TcpDirect,
 }
 
 impl Variant {
@@ -93,6 +97,7 @@ impl Variant {
             Variant::Ws => "qmigrate ws",
             Variant::TcpMultifd4 => "qmigrate tcp, multifd 4",
             Variant::WsMultifd4 => "qmigrate ws, multifd 4",
+            Variant::TcpDirect => "qmigrate migrate tcp, direct",
         }
     }
 
@@ -418,7 +423,25 @@ fn run_once(
         .unwrap_or_default();
 
     let mut relays: Vec<Proc> = Vec::new();
+    let mut one_command_url = None;
     match variant {
+        Variant::TcpDirect => {
+            let a = strings(&[
+                "tunnel-server",
+                "--listen",
+                "127.0.0.1:0",
+                "--once",
+                "--qmp",
+                &dst_qmp.display().to_string(),
+            ]);
+            let mut server = env.qmigrate("tunnel-server", &a)?;
+            let line = server.ready_line()?;
+            one_command_url = line
+                .strip_prefix("listening on ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_owned);
+            relays.push(server);
+        }
         Variant::DirectUnix | Variant::DirectTcp | Variant::DirectUnixMultifd4 => {}
         Variant::Socat | Variant::Socat1m => {
             let buf = if variant == Variant::Socat1m {
@@ -464,24 +487,33 @@ fn run_once(
         }
     }
 
-    let mut a = strings(&["receive", "--qmp", &dst_qmp.display().to_string()]);
-    a.extend(recv_to);
-    a.extend(multifd.clone());
-    let mut receive = env.qmigrate("receive", &a)?;
-    let u = receive.wait(Duration::from_secs(30))?;
-    if !u.success {
-        bail!("qmigrate receive failed:\n{}", receive.log_text());
+    if one_command_url.is_none() {
+        let mut a = strings(&["receive", "--qmp", &dst_qmp.display().to_string()]);
+        a.extend(recv_to);
+        a.extend(multifd.clone());
+        let mut receive = env.qmigrate("receive", &a)?;
+        let u = receive.wait(Duration::from_secs(30))?;
+        if !u.success {
+            bail!("qmigrate receive failed:\n{}", receive.log_text());
+        }
     }
 
     let mut a = strings(&[
-        "send",
+        if one_command_url.is_some() {
+            "migrate"
+        } else {
+            "send"
+        },
         "--json",
         "--timeout",
         "10m",
         "--qmp",
         &src_qmp.display().to_string(),
     ]);
-    a.extend(send_to);
+    match &one_command_url {
+        Some(url) => a.extend(["--to".into(), url.clone(), "--no-start".into()]),
+        None => a.extend(send_to),
+    }
     a.extend(multifd);
     let mut send = env.qmigrate("send", &a)?;
     let mut summary = None;
@@ -509,6 +541,11 @@ fn run_once(
         success: true,
         ..Usage::default()
     };
+    if one_command_url.is_some() {
+        // `migrate` is the relay's other half here (and also what `send` does).
+        relay.cpu += sent.cpu;
+        relay.max_rss = relay.max_rss.max(sent.max_rss);
+    }
     for p in &mut relays {
         let u = p.wait(Duration::from_secs(15))?;
         relay.cpu += u.cpu;
