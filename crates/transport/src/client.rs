@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use crate::auth::{self, Token};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
-use crate::protocol::{Hello, Reply};
+use crate::protocol::{self, Auth, Hello, Reply};
 use crate::relay::relay;
 use crate::report::{Report, Tally};
 use crate::stream::TunnelStream;
@@ -35,6 +36,9 @@ pub struct ClientConfig {
     /// Put every connection into this migration session (the one a control connection
     /// prepared, see [`open_control`]) instead of starting a new one per migration.
     pub session: Option<String>,
+    /// The pre-shared token: answer the server's challenge with it, and accept only a server
+    /// that proves it knows it too. Without one, a server that asks for a token refuses us.
+    pub token: Option<Token>,
 }
 
 impl ClientConfig {
@@ -46,6 +50,7 @@ impl ClientConfig {
             reply_timeout: Duration::from_secs(120),
             once: false,
             session: None,
+            token: None,
         }
     }
 }
@@ -277,15 +282,47 @@ async fn open(
                 what: "connecting to the tunnel server",
                 after: config.connect_timeout,
             })??;
-    stream.send_msg(hello).await?;
-    let reply: Reply = tokio::time::timeout(config.reply_timeout, stream.recv_msg())
-        .await
-        .map_err(|_| Error::Timeout {
-            what: "waiting for the tunnel server's answer",
-            after: config.reply_timeout,
-        })??;
+    let client_nonce = auth::nonce()?;
+    let hello = Hello {
+        nonce: Some(auth::hex(&client_nonce)),
+        ..hello.clone()
+    };
+    // The proofs cover the hello byte for byte, so keep the bytes sent.
+    let body = protocol::encode_body(&hello);
+    stream.send_body(&body).await?;
+    let mut reply = recv_reply(&mut stream, config).await?;
+    let mut server_nonce = None;
+    if let Reply::Challenge { nonce } = &reply {
+        let nonce = auth::parse_nonce(nonce).ok_or_else(|| {
+            Error::Protocol(format!(
+                "the server's challenge nonce is malformed: {nonce:?}"
+            ))
+        })?;
+        let mac = config
+            .token
+            .as_ref()
+            .map(|token| token.client_proof(&nonce, &body));
+        let have_token = mac.is_some();
+        stream.send_msg(&Auth { mac }).await?;
+        reply = recv_reply(&mut stream, config).await?;
+        if !have_token && !matches!(reply, Reply::Accept { .. }) {
+            return Err(Error::Auth(
+                "the tunnel server requires a token and this client has none: give it the \
+                 server's token with --token-file PATH or QMIGRATE_TOKEN"
+                    .into(),
+            ));
+        }
+        server_nonce = Some(nonce);
+    }
     match reply {
-        Reply::Accept { version, software } => {
+        Reply::Accept {
+            version,
+            software,
+            mac,
+        } => {
+            if let Some(token) = &config.token {
+                check_server(token, server_nonce, &body, mac.as_deref(), &software)?;
+            }
             debug!(version, server = %software, "tunnel connection accepted");
             Ok(stream)
         }
@@ -299,6 +336,42 @@ async fn open(
             message,
             software,
         }),
+        Reply::Challenge { .. } => {
+            Err(Error::Protocol("the server sent a second challenge".into()))
+        }
+    }
+}
+
+async fn recv_reply(stream: &mut TunnelStream, config: &ClientConfig) -> Result<Reply> {
+    tokio::time::timeout(config.reply_timeout, stream.recv_msg())
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "waiting for the tunnel server's answer",
+            after: config.reply_timeout,
+        })?
+}
+
+/// A client with a token sends migration data only to a server that proved it knows the
+/// token: anyone else listening at the server's address would get the guest's memory.
+fn check_server(
+    token: &Token,
+    nonce: Option<auth::Nonce>,
+    hello: &[u8],
+    mac: Option<&str>,
+    software: &str,
+) -> Result<()> {
+    match (nonce, mac) {
+        (Some(nonce), Some(mac)) if token.check_server_proof(&nonce, hello, mac) => Ok(()),
+        (None, _) => Err(Error::Auth(format!(
+            "the tunnel server ({software}) accepted without asking for a token: it runs \
+             without one. Give tunnel-server the same token (or, for a server meant to run \
+             without one on 127.0.0.1, give this client none)"
+        ))),
+        (Some(_), _) => Err(Error::Auth(format!(
+            "the tunnel server ({software}) could not prove that it knows the token: its \
+             token differs from this client's, or something between the hosts altered the \
+             handshake"
+        ))),
     }
 }
 

@@ -23,6 +23,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 mod client;
 mod endpoint;
 mod error;
@@ -33,6 +34,7 @@ mod server;
 mod stream;
 mod transport;
 
+pub use auth::{Token, TokenError};
 pub use client::{open_control, open_data, Client, ClientConfig};
 pub use endpoint::{Endpoint, Scheme};
 pub use error::{Error, Result};

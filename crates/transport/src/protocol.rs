@@ -56,6 +56,13 @@ pub struct Hello {
     /// The route (destination VM) asked for; `None` for the server's only destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
+    /// The client's fresh random nonce (hex, [`auth::NONCE_LEN`] bytes), which the server's
+    /// proof in [`Reply::Accept`] covers. [`Hello::data`] and [`Hello::control`] leave it
+    /// empty; the client fills it in for each connection.
+    ///
+    /// [`auth::NONCE_LEN`]: crate::auth::NONCE_LEN
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
 }
 
 impl Hello {
@@ -69,6 +76,7 @@ impl Hello {
             seq,
             purpose: Purpose::Data,
             route: None,
+            nonce: None,
         }
     }
 }
@@ -151,16 +159,26 @@ pub struct MigrationSettings {
     pub direct: bool,
 }
 
-/// Server -> client, the answer to a [`Hello`].
+/// Server -> client, the answer to a [`Hello`] (and, after a [`Reply::Challenge`], to the
+/// client's [`Auth`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Reply {
+    /// The server has a token: the client must prove it knows it, in an [`Auth`] message.
+    Challenge {
+        /// The server's fresh random nonce for this connection (hex, 32 bytes).
+        nonce: String,
+    },
     /// The connection is accepted: the destination socket is connected and data may flow.
     Accept {
         /// The protocol version both sides now speak.
         version: u32,
         /// The server's software and version.
         software: String,
+        /// After a challenge, the server's proof that it knows the token too (hex); see
+        /// [`Token::server_proof`](crate::auth::Token::server_proof).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mac: Option<String>,
     },
     /// The connection is refused; the server closes it after this message.
     Reject {
@@ -176,6 +194,39 @@ pub enum Reply {
     },
 }
 
+/// Client -> server, the answer to a [`Reply::Challenge`]: `{"type": "auth", "mac": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "AuthMessage", into = "AuthMessage")]
+pub struct Auth {
+    /// The client's proof (hex), see
+    /// [`Token::client_proof`](crate::auth::Token::client_proof); `None` from a client without
+    /// a token, so that the server can say so.
+    pub mac: Option<String>,
+}
+
+/// [`Auth`] on the wire. A tagged enum, because serde checks the tag of an enum but ignores
+/// it on a struct: another message (a replayed hello) must not pass for an `auth`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+enum AuthMessage {
+    Auth {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mac: Option<String>,
+    },
+}
+
+impl From<AuthMessage> for Auth {
+    fn from(AuthMessage::Auth { mac }: AuthMessage) -> Self {
+        Auth { mac }
+    }
+}
+
+impl From<Auth> for AuthMessage {
+    fn from(Auth { mac }: Auth) -> Self {
+        AuthMessage::Auth { mac }
+    }
+}
+
 /// Why a server refused a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -188,6 +239,8 @@ pub enum RejectReason {
     Destination,
     /// The server is shutting down.
     ShuttingDown,
+    /// The client did not prove that it knows the server's token.
+    Auth,
     /// A reason a newer server gives that this build does not know.
     #[serde(other)]
     Other,
@@ -200,6 +253,7 @@ impl std::fmt::Display for RejectReason {
             RejectReason::BadRequest => "bad request",
             RejectReason::Destination => "destination unavailable",
             RejectReason::ShuttingDown => "server shutting down",
+            RejectReason::Auth => "authentication failed",
             RejectReason::Other => "refused",
         })
     }
@@ -219,12 +273,21 @@ pub fn negotiate(min: u32, max: u32) -> Option<u32> {
 
 /// Encodes `msg` as one envelope: magic, big-endian length, JSON.
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    envelope(&encode_body(msg))
+}
+
+/// Encodes `msg` as an envelope body (JSON): the bytes an authentication proof covers.
+pub fn encode_body<T: Serialize>(msg: &T) -> Vec<u8> {
     // Serializing plain structs of strings and integers cannot fail.
-    let body = serde_json::to_vec(msg).unwrap_or_default();
+    serde_json::to_vec(msg).unwrap_or_default()
+}
+
+/// Wraps a body in an envelope.
+pub fn envelope(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(12 + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     out
 }
 
@@ -259,6 +322,11 @@ pub fn parse_header(header: &[u8; 12]) -> Result<u32, EnvelopeError> {
 
 /// Decodes one whole envelope (as carried in one WebSocket message).
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, EnvelopeError> {
+    decode_body(unwrap_envelope(bytes)?)
+}
+
+/// Checks one whole envelope and returns its body.
+pub fn unwrap_envelope(bytes: &[u8]) -> Result<&[u8], EnvelopeError> {
     let header: &[u8; 12] = bytes
         .get(..12)
         .and_then(|h| h.try_into().ok())
@@ -276,7 +344,7 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, EnvelopeE
     if body.len() != len {
         return Err(EnvelopeError::Truncated);
     }
-    decode_body(body)
+    Ok(body)
 }
 
 /// Decodes an envelope body.
@@ -340,6 +408,46 @@ mod tests {
         assert_eq!(p, Purpose::Other);
         let p: Purpose = serde_json::from_str(r#""control""#).expect("purpose");
         assert_eq!(p, Purpose::Control);
+    }
+
+    #[test]
+    fn auth_messages_are_stable() {
+        let challenge: serde_json::Value =
+            serde_json::to_value(Reply::Challenge { nonce: "ab".into() }).expect("json");
+        assert_eq!(
+            challenge,
+            serde_json::json!({"type": "challenge", "nonce": "ab"})
+        );
+        let auth = Auth {
+            mac: Some("cd".into()),
+        };
+        assert_eq!(
+            serde_json::to_value(&auth).expect("json"),
+            serde_json::json!({"type": "auth", "mac": "cd"})
+        );
+        assert_eq!(
+            decode::<Auth>(&encode(&auth)).expect("decode"),
+            auth,
+            "round trip"
+        );
+        let none: Auth = serde_json::from_str(r#"{"type":"auth"}"#).expect("no mac");
+        assert_eq!(none.mac, None);
+        assert!(
+            serde_json::from_str::<Auth>(r#"{"type":"hello","mac":"cd"}"#).is_err(),
+            "another message is not an auth"
+        );
+        assert!(decode::<Auth>(&encode(&Hello::data("s", 0))).is_err());
+        // An accept without a proof (a server without a token) still decodes.
+        let accept: Reply =
+            serde_json::from_str(r#"{"type":"accept","version":1,"software":"qmigrate 0.1.0"}"#)
+                .expect("accept");
+        assert!(matches!(accept, Reply::Accept { mac: None, .. }));
+        let r: RejectReason = serde_json::from_str(r#""auth""#).expect("reason");
+        assert_eq!(r, RejectReason::Auth);
+        let mut hello = Hello::data("s", 0);
+        assert!(!String::from_utf8_lossy(&encode_body(&hello)).contains("nonce"));
+        hello.nonce = Some("ef".into());
+        assert_eq!(decode::<Hello>(&encode(&hello)).expect("decode"), hello);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The tunnel server: accepts tunnel connections and connects each to the destination QEMU's
 //! migration socket, in the order the source opened them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -14,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use crate::auth::{self, Token};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
-use crate::protocol::{self, Hello, Purpose, RejectReason, Reply};
+use crate::protocol::{self, Auth, Hello, Purpose, RejectReason, Reply};
 use crate::relay::relay;
 use crate::report::{Report, Tally};
 use crate::stream::TunnelStream;
@@ -30,10 +32,21 @@ pub struct ServerConfig {
     /// How long a connection waits for the destination socket to appear (and for the
     /// connections opened before it to be connected).
     pub connect_timeout: Duration,
-    /// How long a new connection may take to finish the upgrade and send its hello.
+    /// How long a new connection may take to finish the upgrade, send its hello and (with a
+    /// token) prove that it knows the token.
     pub handshake_timeout: Duration,
     /// Return after the first migration session's connections have all closed.
     pub once: bool,
+    /// The pre-shared token every connection must prove it knows before anything else
+    /// happens. Without one, [`Server::bind`] listens on loopback addresses only, unless
+    /// `insecure` is set.
+    pub token: Option<Token>,
+    /// Listen beyond loopback without a token (a warning is logged at every start).
+    pub insecure: bool,
+    /// How many connections may be in their handshake (not authenticated yet) at once. A new
+    /// one beyond this drops the oldest, so a flood of idle connections neither grows without
+    /// bound nor locks out a client that authenticates within a round trip.
+    pub max_unauthenticated: usize,
 }
 
 impl ServerConfig {
@@ -44,6 +57,9 @@ impl ServerConfig {
             connect_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             once: false,
+            token: None,
+            insecure: false,
+            max_unauthenticated: 64,
         }
     }
 }
@@ -138,6 +154,49 @@ struct Shared {
     sessions: Mutex<HashMap<String, Session>>,
     activity: watch::Sender<Activity>,
     tally: Mutex<Tally>,
+    unauthenticated: Arc<Unauthenticated>,
+}
+
+/// The connections still in their handshake, oldest first (connection ids grow), each with
+/// the token that drops it.
+#[derive(Debug, Default)]
+struct Unauthenticated(Mutex<BTreeMap<u64, CancellationToken>>);
+
+impl Unauthenticated {
+    /// Registers connection `id`, dropping the oldest ones while `limit` are waiting.
+    fn admit(&self, id: u64, limit: usize) -> CancellationToken {
+        let drop_me = CancellationToken::new();
+        if let Ok(mut waiting) = self.0.lock() {
+            while waiting.len() >= limit.max(1) {
+                match waiting.pop_first() {
+                    Some((_, oldest)) => oldest.cancel(),
+                    None => break,
+                }
+            }
+            waiting.insert(id, drop_me.clone());
+        }
+        drop_me
+    }
+
+    fn done(&self, id: u64) {
+        if let Ok(mut waiting) = self.0.lock() {
+            waiting.remove(&id);
+        }
+    }
+}
+
+/// A connection's place among the unauthenticated ones, given up when it authenticates or
+/// ends.
+struct Waiting {
+    set: Arc<Unauthenticated>,
+    id: u64,
+    dropped: CancellationToken,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.set.done(self.id);
+    }
 }
 
 /// Connect order of one migration session: connection `seq` may connect to the destination
@@ -153,13 +212,32 @@ const SESSION_TTL: Duration = Duration::from_secs(600);
 
 impl Server {
     /// Binds the listening socket. `listen`'s scheme picks the transport.
+    ///
+    /// Without a token in `config`, an address that is not loopback (`0.0.0.0`, a LAN
+    /// address, a name that resolves to one) is refused with [`Error::Unauthenticated`],
+    /// unless `config.insecure` is set, which logs a warning instead.
     pub async fn bind(listen: &Endpoint, config: ServerConfig) -> Result<Server> {
-        let listener = TcpListener::bind(listen.authority())
+        let bind_err = |source| Error::Bind {
+            addr: listen.authority(),
+            source,
+        };
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(listen.authority())
             .await
-            .map_err(|source| Error::Bind {
-                addr: listen.authority(),
-                source,
-            })?;
+            .map_err(bind_err)?
+            .collect();
+        if config.token.is_none() && addrs.iter().any(|a| !is_loopback(a.ip())) {
+            if !config.insecure {
+                return Err(Error::Unauthenticated {
+                    addr: listen.authority(),
+                });
+            }
+            warn!(
+                "listening on {} WITHOUT AUTHENTICATION (--insecure): anyone who can reach this \
+                 port can write a migration stream into the destination VM and run code there",
+                listen.authority()
+            );
+        }
+        let listener = TcpListener::bind(&addrs[..]).await.map_err(bind_err)?;
         let local = listen.with_bound(listener.local_addr()?);
         Ok(Server {
             listener,
@@ -193,6 +271,7 @@ impl Server {
             sessions: Mutex::new(HashMap::new()),
             activity,
             tally: Mutex::new(Tally::default()),
+            unauthenticated: Arc::default(),
         });
         let tracker = TaskTracker::new();
         let once = shared.config.once;
@@ -204,13 +283,16 @@ impl Server {
                 accepted = self.listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         next_id += 1;
-                        let span = info_span!("conn", id = next_id, %peer, session = tracing::field::Empty, seq = tracing::field::Empty);
+                        let id = next_id;
+                        let span = info_span!("conn", id, %peer, session = tracing::field::Empty, seq = tracing::field::Empty);
+                        let dropped = shared.unauthenticated.admit(id, shared.config.max_unauthenticated);
                         let shared = shared.clone();
                         let cancel = shutdown.child_token();
                         tracker.spawn(async move {
+                            let waiting = Waiting { set: shared.unauthenticated.clone(), id, dropped };
                             tokio::select! {
                                 _ = cancel.cancelled() => debug!("shutting down"),
-                                _ = handle(shared, tcp) => {}
+                                _ = handle(shared, tcp, waiting) => {}
                             }
                         }.instrument(span));
                     }
@@ -239,28 +321,37 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
+async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
     let config = &shared.config;
-    let handshake = async {
-        let mut stream = shared.transport.accept(tcp).await?;
-        let hello: Hello = stream.recv_msg().await?;
-        Ok::<_, Error>((stream, hello))
+    let started = Instant::now();
+    let outcome = tokio::select! {
+        _ = waiting.dropped.cancelled() => {
+            warn!(
+                "dropped after {:.1}s without a finished handshake: {} connections were waiting \
+                 to authenticate and this was the oldest",
+                started.elapsed().as_secs_f64(),
+                config.max_unauthenticated
+            );
+            return;
+        }
+        outcome = tokio::time::timeout(config.handshake_timeout, handshake(&shared, tcp)) => outcome,
     };
-    let (mut stream, hello) = match tokio::time::timeout(config.handshake_timeout, handshake).await
-    {
-        Ok(Ok(ok)) => ok,
+    let (mut stream, hello, mac) = match outcome {
+        Ok(Ok(Some(ok))) => ok,
+        Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             warn!("refused a connection: {e}");
             return;
         }
         Err(_) => {
             warn!(
-                "refused a connection: no handshake within {}s",
+                "refused a connection: no finished handshake within {}s",
                 config.handshake_timeout.as_secs()
             );
             return;
         }
     };
+    drop(waiting);
     let span = tracing::Span::current();
     span.record("session", hello.session.as_str());
     span.record("seq", hello.seq);
@@ -289,6 +380,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
             let accept = Reply::Accept {
                 version,
                 software: protocol::software(),
+                mac,
             };
             if let Err(e) = stream.send_msg(&accept).await {
                 warn!("the client went away during the handshake: {e}");
@@ -352,6 +444,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
     let accept = Reply::Accept {
         version,
         software: protocol::software(),
+        mac,
     };
     if let Err(e) = stream.send_msg(&accept).await {
         warn!("the client went away during the handshake: {e}");
@@ -390,6 +483,46 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
     if let Ok(mut t) = shared.tally.lock() {
         t.ended(&stats, result.is_err());
     }
+}
+
+/// The part of a connection before it is trusted: the upgrade, the hello and, with a token,
+/// the challenge. Returns the stream, the hello and the server's proof for the accept, or
+/// `None` when the client failed to authenticate (it was told so, and it was logged).
+async fn handshake(
+    shared: &Shared,
+    tcp: TcpStream,
+) -> Result<Option<(TunnelStream, Hello, Option<String>)>> {
+    let mut stream = shared.transport.accept(tcp).await?;
+    let body = stream.recv_body().await?;
+    let hello: Hello = protocol::decode_body(&body)?;
+    let Some(token) = &shared.config.token else {
+        return Ok(Some((stream, hello, None)));
+    };
+    let nonce = auth::nonce()?;
+    stream
+        .send_msg(&Reply::Challenge {
+            nonce: auth::hex(&nonce),
+        })
+        .await?;
+    let answer: Auth = stream.recv_msg().await?;
+    let failure = match &answer.mac {
+        None => "the client has no token, and this server requires one",
+        Some(mac) if token.check_client_proof(&nonce, &body, mac) => {
+            debug!("the client proved it knows the token");
+            return Ok(Some((
+                stream,
+                hello,
+                Some(token.server_proof(&nonce, &body)),
+            )));
+        }
+        Some(_) => {
+            "the client's proof does not match this server's token (a wrong token, or a \
+             replayed handshake)"
+        }
+    };
+    let message = format!("authentication failed: {failure}");
+    reject(&mut stream, RejectReason::Auth, message).await;
+    Ok(None)
 }
 
 async fn reject(stream: &mut TunnelStream, reason: RejectReason, message: String) {
@@ -456,6 +589,11 @@ async fn connect_in_order(shared: &Shared, hello: &Hello) -> Result<UnixStream> 
     };
     turn.send_modify(|next| *next = (*next).max(hello.seq + 1));
     result
+}
+
+/// Whether `ip` is a loopback address (`127.0.0.0/8`, `::1`, or `::ffff:127.x.y.z`).
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
 }
 
 /// Connects to the destination socket, retrying while it does not exist yet or nobody
