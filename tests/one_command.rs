@@ -228,3 +228,39 @@ async fn destination_not_waiting_is_reported_on_the_source() {
     assert_eq!(support::vm_state(&qmp).await.0, RunState::Running);
     srv.kill().await;
 }
+
+/// With a token, the control and data connections are authenticated (then the direct data
+/// path hands the authenticated socket to QEMU); without it the source is refused and its VM
+/// keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_is_required_and_enough() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(bin) = qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "correct horse battery staple\n").expect("token file");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let p = pair(&bin);
+    let (mut srv, url) = server(
+        dir.path(),
+        &[
+            "--qmp".into(),
+            path(&p.dst.qmp_path),
+            "--token-file".into(),
+            path(&token),
+        ],
+    )
+    .await;
+    let refused = migrate(&p, &url, &[]).await;
+    refused.expect_code(1);
+    let err = refused.error_line().to_lowercase();
+    assert!(err.contains("token"), "the refusal names the missing token: {err}");
+    let src = support::qmp(&p.src.qmp_path).await;
+    assert_eq!(support::vm_state(&src).await.0, RunState::Running);
+    drop(src);
+    let out = migrate(&p, &url, &["--token-file", &path(&token), "--no-start"]).await;
+    out.expect_success();
+    assert!(out.stderr.contains("direct data path"), "{}", out.stderr);
+    verify(&p, dir.path(), RunState::Paused).await;
+    srv.kill().await;
+}

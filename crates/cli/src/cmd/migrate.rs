@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cmd::send;
 use crate::exit::Exit;
 use crate::migration::{self, Compression, Mode};
+use crate::token::TokenArgs;
 use crate::units;
 
 /// How long the destination may take to prepare (QMP, capabilities, `migrate-incoming`).
@@ -101,6 +102,9 @@ pub struct Args {
     /// verdict (`"type": "destination"`).
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub token: TokenArgs,
 }
 
 /// Runs `qmigrate migrate`.
@@ -124,6 +128,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let config = ClientConfig {
         connect_timeout: args.connect_timeout,
+        token: args.token.load()?,
         ..ClientConfig::new(server.clone())
     };
     let (mut control, session) = open_control(&config)
