@@ -282,9 +282,11 @@ async fn open(
                 what: "connecting to the tunnel server",
                 after: config.connect_timeout,
             })??;
-    let client_nonce = auth::nonce()?;
     let hello = Hello {
-        nonce: Some(auth::hex(&client_nonce)),
+        nonce: match config.token {
+            Some(_) => Some(auth::hex(&auth::nonce()?)),
+            None => None,
+        },
         ..hello.clone()
     };
     // The proofs cover the hello byte for byte, so keep the bytes sent.

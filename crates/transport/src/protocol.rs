@@ -56,9 +56,10 @@ pub struct Hello {
     /// The route (destination VM) asked for; `None` for the server's only destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
-    /// The client's fresh random nonce (hex, [`auth::NONCE_LEN`] bytes), which the server's
-    /// proof in [`Reply::Accept`] covers. [`Hello::data`] and [`Hello::control`] leave it
-    /// empty; the client fills it in for each connection.
+    /// A client with a token sends a fresh random nonce (hex, [`auth::NONCE_LEN`] bytes),
+    /// which the server's proof in [`Reply::Accept`] covers; a server without a token refuses
+    /// such a client at once, before it touches the destination. [`Hello::data`] and
+    /// [`Hello::control`] leave it empty; the client fills it in for each connection.
     ///
     /// [`auth::NONCE_LEN`]: crate::auth::NONCE_LEN
     #[serde(default, skip_serializing_if = "Option::is_none")]

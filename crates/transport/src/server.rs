@@ -496,6 +496,14 @@ async fn handshake(
     let body = stream.recv_body().await?;
     let hello: Hello = protocol::decode_body(&body)?;
     let Some(token) = &shared.config.token else {
+        if hello.nonce.is_some() {
+            // It would refuse our accept, after the destination got a connection.
+            let message = "authentication failed: the client has a token, but this server has \
+                           none: give tunnel-server the same token"
+                .to_owned();
+            reject(&mut stream, RejectReason::Auth, message).await;
+            return Ok(None);
+        }
         return Ok(Some((stream, hello, None)));
     };
     let nonce = auth::nonce()?;

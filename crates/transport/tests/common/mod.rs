@@ -9,7 +9,9 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use qmigrate_transport::{Client, ClientConfig, Endpoint, Report, Scheme, Server, ServerConfig};
+use qmigrate_transport::{
+    Client, ClientConfig, Endpoint, Report, Scheme, Server, ServerConfig, Token,
+};
 use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -37,13 +39,38 @@ pub struct Opts {
     pub once: bool,
     /// The server's wait for the destination socket.
     pub connect_timeout: Duration,
+    /// The server's limit for a connection's handshake.
+    pub handshake_timeout: Duration,
+    /// The server's limit of connections in their handshake at once.
+    pub max_unauthenticated: usize,
+    /// The server's token.
+    pub server_token: Option<Token>,
+    /// The client's token.
+    pub client_token: Option<Token>,
 }
 
 impl Default for Opts {
     fn default() -> Self {
+        let defaults = ServerConfig::new("unused");
         Opts {
             once: true,
             connect_timeout: Duration::from_secs(30),
+            handshake_timeout: defaults.handshake_timeout,
+            max_unauthenticated: defaults.max_unauthenticated,
+            server_token: None,
+            client_token: None,
+        }
+    }
+}
+
+impl Opts {
+    /// Both ends with the same token.
+    pub fn with_token(token: &str) -> Opts {
+        let token = Token::new(token, "the test").expect("a test token");
+        Opts {
+            server_token: Some(token.clone()),
+            client_token: Some(token),
+            ..Opts::default()
         }
     }
 }
@@ -76,6 +103,9 @@ impl Tunnel {
         let listen = Endpoint::parse("127.0.0.1:0", scheme).expect("endpoint");
         let config = ServerConfig {
             connect_timeout: opts.connect_timeout,
+            handshake_timeout: opts.handshake_timeout,
+            max_unauthenticated: opts.max_unauthenticated,
+            token: opts.server_token.clone(),
             once: opts.once,
             ..ServerConfig::new(&dest)
         };
@@ -87,6 +117,7 @@ impl Tunnel {
             &source,
             ClientConfig {
                 once: opts.once,
+                token: opts.client_token.clone(),
                 ..ClientConfig::new(url.clone())
             },
         )
