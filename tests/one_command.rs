@@ -254,7 +254,10 @@ async fn token_is_required_and_enough() {
     let refused = migrate(&p, &url, &[]).await;
     refused.expect_code(1);
     let err = refused.error_line().to_lowercase();
-    assert!(err.contains("token"), "the refusal names the missing token: {err}");
+    assert!(
+        err.contains("token"),
+        "the refusal names the missing token: {err}"
+    );
     let src = support::qmp(&p.src.qmp_path).await;
     assert_eq!(support::vm_state(&src).await.0, RunState::Running);
     drop(src);
