@@ -114,19 +114,23 @@ ready() {
   die "$(basename "$out" .out) did not become ready"
 }
 
+# The token both tunnel ends prove they know (the server refuses to listen beyond loopback
+# without one); private from the start, never on a command line.
+(umask 077 && head -c 32 /dev/urandom | base64 >"$work/token")
+
 port=8765; [ $TRANSPORT = tcp ] && port=9999
 [ -n "$ns" ] || port=0
 ws_flag=(); [ $TRANSPORT = ws ] && ws_flag=(--ws)
-step "Destination: qmigrate tunnel-server ${ws_flag[*]} --listen $listen_host:$port --socket \$WORK/dest.sock"
+step "Destination: qmigrate tunnel-server ${ws_flag[*]} --listen $listen_host:$port --token-file \$WORK/token --socket \$WORK/dest.sock"
 "${dst_exec[@]}" "$QM" tunnel-server "${ws_flag[@]}" --listen "$listen_host:$port" \
-  --socket "$work/dest.sock" --once >"$work/server.out" 2>"$work/server.err" &
+  --token-file "$work/token" --socket "$work/dest.sock" --once >"$work/server.out" 2>"$work/server.err" &
 pids+=($!)
 server_url=$(ready "$work/server.out" $!)
 echo "    $server_url" >&2
 
-step "Source: qmigrate tunnel-client --connect $server_url --socket \$WORK/src.sock"
-"$QM" tunnel-client "${ws_flag[@]}" --connect "$server_url" --socket "$work/src.sock" --once \
-  >"$work/client.out" 2>"$work/client.err" &
+step "Source: qmigrate tunnel-client --connect $server_url --token-file \$WORK/token --socket \$WORK/src.sock"
+"$QM" tunnel-client "${ws_flag[@]}" --connect "$server_url" --token-file "$work/token" \
+  --socket "$work/src.sock" --once >"$work/client.out" 2>"$work/client.err" &
 pids+=($!)
 ready "$work/client.out" $! >/dev/null
 

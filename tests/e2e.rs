@@ -265,6 +265,79 @@ async fn ws_tunnel_multifd_4() {
     tunnel_migration(Transport::Ws, Some("4")).await;
 }
 
+/// A token file (0600) in `dir` holding `token`.
+fn token_file(dir: &Path, name: &str, token: &str) -> String {
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = dir.join(name);
+    std::fs::write(&file, format!("{token}\n")).expect("write the token file");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    path(&file)
+}
+
+/// A tunnel server with a token: migrations through tunnel clients without the token or
+/// with another one fail on the source (which keeps running) and never reach the
+/// destination; then a migration through a client with the token completes against the same
+/// running server and the same waiting destination.
+#[tokio::test(flavor = "multi_thread")]
+async fn authenticated_tunnel_after_refused_attempts() {
+    let Some(bin) = qemu10() else { return };
+    let pair = pair(&bin, MEM_MIB);
+    let good = token_file(
+        pair.dir(),
+        "token",
+        "cXVpdGUgYSBnb29kIHRva2VuIGZvciB0aGUgdGVzdA==",
+    );
+    let wrong = token_file(
+        pair.dir(),
+        "wrong",
+        "YW5vdGhlciB0b2tlbiBlbnRpcmVseSwgbG9uZyBlbm91Z2g=",
+    );
+    let token_args = |file: &str| vec!["--token-file".to_owned(), file.to_owned()];
+    let tunnel = Tunnel::start_with(
+        pair.dir(),
+        Transport::Ws,
+        &token_args(&good),
+        &token_args(&good),
+    )
+    .await;
+    pair.receive(&["--socket".into(), path(&tunnel.dest_socket)], &[])
+        .await;
+
+    for (name, extra) in [("no-token", vec![]), ("wrong-token", token_args(&wrong))] {
+        let (_client, socket) = tunnel.another_client(pair.dir(), name, &extra).await;
+        let mut send = pair.send(&["--socket".into(), path(&socket)], &[]);
+        let (status, stdout) = send.wait(RUN).await;
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "send through the {name} client: {status}\n{}\n{}",
+            send.stderr(),
+            tunnel.logs()
+        );
+        assert_eq!(summary_of(&stdout)["outcome"], "failed", "{name}: {stdout}");
+        let (migration, _) = pair.verify_source_running().await;
+        assert_eq!(migration, MigrationStatus::Failed, "{name}");
+    }
+    let refusals = tunnel
+        .server
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("refused (authentication failed)") && l.contains("peer=127.0.0.1:"))
+        .count();
+    assert_eq!(refusals, 2, "the server's log:\n{}", tunnel.server.stderr());
+
+    let mut send = pair.send(&["--socket".into(), path(&tunnel.source_socket)], &[]);
+    let (status, stdout) = send.wait(RUN).await;
+    assert!(
+        status.success(),
+        "send through the authenticated tunnel exited with {status}; stderr:\n{}\n{}",
+        send.stderr(),
+        tunnel.logs()
+    );
+    assert_eq!(summary_of(&stdout)["status"], "completed");
+    pair.verify_completed().await;
+}
+
 /// Without the tunnel: QEMU to QEMU over a Unix socket given as a legacy URI, with `receive
 /// --start` following the migration on the destination at the same time and starting the
 /// destination (paused by `-S`) afterwards.

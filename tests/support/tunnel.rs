@@ -39,6 +39,17 @@ pub struct Tunnel {
 impl Tunnel {
     /// Starts server and client in `dir` and waits for both ready lines.
     pub async fn start(dir: &Path, transport: Transport) -> Tunnel {
+        Tunnel::start_with(dir, transport, &[], &[]).await
+    }
+
+    /// [`Tunnel::start`] with more arguments for the server and the client (`--token-file
+    /// PATH`, ...).
+    pub async fn start_with(
+        dir: &Path,
+        transport: Transport,
+        server_extra: &[String],
+        client_extra: &[String],
+    ) -> Tunnel {
         let dest_socket = dir.join("dest.sock");
         let source_socket = dir.join("source.sock");
         let ws: &[&str] = match transport {
@@ -54,6 +65,7 @@ impl Tunnel {
             "--socket".into(),
             dest_socket.display().to_string(),
         ]);
+        server_args.extend(server_extra.iter().cloned());
         let mut server = Proc::spawn("tunnel-server", dir, &server_args);
         let line = server.next_line(READY).await;
         let url = line
@@ -70,21 +82,7 @@ impl Tunnel {
             "server URL {url:?} is not {scheme}"
         );
 
-        let mut client_args: Vec<String> = vec!["tunnel-client".into()];
-        client_args.extend(ws.iter().map(|s| s.to_string()));
-        client_args.extend([
-            "--connect".into(),
-            url.clone(),
-            "--socket".into(),
-            source_socket.display().to_string(),
-        ]);
-        let mut client = Proc::spawn("tunnel-client", dir, &client_args);
-        let line = client.next_line(READY).await;
-        let expected = format!("listening on unix:{} -> ", source_socket.display());
-        assert!(
-            line.starts_with(&expected),
-            "unexpected tunnel-client ready line: {line:?} (expected {expected:?}...)"
-        );
+        let client = start_client(dir, "tunnel-client", &url, &source_socket, client_extra).await;
         Tunnel {
             server,
             client,
@@ -92,6 +90,19 @@ impl Tunnel {
             dest_socket,
             source_socket,
         }
+    }
+
+    /// Another `tunnel-client` (named `name`, for its log) to this tunnel's server, on its own
+    /// socket in `dir`, with `extra` arguments; returns it with its socket.
+    pub async fn another_client(
+        &self,
+        dir: &Path,
+        name: &str,
+        extra: &[String],
+    ) -> (Proc, PathBuf) {
+        let socket = dir.join(format!("{name}.sock"));
+        let client = start_client(dir, name, &self.url, &socket, extra).await;
+        (client, socket)
     }
 
     /// Both processes' stderr, for failure messages.
@@ -102,4 +113,24 @@ impl Tunnel {
             self.client.stderr()
         )
     }
+}
+
+/// Starts `tunnel-client --connect URL --socket SOCKET EXTRA...` and waits for its ready line.
+async fn start_client(dir: &Path, name: &str, url: &str, socket: &Path, extra: &[String]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "tunnel-client".into(),
+        "--connect".into(),
+        url.to_owned(),
+        "--socket".into(),
+        socket.display().to_string(),
+    ];
+    args.extend(extra.iter().cloned());
+    let mut client = Proc::spawn(name, dir, &args);
+    let line = client.next_line(READY).await;
+    let expected = format!("listening on unix:{} -> ", socket.display());
+    assert!(
+        line.starts_with(&expected),
+        "unexpected {name} ready line: {line:?} (expected {expected:?}...)"
+    );
+    client
 }

@@ -6,7 +6,8 @@
 //! it to the destination QEMU's socket. Every QEMU connection stays its own tunnel
 //! connection, in order, full duplex, with half-close forwarded and any failure turned into
 //! a torn-down pair rather than a silently truncated stream. The handshake that opens each
-//! tunnel connection is in [`protocol`]; `docs/PROTOCOL.md` describes the wire format.
+//! tunnel connection is in [`protocol`]; with a [`Token`] on both ends it also proves, both
+//! ways, that each end knows the token ([`auth`]). `docs/PROTOCOL.md` describes the wire format.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), qmigrate_transport::Error> {

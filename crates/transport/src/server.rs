@@ -498,8 +498,8 @@ async fn handshake(
     let Some(token) = &shared.config.token else {
         if hello.nonce.is_some() {
             // It would refuse our accept, after the destination got a connection.
-            let message = "authentication failed: the client has a token, but this server has \
-                           none: give tunnel-server the same token"
+            let message = "the client has a token, but this server has none: give \
+                           tunnel-server the same token"
                 .to_owned();
             reject(&mut stream, RejectReason::Auth, message).await;
             return Ok(None);
@@ -528,13 +528,12 @@ async fn handshake(
              replayed handshake)"
         }
     };
-    let message = format!("authentication failed: {failure}");
-    reject(&mut stream, RejectReason::Auth, message).await;
+    reject(&mut stream, RejectReason::Auth, failure.to_owned()).await;
     Ok(None)
 }
 
 async fn reject(stream: &mut TunnelStream, reason: RejectReason, message: String) {
-    warn!("refused: {message}");
+    warn!("refused ({reason}): {message}");
     let reply = Reply::Reject {
         reason,
         message,

@@ -400,7 +400,11 @@ async fn no_token_is_refused(scheme: Scheme) {
     s.send_msg(&Auth { mac: None }).await.expect("send auth");
     let message = expect_auth_reject(&mut s, "no token").await;
     assert!(message.contains("no token"), "{message}");
-    assert_logged(peer, "authentication failed: the client has no token").await;
+    assert_logged(
+        peer,
+        "refused (authentication failed): the client has no token",
+    )
+    .await;
 
     SideClient::start(&t, "no-token", &t.url, None)
         .refused("a tunnel client without a token")
