@@ -13,6 +13,7 @@ use qmigrate_qmp::{MigrationStatus, RunState};
 use support::proc::{run, Output, Proc};
 use support::qemu::{self, QemuBinary, Vm, VmConfig};
 use support::tunnel::{Transport, Tunnel};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Guest RAM for migrations that should be quick.
 const MEM_MIB: u64 = 128;
@@ -276,7 +277,8 @@ fn token_file(dir: &Path, name: &str, token: &str) -> String {
 
 /// A tunnel server with a token: migrations through tunnel clients without the token or
 /// with another one fail on the source (which keeps running) and never reach the
-/// destination; then a migration through a client with the token completes against the same
+/// destination; garbage, a plain HTTP request and 100 connections that never say anything
+/// follow; then a migration through a client with the token completes against the same
 /// running server and the same waiting destination.
 #[tokio::test(flavor = "multi_thread")]
 async fn authenticated_tunnel_after_refused_attempts() {
@@ -326,6 +328,33 @@ async fn authenticated_tunnel_after_refused_attempts() {
         .count();
     assert_eq!(refusals, 2, "the server's log:\n{}", tunnel.server.stderr());
 
+    // Garbage, an HTTP request that is no upgrade, and 100 connections that stay silent
+    // through the migration (more than the server lets wait, so it drops the oldest).
+    let addr = tunnel
+        .url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_owned();
+    for junk in [
+        &b"\x16\x03\x01garbage garbage garbage"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let _ = tcp.write_all(junk).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(RUN, tcp.read_to_end(&mut answer)).await;
+    }
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+
     let mut send = pair.send(&["--socket".into(), path(&tunnel.source_socket)], &[]);
     let (status, stdout) = send.wait(RUN).await;
     assert!(
@@ -336,6 +365,12 @@ async fn authenticated_tunnel_after_refused_attempts() {
     );
     assert_eq!(summary_of(&stdout)["status"], "completed");
     pair.verify_completed().await;
+    drop(idle);
+    let log = tunnel.server.stderr();
+    assert!(
+        log.contains("WebSocket handshake failed") && log.contains("connections were waiting"),
+        "the server's log:\n{log}"
+    );
 }
 
 /// Without the tunnel: QEMU to QEMU over a Unix socket given as a legacy URI, with `receive
