@@ -10,6 +10,7 @@ mod logging;
 mod migration;
 mod progress;
 mod signals;
+mod tls;
 mod token;
 mod units;
 

@@ -19,6 +19,7 @@ use crate::protocol::{self, Auth, Hello, Reply};
 use crate::relay::relay;
 use crate::report::{Report, Tally};
 use crate::stream::TunnelStream;
+use crate::tls::ClientTls;
 use crate::transport::{AnyTransport, Transport};
 
 /// How a [`Client`] behaves.
@@ -39,6 +40,9 @@ pub struct ClientConfig {
     /// The pre-shared token: answer the server's challenge with it, and accept only a server
     /// that proves it knows it too. Without one, a server that asks for a token refuses us.
     pub token: Option<Token>,
+    /// How to check a `tls://` or `wss://` server, and the client certificate if it wants
+    /// one (required for those schemes, refused for the plain ones).
+    pub tls: Option<ClientTls>,
 }
 
 impl ClientConfig {
@@ -51,6 +55,7 @@ impl ClientConfig {
             once: false,
             session: None,
             token: None,
+            tls: None,
         }
     }
 }
@@ -77,8 +82,10 @@ struct Sessions {
 
 impl Client {
     /// Creates the Unix socket at `path` (mode 0600). A stale socket file there is replaced;
-    /// a live one (another tunnel-client) or a file that is not a socket is refused.
+    /// a live one (another tunnel-client) or a file that is not a socket is refused, and so is
+    /// a TLS address without TLS settings or the other way round.
     pub fn bind(path: &Path, config: ClientConfig) -> Result<Client> {
+        transport_for(&config)?;
         let bad = |why: String| Error::UnixSocket {
             path: path.to_owned(),
             why,
@@ -128,7 +135,14 @@ impl Client {
     /// Serves until `shutdown` is cancelled (or, with `once`, until the first migration is
     /// over).
     pub async fn serve(self, shutdown: CancellationToken) -> Report {
-        let transport = AnyTransport::for_scheme(self.config.server.scheme);
+        let transport = match transport_for(&self.config) {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                // `bind` checked the same settings.
+                error!("{e}");
+                return Report::default();
+            }
+        };
         let config = Arc::new(self.config.clone());
         let sessions = Arc::new(Mutex::new(Sessions::default()));
         let (done_tx, mut done_rx) = watch::channel(());
@@ -169,6 +183,7 @@ impl Client {
                         };
                         let span = info_span!("conn", id = next_id, %session, seq);
                         let (config, sessions, tally) = (config.clone(), sessions.clone(), tally.clone());
+                        let transport = transport.clone();
                         let done = done_tx.clone();
                         let cancel = shutdown.child_token();
                         tracker.spawn(async move {
@@ -253,7 +268,7 @@ async fn handle(
 /// [`Control`]: crate::protocol::Control
 pub async fn open_control(config: &ClientConfig) -> Result<(TunnelStream, String)> {
     let session = new_session_id();
-    let transport = AnyTransport::for_scheme(config.server.scheme);
+    let transport = transport_for(config)?;
     let hello = Hello::control(&session, config.server.route());
     let stream = open(&transport, config, &hello).await?;
     Ok((stream, session))
@@ -263,10 +278,15 @@ pub async fn open_control(config: &ClientConfig) -> Result<(TunnelStream, String
 /// after the server's accept, for the caller to use as it is: the direct data path hands it to
 /// the source QEMU.
 pub async fn open_data(config: &ClientConfig, session: &str, seq: u64) -> Result<TunnelStream> {
-    let transport = AnyTransport::for_scheme(config.server.scheme);
+    let transport = transport_for(config)?;
     let mut hello = Hello::data(session, seq);
     hello.route = config.server.route();
     open(&transport, config, &hello).await
+}
+
+/// The transport for the server's scheme, with the TLS settings it needs.
+fn transport_for(config: &ClientConfig) -> Result<AnyTransport> {
+    AnyTransport::client(config.server.scheme, config.tls.as_ref())
 }
 
 /// Connects to the server and runs the handshake for one connection.

@@ -1,4 +1,5 @@
-//! Tunnel addresses: `HOST:PORT`, `tcp://HOST:PORT`, `ws://HOST:PORT/PATH`.
+//! Tunnel addresses: `HOST:PORT`, `tcp://HOST:PORT`, `ws://HOST:PORT/PATH`, and the same over
+//! TLS: `tls://HOST:PORT`, `wss://HOST:PORT/PATH`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -12,14 +13,48 @@ pub enum Scheme {
     Tcp,
     /// WebSocket (binary messages) over TCP.
     Ws,
+    /// TLS over TCP, with qmigrate framing inside.
+    Tls,
+    /// WebSocket over TLS.
+    Wss,
 }
 
 impl Scheme {
-    /// The default port operators know from the old scripts.
+    /// The default port operators know from the old scripts: 9999 for TCP (with or without
+    /// TLS), 8765 for WebSocket (with or without TLS).
     pub fn default_port(self) -> u16 {
         match self {
-            Scheme::Tcp => 9999,
-            Scheme::Ws => 8765,
+            Scheme::Tcp | Scheme::Tls => 9999,
+            Scheme::Ws | Scheme::Wss => 8765,
+        }
+    }
+
+    /// Whether the connection runs over TLS (`tls://`, `wss://`).
+    pub fn is_tls(self) -> bool {
+        matches!(self, Scheme::Tls | Scheme::Wss)
+    }
+
+    /// Whether the connection is a WebSocket (`ws://`, `wss://`).
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Scheme::Ws | Scheme::Wss)
+    }
+
+    /// This scheme with TLS (`tcp` becomes `tls`, `ws` becomes `wss`).
+    pub fn with_tls(self) -> Scheme {
+        if self.is_websocket() {
+            Scheme::Wss
+        } else {
+            Scheme::Tls
+        }
+    }
+
+    /// The URL scheme: `tcp`, `ws`, `tls` or `wss`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::Tcp => "tcp",
+            Scheme::Ws => "ws",
+            Scheme::Tls => "tls",
+            Scheme::Wss => "wss",
         }
     }
 }
@@ -27,7 +62,7 @@ impl Scheme {
 /// Where a tunnel server listens or a tunnel client connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// TCP or WebSocket.
+    /// TCP or WebSocket, with or without TLS.
     pub scheme: Scheme,
     /// Host name or IP address (IPv6 without brackets).
     pub host: String,
@@ -49,14 +84,12 @@ impl Endpoint {
         let (scheme, rest) = match addr.split_once("://") {
             Some(("tcp", rest)) => (Scheme::Tcp, rest),
             Some(("ws", rest)) => (Scheme::Ws, rest),
-            Some(("wss" | "tls", _)) => {
-                return Err(bad(
-                    "TLS (wss://, tls://) is not supported by this build yet",
-                ))
-            }
+            Some(("tls", rest)) => (Scheme::Tls, rest),
+            Some(("wss", rest)) => (Scheme::Wss, rest),
             Some((other, _)) => {
                 return Err(bad(&format!(
-                    "unknown scheme {other:?}: use tcp://HOST:PORT or ws://HOST:PORT/PATH"
+                    "unknown scheme {other:?}: use tcp://HOST:PORT, ws://HOST:PORT/PATH, or \
+                     with TLS tls://HOST:PORT or wss://HOST:PORT/PATH"
                 )))
             }
             None => (default, addr),
@@ -103,8 +136,8 @@ impl Endpoint {
 }
 
 impl Endpoint {
-    /// The route named by the path (`ws://dest:8765/vm1` and `tcp://dest:9999/vm1` name
-    /// `vm1`); `None` for `/`, the server's only destination.
+    /// The route named by the path (`ws://dest:8765/vm1`, `tcp://dest:9999/vm1` and their TLS
+    /// forms name `vm1`); `None` for `/`, the server's only destination.
     pub fn route(&self) -> Option<String> {
         let name = self.path.trim_matches('/');
         (!name.is_empty()).then(|| name.to_owned())
@@ -113,10 +146,12 @@ impl Endpoint {
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.scheme {
-            Scheme::Tcp if self.path == "/" => write!(f, "tcp://{}", self.authority()),
-            Scheme::Tcp => write!(f, "tcp://{}{}", self.authority(), self.path),
-            Scheme::Ws => write!(f, "ws://{}{}", self.authority(), self.path),
+        let scheme = self.scheme.name();
+        // The path of a TCP address only names a route: `/` is left out.
+        if !self.scheme.is_websocket() && self.path == "/" {
+            write!(f, "{scheme}://{}", self.authority())
+        } else {
+            write!(f, "{scheme}://{}{}", self.authority(), self.path)
         }
     }
 }
@@ -164,6 +199,28 @@ mod tests {
         let e = Endpoint::parse("tcp://[::1]:0", Scheme::Ws).expect("v6");
         assert_eq!((e.scheme, e.host.as_str(), e.port), (Scheme::Tcp, "::1", 0));
         assert_eq!(e.authority(), "[::1]:0");
+
+        let e = Endpoint::parse("tls://dest:1234", Scheme::Ws).expect("tls url");
+        assert_eq!(
+            (e.scheme, e.port, e.path.as_str()),
+            (Scheme::Tls, 1234, "/")
+        );
+        assert_eq!(e.to_string(), "tls://dest:1234");
+        let e = Endpoint::parse("tls://dest/vm1", Scheme::Tcp).expect("tls default port");
+        assert_eq!((e.port, e.route().as_deref()), (9999, Some("vm1")));
+        assert_eq!(e.to_string(), "tls://dest:9999/vm1");
+
+        let e = Endpoint::parse("wss://[::1]/vm2", Scheme::Tcp).expect("wss url");
+        assert_eq!(
+            (e.scheme, e.port, e.path.as_str()),
+            (Scheme::Wss, 8765, "/vm2")
+        );
+        assert_eq!(e.to_string(), "wss://[::1]:8765/vm2");
+        let e = Endpoint::parse("dest:1", Scheme::Wss).expect("wss default");
+        assert_eq!(e.to_string(), "wss://dest:1/");
+        assert!(e.scheme.is_tls() && e.scheme.is_websocket());
+        assert_eq!(Scheme::Tcp.with_tls(), Scheme::Tls);
+        assert_eq!(Scheme::Ws.with_tls(), Scheme::Wss);
     }
 
     #[test]
@@ -173,7 +230,7 @@ mod tests {
             ("x:port", "not a number"),
             ("x:70000", "not a number"),
             (":9999", "empty"),
-            ("wss://x:1/", "TLS"),
+            ("https://x:1/", "wss://HOST:PORT/PATH"),
         ] {
             let err = Endpoint::parse(addr, Scheme::Tcp)
                 .expect_err(addr)

@@ -44,9 +44,37 @@ pub enum Error {
     /// The WebSocket upgrade failed (wrong path, not a WebSocket server, proxy refused, ...).
     #[error("WebSocket handshake failed: {0}")]
     WebSocketHandshake(#[source] Box<tokio_tungstenite::tungstenite::Error>),
+    /// The server answered the WebSocket upgrade with an HTTP error and an explanation.
+    #[error("the server refused the WebSocket upgrade ({status}): {message}")]
+    WebSocketRefused {
+        /// The HTTP status.
+        status: String,
+        /// The body of the server's answer.
+        message: String,
+    },
     /// The WebSocket connection failed after the upgrade.
     #[error("WebSocket error: {0}")]
     WebSocket(#[source] Box<tokio_tungstenite::tungstenite::Error>),
+    /// TLS settings that cannot be used (unreadable files, a key that does not match, a TLS
+    /// address without settings).
+    #[error(transparent)]
+    TlsSetup(#[from] crate::tls::TlsError),
+    /// The TLS handshake failed, or the peer ended the TLS session with an alert; `why` says
+    /// which side refused what, and what to do.
+    #[error("TLS handshake failed: {why}")]
+    TlsHandshake {
+        /// What happened, and what to do.
+        why: String,
+    },
+    /// The peer's certificate did not pass this side's check (wrong CA, wrong name, another
+    /// certificate than the pinned one, expired).
+    #[error("the {whose} certificate verification failed: {why}")]
+    Certificate {
+        /// `server's` or `client's`.
+        whose: &'static str,
+        /// Why, and what to do.
+        why: String,
+    },
     /// The peer sent a handshake that is not ours or is malformed.
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
@@ -67,8 +95,9 @@ pub enum Error {
     /// does not have, or could not prove that it knows the token.
     #[error("authentication failed: {0}")]
     Auth(String),
-    /// A server was asked to listen beyond the loopback interface without a token.
-    #[error("refusing to listen on {addr} without authentication: anyone who can reach it could write a migration stream into the destination VM, and run code there. Give the server a token (--token-file PATH or QMIGRATE_TOKEN; make one with `{make}`), listen on 127.0.0.1, or pass --insecure if the network is trusted", make = crate::auth::MAKE_TOKEN)]
+    /// A server was asked to listen beyond the loopback interface without a token or TLS
+    /// client certificates.
+    #[error("refusing to listen on {addr} without authentication: anyone who can reach it could write a migration stream into the destination VM, and run code there. Give the server a token (--token-file PATH or QMIGRATE_TOKEN; make one with `{make}`) or, with TLS, require client certificates (--tls-client-ca), listen on 127.0.0.1, or pass --insecure if the network is trusted", make = crate::auth::MAKE_TOKEN)]
     Unauthenticated {
         /// The address asked for.
         addr: String,
@@ -114,6 +143,9 @@ impl Error {
     /// An I/O error, classified as a lost connection when it is one.
     pub(crate) fn lost_or_io(e: io::Error) -> Self {
         use io::ErrorKind::*;
+        if let Some(tls) = crate::tls::tls_cause(&e, crate::tls::Side::Either) {
+            return tls;
+        }
         match e.kind() {
             UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
                 Error::ConnectionLost(e.to_string())

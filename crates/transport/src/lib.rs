@@ -2,12 +2,14 @@
 //!
 //! QEMU migrates over a Unix socket on each host; this crate joins the two. A [`Client`] on
 //! the source accepts each connection QEMU opens and carries it over one tunnel connection
-//! (TCP or WebSocket, see [`Transport`]) to a [`Server`] on the destination, which connects
+//! (TCP or WebSocket, either with TLS, see [`Transport`]) to a [`Server`] on the destination, which connects
 //! it to the destination QEMU's socket. Every QEMU connection stays its own tunnel
 //! connection, in order, full duplex, with half-close forwarded and any failure turned into
 //! a torn-down pair rather than a silently truncated stream. The handshake that opens each
 //! tunnel connection is in [`protocol`]; with a [`Token`] on both ends it also proves, both
-//! ways, that each end knows the token ([`auth`]). `docs/PROTOCOL.md` describes the wire format.
+//! ways, that each end knows the token ([`auth`]). Over TLS ([`tls`]) the client checks the
+//! server's certificate against a CA or a pinned fingerprint, and a server may require client
+//! certificates. `docs/PROTOCOL.md` describes the wire format.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), qmigrate_transport::Error> {
@@ -33,6 +35,7 @@ mod relay;
 mod report;
 mod server;
 mod stream;
+pub mod tls;
 mod transport;
 
 pub use auth::{Token, TokenError};
@@ -42,5 +45,6 @@ pub use error::{Error, Result};
 pub use relay::{relay, RelayStats};
 pub use report::Report;
 pub use server::{Controller, Server, ServerConfig, SessionMap};
-pub use stream::{TunnelReader, TunnelStream, TunnelWriter, WS_MESSAGE};
-pub use transport::{AnyTransport, Tcp, Transport, WebSocket};
+pub use stream::{Frames, Messages, TlsTcp, TunnelReader, TunnelStream, TunnelWriter, WS_MESSAGE};
+pub use tls::{ClientTls, Fingerprint, ServerCheck, ServerTls, TlsError};
+pub use transport::{AnyTransport, Tcp, Tls, Transport, WebSocket};

@@ -22,6 +22,7 @@ use crate::protocol::{self, Auth, Hello, Purpose, RejectReason, Reply};
 use crate::relay::relay;
 use crate::report::{Report, Tally};
 use crate::stream::TunnelStream;
+use crate::tls::ServerTls;
 use crate::transport::{AnyTransport, Transport};
 
 /// How a [`Server`] behaves.
@@ -43,6 +44,10 @@ pub struct ServerConfig {
     pub token: Option<Token>,
     /// Listen beyond loopback without a token (a warning is logged at every start).
     pub insecure: bool,
+    /// The certificate and key for `tls://` and `wss://` (required there, refused for the
+    /// plain schemes). With client certificates required, clients are authenticated even
+    /// without a token.
+    pub tls: Option<ServerTls>,
     /// How many connections may be in their handshake (not authenticated yet) at once. A new
     /// one beyond this drops the oldest, so a flood of idle connections neither grows without
     /// bound nor locks out a client that authenticates within a round trip.
@@ -59,6 +64,7 @@ impl ServerConfig {
             once: false,
             token: None,
             insecure: false,
+            tls: None,
             max_unauthenticated: 64,
         }
     }
@@ -102,8 +108,9 @@ pub struct SessionMap(Arc<Mutex<HashMap<String, SessionDest>>>);
 enum SessionDest {
     /// Relayed to this Unix socket.
     Socket(PathBuf),
-    /// Handed over as they are (TCP only, after the handshake and its accept): the direct
-    /// data path, where the controller gives the socket to the destination QEMU.
+    /// Handed over as they are (plain TCP only, never TLS, after the handshake and its
+    /// accept): the direct data path, where the controller gives the socket to the
+    /// destination QEMU.
     Handover(tokio::sync::mpsc::UnboundedSender<TcpStream>),
 }
 
@@ -211,12 +218,15 @@ struct Session {
 const SESSION_TTL: Duration = Duration::from_secs(600);
 
 impl Server {
-    /// Binds the listening socket. `listen`'s scheme picks the transport.
+    /// Binds the listening socket. `listen`'s scheme picks the transport; `tls://` and
+    /// `wss://` need `config.tls`, and the plain schemes refuse it ([`Error::TlsSetup`]).
     ///
-    /// Without a token in `config`, an address that is not loopback (`0.0.0.0`, a LAN
-    /// address, a name that resolves to one) is refused with [`Error::Unauthenticated`],
-    /// unless `config.insecure` is set, which logs a warning instead.
+    /// Without client authentication in `config` (a token, or TLS client certificates), an
+    /// address that is not loopback (`0.0.0.0`, a LAN address, a name that resolves to one)
+    /// is refused with [`Error::Unauthenticated`], unless `config.insecure` is set, which logs
+    /// a warning instead. A server certificate alone authenticates the server, not clients.
     pub async fn bind(listen: &Endpoint, config: ServerConfig) -> Result<Server> {
+        let transport = AnyTransport::server(listen.scheme, config.tls.as_ref())?;
         let bind_err = |source| Error::Bind {
             addr: listen.authority(),
             source,
@@ -225,7 +235,12 @@ impl Server {
             .await
             .map_err(bind_err)?
             .collect();
-        if config.token.is_none() && addrs.iter().any(|a| !is_loopback(a.ip())) {
+        let client_certs = config
+            .tls
+            .as_ref()
+            .is_some_and(ServerTls::requires_client_certificates);
+        let authenticated = config.token.is_some() || client_certs;
+        if !authenticated && addrs.iter().any(|a| !is_loopback(a.ip())) {
             if !config.insecure {
                 return Err(Error::Unauthenticated {
                     addr: listen.authority(),
@@ -239,10 +254,18 @@ impl Server {
         }
         let listener = TcpListener::bind(&addrs[..]).await.map_err(bind_err)?;
         let local = listen.with_bound(listener.local_addr()?);
+        if let Some(tls) = &config.tls {
+            info!(
+                fingerprint = %tls.fingerprint(),
+                client_certificates = client_certs,
+                "TLS: clients can pin this certificate with --tls-fingerprint {}",
+                tls.fingerprint()
+            );
+        }
         Ok(Server {
             listener,
             local,
-            transport: AnyTransport::for_scheme(listen.scheme),
+            transport,
             config,
             controller: None,
         })

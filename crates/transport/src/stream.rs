@@ -1,13 +1,15 @@
-//! [`TunnelStream`]: one tunnel connection, full duplex, over TCP or WebSocket.
+//! [`TunnelStream`]: one tunnel connection, full duplex, over TCP or WebSocket, each with or
+//! without TLS.
 //!
-//! Both transports carry the same thing: a handshake (see [`crate::protocol`]) and then two
+//! Every transport carries the same thing: a handshake (see [`crate::protocol`]) and then two
 //! independent byte streams, each ending with an explicit end-of-stream marker. The marker is
 //! what lets the far side tell a finished stream (forward a half-close to QEMU) from a peer
 //! that died or a network that dropped (tear everything down, never a clean EOF on a
-//! truncated migration stream). On TCP the data is framed as a big-endian `u32` length and that
-//! many bytes, a zero length marking the end; on WebSocket each binary message is data and an
-//! empty binary message is the end.
+//! truncated migration stream). On TCP (and inside TLS) the data is framed as a big-endian
+//! `u32` length and that many bytes, a zero length marking the end; on WebSocket each binary
+//! message is data and an empty binary message is the end.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::{BufMut as _, Bytes, BytesMut};
@@ -15,7 +17,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -31,16 +33,25 @@ pub const WS_MESSAGE: usize = 64 * 1024;
 /// How long a finished WebSocket connection waits for the peer's close frame.
 const WS_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
-type Ws = WebSocketStream<TcpStream>;
+/// TLS over TCP, either end: what `tls://` carries its frames in, and `wss://` its WebSocket.
+pub type TlsTcp = tokio_rustls::TlsStream<TcpStream>;
 
-/// One established tunnel connection (after the TCP connect or WebSocket upgrade, before or
-/// after the handshake).
+type Ws = WebSocketStream<TcpStream>;
+type Wss = WebSocketStream<TlsTcp>;
+
+/// One established tunnel connection (after the TCP connect, TLS handshake or WebSocket
+/// upgrade, before or after the tunnel handshake).
 #[derive(Debug)]
 pub enum TunnelStream {
-    /// Plain TCP with length-prefixed frames.
+    /// Plain TCP with length-prefixed frames: the only kind the direct data path hands to
+    /// QEMU as it is.
     Tcp(TcpStream),
+    /// TLS over TCP, the same frames inside. Never handed to QEMU, which would see ciphertext.
+    Tls(Box<TlsTcp>),
     /// WebSocket binary messages.
     Ws(Box<Ws>),
+    /// WebSocket binary messages over TLS.
+    Wss(Box<Wss>),
 }
 
 impl TunnelStream {
@@ -55,7 +66,12 @@ impl TunnelStream {
         let bytes = protocol::envelope(body);
         match self {
             TunnelStream::Tcp(s) => s.write_all(&bytes).await.map_err(Error::lost_or_io),
+            TunnelStream::Tls(s) => write_flushed(s, &bytes).await,
             TunnelStream::Ws(ws) => ws
+                .send(Message::Binary(Bytes::from(bytes)))
+                .await
+                .map_err(Error::ws),
+            TunnelStream::Wss(ws) => ws
                 .send(Message::Binary(Bytes::from(bytes)))
                 .await
                 .map_err(Error::ws),
@@ -72,34 +88,10 @@ impl TunnelStream {
     /// magic and length limit only).
     pub async fn recv_body(&mut self) -> Result<Vec<u8>> {
         match self {
-            TunnelStream::Tcp(s) => {
-                let mut header = [0u8; 12];
-                read_exact_or_lost(s, &mut header, "before the handshake").await?;
-                let len = protocol::parse_header(&header)?;
-                let mut body = vec![0u8; len as usize];
-                read_exact_or_lost(s, &mut body, "in the handshake").await?;
-                Ok(body)
-            }
-            TunnelStream::Ws(ws) => loop {
-                match ws.next().await {
-                    Some(Ok(Message::Binary(b))) => {
-                        return Ok(protocol::unwrap_envelope(&b)?.to_vec())
-                    }
-                    Some(Ok(Message::Text(_))) => {
-                        return Err(EnvelopeError::NotOurProtocol(
-                            "it sent a WebSocket text message",
-                        )
-                        .into())
-                    }
-                    Some(Ok(Message::Close(_))) | None => {
-                        return Err(Error::ConnectionLost(
-                            "closed before the handshake finished".into(),
-                        ))
-                    }
-                    Some(Ok(_)) => continue, // ping, pong
-                    Some(Err(e)) => return Err(Error::ws(e)),
-                }
-            },
+            TunnelStream::Tcp(s) => recv_envelope(s).await,
+            TunnelStream::Tls(s) => recv_envelope(s).await,
+            TunnelStream::Ws(ws) => recv_ws_envelope(ws).await,
+            TunnelStream::Wss(ws) => recv_ws_envelope(ws).await,
         }
     }
 
@@ -108,25 +100,19 @@ impl TunnelStream {
         match self {
             TunnelStream::Tcp(s) => {
                 let (r, w) = s.into_split();
-                (
-                    TunnelReader::Tcp {
-                        rd: r,
-                        remaining: 0,
-                        eos: false,
-                    },
-                    TunnelWriter::Tcp(w),
-                )
+                (TunnelReader::Tcp(Frames::new(r)), TunnelWriter::Tcp(w))
+            }
+            TunnelStream::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (TunnelReader::Tls(Frames::new(r)), TunnelWriter::Tls(w))
             }
             TunnelStream::Ws(ws) => {
                 let (w, r) = (*ws).split();
-                (
-                    TunnelReader::Ws {
-                        rd: r,
-                        pending: Bytes::new(),
-                        eos: false,
-                    },
-                    TunnelWriter::Ws(w),
-                )
+                (TunnelReader::Ws(Messages::new(r)), TunnelWriter::Ws(w))
+            }
+            TunnelStream::Wss(ws) => {
+                let (w, r) = (*ws).split();
+                (TunnelReader::Wss(Messages::new(r)), TunnelWriter::Wss(w))
             }
         }
     }
@@ -134,18 +120,69 @@ impl TunnelStream {
     /// Ends a connection whose both directions finished: the WebSocket close handshake, so
     /// that neither side resets a connection with a close frame still unread.
     pub async fn finish(reader: TunnelReader, writer: TunnelWriter) {
-        if let (TunnelReader::Ws { rd, .. }, TunnelWriter::Ws(wr)) = (reader, writer) {
-            let Ok(mut ws) = rd.reunite(wr) else { return };
-            let _ = ws.close(None).await;
-            let _ = tokio::time::timeout(WS_CLOSE_WAIT, async {
-                while let Some(Ok(_)) = ws.next().await {}
-            })
-            .await;
+        match (reader, writer) {
+            (TunnelReader::Ws(rd), TunnelWriter::Ws(wr)) => close_ws(rd.rd, wr).await,
+            (TunnelReader::Wss(rd), TunnelWriter::Wss(wr)) => close_ws(rd.rd, wr).await,
+            _ => {}
         }
     }
 }
 
-async fn read_exact_or_lost(s: &mut TcpStream, buf: &mut [u8], when: &str) -> Result<()> {
+async fn close_ws<S: AsyncRead + AsyncWrite + Unpin>(
+    rd: SplitStream<WebSocketStream<S>>,
+    wr: SplitSink<WebSocketStream<S>, Message>,
+) {
+    let Ok(mut ws) = rd.reunite(wr) else { return };
+    let _ = ws.close(None).await;
+    let _ = tokio::time::timeout(WS_CLOSE_WAIT, async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// Writes all of `bytes` and flushes: TLS keeps what the socket did not take at once in its
+/// own buffer until the next write or flush.
+async fn write_flushed<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<()> {
+    w.write_all(bytes).await.map_err(Error::lost_or_io)?;
+    w.flush().await.map_err(Error::lost_or_io)
+}
+
+async fn recv_envelope<R: AsyncRead + Unpin>(s: &mut R) -> Result<Vec<u8>> {
+    let mut header = [0u8; 12];
+    read_exact_or_lost(s, &mut header, "before the handshake").await?;
+    let len = protocol::parse_header(&header)?;
+    let mut body = vec![0u8; len as usize];
+    read_exact_or_lost(s, &mut body, "in the handshake").await?;
+    Ok(body)
+}
+
+async fn recv_ws_envelope<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> Result<Vec<u8>> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => return Ok(protocol::unwrap_envelope(&b)?.to_vec()),
+            Some(Ok(Message::Text(_))) => {
+                return Err(
+                    EnvelopeError::NotOurProtocol("it sent a WebSocket text message").into(),
+                )
+            }
+            Some(Ok(Message::Close(_))) | None => {
+                return Err(Error::ConnectionLost(
+                    "closed before the handshake finished".into(),
+                ))
+            }
+            Some(Ok(_)) => continue, // ping, pong
+            Some(Err(e)) => return Err(Error::ws(e)),
+        }
+    }
+}
+
+async fn read_exact_or_lost<R: AsyncRead + Unpin>(
+    s: &mut R,
+    buf: &mut [u8],
+    when: &str,
+) -> Result<()> {
     match s.read_exact(buf).await {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -158,20 +195,32 @@ async fn read_exact_or_lost(s: &mut TcpStream, buf: &mut [u8], when: &str) -> Re
 /// The receiving direction of a [`TunnelStream`].
 #[derive(Debug)]
 pub enum TunnelReader {
-    /// TCP: bytes left in the current frame, and whether the end marker arrived.
-    #[allow(missing_docs)]
-    Tcp {
-        rd: OwnedReadHalf,
-        remaining: usize,
-        eos: bool,
-    },
-    /// WebSocket: the rest of the current message.
-    #[allow(missing_docs)]
-    Ws {
-        rd: SplitStream<Ws>,
-        pending: Bytes,
-        eos: bool,
-    },
+    /// TCP: length-prefixed frames.
+    Tcp(Frames<OwnedReadHalf>),
+    /// TLS: length-prefixed frames inside.
+    Tls(Frames<ReadHalf<TlsTcp>>),
+    /// WebSocket: binary messages.
+    Ws(Messages<Ws>),
+    /// WebSocket over TLS: binary messages.
+    Wss(Messages<Wss>),
+}
+
+/// Reads length-prefixed frames: the bytes left in the current frame, and whether the end
+/// marker arrived.
+#[derive(Debug)]
+pub struct Frames<R> {
+    rd: R,
+    remaining: usize,
+    eos: bool,
+}
+
+/// Reads WebSocket binary messages: the rest of the current one, and whether the end marker
+/// arrived.
+#[derive(Debug)]
+pub struct Messages<S> {
+    rd: SplitStream<S>,
+    pending: Bytes,
+    eos: bool,
 }
 
 impl TunnelReader {
@@ -182,44 +231,10 @@ impl TunnelReader {
             return Ok(0);
         }
         match self {
-            TunnelReader::Tcp { rd, remaining, eos } => {
-                if *eos {
-                    return Ok(0);
-                }
-                if *remaining == 0 {
-                    match next_frame_len(rd).await? {
-                        0 => {
-                            *eos = true;
-                            return Ok(0);
-                        }
-                        n => *remaining = n,
-                    }
-                }
-                let want = (*remaining).min(buf.len());
-                let n = rd.read(&mut buf[..want]).await.map_err(Error::lost_or_io)?;
-                if n == 0 {
-                    return Err(Error::ConnectionLost("the peer closed mid-frame".into()));
-                }
-                *remaining -= n;
-                Ok(n)
-            }
-            TunnelReader::Ws { rd, pending, eos } => {
-                if pending.is_empty() {
-                    if *eos {
-                        return Ok(0);
-                    }
-                    match next_ws_data(rd).await? {
-                        Some(b) => *pending = b,
-                        None => {
-                            *eos = true;
-                            return Ok(0);
-                        }
-                    }
-                }
-                let n = pending.len().min(buf.len());
-                buf[..n].copy_from_slice(&pending.split_to(n));
-                Ok(n)
-            }
+            TunnelReader::Tcp(r) => r.read(buf).await,
+            TunnelReader::Tls(r) => r.read(buf).await,
+            TunnelReader::Ws(r) => r.read(buf).await,
+            TunnelReader::Wss(r) => r.read(buf).await,
         }
     }
 
@@ -229,44 +244,116 @@ impl TunnelReader {
     pub async fn pump_to<W: AsyncWrite + Unpin>(
         &mut self,
         w: &mut W,
-        count: &std::sync::atomic::AtomicU64,
+        count: &AtomicU64,
     ) -> Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
         match self {
-            TunnelReader::Tcp { .. } => {
-                let mut buf = vec![0u8; MAX_FRAME];
-                loop {
-                    let n = self.read(&mut buf).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    w.write_all(&buf[..n]).await.map_err(Error::lost_or_io)?;
-                    count.fetch_add(n as u64, Relaxed);
-                }
-            }
-            TunnelReader::Ws { rd, pending, eos } => {
-                // Write each message straight from tungstenite's buffer: no copy of ours.
-                if !pending.is_empty() {
-                    w.write_all(pending).await.map_err(Error::lost_or_io)?;
-                    count.fetch_add(pending.len() as u64, Relaxed);
-                    *pending = Bytes::new();
-                }
-                while !*eos {
-                    match next_ws_data(rd).await? {
-                        Some(b) => {
-                            w.write_all(&b).await.map_err(Error::lost_or_io)?;
-                            count.fetch_add(b.len() as u64, Relaxed);
-                        }
-                        None => *eos = true,
-                    }
-                }
-            }
+            TunnelReader::Tcp(r) => r.pump_to(w, count).await?,
+            TunnelReader::Tls(r) => r.pump_to(w, count).await?,
+            TunnelReader::Ws(r) => r.pump_to(w, count).await?,
+            TunnelReader::Wss(r) => r.pump_to(w, count).await?,
         }
         w.shutdown().await.map_err(Error::lost_or_io)
     }
 }
 
-async fn next_frame_len(rd: &mut OwnedReadHalf) -> Result<usize> {
+impl<R: AsyncRead + Unpin> Frames<R> {
+    fn new(rd: R) -> Self {
+        Frames {
+            rd,
+            remaining: 0,
+            eos: false,
+        }
+    }
+
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
+        if self.eos {
+            return Ok(0);
+        }
+        if self.remaining == 0 {
+            match next_frame_len(&mut self.rd).await? {
+                0 => {
+                    self.eos = true;
+                    return Ok(0);
+                }
+                n => self.remaining = n,
+            }
+        }
+        let want = self.remaining.min(buf.len());
+        let n = self
+            .rd
+            .read(&mut buf[..want])
+            .await
+            .map_err(Error::lost_or_io)?;
+        if n == 0 {
+            return Err(Error::ConnectionLost("the peer closed mid-frame".into()));
+        }
+        self.remaining -= n;
+        Ok(n)
+    }
+
+    async fn pump_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W, count: &AtomicU64) -> Result<()> {
+        let mut buf = vec![0u8; MAX_FRAME];
+        loop {
+            let n = self.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            w.write_all(&buf[..n]).await.map_err(Error::lost_or_io)?;
+            count.fetch_add(n as u64, Relaxed);
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Messages<WebSocketStream<S>> {
+    fn new(rd: SplitStream<WebSocketStream<S>>) -> Self {
+        Messages {
+            rd,
+            pending: Bytes::new(),
+            eos: false,
+        }
+    }
+
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
+        if self.pending.is_empty() {
+            if self.eos {
+                return Ok(0);
+            }
+            match next_ws_data(&mut self.rd).await? {
+                Some(b) => self.pending = b,
+                None => {
+                    self.eos = true;
+                    return Ok(0);
+                }
+            }
+        }
+        let n = self.pending.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.pending.split_to(n));
+        Ok(n)
+    }
+
+    async fn pump_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W, count: &AtomicU64) -> Result<()> {
+        // Write each message straight from tungstenite's buffer: no copy of ours.
+        if !self.pending.is_empty() {
+            w.write_all(&self.pending)
+                .await
+                .map_err(Error::lost_or_io)?;
+            count.fetch_add(self.pending.len() as u64, Relaxed);
+            self.pending = Bytes::new();
+        }
+        while !self.eos {
+            match next_ws_data(&mut self.rd).await? {
+                Some(b) => {
+                    w.write_all(&b).await.map_err(Error::lost_or_io)?;
+                    count.fetch_add(b.len() as u64, Relaxed);
+                }
+                None => self.eos = true,
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn next_frame_len<R: AsyncRead + Unpin>(rd: &mut R) -> Result<usize> {
     let mut header = [0u8; 4];
     match rd.read_exact(&mut header).await {
         Ok(_) => {}
@@ -287,7 +374,9 @@ async fn next_frame_len(rd: &mut OwnedReadHalf) -> Result<usize> {
 }
 
 /// The next data message, or `None` at the end marker.
-async fn next_ws_data(rd: &mut SplitStream<Ws>) -> Result<Option<Bytes>> {
+async fn next_ws_data<S: AsyncRead + AsyncWrite + Unpin>(
+    rd: &mut SplitStream<WebSocketStream<S>>,
+) -> Result<Option<Bytes>> {
     loop {
         match rd.next().await {
             Some(Ok(Message::Binary(b))) if b.is_empty() => return Ok(None),
@@ -321,45 +410,33 @@ async fn next_ws_data(rd: &mut SplitStream<Ws>) -> Result<Option<Bytes>> {
 pub enum TunnelWriter {
     /// TCP: length-prefixed frames.
     Tcp(OwnedWriteHalf),
+    /// TLS: length-prefixed frames inside.
+    Tls(WriteHalf<TlsTcp>),
     /// WebSocket: binary messages.
     Ws(SplitSink<Ws, Message>),
+    /// WebSocket over TLS: binary messages.
+    Wss(SplitSink<Wss, Message>),
 }
 
 impl TunnelWriter {
     /// Sends all of `data`.
     pub async fn write_all(&mut self, data: &[u8]) -> Result<()> {
         match self {
-            TunnelWriter::Tcp(w) => {
-                for chunk in data.chunks(MAX_FRAME) {
-                    w.write_all(&(chunk.len() as u32).to_be_bytes())
-                        .await
-                        .map_err(Error::lost_or_io)?;
-                    w.write_all(chunk).await.map_err(Error::lost_or_io)?;
-                }
-                Ok(())
-            }
-            TunnelWriter::Ws(w) => {
-                for chunk in data.chunks(WS_MESSAGE) {
-                    w.send(Message::Binary(Bytes::copy_from_slice(chunk)))
-                        .await
-                        .map_err(Error::ws)?;
-                }
-                Ok(())
-            }
+            TunnelWriter::Tcp(w) => frames_write_all(w, data, false).await,
+            TunnelWriter::Tls(w) => frames_write_all(w, data, true).await,
+            TunnelWriter::Ws(w) => messages_write_all(w, data).await,
+            TunnelWriter::Wss(w) => messages_write_all(w, data).await,
         }
     }
 
-    /// Ends this direction: the end marker, then (TCP) a FIN. The other direction stays open.
+    /// Ends this direction: the end marker, then (TCP) a FIN, (TLS) a close_notify and a FIN.
+    /// The other direction stays open.
     pub async fn finish(&mut self) -> Result<()> {
         match self {
-            TunnelWriter::Tcp(w) => {
-                w.write_all(&[0u8; 4]).await.map_err(Error::lost_or_io)?;
-                w.shutdown().await.map_err(Error::lost_or_io)
-            }
-            TunnelWriter::Ws(w) => w
-                .send(Message::Binary(Bytes::new()))
-                .await
-                .map_err(Error::ws),
+            TunnelWriter::Tcp(w) => frames_finish(w).await,
+            TunnelWriter::Tls(w) => frames_finish(w).await,
+            TunnelWriter::Ws(w) => messages_finish(w).await,
+            TunnelWriter::Wss(w) => messages_finish(w).await,
         }
     }
 
@@ -368,48 +445,108 @@ impl TunnelWriter {
     pub async fn pump_from<R: AsyncRead + Unpin>(
         &mut self,
         r: &mut R,
-        count: &std::sync::atomic::AtomicU64,
+        count: &AtomicU64,
     ) -> Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
         match self {
-            TunnelWriter::Tcp(w) => {
-                // Read behind a 4-byte gap so header and payload leave in one write.
-                let mut buf = vec![0u8; 4 + MAX_FRAME];
-                loop {
-                    let n = r.read(&mut buf[4..]).await.map_err(Error::lost_or_io)?;
-                    if n == 0 {
-                        break;
-                    }
-                    buf[..4].copy_from_slice(&(n as u32).to_be_bytes());
-                    w.write_all(&buf[..4 + n])
-                        .await
-                        .map_err(Error::lost_or_io)?;
-                    count.fetch_add(n as u64, Relaxed);
-                }
-            }
-            TunnelWriter::Ws(w) => {
-                // Read into one large buffer and hand out frozen slices of it: no copy and no
-                // allocation per message (BytesMut::reserve reclaims the space once the sent
-                // messages are dropped).
-                let mut buf = BytesMut::with_capacity(4 * MAX_FRAME);
-                loop {
-                    if buf.capacity() < WS_MESSAGE {
-                        buf.reserve(4 * MAX_FRAME);
-                    }
-                    let n = r
-                        .read_buf(&mut (&mut buf).limit(WS_MESSAGE))
-                        .await
-                        .map_err(Error::lost_or_io)?;
-                    if n == 0 {
-                        break;
-                    }
-                    w.send(Message::Binary(buf.split().freeze()))
-                        .await
-                        .map_err(Error::ws)?;
-                    count.fetch_add(n as u64, Relaxed);
-                }
-            }
+            TunnelWriter::Tcp(w) => frames_pump_from(w, r, count, false).await?,
+            TunnelWriter::Tls(w) => frames_pump_from(w, r, count, true).await?,
+            TunnelWriter::Ws(w) => messages_pump_from(w, r, count).await?,
+            TunnelWriter::Wss(w) => messages_pump_from(w, r, count).await?,
         }
         self.finish().await
+    }
+}
+
+async fn frames_write_all<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    data: &[u8],
+    flush: bool,
+) -> Result<()> {
+    for chunk in data.chunks(MAX_FRAME) {
+        w.write_all(&(chunk.len() as u32).to_be_bytes())
+            .await
+            .map_err(Error::lost_or_io)?;
+        w.write_all(chunk).await.map_err(Error::lost_or_io)?;
+    }
+    if flush {
+        w.flush().await.map_err(Error::lost_or_io)?;
+    }
+    Ok(())
+}
+
+async fn frames_finish<W: AsyncWrite + Unpin>(w: &mut W) -> Result<()> {
+    w.write_all(&[0u8; 4]).await.map_err(Error::lost_or_io)?;
+    w.shutdown().await.map_err(Error::lost_or_io)
+}
+
+/// `flush`: after every frame (TLS: what the socket did not take at once waits in the TLS
+/// buffer, and QEMU's small return-path messages must not wait there).
+async fn frames_pump_from<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
+    w: &mut W,
+    r: &mut R,
+    count: &AtomicU64,
+    flush: bool,
+) -> Result<()> {
+    // Read behind a 4-byte gap so header and payload leave in one write.
+    let mut buf = vec![0u8; 4 + MAX_FRAME];
+    loop {
+        let n = r.read(&mut buf[4..]).await.map_err(Error::lost_or_io)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf[..4].copy_from_slice(&(n as u32).to_be_bytes());
+        w.write_all(&buf[..4 + n])
+            .await
+            .map_err(Error::lost_or_io)?;
+        if flush {
+            w.flush().await.map_err(Error::lost_or_io)?;
+        }
+        count.fetch_add(n as u64, Relaxed);
+    }
+}
+
+async fn messages_write_all<S: AsyncRead + AsyncWrite + Unpin>(
+    w: &mut SplitSink<WebSocketStream<S>, Message>,
+    data: &[u8],
+) -> Result<()> {
+    for chunk in data.chunks(WS_MESSAGE) {
+        w.send(Message::Binary(Bytes::copy_from_slice(chunk)))
+            .await
+            .map_err(Error::ws)?;
+    }
+    Ok(())
+}
+
+async fn messages_finish<S: AsyncRead + AsyncWrite + Unpin>(
+    w: &mut SplitSink<WebSocketStream<S>, Message>,
+) -> Result<()> {
+    w.send(Message::Binary(Bytes::new()))
+        .await
+        .map_err(Error::ws)
+}
+
+async fn messages_pump_from<S: AsyncRead + AsyncWrite + Unpin, R: AsyncRead + Unpin>(
+    w: &mut SplitSink<WebSocketStream<S>, Message>,
+    r: &mut R,
+    count: &AtomicU64,
+) -> Result<()> {
+    // Read into one large buffer and hand out frozen slices of it: no copy and no allocation
+    // per message (BytesMut::reserve reclaims the space once the sent messages are dropped).
+    let mut buf = BytesMut::with_capacity(4 * MAX_FRAME);
+    loop {
+        if buf.capacity() < WS_MESSAGE {
+            buf.reserve(4 * MAX_FRAME);
+        }
+        let n = r
+            .read_buf(&mut (&mut buf).limit(WS_MESSAGE))
+            .await
+            .map_err(Error::lost_or_io)?;
+        if n == 0 {
+            return Ok(());
+        }
+        w.send(Message::Binary(buf.split().freeze()))
+            .await
+            .map_err(Error::ws)?;
+        count.fetch_add(n as u64, Relaxed);
     }
 }

@@ -1,21 +1,24 @@
-//! The [`Transport`] trait and its TCP and WebSocket implementations.
+//! The [`Transport`] trait and its TCP and WebSocket implementations, each with or without TLS.
 //!
-//! Both transports listen on and connect over TCP; they differ in what happens on a fresh
-//! socket (nothing, or the WebSocket upgrade) and in the data framing, which lives in
-//! [`TunnelStream`]. The server accepts TCP connections itself and hands each to
+//! All transports listen on and connect over TCP; they differ in what happens on a fresh
+//! socket (nothing, a TLS handshake, the WebSocket upgrade, or both) and in the data framing,
+//! which lives in [`TunnelStream`]. The server accepts TCP connections itself and hands each to
 //! [`Transport::accept`] in its own task, so a slow or hostile upgrade never blocks the
 //! accept loop.
 
 use std::future::Future;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::WebSocketStream;
 
 use crate::endpoint::{Endpoint, Scheme};
 use crate::error::{Error, Result};
 use crate::protocol::MAX_FRAME;
 use crate::stream::TunnelStream;
+use crate::tls::{self, ClientTls, ServerTls, TlsError};
 
 /// A way to carry tunnel connections.
 pub trait Transport: Send + Sync {
@@ -38,21 +41,102 @@ pub struct Tcp;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WebSocket;
 
-/// Either transport, chosen at run time from an address.
-#[derive(Debug, Clone, Copy)]
+/// TLS over TCP (`tls://`) or, with `websocket`, WebSocket over TLS (`wss://`), for one end
+/// of the connection: a client's settings connect, a server's accept.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    websocket: bool,
+    role: Option<TlsRole>,
+}
+
+#[derive(Debug, Clone)]
+enum TlsRole {
+    Client(ClientTls),
+    Server(ServerTls),
+}
+
+impl Tls {
+    /// The client end: connects and checks the server as `settings` say.
+    pub fn client(websocket: bool, settings: ClientTls) -> Self {
+        Tls {
+            websocket,
+            role: Some(TlsRole::Client(settings)),
+        }
+    }
+
+    /// The server end: accepts with the certificate in `settings`.
+    pub fn server(websocket: bool, settings: ServerTls) -> Self {
+        Tls {
+            websocket,
+            role: Some(TlsRole::Server(settings)),
+        }
+    }
+}
+
+/// Any transport, chosen at run time from an address.
+#[derive(Debug, Clone)]
 pub enum AnyTransport {
     /// Plain TCP.
     Tcp(Tcp),
     /// WebSocket.
     Ws(WebSocket),
+    /// TLS, or WebSocket over TLS.
+    Tls(Tls),
 }
 
 impl AnyTransport {
-    /// The transport for a scheme.
+    /// The transport for a scheme. `tls://` and `wss://` need settings: this gives a transport
+    /// that refuses to connect or accept; use [`AnyTransport::client`] or
+    /// [`AnyTransport::server`].
     pub fn for_scheme(scheme: Scheme) -> Self {
         match scheme {
             Scheme::Tcp => AnyTransport::Tcp(Tcp),
             Scheme::Ws => AnyTransport::Ws(WebSocket),
+            Scheme::Tls | Scheme::Wss => AnyTransport::Tls(Tls {
+                websocket: scheme == Scheme::Wss,
+                role: None,
+            }),
+        }
+    }
+
+    /// A client's transport for `scheme`: TLS settings exactly when the scheme is TLS.
+    pub fn client(scheme: Scheme, tls: Option<&ClientTls>) -> Result<Self> {
+        match (scheme.is_tls(), tls) {
+            (true, Some(tls)) => Ok(AnyTransport::Tls(Tls::client(
+                scheme == Scheme::Wss,
+                tls.clone(),
+            ))),
+            (false, None) => Ok(Self::for_scheme(scheme)),
+            (true, None) => Err(TlsError::Mismatch(
+                "a tls:// or wss:// address needs TLS settings: how to check the server \
+                 (--tls-ca or --tls-fingerprint)",
+            )
+            .into()),
+            (false, Some(_)) => Err(TlsError::Mismatch(
+                "TLS settings (--tls-ca, --tls-fingerprint, --tls-cert) need a tls:// or \
+                 wss:// address",
+            )
+            .into()),
+        }
+    }
+
+    /// A server's transport for `scheme`: TLS settings exactly when the scheme is TLS.
+    pub fn server(scheme: Scheme, tls: Option<&ServerTls>) -> Result<Self> {
+        match (scheme.is_tls(), tls) {
+            (true, Some(tls)) => Ok(AnyTransport::Tls(Tls::server(
+                scheme == Scheme::Wss,
+                tls.clone(),
+            ))),
+            (false, None) => Ok(Self::for_scheme(scheme)),
+            (true, None) => Err(TlsError::Mismatch(
+                "listening on tls:// or wss:// needs the server's certificate and key \
+                 (--tls-cert, --tls-key)",
+            )
+            .into()),
+            (false, Some(_)) => Err(TlsError::Mismatch(
+                "a certificate (--tls-cert) needs a tls:// or wss:// address to listen on",
+            )
+            .into()),
         }
     }
 }
@@ -109,25 +193,108 @@ impl Transport for WebSocket {
 
     async fn connect(&self, to: &Endpoint) -> Result<TunnelStream> {
         let tcp = tcp_connect(to).await?;
-        let (ws, _response) =
-            tokio_tungstenite::client_async_with_config(to.to_string(), tcp, Some(ws_config()))
-                .await
-                .map_err(|e| Error::WebSocketHandshake(Box::new(e)))?;
-        Ok(TunnelStream::Ws(Box::new(ws)))
+        Ok(TunnelStream::Ws(Box::new(ws_connect(to, tcp).await?)))
     }
 
     async fn accept(&self, tcp: TcpStream) -> Result<TunnelStream> {
         tune(&tcp)?;
-        // The callback's error type is tungstenite's HTTP response, large by its design.
-        #[allow(clippy::result_large_err)]
-        let check = |req: &Request, resp: Response| {
-            tracing::debug!(path = %req.uri().path(), "WebSocket upgrade");
-            Ok(resp)
-        };
-        let ws = tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(ws_config()))
+        Ok(TunnelStream::Ws(Box::new(ws_accept(tcp).await?)))
+    }
+}
+
+async fn ws_connect<S>(to: &Endpoint, io: S) -> Result<WebSocketStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (ws, _response) =
+        tokio_tungstenite::client_async_with_config(to.to_string(), io, Some(ws_config()))
             .await
-            .map_err(|e| Error::WebSocketHandshake(Box::new(e)))?;
-        Ok(TunnelStream::Ws(Box::new(ws)))
+            .map_err(ws_handshake_error)?;
+    Ok(ws)
+}
+
+async fn ws_accept<S>(io: S) -> Result<WebSocketStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // The callback's error type is tungstenite's HTTP response, large by its design.
+    #[allow(clippy::result_large_err)]
+    let check = |req: &Request, resp: Response| {
+        tracing::debug!(path = %req.uri().path(), "WebSocket upgrade");
+        Ok(resp)
+    };
+    tokio_tungstenite::accept_hdr_async_with_config(io, check, Some(ws_config()))
+        .await
+        .map_err(ws_handshake_error)
+}
+
+/// A failed upgrade. A server's explanation in the body of its HTTP refusal is kept (a TLS
+/// server tells a ws:// client to use wss:// that way), and TLS failures underneath keep
+/// their own words.
+fn ws_handshake_error(e: tokio_tungstenite::tungstenite::Error) -> Error {
+    use tokio_tungstenite::tungstenite::Error as W;
+    match e {
+        W::Http(resp) => {
+            let body = resp
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                .filter(|b| !b.is_empty() && b.len() < 1024);
+            match body {
+                Some(body) => Error::WebSocketRefused {
+                    status: resp.status().to_string(),
+                    message: body,
+                },
+                None => Error::WebSocketHandshake(Box::new(W::Http(resp))),
+            }
+        }
+        W::Io(io) => match tls::tls_cause(&io, tls::Side::Either) {
+            Some(tls) => tls,
+            None => Error::WebSocketHandshake(Box::new(W::Io(io))),
+        },
+        other => Error::WebSocketHandshake(Box::new(other)),
+    }
+}
+
+impl Transport for Tls {
+    fn scheme(&self) -> Scheme {
+        if self.websocket {
+            Scheme::Wss
+        } else {
+            Scheme::Tls
+        }
+    }
+
+    async fn connect(&self, to: &Endpoint) -> Result<TunnelStream> {
+        let Some(TlsRole::Client(settings)) = &self.role else {
+            return Err(TlsError::Mismatch(
+                "this transport has no client TLS settings (how to check the server)",
+            )
+            .into());
+        };
+        let tcp = tcp_connect(to).await?;
+        let tls = tls::connect(settings, to, tcp).await?;
+        if self.websocket {
+            Ok(TunnelStream::Wss(Box::new(ws_connect(to, tls).await?)))
+        } else {
+            Ok(TunnelStream::Tls(Box::new(tls)))
+        }
+    }
+
+    async fn accept(&self, tcp: TcpStream) -> Result<TunnelStream> {
+        let Some(TlsRole::Server(settings)) = &self.role else {
+            return Err(TlsError::Mismatch(
+                "this transport has no server TLS settings (certificate and key)",
+            )
+            .into());
+        };
+        tune(&tcp)?;
+        let tls = tls::accept(settings, tcp).await?;
+        if self.websocket {
+            Ok(TunnelStream::Wss(Box::new(ws_accept(tls).await?)))
+        } else {
+            Ok(TunnelStream::Tls(Box::new(tls)))
+        }
     }
 }
 
@@ -136,6 +303,7 @@ impl Transport for AnyTransport {
         match self {
             AnyTransport::Tcp(t) => t.scheme(),
             AnyTransport::Ws(t) => t.scheme(),
+            AnyTransport::Tls(t) => t.scheme(),
         }
     }
 
@@ -143,6 +311,7 @@ impl Transport for AnyTransport {
         match self {
             AnyTransport::Tcp(t) => t.connect(to).await,
             AnyTransport::Ws(t) => t.connect(to).await,
+            AnyTransport::Tls(t) => t.connect(to).await,
         }
     }
 
@@ -150,6 +319,7 @@ impl Transport for AnyTransport {
         match self {
             AnyTransport::Tcp(t) => t.accept(tcp).await,
             AnyTransport::Ws(t) => t.accept(tcp).await,
+            AnyTransport::Tls(t) => t.accept(tcp).await,
         }
     }
 }

@@ -168,6 +168,7 @@ async fn raw_connect(url: &Endpoint) -> (TunnelStream, SocketAddr) {
             .expect("WebSocket upgrade");
             TunnelStream::Ws(Box::new(ws))
         }
+        other => unreachable!("a plain scheme only: {other:?}"),
     };
     (stream, local)
 }
@@ -285,6 +286,7 @@ fn server_replies(scheme: Scheme, bytes: &[u8]) -> Vec<Reply> {
             .iter()
             .map(|m| protocol::decode(m).expect("a reply"))
             .collect(),
+        other => unreachable!("a plain scheme only: {other:?}"),
     }
 }
 
@@ -646,6 +648,7 @@ async fn garbage_before_authentication(scheme: Scheme) {
             TunnelStream::Ws(ws) => {
                 let _ = ws.send(Message::binary(bytes)).await;
             }
+            _ => unreachable!("a plain scheme only"),
         }
         let after = within(STEP, what, s.recv_msg::<Reply>()).await;
         match after {
@@ -718,6 +721,7 @@ async fn oversized_messages_are_refused(scheme: Scheme) {
             frame.extend_from_slice(&[0u8; 4096]);
             let _ = ws.get_mut().write_all(&frame).await;
         }
+        _ => unreachable!("a plain scheme only"),
     }
     let started = Instant::now();
     let after = within(STEP, "an oversized frame", s.recv_msg::<Reply>()).await;
@@ -742,6 +746,7 @@ async fn oversized_messages_are_refused(scheme: Scheme) {
         TunnelStream::Ws(ws) => {
             let _ = ws.send(Message::binary(big)).await;
         }
+        _ => unreachable!("a plain scheme only"),
     }
     let after = within(STEP, "a 2 MiB proof", s.recv_msg::<Reply>()).await;
     assert!(after.is_err(), "a 2 MiB proof: {after:?}");
@@ -925,6 +930,7 @@ async fn fake_server(scheme: Scheme, challenge: bool, mac: Option<String>) -> En
                 Ok(ws) => TunnelStream::Ws(Box::new(ws)),
                 Err(_) => return,
             },
+            other => unreachable!("a plain scheme only: {other:?}"),
         };
         if s.recv_msg::<Hello>().await.is_err() {
             return;

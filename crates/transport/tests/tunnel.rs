@@ -1,6 +1,7 @@
 //! The tunnel end to end, in-process: a fake source QEMU talks to a [`Client`], which carries
 //! each connection over TCP or WebSocket to a [`Server`], which connects it to a fake
-//! destination QEMU. Every scenario runs once per transport (`tcp::*` and `ws::*`).
+//! destination QEMU. Every scenario runs once per transport (`tcp::*` and `ws::*`), and the
+//! data-path ones also over TLS (`tls::*`, `wss::*`).
 //!
 //! [`Client`]: qmigrate_transport::Client
 //! [`Server`]: qmigrate_transport::Server
@@ -62,6 +63,35 @@ per_scheme!(
     client_socket_rules,
     once_returns_after_the_first_session,
     without_once_serves_until_cancelled,
+);
+
+// The same data-path scenarios over TLS (`tls::*`) and WebSocket over TLS (`wss::*`), with a
+// test CA made at test time; TLS's own failures are in tests/tls.rs.
+per_scheme!(@mod tls, Tls,
+    small_transfers_are_byte_exact,
+    big_transfer_with_return_traffic,
+    concurrent_connections_keep_their_order_and_data,
+    half_close_source_first,
+    half_close_destination_first,
+    destination_socket_appears_late,
+    destination_socket_never_appears,
+    server_killed_while_flowing,
+    server_killed_with_source_bytes_unread,
+    once_returns_after_the_first_session,
+    without_once_serves_until_cancelled
+);
+per_scheme!(@mod wss, Wss,
+    small_transfers_are_byte_exact,
+    big_transfer_with_return_traffic,
+    concurrent_connections_keep_their_order_and_data,
+    half_close_source_first,
+    half_close_destination_first,
+    destination_socket_appears_late,
+    destination_socket_never_appears,
+    server_killed_while_flowing,
+    server_killed_with_source_bytes_unread,
+    once_returns_after_the_first_session,
+    without_once_serves_until_cancelled
 );
 
 /// Checks a report's connection and byte counts. `sent` is what went into the tunnel from the
@@ -448,6 +478,7 @@ async fn garbage_does_not_reach_the_destination(scheme: Scheme) {
         scheme: match scheme {
             Scheme::Tcp => Scheme::Ws,
             Scheme::Ws => Scheme::Tcp,
+            other => unreachable!("a plain scheme only: {other:?}"),
         },
         ..url.clone()
     };
@@ -645,6 +676,7 @@ async fn raw_handshake(url: &Endpoint, json: &str) -> serde_json::Value {
             .send(Message::binary(envelope))
             .await
             .expect("send the hello"),
+        _ => unreachable!("a plain scheme only"),
     }
     let reply: serde_json::Value = within(STEP, "the server's answer", s.recv_msg())
         .await

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cmd::send;
 use crate::exit::Exit;
 use crate::migration::{self, Compression, Mode};
+use crate::tls::{default_scheme, ClientTlsArgs};
 use crate::token::TokenArgs;
 use crate::units;
 
@@ -44,8 +45,9 @@ pub struct Args {
     )]
     pub qmp: String,
 
-    /// The destination tunnel-server: ws://HOST:PORT/[ROUTE], tcp://HOST:PORT/[ROUTE] or
-    /// HOST:PORT (TCP). The path names the route when the server has several VMs.
+    /// The destination tunnel-server: ws://HOST:PORT/[ROUTE], tcp://HOST:PORT/[ROUTE], their
+    /// TLS forms wss:// and tls://, or HOST:PORT (TCP, or TLS with a TLS flag). The path names
+    /// the route when the server has several VMs.
     #[arg(long, value_name = "URL")]
     pub to: String,
 
@@ -86,7 +88,7 @@ pub struct Args {
 
     /// Relay the stream through qmigrate even where the direct data path would do: over
     /// plain TCP with one channel, both QEMUs otherwise take the authenticated tunnel
-    /// connection over themselves and no byte goes through qmigrate.
+    /// connection over themselves and no byte goes through qmigrate. (TLS always relays.)
     #[arg(long)]
     pub relay: bool,
 
@@ -105,16 +107,23 @@ pub struct Args {
 
     #[command(flatten)]
     pub token: TokenArgs,
+
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 /// Runs `qmigrate migrate`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let server = Endpoint::parse(&args.to, Scheme::Tcp).context(Exit::Usage)?;
+    let server = Endpoint::parse(&args.to, default_scheme(Scheme::Tcp, args.tls.any()))
+        .context(Exit::Usage)?;
+    let tls = args.tls.load(server.scheme)?;
     let settings = MigrationSettings {
         multifd: args.multifd,
         compression: args.compress.map(|c| c.qemu_name().to_owned()),
         postcopy: args.postcopy.is_some(),
         no_start: args.no_start,
+        // The direct data path hands the socket itself to QEMU: plain TCP only. QEMU cannot
+        // speak our TLS, so tls:// and wss:// always relay.
         direct: server.scheme == Scheme::Tcp && args.multifd.is_none() && !args.relay,
     };
 
@@ -129,6 +138,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let config = ClientConfig {
         connect_timeout: args.connect_timeout,
         token: args.token.load()?,
+        tls,
         ..ClientConfig::new(server.clone())
     };
     let (mut control, session) = open_control(&config)

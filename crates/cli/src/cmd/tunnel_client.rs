@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::tunnel_server::{finish, ready};
 use crate::exit::Exit;
 use crate::signals::Interrupts;
+use crate::tls::{default_scheme, ClientTlsArgs};
 use crate::token::TokenArgs;
 use crate::units::parse_duration;
 
@@ -21,14 +22,19 @@ QEMU's migration at PATH (`qmigrate send --socket PATH`); each connection QEMU o
 one tunnel connection.
 
 With a token (--token-file or QMIGRATE_TOKEN), each connection proves it knows it, and the \
-client accepts only a server that proves the same.")]
+client accepts only a server that proves the same.
+
+With tls:// or wss:// the client checks the server's certificate against --tls-ca, or pins it \
+with --tls-fingerprint (else the system's CAs); verification is never off. An address without \
+a scheme means TLS when a TLS flag is given.")]
 pub struct Args {
     /// Use WebSocket instead of plain TCP (and default to port 8765).
     #[arg(long)]
     pub ws: bool,
 
-    /// The tunnel server: HOST:PORT, tcp://HOST:PORT or ws://HOST:PORT/PATH (a scheme
-    /// overrides --ws). [default: 127.0.0.1:9999, with --ws 127.0.0.1:8765]
+    /// The tunnel server: HOST:PORT, tcp://HOST:PORT, ws://HOST:PORT/PATH, tls://HOST:PORT or
+    /// wss://HOST:PORT/PATH (a scheme overrides --ws). [default: 127.0.0.1:9999, with --ws
+    /// 127.0.0.1:8765]
     #[arg(long, value_name = "ADDR")]
     pub connect: Option<String>,
 
@@ -51,11 +57,15 @@ pub struct Args {
 
     #[command(flatten)]
     pub token: TokenArgs,
+
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 /// Runs `qmigrate tunnel-client`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let scheme = if args.ws { Scheme::Ws } else { Scheme::Tcp };
+    let plain = if args.ws { Scheme::Ws } else { Scheme::Tcp };
+    let scheme = default_scheme(plain, args.tls.any());
     let connect = args
         .connect
         .unwrap_or_else(|| format!("127.0.0.1:{}", scheme.default_port()));
@@ -64,6 +74,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         connect_timeout: args.connect_timeout,
         once: args.once,
         token: args.token.load()?,
+        tls: args.tls.load(server.scheme)?,
         ..ClientConfig::new(server.clone())
     };
     let client = Client::bind(&args.socket, config)?;

@@ -13,26 +13,35 @@ use tokio_util::sync::CancellationToken;
 use crate::control::QmpController;
 use crate::exit::Exit;
 use crate::signals::Interrupts;
+use crate::tls::{default_scheme, ServerTlsArgs};
 use crate::token::TokenArgs;
 use crate::units::parse_duration;
 
 /// Arguments of `qmigrate tunnel-server`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
-Prints `listening on tcp://IP:PORT` (or `ws://IP:PORT/PATH`) on stdout once it listens. \
+Prints `listening on tcp://IP:PORT` (or `ws://IP:PORT/PATH`, `tls://IP:PORT`, \
+`wss://IP:PORT/PATH`) on stdout once it listens. \
 Each tunnel connection is connected to --socket only after its handshake, in the order the \
 source opened them; the socket is never probed, since QEMU takes any connection as migration data.
 
 Every connection must prove it knows the token (--token-file or QMIGRATE_TOKEN) before \
 anything else happens. Without a token the server listens only on a loopback address \
-(127.0.0.1, ::1), unless --insecure is given.")]
+(127.0.0.1, ::1), unless it requires TLS client certificates (--tls-client-ca) or --insecure \
+is given.
+
+With --tls-cert and --tls-key the server speaks TLS (an address without a scheme becomes \
+tls://, or wss:// with --ws) and logs its certificate's fingerprint, which clients can pin \
+with --tls-fingerprint. TLS never takes the direct data path: the stream stays encrypted \
+through qmigrate.")]
 pub struct Args {
     /// Use WebSocket instead of plain TCP (and default to port 8765).
     #[arg(long)]
     pub ws: bool,
 
-    /// Where to listen: HOST:PORT, tcp://HOST:PORT or ws://HOST:PORT/PATH (a scheme overrides
-    /// --ws). Port 0 picks a free port. [default: 0.0.0.0:9999, with --ws 0.0.0.0:8765]
+    /// Where to listen: HOST:PORT, tcp://HOST:PORT, ws://HOST:PORT/PATH, tls://HOST:PORT or
+    /// wss://HOST:PORT/PATH (a scheme overrides --ws). Port 0 picks a free port.
+    /// [default: 0.0.0.0:9999, with --ws 0.0.0.0:8765]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
 
@@ -72,15 +81,20 @@ pub struct Args {
     #[command(flatten)]
     pub token: TokenArgs,
 
-    /// Listen on a non-loopback address without a token: anyone who can reach the port can
-    /// then write a migration stream into the destination VM. Only for a trusted network.
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+
+    /// Listen on a non-loopback address without a token or TLS client certificates: anyone
+    /// who can reach the port can then write a migration stream into the destination VM.
+    /// Only for a trusted network.
     #[arg(long)]
     pub insecure: bool,
 }
 
 /// Runs `qmigrate tunnel-server`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let scheme = if args.ws { Scheme::Ws } else { Scheme::Tcp };
+    let plain = if args.ws { Scheme::Ws } else { Scheme::Tcp };
+    let scheme = default_scheme(plain, args.tls.any());
     let listen = args
         .listen
         .unwrap_or_else(|| format!("0.0.0.0:{}", scheme.default_port()));
@@ -91,10 +105,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         once: args.once,
         token: args.token.load()?,
         insecure: args.insecure,
+        tls: args.tls.load()?,
         ..ServerConfig::new(&args.socket)
     };
     let mut server = match Server::bind(&listen, config).await {
-        Err(e @ Error::Unauthenticated { .. }) => return Err(e).context(Exit::Usage),
+        Err(e @ (Error::Unauthenticated { .. } | Error::TlsSetup(_))) => {
+            return Err(e).context(Exit::Usage)
+        }
         other => other?,
     };
     let mut routes: BTreeMap<Option<String>, String> = args

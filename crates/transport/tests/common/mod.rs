@@ -9,8 +9,10 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use qmigrate_transport::tls::{CertificateDer, PrivateKeyDer};
 use qmigrate_transport::{
-    Client, ClientConfig, Endpoint, Report, Scheme, Server, ServerConfig, Token,
+    Client, ClientConfig, ClientTls, Endpoint, Report, Scheme, Server, ServerCheck, ServerConfig,
+    ServerTls, Token,
 };
 use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -47,6 +49,11 @@ pub struct Opts {
     pub server_token: Option<Token>,
     /// The client's token.
     pub client_token: Option<Token>,
+    /// The server's TLS settings (for `tls://` and `wss://`; without them a tunnel over TLS
+    /// gets [`test_tls`]'s).
+    pub server_tls: Option<ServerTls>,
+    /// The client's TLS settings (likewise).
+    pub client_tls: Option<ClientTls>,
 }
 
 impl Default for Opts {
@@ -59,6 +66,8 @@ impl Default for Opts {
             max_unauthenticated: defaults.max_unauthenticated,
             server_token: None,
             client_token: None,
+            server_tls: None,
+            client_tls: None,
         }
     }
 }
@@ -101,7 +110,15 @@ impl Tunnel {
         let dest = dir.path().join("dest.sock");
         let source = dir.path().join("source.sock");
         let listen = Endpoint::parse("127.0.0.1:0", scheme).expect("endpoint");
+        let (server_tls, client_tls) = match (&opts.server_tls, scheme.is_tls()) {
+            (None, true) => {
+                let (server, client) = test_tls();
+                (Some(server), opts.client_tls.clone().or(Some(client)))
+            }
+            _ => (opts.server_tls.clone(), opts.client_tls.clone()),
+        };
         let config = ServerConfig {
+            tls: server_tls,
             connect_timeout: opts.connect_timeout,
             handshake_timeout: opts.handshake_timeout,
             max_unauthenticated: opts.max_unauthenticated,
@@ -118,6 +135,7 @@ impl Tunnel {
             ClientConfig {
                 once: opts.once,
                 token: opts.client_token.clone(),
+                tls: client_tls,
                 ..ClientConfig::new(url.clone())
             },
         )
@@ -195,6 +213,131 @@ impl Drop for Tunnel {
         self.server_stop.cancel();
         self.client_stop.cancel();
     }
+}
+
+/// A certificate authority for tests, made at test time (no key file in the repository).
+pub struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ca")
+    }
+}
+
+/// A certificate and its key, issued by a [`Ca`] or self-signed.
+#[derive(Debug)]
+pub struct Issued {
+    /// The certificate, DER.
+    pub cert: CertificateDer<'static>,
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The private key, PEM (PKCS#8).
+    pub key_pem: String,
+    key_der: Vec<u8>,
+}
+
+fn params(names: &[&str], ca: bool) -> rcgen::CertificateParams {
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let mut p = rcgen::CertificateParams::new(names).expect("certificate names");
+    if ca {
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+    }
+    p
+}
+
+fn issued(cert: rcgen::Certificate, key: &rcgen::KeyPair) -> Issued {
+    Issued {
+        cert: cert.der().clone(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        key_der: key.serialize_der(),
+    }
+}
+
+impl Ca {
+    /// A new CA named `name`.
+    pub fn new(name: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let mut p = params(&[], true);
+        p.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("qmigrate test CA {name}"),
+        );
+        let cert = p.self_signed(&key).expect("CA certificate");
+        Ca { cert, key }
+    }
+
+    /// The CA's certificate, DER: what a client or server trusts.
+    pub fn der(&self) -> CertificateDer<'static> {
+        self.cert.der().clone()
+    }
+
+    /// The CA's certificate, PEM.
+    pub fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A certificate for `names` (host names and IP addresses) signed by this CA.
+    pub fn issue(&self, names: &[&str]) -> Issued {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params(names, false)
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("certificate");
+        issued(cert, &key)
+    }
+}
+
+impl Issued {
+    /// A self-signed certificate for `names`.
+    pub fn self_signed(names: &[&str]) -> Issued {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params(names, false).self_signed(&key).expect("certificate");
+        issued(cert, &key)
+    }
+
+    /// The chain to present: the certificate alone.
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.cert.clone()]
+    }
+
+    /// The private key.
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key_der.clone().into())
+    }
+
+    /// The chain and key, as a client presents them.
+    pub fn identity(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        (self.chain(), self.key())
+    }
+}
+
+/// A server with `cert`, requiring client certificates signed by `client_ca` if given.
+pub fn server_tls(cert: &Issued, client_ca: Option<&Ca>) -> ServerTls {
+    ServerTls::new(cert.chain(), cert.key(), client_ca.map(|ca| vec![ca.der()]))
+        .expect("server TLS settings")
+}
+
+/// A client that checks the server with `check`, presenting `identity` if given.
+pub fn client_tls(check: ServerCheck, identity: Option<&Issued>) -> ClientTls {
+    ClientTls::new(check, identity.map(Issued::identity)).expect("client TLS settings")
+}
+
+/// A fresh CA, a server certificate for 127.0.0.1 signed by it, and a client that checks the
+/// server against that CA.
+pub fn test_tls() -> (ServerTls, ClientTls) {
+    let ca = Ca::new("default");
+    let cert = ca.issue(&["127.0.0.1", "localhost"]);
+    (
+        server_tls(&cert, None),
+        client_tls(ServerCheck::Ca(vec![ca.der()]), None),
+    )
 }
 
 /// Fails if `listener` gets a connection within [`QUIET`]: the destination must not be

@@ -1,0 +1,728 @@
+//! TLS for `tls://` and `wss://`: the server's certificate and key ([`ServerTls`]), how a
+//! client checks the server ([`ServerCheck`]: a CA, a pinned certificate [`Fingerprint`], or
+//! the system's CA store) and, for mutual TLS, the client's certificate ([`ClientTls`]).
+//!
+//! rustls with the `ring` crypto provider, TLS 1.3 (or 1.2 with a peer that has nothing
+//! newer); AES-GCM uses the CPU's AES instructions. Verification is never off: a client either
+//! checks the chain up to a CA or compares the certificate itself with a pinned fingerprint.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::endpoint::Endpoint;
+use crate::error::{Error, Result};
+use crate::stream::TlsTcp;
+
+pub use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// How to make a self-signed certificate and key, for error messages and the docs.
+pub const MAKE_CERT: &str = "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+     -nodes -keyout key.pem -out cert.pem -days 365 -subj /CN=dest \
+     -addext subjectAltName=DNS:dest,IP:10.0.0.2";
+
+/// What can be wrong with TLS settings (files, keys, fingerprints), found before any
+/// connection is made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or holds nothing of the kind asked for.
+    #[error("cannot use {} as {what}: {why}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What it should hold ("the certificate", "the private key", ...).
+        what: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// A `--tls-fingerprint` value that is not a SHA-256 fingerprint.
+    #[error("invalid certificate fingerprint {value:?}: expected sha256: and 64 hex digits, with or without colons (as `openssl x509 -in cert.pem -noout -fingerprint -sha256` prints it)")]
+    Fingerprint {
+        /// What was given.
+        value: String,
+    },
+    /// rustls refused the settings (a key that does not match the certificate, an
+    /// unsupported key type, a CA file without usable certificates, ...).
+    #[error("{what}: {source}")]
+    Rustls {
+        /// What was being set up.
+        what: &'static str,
+        /// rustls' reason.
+        source: rustls::Error,
+    },
+    /// The client has nothing to check the server's certificate against.
+    #[error("no CA certificates found on this system ({why}): pass the CA that signed the server's certificate with --tls-ca PATH, or pin the server's certificate with --tls-fingerprint sha256:HEX")]
+    NoSystemRoots {
+        /// What the system store lookup said.
+        why: String,
+    },
+    /// A TLS address (`tls://`, `wss://`) without TLS settings, or the other way round.
+    #[error("{0}")]
+    Mismatch(&'static str),
+}
+
+/// The SHA-256 of a certificate's DER encoding: what `--tls-fingerprint` pins, and what
+/// `openssl x509 -noout -fingerprint -sha256` prints.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// The fingerprint of `cert`.
+    pub fn of(cert: &CertificateDer<'_>) -> Fingerprint {
+        Fingerprint(Sha256::digest(cert.as_ref()).into())
+    }
+
+    /// Parses `sha256:HEX`, where HEX is 64 hex digits in either case, with or without colons
+    /// between the bytes. OpenSSL's own output (`sha256 Fingerprint=AB:CD:...`, any case) and a
+    /// bare HEX are accepted too.
+    pub fn parse(value: &str) -> Result<Fingerprint, TlsError> {
+        let bad = || TlsError::Fingerprint {
+            value: value.to_owned(),
+        };
+        let trimmed = value.trim();
+        let lower = trimmed.to_ascii_lowercase();
+        let hex = ["sha256 fingerprint=", "sha256:", "sha256="]
+            .iter()
+            .find_map(|prefix| lower.strip_prefix(prefix))
+            .unwrap_or(&lower);
+        let digits: Vec<u8> = hex.bytes().filter(|&b| b != b':').collect();
+        if digits.len() != 64 || hex.starts_with(':') || hex.ends_with(':') || hex.contains("::") {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+            let text = std::str::from_utf8(pair).map_err(|_| bad())?;
+            *byte = u8::from_str_radix(text, 16).map_err(|_| bad())?;
+        }
+        Ok(Fingerprint(out))
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    /// `sha256:AB:CD:...`, which [`Fingerprint::parse`] takes back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("sha256:")?;
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(":")?;
+            }
+            write!(f, "{b:02X}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+impl std::str::FromStr for Fingerprint {
+    type Err = TlsError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Fingerprint::parse(s)
+    }
+}
+
+/// Reads every certificate in a PEM file (a chain: the server's own certificate first).
+pub fn read_certificates(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bad = |why: String| TlsError::File {
+        path: path.to_owned(),
+        what,
+        why,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(pem_error(e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(pem_error(e)))?;
+    if certs.is_empty() {
+        return Err(bad(
+            "no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into(),
+        ));
+    }
+    Ok(certs)
+}
+
+/// Reads the private key of a PEM file (PKCS#8, PKCS#1 or SEC1). A key file that other users
+/// can read is used, with a warning.
+pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bad = |why: String| TlsError::File {
+        path: path.to_owned(),
+        what: "the private key",
+        why,
+    };
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "the TLS private key {} is readable by other users (mode {mode:04o}): chmod 600 it",
+                path.display()
+            );
+        }
+    }
+    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            bad("no PEM private key (-----BEGIN PRIVATE KEY-----) in it".into())
+        }
+        other => bad(pem_error(other)),
+    })
+}
+
+fn pem_error(e: rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(io) => io.to_string(),
+        other => format!("not valid PEM ({other:?})"),
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(
+    certs: Vec<CertificateDer<'static>>,
+    what: &'static str,
+) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    for cert in certs {
+        store
+            .add(cert)
+            .map_err(|source| TlsError::Rustls { what, source })?;
+    }
+    Ok(store)
+}
+
+/// A tunnel server's TLS settings: its certificate chain and key, and optionally the CA its
+/// clients' certificates must be signed by (mutual TLS).
+#[derive(Clone)]
+pub struct ServerTls {
+    config: Arc<rustls::ServerConfig>,
+    fingerprint: Fingerprint,
+    client_auth: bool,
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("fingerprint", &self.fingerprint)
+            .field("client_auth", &self.client_auth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Settings from a certificate chain (the server's own certificate first) and its key.
+    /// With `client_ca`, every client must present a certificate signed by one of those CAs.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        client_ca: Option<Vec<CertificateDer<'static>>>,
+    ) -> Result<ServerTls, TlsError> {
+        let fingerprint = chain
+            .first()
+            .map(Fingerprint::of)
+            .ok_or(TlsError::Mismatch(
+                "the server's certificate chain is empty",
+            ))?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|source| TlsError::Rustls {
+                what: "TLS protocol versions",
+                source,
+            })?;
+        let client_auth = client_ca.is_some();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(cas) => {
+                let roots = Arc::new(roots(cas, "the client CA")?);
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+                        .build()
+                        .map_err(|e| TlsError::Rustls {
+                            what: "the client CA",
+                            source: rustls::Error::General(e.to_string()),
+                        })?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder
+            .with_single_cert(chain, key)
+            .map_err(|source| TlsError::Rustls {
+                what: "the server certificate and key",
+                source,
+            })?;
+        Ok(ServerTls {
+            config: Arc::new(config),
+            fingerprint,
+            client_auth,
+        })
+    }
+
+    /// Settings from PEM files: `cert` (the chain, own certificate first), `key`, and
+    /// optionally the CA file clients' certificates must chain to.
+    pub fn from_pem_files(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+    ) -> Result<ServerTls, TlsError> {
+        let chain = read_certificates(cert, "the server certificate")?;
+        let key = read_private_key(key)?;
+        let client_ca = client_ca
+            .map(|p| read_certificates(p, "the client CA"))
+            .transpose()?;
+        ServerTls::new(chain, key, client_ca)
+    }
+
+    /// The fingerprint of the server's certificate: what clients pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// Whether clients must present a certificate (mutual TLS), which authenticates them.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.client_auth
+    }
+
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.config.clone())
+    }
+}
+
+/// How a client decides that it talks to the right server.
+#[derive(Debug, Clone)]
+pub enum ServerCheck {
+    /// The server's certificate must chain to one of these CAs and name the host in the URL.
+    Ca(Vec<CertificateDer<'static>>),
+    /// The server's certificate must be exactly this one (its SHA-256); the name in it and its
+    /// dates do not matter, as with Proxmox's fingerprint pinning.
+    Fingerprint(Fingerprint),
+    /// As [`ServerCheck::Ca`], with the system's CA store (`/etc/ssl/certs`, or `SSL_CERT_FILE`
+    /// / `SSL_CERT_DIR`).
+    SystemRoots,
+}
+
+/// A tunnel client's TLS settings: how it checks the server, and optionally its own
+/// certificate for a server that requires one.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+    check: &'static str,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("check", &self.check)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Settings that check the server with `check` and, with `identity` (a certificate chain
+    /// and its key), present a client certificate when the server asks for one.
+    pub fn new(
+        check: ServerCheck,
+        identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    ) -> Result<ClientTls, TlsError> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|source| TlsError::Rustls {
+                what: "TLS protocol versions",
+                source,
+            })?;
+        let (builder, label) = match check {
+            ServerCheck::Ca(cas) => (builder.with_root_certificates(roots(cas, "the CA")?), "CA"),
+            ServerCheck::SystemRoots => {
+                let found = rustls_native_certs::load_native_certs();
+                let mut store = RootCertStore::empty();
+                let (added, _ignored) = store.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    let why = match found.errors.first() {
+                        Some(e) => e.to_string(),
+                        None => "the store is empty".into(),
+                    };
+                    return Err(TlsError::NoSystemRoots { why });
+                }
+                (builder.with_root_certificates(store), "system CAs")
+            }
+            ServerCheck::Fingerprint(pin) => {
+                let verifier = Pinned {
+                    pin,
+                    algorithms: provider().signature_verification_algorithms,
+                };
+                (
+                    builder
+                        .dangerous()
+                        .with_custom_certificate_verifier(Arc::new(verifier)),
+                    "pinned fingerprint",
+                )
+            }
+        };
+        let config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|source| TlsError::Rustls {
+                    what: "the client certificate and key",
+                    source,
+                })?,
+        };
+        Ok(ClientTls {
+            config: Arc::new(config),
+            check: label,
+        })
+    }
+
+    /// How the server is checked, for logs: `CA`, `system CAs` or `pinned fingerprint`.
+    pub fn check(&self) -> &'static str {
+        self.check
+    }
+
+    pub(crate) fn connector(&self) -> TlsConnector {
+        TlsConnector::from(self.config.clone())
+    }
+}
+
+/// A fingerprint pin: the server's certificate must be the pinned one. The handshake
+/// signature is still checked against that certificate's key, so only the holder of the
+/// certificate's private key passes.
+#[derive(Debug)]
+struct Pinned {
+    pin: Fingerprint,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+/// The server presented another certificate than the pinned one.
+#[derive(Debug)]
+struct FingerprintMismatch {
+    pinned: Fingerprint,
+    presented: Fingerprint,
+}
+
+impl fmt::Display for FingerprintMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the server's certificate has the fingerprint {}, not the pinned {}",
+            self.presented, self.pinned
+        )
+    }
+}
+
+impl std::error::Error for FingerprintMismatch {}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let presented = Fingerprint::of(end_entity);
+        if presented == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(FingerprintMismatch {
+                    pinned: self.pin,
+                    presented,
+                })),
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The client side of the TLS handshake on a fresh TCP connection to `to`.
+pub(crate) async fn connect(tls: &ClientTls, to: &Endpoint, tcp: TcpStream) -> Result<TlsTcp> {
+    let name = ServerName::try_from(to.host.clone()).map_err(|_| Error::TlsHandshake {
+        why: format!("{:?} is neither a host name nor an IP address", to.host),
+    })?;
+    let stream = tls
+        .connector()
+        .connect(name, tcp)
+        .await
+        .map_err(|e| classify(e, Side::Client))?;
+    Ok(TlsTcp::from(stream))
+}
+
+/// The server side of the TLS handshake on a freshly accepted connection. A plain qmigrate
+/// client (`tcp://`, `ws://`) is told in its own protocol to use TLS, since it cannot read a
+/// TLS alert.
+pub(crate) async fn accept(tls: &ServerTls, tcp: TcpStream) -> Result<TlsTcp> {
+    let mut first = [0u8; 8];
+    let n = tcp.peek(&mut first).await.map_err(Error::lost_or_io)?;
+    // 0x16: a TLS handshake record. Anything else is not a TLS client.
+    if n > 0 && first[0] != 0x16 {
+        return Err(refuse_plain(tcp, &first[..n]).await);
+    }
+    match tls.acceptor().accept(tcp).into_fallible().await {
+        Ok(stream) => Ok(TlsTcp::from(stream)),
+        Err((e, tcp)) => {
+            linger(tcp).await;
+            Err(classify(e, Side::Server))
+        }
+    }
+}
+
+/// Answers a client that does not speak TLS in its own protocol, then closes.
+async fn refuse_plain(mut tcp: TcpStream, first: &[u8]) -> Error {
+    let magic = crate::protocol::MAGIC;
+    let (answer, what) = if magic.starts_with(first) || first.starts_with(magic) {
+        let reject = crate::protocol::Reply::Reject {
+            reason: crate::protocol::RejectReason::BadRequest,
+            message: "this tunnel-server speaks TLS: connect with tls://HOST:PORT (checking its \
+                      certificate with --tls-ca or --tls-fingerprint)"
+                .into(),
+            software: crate::protocol::software(),
+            versions: None,
+        };
+        (
+            crate::protocol::envelope(&crate::protocol::encode_body(&reject)),
+            "a plain tcp:// client: it was told to use tls://",
+        )
+    } else if first.iter().all(|b| b.is_ascii_alphabetic() || *b == b' ') {
+        let body = "this tunnel-server speaks TLS: connect with wss://HOST:PORT/PATH\n";
+        (
+            format!(
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+            "plain HTTP (a ws:// client?): it was told to use wss://",
+        )
+    } else {
+        (Vec::new(), "bytes that are neither TLS nor qmigrate")
+    };
+    if !answer.is_empty() {
+        let _ = tcp.write_all(&answer).await;
+    }
+    linger(tcp).await;
+    Error::TlsHandshake {
+        why: format!("the client does not speak TLS, it sent {what}"),
+    }
+}
+
+/// Ends a refused connection gently: FIN, then read (and drop) what the peer still sends for
+/// a moment, so that the kernel does not answer its unread bytes with a reset that would
+/// destroy the answer or alert before the peer reads it.
+async fn linger<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) {
+    let _ = s.shutdown().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let mut sink = [0u8; 4096];
+        let mut left: usize = 256 * 1024;
+        while left > 0 {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
+/// Which end of a handshake saw an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Server,
+    /// After the handshake: either.
+    Either,
+}
+
+/// Turns an I/O error of a TLS stream into an [`Error`] that says what went wrong and what to
+/// do; `None` when it is not about TLS.
+pub(crate) fn tls_cause(e: &io::Error, side: Side) -> Option<Error> {
+    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    Some(describe(inner, side))
+}
+
+fn describe(e: &rustls::Error, side: Side) -> Error {
+    use rustls::AlertDescription as A;
+    match e {
+        rustls::Error::InvalidCertificate(cert) => {
+            let why = match cert {
+                CertificateError::Other(other) => other.to_string(),
+                CertificateError::UnknownIssuer => {
+                    "it is not signed by a trusted CA (UnknownIssuer)".into()
+                }
+                other => format!("{other:?}"),
+            };
+            if side == Side::Server {
+                Error::Certificate {
+                    whose: "client's",
+                    why: format!(
+                        "{why}: the client's certificate must be signed by this server's \
+                         --tls-client-ca"
+                    ),
+                }
+            } else {
+                Error::Certificate {
+                    whose: "server's",
+                    why: format!(
+                        "{why}: pass the CA that signed the server's certificate with \
+                         --tls-ca, or pin the certificate with --tls-fingerprint (the \
+                         server logs its fingerprint at start)"
+                    ),
+                }
+            }
+        }
+        rustls::Error::NoCertificatesPresented => Error::TlsHandshake {
+            why: "the client presented no certificate, and this server requires one \
+                  (--tls-client-ca): give the client --tls-cert and --tls-key"
+                .into(),
+        },
+        rustls::Error::AlertReceived(alert) => {
+            let why = match alert {
+                A::CertificateRequired => format!(
+                    "the peer refused the connection (TLS alert {alert:?}): the server requires \
+                     a client certificate; give this client --tls-cert and --tls-key, signed \
+                     by the CA of the server's --tls-client-ca"
+                ),
+                A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateUnknown
+                | A::CertificateExpired
+                | A::CertificateRevoked
+                | A::UnsupportedCertificate
+                | A::DecryptError => match side {
+                    Side::Server => format!(
+                        "the client did not accept this server's certificate (TLS alert \
+                         {alert:?}): give the client the CA that signed it (--tls-ca), or its \
+                         fingerprint (--tls-fingerprint; logged at this server's start)"
+                    ),
+                    Side::Client => format!(
+                        "the server did not accept this client's certificate (TLS alert \
+                         {alert:?}): it must be signed by the CA of the server's \
+                         --tls-client-ca"
+                    ),
+                    Side::Either => format!(
+                        "the peer did not accept this side's certificate (TLS alert \
+                         {alert:?}): a server with --tls-client-ca accepts only client \
+                         certificates signed by that CA"
+                    ),
+                },
+                other => format!("the peer ended the handshake (TLS alert {other:?})"),
+            };
+            Error::TlsHandshake { why }
+        }
+        rustls::Error::InvalidMessage(_) if side == Side::Client => Error::TlsHandshake {
+            why: format!(
+                "the server does not speak TLS ({e}): is it a plain tcp:// or ws:// \
+                 tunnel-server? TLS needs tunnel-server --tls-cert and --tls-key"
+            ),
+        },
+        other => Error::TlsHandshake {
+            why: other.to_string(),
+        },
+    }
+}
+
+/// The error of a failed handshake.
+fn classify(e: io::Error, side: Side) -> Error {
+    if let Some(err) = tls_cause(&e, side) {
+        return err;
+    }
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => Error::TlsHandshake {
+            why: match side {
+                Side::Client => format!(
+                    "the server closed the connection during the TLS handshake ({e}): is it a \
+                     plain tcp:// or ws:// tunnel-server? TLS needs tunnel-server --tls-cert \
+                     and --tls-key"
+                ),
+                _ => format!("the client closed the connection during the TLS handshake ({e})"),
+            },
+        },
+        _ => Error::lost_or_io(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_parse_in_every_usual_spelling() {
+        let hex = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let want = Fingerprint::parse(&format!("sha256:{hex}")).expect("plain");
+        let colons: Vec<String> = hex
+            .as_bytes()
+            .chunks(2)
+            .map(|p| String::from_utf8_lossy(p).to_uppercase())
+            .collect();
+        let colons = colons.join(":");
+        for spelling in [
+            format!("sha256:{}", hex.to_uppercase()),
+            format!("SHA256:{colons}"),
+            format!("sha256 Fingerprint={colons}"),
+            format!("SHA256 Fingerprint={colons}\n"),
+            colons.clone(),
+            hex.to_owned(),
+        ] {
+            assert_eq!(
+                Fingerprint::parse(&spelling).expect(&spelling),
+                want,
+                "{spelling}"
+            );
+        }
+        assert_eq!(
+            Fingerprint::parse(&want.to_string()).expect("display"),
+            want
+        );
+        assert!(want.to_string().starts_with("sha256:01:23:45:67:89:AB"));
+        for bad in [
+            "",
+            "sha256:",
+            "sha1:0123",
+            &format!("sha256:{}", &hex[..62]),
+            &format!("sha256:{hex}00"),
+            &format!("sha256:{}zz", &hex[..62]),
+            &format!("sha256::{hex}"),
+            &format!("md5:{hex}"),
+        ] {
+            let err = Fingerprint::parse(bad).expect_err(bad).to_string();
+            assert!(err.contains("64 hex digits"), "{bad}: {err}");
+        }
+    }
+}
