@@ -21,6 +21,9 @@ use crate::commands::Command;
 use crate::error::Error;
 use crate::models::{MigrationStatus, VersionInfo};
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 /// Longest line accepted from QEMU. `query-qmp-schema` is one line of ~120 KB; anything
 /// beyond this is treated as a broken peer instead of being buffered without bound.
 pub(crate) const MAX_LINE: usize = 16 << 20;
@@ -355,18 +358,7 @@ impl Qmp {
             .map_err(|_| busy())?;
         let greeting_value = handshake_line(got, &line, &target, "greeting")?;
         tracing::trace!(greeting = %greeting_value, "qmp <- greeting");
-        let greeting = greeting_value
-            .get("QMP")
-            .cloned()
-            .ok_or_else(|| {
-                Error::Greeting(format!(
-                    "{target} sent {greeting_value} instead of a QMP greeting"
-                ))
-            })
-            .and_then(|g| {
-                Greeting::deserialize(g)
-                    .map_err(|e| Error::Greeting(format!("{target}: malformed greeting: {e}")))
-            })?;
+        let greeting = parse_greeting(&greeting_value, &target)?;
 
         let negotiate = b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n";
         tracing::debug!(command = "qmp_capabilities", args = "{}", "qmp ->");
@@ -485,10 +477,7 @@ impl Qmp {
             }
         };
         let reply = self.call(C::NAME, args, timeout, fd).await?;
-        serde_json::from_value(reply).map_err(|source| Error::Decode {
-            command: C::NAME.to_string(),
-            source,
-        })
+        decode_reply::<C>(reply)
     }
 
     /// Runs any command by name and returns the raw `return` value, with the default timeout.
@@ -609,6 +598,25 @@ fn connect_timed_out(context: String, after: Duration) -> Error {
             format!("no connection within {after:?}"),
         ),
     }
+}
+
+/// The greeting in QEMU's first line (`{"QMP": {...}}`).
+fn parse_greeting(greeting: &Value, target: &str) -> Result<Greeting, Error> {
+    let g = greeting.get("QMP").cloned().ok_or_else(|| {
+        Error::Greeting(format!(
+            "{target} sent {greeting} instead of a QMP greeting"
+        ))
+    })?;
+    Greeting::deserialize(g)
+        .map_err(|e| Error::Greeting(format!("{target}: malformed greeting: {e}")))
+}
+
+/// Decodes the `return` value of `C` into its typed reply.
+fn decode_reply<C: Command>(reply: Value) -> Result<C::Reply, Error> {
+    serde_json::from_value(reply).map_err(|source| Error::Decode {
+        command: C::NAME.to_string(),
+        source,
+    })
 }
 
 /// Interprets one handshake line.

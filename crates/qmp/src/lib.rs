@@ -36,6 +36,8 @@ pub mod models;
 pub mod probe;
 mod uri;
 
+#[doc(hidden)]
+pub use client::fuzzing;
 pub use client::{ConnectOptions, Event, Events, Greeting, Qmp, QmpTarget, Timestamp};
 pub use commands::*;
 pub use error::Error;
