@@ -491,8 +491,16 @@ pub(crate) async fn connect(tls: &ClientTls, to: &Endpoint, tcp: TcpStream) -> R
 /// TLS alert.
 pub(crate) async fn accept(tls: &ServerTls, tcp: TcpStream) -> Result<TlsTcp> {
     let mut first = [0u8; 8];
-    let n = tcp.peek(&mut first).await.map_err(Error::lost_or_io)?;
-    // 0x16: a TLS handshake record. Anything else is not a TLS client.
+    let mut n = tcp.peek(&mut first).await.map_err(Error::lost_or_io)?;
+    // 0x16: a TLS handshake record. Anything else is not a TLS client: wait a moment for
+    // enough of its first bytes to tell what it speaks.
+    for _ in 0..20 {
+        if n == 0 || n == first.len() || first[0] == 0x16 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        n = tcp.peek(&mut first).await.map_err(Error::lost_or_io)?;
+    }
     if n > 0 && first[0] != 0x16 {
         return Err(refuse_plain(tcp, &first[..n]).await);
     }
@@ -521,7 +529,7 @@ async fn refuse_plain(mut tcp: TcpStream, first: &[u8]) -> Error {
             crate::protocol::envelope(&crate::protocol::encode_body(&reject)),
             "a plain tcp:// client: it was told to use tls://",
         )
-    } else if first.iter().all(|b| b.is_ascii_alphabetic() || *b == b' ') {
+    } else if looks_like_http(first) {
         let body = "this tunnel-server speaks TLS: connect with wss://HOST:PORT/PATH\n";
         (
             format!(
@@ -541,6 +549,12 @@ async fn refuse_plain(mut tcp: TcpStream, first: &[u8]) -> Error {
     Error::TlsHandshake {
         why: format!("the client does not speak TLS, it sent {what}"),
     }
+}
+
+/// Whether the first bytes are an HTTP request line's start: a method (`GET`), then a space.
+fn looks_like_http(first: &[u8]) -> bool {
+    let method = first.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    (3..first.len()).contains(&method) && first[method] == b' '
 }
 
 /// Ends a refused connection gently: FIN, then read (and drop) what the peer still sends for
@@ -585,6 +599,21 @@ fn describe(e: &rustls::Error, side: Side) -> Error {
                 CertificateError::Other(other) => other.to_string(),
                 CertificateError::UnknownIssuer => {
                     "it is not signed by a trusted CA (UnknownIssuer)".into()
+                }
+                CertificateError::NotValidForNameContext {
+                    expected,
+                    presented,
+                } => format!(
+                    "it is for {}, not for {}",
+                    presented.join(", "),
+                    expected.to_str()
+                ),
+                CertificateError::NotValidForName => "it does not name the host of the URL".into(),
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    format!("it has expired ({cert:?})")
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    format!("it is not valid yet; check both hosts' clocks ({cert:?})")
                 }
                 other => format!("{other:?}"),
             };
