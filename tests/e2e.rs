@@ -373,6 +373,127 @@ async fn authenticated_tunnel_after_refused_attempts() {
     );
 }
 
+/// A self-signed certificate for the destination (made now, never kept) in `dir`: the paths
+/// of cert.pem and key.pem (0600), and the certificate's fingerprint as `openssl x509
+/// -fingerprint -sha256` prints it.
+fn self_signed_cert(dir: &Path) -> (String, String, String) {
+    use sha2::Digest as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["dest".to_owned()])
+        .expect("names")
+        .self_signed(&key)
+        .expect("certificate");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).expect("write cert.pem");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key.pem");
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let digest = sha2::Sha256::digest(cert.der().as_ref());
+    let hex: Vec<String> = digest.iter().map(|b| format!("{b:02X}")).collect();
+    (
+        path(&cert_path),
+        path(&key_path),
+        format!("sha256 Fingerprint={}", hex.join(":")),
+    )
+}
+
+/// WebSocket over TLS with the server's certificate pinned by its fingerprint, plus the token:
+/// a client pinning another certificate and a plain ws:// client fail on the source (which
+/// keeps running) without reaching the destination; then a migration through the pinned
+/// client completes and the destination's RAM is the source's.
+#[tokio::test(flavor = "multi_thread")]
+async fn wss_tunnel_with_pinned_certificate_and_token() {
+    let Some(bin) = qemu10() else { return };
+    let pair = pair(&bin, MEM_MIB);
+    let token = token_file(
+        pair.dir(),
+        "token",
+        "cXVpdGUgYSBnb29kIHRva2VuIGZvciB0aGUgdGVzdA==",
+    );
+    let (cert, key, fingerprint) = self_signed_cert(pair.dir());
+    let server_args: Vec<String> = [
+        "--token-file",
+        &token,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let client_args = |pin: &str| -> Vec<String> {
+        ["--token-file", &token, "--tls-fingerprint", pin]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+    };
+    let tunnel = Tunnel::start_with(
+        pair.dir(),
+        Transport::Ws,
+        &server_args,
+        &client_args(&fingerprint),
+    )
+    .await;
+    assert!(tunnel.url.starts_with("wss://127.0.0.1:"), "{}", tunnel.url);
+    let pin = fingerprint.trim_start_matches("sha256 Fingerprint=");
+    assert!(
+        tunnel.server.stderr().contains(pin),
+        "the server logs the fingerprint to pin:
+{}",
+        tunnel.server.stderr()
+    );
+    pair.receive(&["--socket".into(), path(&tunnel.dest_socket)], &[])
+        .await;
+
+    let wrong_pin = format!("sha256:{}", "ab".repeat(32));
+    let plain_url = tunnel.url.replacen("wss://", "ws://", 1);
+    for (name, url, extra) in [
+        ("wrong-pin", tunnel.url.clone(), client_args(&wrong_pin)),
+        (
+            "plain-ws",
+            plain_url,
+            vec!["--token-file".to_owned(), token.clone()],
+        ),
+    ] {
+        let socket = pair.dir().join(format!("{name}.sock"));
+        let mut args: Vec<String> = vec!["tunnel-client".into(), "--connect".into(), url];
+        args.extend(["--socket".into(), path(&socket)]);
+        args.extend(extra);
+        let mut client = Proc::spawn(name, pair.dir(), &args);
+        client.next_line(Duration::from_secs(20)).await;
+        let mut send = pair.send(&["--socket".into(), path(&socket)], &[]);
+        let (status, stdout) = send.wait(RUN).await;
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "send through the {name} client: {status}\n{}\n{}",
+            send.stderr(),
+            client.stderr()
+        );
+        assert_eq!(summary_of(&stdout)["outcome"], "failed", "{name}: {stdout}");
+        let (migration, _) = pair.verify_source_running().await;
+        assert_eq!(migration, MigrationStatus::Failed, "{name}");
+        let why = client.stderr();
+        let expected = match name {
+            "wrong-pin" => "certificate verification failed",
+            _ => "wss://",
+        };
+        assert!(why.contains(expected), "{name} client's log:\n{why}");
+    }
+
+    let mut send = pair.send(&["--socket".into(), path(&tunnel.source_socket)], &[]);
+    let (status, stdout) = send.wait(RUN).await;
+    assert!(
+        status.success(),
+        "send through the wss:// tunnel exited with {status}; stderr:\n{}\n{}",
+        send.stderr(),
+        tunnel.logs()
+    );
+    assert_eq!(summary_of(&stdout)["status"], "completed");
+    pair.verify_completed().await;
+}
+
 /// Without the tunnel: QEMU to QEMU over a Unix socket given as a legacy URI, with `receive
 /// --start` following the migration on the destination at the same time and starting the
 /// destination (paused by `-S`) afterwards.

@@ -28,7 +28,7 @@ pub struct Tunnel {
     pub server: Proc,
     /// The `tunnel-client` process.
     pub client: Proc,
-    /// The URL the server printed (`tcp://127.0.0.1:PORT` or `ws://...`).
+    /// The URL the server printed (`tcp://127.0.0.1:PORT`, `ws://...`, `tls://...`, `wss://...`).
     pub url: String,
     /// The Unix socket the destination QEMU must listen on (`receive --socket`).
     pub dest_socket: PathBuf,
@@ -73,13 +73,14 @@ impl Tunnel {
             .unwrap_or_else(|| panic!("unexpected tunnel-server ready line: {line:?}"))
             .trim()
             .to_owned();
-        let scheme = match transport {
-            Transport::Tcp => "tcp://",
-            Transport::Ws => "ws://",
+        // With --tls-cert in `server_extra`, the TLS form of the scheme.
+        let schemes = match transport {
+            Transport::Tcp => ["tcp://", "tls://"],
+            Transport::Ws => ["ws://", "wss://"],
         };
         assert!(
-            url.starts_with(scheme),
-            "server URL {url:?} is not {scheme}"
+            schemes.iter().any(|s| url.starts_with(s)),
+            "server URL {url:?} is not {schemes:?}"
         );
 
         let client = start_client(dir, "tunnel-client", &url, &source_socket, client_extra).await;

@@ -256,7 +256,6 @@ impl Server {
         let local = listen.with_bound(listener.local_addr()?);
         if let Some(tls) = &config.tls {
             info!(
-                fingerprint = %tls.fingerprint(),
                 client_certificates = client_certs,
                 "TLS: clients can pin this certificate with --tls-fingerprint {}",
                 tls.fingerprint()

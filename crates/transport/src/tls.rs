@@ -348,7 +348,26 @@ impl ClientTls {
                 source,
             })?;
         let (builder, label) = match check {
-            ServerCheck::Ca(cas) => (builder.with_root_certificates(roots(cas, "the CA")?), "CA"),
+            ServerCheck::Ca(cas) => {
+                let store = Arc::new(roots(cas.clone(), "the CA")?);
+                let webpki =
+                    rustls::client::WebPkiServerVerifier::builder_with_provider(store, provider())
+                        .build()
+                        .map_err(|e| TlsError::Rustls {
+                            what: "the CA",
+                            source: rustls::Error::General(e.to_string()),
+                        })?;
+                let verifier = CaFile {
+                    webpki,
+                    selves: cas,
+                };
+                (
+                    builder
+                        .dangerous()
+                        .with_custom_certificate_verifier(Arc::new(verifier)),
+                    "CA",
+                )
+            }
             ServerCheck::SystemRoots => {
                 let found = rustls_native_certs::load_native_certs();
                 let mut store = RootCertStore::empty();
@@ -397,6 +416,62 @@ impl ClientTls {
 
     pub(crate) fn connector(&self) -> TlsConnector {
         TlsConnector::from(self.config.clone())
+    }
+}
+
+/// A CA file: the server's certificate must chain to one of its certificates, or be one of
+/// them itself. The latter is the self-signed pair of `openssl req -x509` ([`MAKE_CERT`]):
+/// openssl marks it CA:TRUE, which webpki refuses as a server certificate, yet an operator
+/// who hands it to the client as its CA means "this very certificate". Its name is still
+/// checked against the URL's host, and the handshake signature against its key.
+#[derive(Debug)]
+struct CaFile {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    selves: Vec<CertificateDer<'static>>,
+}
+
+impl ServerCertVerifier for CaFile {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self
+            .selves
+            .iter()
+            .any(|c| c.as_ref() == end_entity.as_ref())
+        {
+            let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_name(&parsed, server_name)?;
+            return Ok(ServerCertVerified::assertion());
+        }
+        self.webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
     }
 }
 
@@ -596,7 +671,13 @@ fn describe(e: &rustls::Error, side: Side) -> Error {
     match e {
         rustls::Error::InvalidCertificate(cert) => {
             let why = match cert {
-                CertificateError::Other(other) => other.to_string(),
+                CertificateError::Other(other) => match other.to_string() {
+                    text if text.contains("CaUsedAsEndEntity") => format!(
+                        "it is a CA certificate (CA:TRUE), which is no server certificate unless \
+                         it is itself the --tls-ca file ({text})"
+                    ),
+                    text => text,
+                },
                 CertificateError::UnknownIssuer => {
                     "it is not signed by a trusted CA (UnknownIssuer)".into()
                 }

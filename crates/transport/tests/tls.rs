@@ -42,6 +42,7 @@ macro_rules! per_tls_scheme {
 
 per_tls_scheme!(
     ca_verified_transfer_is_byte_exact,
+    self_signed_pair_as_its_own_ca,
     pinned_fingerprint_transfer_is_byte_exact,
     wrong_ca_is_refused,
     wrong_fingerprint_is_refused,
@@ -112,6 +113,37 @@ async fn ca_verified_transfer_is_byte_exact(scheme: Scheme) {
     assert!(!server.requires_client_certificates());
     let client = client_tls(ServerCheck::Ca(vec![ca.der()]), None);
     transfer_with(scheme, server, client, "CA-verified").await;
+}
+
+/// The README's one-command pair (`openssl req -x509`, CA:TRUE) given to the client as its
+/// CA file: trusted as itself, with its name still checked.
+async fn self_signed_pair_as_its_own_ca(scheme: Scheme) {
+    let cert = Ca::self_signed_ca(&["127.0.0.1"]);
+    let server = server_tls(&cert, None);
+    let client = client_tls(ServerCheck::Ca(vec![cert.cert.clone()]), None);
+    let (t, dest) = tunnel(scheme, server, client).await;
+
+    let elsewhere = Ca::self_signed_ca(&["dest.example"]);
+    let (t2, dest2) = tunnel(
+        scheme,
+        server_tls(&elsewhere, None),
+        client_tls(ServerCheck::Ca(vec![elsewhere.cert.clone()]), None),
+    )
+    .await;
+    let err = refused(
+        &t2.url,
+        Some(client_tls(
+            ServerCheck::Ca(vec![elsewhere.cert.clone()]),
+            None,
+        )),
+        None,
+        "a self-signed pair for another name",
+    )
+    .await;
+    assert!(err.to_string().contains("dest.example"), "{err}");
+    assert_no_connection(&dest2, "a self-signed pair for another name").await;
+    drop(t2);
+    still_serves(t, &dest, "a self-signed pair for another name").await;
 }
 
 async fn pinned_fingerprint_transfer_is_byte_exact(scheme: Scheme) {

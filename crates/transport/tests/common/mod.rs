@@ -284,6 +284,14 @@ impl Ca {
         self.cert.pem()
     }
 
+    /// The CA itself as a server's certificate, as `openssl req -x509` makes a self-signed
+    /// pair (CA:TRUE), for `names`.
+    pub fn self_signed_ca(names: &[&str]) -> Issued {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params(names, true).self_signed(&key).expect("certificate");
+        issued(cert, &key)
+    }
+
     /// A certificate for `names` (host names and IP addresses) signed by this CA.
     pub fn issue(&self, names: &[&str]) -> Issued {
         let key = rcgen::KeyPair::generate().expect("key");
