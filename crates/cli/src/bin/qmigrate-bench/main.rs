@@ -11,12 +11,17 @@
 //! `unix:` and `tcp:`, socat, the qmigrate tunnels with and without multifd) and verifies the
 //! destination's RAM.
 //!
+//! `save` saves a VM to a state file and restores it (plain `file:` and mapped-ram with
+//! multifd) through `qmigrate send` and `receive`, next to the disk's own sequential speed
+//! measured with `dd` in the same run, and verifies the restored RAM.
+//!
 //! Exit codes: 0 every run delivered intact data, 1 a run failed or delivered wrong data,
 //! 2 usage error.
 
 mod migrate;
 mod procs;
 mod relay;
+mod save;
 mod table;
 
 use std::process::ExitCode;
@@ -38,6 +43,9 @@ enum Command {
     /// Whole QEMU migrations through each variant: total time, downtime, relay CPU and memory,
     /// destination RAM verified identical.
     Migrate(migrate::Args),
+    /// Save to a file and restore (plain and mapped-ram): GB/s next to the disk's own speed
+    /// (dd with O_DIRECT), restored RAM verified identical.
+    Save(save::Args),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +53,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Relay(args) => relay::run(args),
         Command::Migrate(args) => migrate::run(args),
+        Command::Save(args) => save::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -321,7 +321,7 @@ fn report(args: &Args, mib: u64, samples: &[Vec<Sample>]) {
     print!("{}", t.render());
 }
 
-fn qemu_version(qemu: &Path) -> String {
+pub(crate) fn qemu_version(qemu: &Path) -> String {
     std::process::Command::new(qemu)
         .arg("--version")
         .output()
@@ -580,7 +580,7 @@ fn ram_ranges(mib: u64) -> Vec<(u64, u64)> {
 }
 
 /// Dumps both guests' RAM (in tmpfs when there is one) and compares them byte for byte.
-async fn same_ram(src: &Path, dst: &Path, mib: u64) -> anyhow::Result<bool> {
+pub(crate) async fn same_ram(src: &Path, dst: &Path, mib: u64) -> anyhow::Result<bool> {
     let shm = Path::new("/dev/shm");
     let dumps = tempfile::Builder::new()
         .prefix("qmigrate-bench-ram-")
@@ -647,7 +647,7 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// `mib` MiB of pseudo-random bytes (splitmix64): incompressible guest RAM.
-fn write_random(path: &Path, mib: u64) -> anyhow::Result<()> {
+pub(crate) fn write_random(path: &Path, mib: u64) -> anyhow::Result<()> {
     let mut state: u64 = 0x0005_EED0_F0DD_u64 ^ u64::from(std::process::id());
     let mut f = BufWriter::new(File::create(path)?);
     let mut buf = vec![0u8; 1 << 20];
