@@ -317,6 +317,59 @@ async fn file_mapped_ram_multifd_4() {
     );
 }
 
+/// mapped-ram with direct-io (QEMU 9.1+): where the state file's file system takes O_DIRECT,
+/// QEMU's channels write and read it with O_DIRECT, and both commands say so; RAM identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn mapped_ram_direct_io_where_the_file_system_takes_it() {
+    let Some(bin) = qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let direct = takes_o_direct(dir.path());
+    let state = dir.path().join("state.bin");
+    let uri = format!("file:{}", state.display());
+    let mut src = source(&bin, MEM_MIB);
+    let saved_ram = ram_of(&src, MEM_MIB).await;
+    let out = save(&src, &uri, &["--multifd", "2", "--quit"]).await;
+    out.expect_success();
+    assert_eq!(
+        json_line(&out, "summary")["direct_io"],
+        direct,
+        "{}",
+        out.stdout
+    );
+    wait_for_exit(&mut src, Duration::from_secs(10));
+
+    let dst = destination(&bin, MEM_MIB);
+    let out = restore(&dst, &uri, &["--multifd", "2"]).await;
+    assert!(out.code() == Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        json_line(&out, "ready")["direct_io"],
+        direct,
+        "{}",
+        out.stdout
+    );
+    assert_eq!(ram_of(&dst, MEM_MIB).await, saved_ram);
+}
+
+/// Whether a page-aligned page can be written to a file in `dir` with O_DIRECT.
+fn takes_o_direct(dir: &Path) -> bool {
+    use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+    let file = dir.join("o_direct.probe");
+    let ok = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&file)
+        .and_then(|f| {
+            let buf = vec![0u8; 8192];
+            let at = buf.as_ptr().align_offset(4096);
+            f.write_all_at(&buf[at..at + 4096], 0)
+        })
+        .is_ok();
+    let _ = std::fs::remove_file(&file);
+    ok
+}
+
 /// A mapped-ram state restored without --multifd: the capability comes from the file.
 #[tokio::test(flavor = "multi_thread")]
 async fn mapped_ram_state_restores_without_multifd_flag() {

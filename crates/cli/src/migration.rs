@@ -126,6 +126,12 @@ pub struct MigrationPlan {
     /// `mapped-ram` (QEMU 9.0+, [`Stream::File`] only): every page at its own offset in the
     /// file, so multifd channels write and read it in parallel.
     pub mapped_ram: bool,
+    /// The `direct-io` parameter (QEMU 9.1+, [`Stream::File`] with mapped-ram and multifd):
+    /// the multifd channels open the state file with O_DIRECT, so pages go between guest RAM
+    /// and the disk without a copy through the page cache, and a save no longer leaves the
+    /// whole file to be flushed afterwards. Only for a file system that takes O_DIRECT (see
+    /// [`statefile::can_write_direct`]); a QEMU without the parameter does without it.
+    pub direct_io: bool,
     /// `x-ignore-shared`: leave out RAM on a shared memory backend (for `cpr-reboot`).
     pub ignore_shared: bool,
     /// The migration mode; `Normal` unless `--mode` says otherwise.
@@ -257,6 +263,11 @@ impl MigrationPlan {
             params.multifd_channels = Some(u64::from(n));
             params.multifd_compression = Some(self.compression.unwrap_or(Compression::None).qapi());
         }
+        if self.stream == Stream::File {
+            // Off as well as on, so that a leftover from an earlier save cannot point O_DIRECT
+            // at a file system that refuses it.
+            params.direct_io = Some(self.direct_io);
+        }
         params
     }
 
@@ -288,6 +299,9 @@ impl MigrationPlan {
         let mut text = multifd;
         if self.mapped_ram {
             text.push_str(", mapped-ram");
+        }
+        if self.direct_io {
+            text.push_str(", direct-io");
         }
         if self.mode == Mode::CprReboot {
             text.push_str(", mode cpr-reboot");
@@ -599,7 +613,8 @@ fn fit_capabilities(
 }
 
 /// Fits the parameters a plan wants to what this QEMU has (`current`, from
-/// `query-migrate-parameters`): `mode` exists since QEMU 8.2 and is only sent where it does.
+/// `query-migrate-parameters`): `mode` exists since QEMU 8.2 and is only sent where it does;
+/// `direct-io` (9.1+) is a speed-up only, left out where QEMU lacks it.
 fn fit_parameters(
     mut wanted: MigrateSetParameters,
     current: &MigrationParameters,
@@ -610,6 +625,9 @@ fn fit_parameters(
             Some(MigMode::Normal) | None => {}
             Some(mode) => bail!("QEMU {qemu} has no migration modes (8.2+), so no mode {mode}"),
         }
+    }
+    if current.direct_io.is_none() && wanted.direct_io.take() == Some(true) {
+        info!("QEMU {qemu} has no direct-io (9.1+): mapped-ram goes through the page cache");
     }
     Ok(wanted)
 }
@@ -1017,6 +1035,7 @@ fn parameters_to_restore(
             .max_postcopy_bandwidth
             .and(before.max_postcopy_bandwidth),
         mode: set.mode.and(before.mode),
+        direct_io: set.direct_io.and(before.direct_io),
         ..MigrateSetParameters::default()
     }
 }
@@ -1386,6 +1405,46 @@ mod tests {
             }
         );
         assert_eq!(plan.describe(), "multifd 4 (zstd), postcopy off");
+    }
+
+    #[test]
+    fn direct_io_only_for_files_and_set_either_way() {
+        let save = MigrationPlan {
+            stream: Stream::File,
+            multifd: Some(4),
+            mapped_ram: true,
+            direct_io: true,
+            ..MigrationPlan::default()
+        };
+        assert_eq!(save.source_parameters().direct_io, Some(true));
+        assert_eq!(save.destination_parameters().direct_io, Some(true));
+        assert_eq!(save.describe(), "multifd 4, mapped-ram, direct-io");
+        // A plain save turns a leftover direct-io off; a live migration leaves it alone.
+        let plain = MigrationPlan {
+            stream: Stream::File,
+            ..MigrationPlan::default()
+        };
+        assert_eq!(plain.source_parameters().direct_io, Some(false));
+        assert_eq!(MigrationPlan::default().source_parameters().direct_io, None);
+
+        // Set back on the source afterwards; left out for a QEMU without it (before 9.1).
+        let before = MigrationParameters {
+            direct_io: Some(false),
+            ..Default::default()
+        };
+        let restore = parameters_to_restore(&save.source_parameters(), &before);
+        assert_eq!(restore.direct_io, Some(false));
+        let fitted = fit_parameters(
+            save.source_parameters(),
+            &MigrationParameters {
+                mode: Some(MigMode::Normal),
+                ..Default::default()
+            },
+            "9.0.0",
+        )
+        .expect("fits without direct-io");
+        assert_eq!(fitted.direct_io, None);
+        assert_eq!(fitted.multifd_channels, Some(4));
     }
 
     #[test]

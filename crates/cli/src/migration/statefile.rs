@@ -6,8 +6,9 @@
 //! and the capabilities that both sides must agree on (`mapped-ram`, `x-ignore-shared`). Reading
 //! that header tells `receive` which capabilities the file needs before QEMU fails on it.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read as _, Seek as _, SeekFrom};
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
@@ -23,6 +24,9 @@ const SECTION_CONFIGURATION: u8 = 0x07;
 const SUBSECTION: u8 = 0x05;
 /// Enough for the header and the configuration section of any QEMU.
 const HEADER_BYTES: usize = 4096;
+/// The block the O_DIRECT probes write and read: a page, the unit mapped-ram's channels use
+/// (their file offsets are aligned to 1 MiB, their lengths to pages).
+const DIRECT_IO_BLOCK: usize = 4096;
 
 /// What the start of a state file says about it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -279,6 +283,61 @@ impl Drop for Partial {
     }
 }
 
+/// Whether QEMU's mapped-ram channels can write state files in `dir` with O_DIRECT (the
+/// `direct-io` parameter): a page-aligned page is written with O_DIRECT to a temporary file
+/// there. False, with the reason in the debug log, where the file system refuses O_DIRECT
+/// (tmpfs before Linux 6.6, many FUSE file systems) or needs a larger alignment; QEMU would
+/// fail the save there.
+pub fn can_write_direct(dir: &Path) -> bool {
+    let probe = || -> io::Result<()> {
+        let file = tempfile::Builder::new()
+            .prefix(".qmigrate-direct-io-")
+            .tempfile_in(dir)?;
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(file.path())?;
+        let mut buf = vec![0u8; 2 * DIRECT_IO_BLOCK];
+        direct.write_all_at(aligned_block(&mut buf)?, 0)
+    };
+    match probe() {
+        Ok(()) => true,
+        Err(err) => {
+            debug!(dir = %dir.display(), %err, "no O_DIRECT writes here; direct-io stays off");
+            false
+        }
+    }
+}
+
+/// Whether QEMU's mapped-ram channels can read the state file `path` with O_DIRECT (the
+/// `direct-io` parameter): its first page is read with O_DIRECT. False, with the reason in the
+/// debug log, where the file system refuses it.
+pub fn can_read_direct(path: &Path) -> bool {
+    let probe = || -> io::Result<()> {
+        let direct = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)?;
+        let mut buf = vec![0u8; 2 * DIRECT_IO_BLOCK];
+        direct.read_at(aligned_block(&mut buf)?, 0).map(drop)
+    };
+    match probe() {
+        Ok(()) => true,
+        Err(err) => {
+            debug!(file = %path.display(), %err, "no O_DIRECT reads here; direct-io stays off");
+            false
+        }
+    }
+}
+
+/// The page-aligned [`DIRECT_IO_BLOCK`] inside `buf` (twice that long), as O_DIRECT wants.
+fn aligned_block(buf: &mut [u8]) -> io::Result<&mut [u8]> {
+    let at = buf.as_ptr().align_offset(DIRECT_IO_BLOCK);
+    at.checked_add(DIRECT_IO_BLOCK)
+        .and_then(|end| buf.get_mut(at..end))
+        .ok_or_else(|| io::Error::other("no aligned block in the probe buffer"))
+}
+
 /// Removes a file; `Ok(false)` when there was none.
 fn remove_if_there(path: &Path) -> io::Result<bool> {
     match std::fs::remove_file(path) {
@@ -387,5 +446,19 @@ mod tests {
 
         let err = Partial::new(&dir.path().join("no/such/dir/state.bin"), 0).expect_err("no dir");
         assert!(err.to_string().contains("cannot save to"), "{err}");
+    }
+
+    #[test]
+    fn direct_io_probes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Whether the temporary directory's file system takes O_DIRECT depends on the machine;
+        // either way the probe leaves nothing behind, and where it writes, it reads.
+        let writes = can_write_direct(dir.path());
+        assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 0);
+        let file = dir.path().join("state.bin");
+        std::fs::write(&file, mapped_ram_header()).expect("write");
+        assert!(!writes || can_read_direct(&file));
+        assert!(!can_write_direct(&dir.path().join("no/such/dir")));
+        assert!(!can_read_direct(&dir.path().join("missing.bin")));
     }
 }
