@@ -15,26 +15,21 @@ fuzz_target!(|data: &[u8]| {
     let token = Token::new("fuzzing token, long enough", "fuzz").expect("a valid token");
     let nonce = [7u8; auth::NONCE_LEN];
 
-    // TCP: what `TunnelStream::recv_body` does, a 12-byte header and then exactly as many
-    // body bytes as it announced, message after message.
-    let mut rest = data;
-    for _ in 0..MAX_MESSAGES {
-        let Some(header) = rest.get(..12).and_then(|h| <&[u8; 12]>::try_from(h).ok()) else {
-            break;
-        };
-        let len = match protocol::parse_header(header) {
-            Ok(len) => len,
+    // TCP and TLS: the envelopes one after the other, read by the connection's own reader.
+    for body in qmigrate_transport::fuzzing::recv_bodies(data, MAX_MESSAGES) {
+        match body {
+            Ok(body) => {
+                assert!(
+                    body.len() <= MAX_HANDSHAKE_LEN as usize,
+                    "read {} bytes",
+                    body.len()
+                );
+                messages(&body, &token, &nonce);
+            }
             Err(e) => {
                 let _ = e.to_string();
-                break;
             }
-        };
-        assert!(len <= MAX_HANDSHAKE_LEN, "header let through {len} bytes");
-        let Some(body) = rest.get(12..12 + len as usize) else {
-            break;
-        };
-        messages(body, &token, &nonce);
-        rest = &rest[12 + len as usize..];
+        }
     }
 
     // WebSocket: the whole input is one binary message holding one envelope.

@@ -45,6 +45,8 @@ pub use error::{Error, Result};
 pub use relay::{relay, RelayStats};
 pub use report::Report;
 pub use server::{Controller, Server, ServerConfig, SessionMap};
+#[doc(hidden)]
+pub use stream::fuzzing;
 pub use stream::{Frames, Messages, TlsTcp, TunnelReader, TunnelStream, TunnelWriter, WS_MESSAGE};
 pub use tls::{ClientTls, Fingerprint, ServerCheck, ServerTls, TlsError};
 pub use transport::{AnyTransport, Tcp, Tls, Transport, WebSocket};

@@ -26,6 +26,9 @@ use tokio_tungstenite::WebSocketStream;
 use crate::error::{Error, Result};
 use crate::protocol::{self, EnvelopeError, MAX_FRAME};
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 /// Size of one WebSocket data message. tokio-tungstenite copies each payload into its write
 /// buffer, so large messages cost a large memcpy; ~64 KiB measured fastest.
 pub const WS_MESSAGE: usize = 64 * 1024;
