@@ -51,6 +51,8 @@ fi
 
 missing=()
 command -v socat >/dev/null || missing+=(socat)
+# The relay benchmark's tls and wss variants make their certificate with openssl.
+command -v openssl >/dev/null || missing+=(openssl)
 command -v ip >/dev/null || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_update

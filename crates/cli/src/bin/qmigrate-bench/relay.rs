@@ -32,7 +32,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,socat,socat-1m,tcp,ws"
+        default_value = "direct,socat,socat-1m,tcp,ws,tls,wss"
     )]
     only: Vec<Variant>,
 
@@ -63,6 +63,10 @@ pub enum Variant {
     Tcp,
     /// qmigrate tunnel-client and tunnel-server over WebSocket.
     Ws,
+    /// qmigrate over TLS (tls://), the server's certificate pinned by its fingerprint.
+    Tls,
+    /// qmigrate over WebSocket over TLS (wss://), likewise.
+    Wss,
 }
 
 impl Variant {
@@ -73,7 +77,16 @@ impl Variant {
             Variant::Socat1m => "socat -b 1048576",
             Variant::Tcp => "qmigrate tcp",
             Variant::Ws => "qmigrate ws",
+            Variant::Tls => "qmigrate tls",
+            Variant::Wss => "qmigrate wss",
         }
+    }
+
+    fn is_qmigrate(self) -> bool {
+        matches!(
+            self,
+            Variant::Tcp | Variant::Ws | Variant::Tls | Variant::Wss
+        )
     }
 }
 
@@ -96,12 +109,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         Some(path) => path.clone(),
         None => std::env::current_exe()?.with_file_name("qmigrate"),
     };
-    if args
-        .only
-        .iter()
-        .any(|v| matches!(v, Variant::Tcp | Variant::Ws))
-        && !qmigrate.exists()
-    {
+    if args.only.iter().any(|v| v.is_qmigrate()) && !qmigrate.exists() {
         bail!(
             "{} does not exist: build it first (cargo build --release) or pass --qmigrate PATH",
             qmigrate.display()
@@ -111,6 +119,15 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let dir = tempfile::Builder::new()
         .prefix("qmigrate-bench-")
         .tempdir()?;
+    let tls = if args
+        .only
+        .iter()
+        .any(|v| matches!(v, Variant::Tls | Variant::Wss))
+    {
+        Some(make_cert(dir.path())?)
+    } else {
+        None
+    };
     let base = pattern_block();
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); args.only.len()];
     let mut all_ok = true;
@@ -127,6 +144,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                 dir: &run_dir,
                 qmigrate: &qmigrate,
                 socat: &args.socat,
+                tls: tls.as_ref(),
             };
             match run_once(variant, &env, size, &base) {
                 Ok(sample) => {
@@ -271,6 +289,60 @@ struct Env<'a> {
     dir: &'a Path,
     qmigrate: &'a Path,
     socat: &'a Path,
+    tls: Option<&'a Cert>,
+}
+
+/// The tunnel-server's certificate for the TLS variants, and its fingerprint as openssl
+/// prints it (which is what the client pins, as an operator would).
+struct Cert {
+    cert: PathBuf,
+    key: PathBuf,
+    fingerprint: String,
+}
+
+/// A self-signed P-256 certificate for 127.0.0.1, made with the command the README shows.
+fn make_cert(dir: &Path) -> anyhow::Result<Cert> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let openssl = |args: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .context("cannot run openssl (install it: apt-get install openssl)")?;
+        if !out.status.success() {
+            bail!(
+                "openssl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &k,
+        "-out",
+        &c,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bench",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+    ])?;
+    let fingerprint = openssl(&["x509", "-in", &c, "-noout", "-fingerprint", "-sha256"])?;
+    Ok(Cert {
+        cert,
+        key,
+        fingerprint,
+    })
 }
 
 fn run_once(variant: Variant, env: &Env<'_>, size: u64, base: &[u8]) -> anyhow::Result<Sample> {
@@ -302,14 +374,22 @@ fn run_once(variant: Variant, env: &Env<'_>, size: u64, base: &[u8]) -> anyhow::
             relays.push(Proc::spawn("socat-source", env.dir, env.socat, &a)?);
             procs::wait_path(&source, limit)?;
         }
-        Variant::Tcp | Variant::Ws => {
-            let ws = variant == Variant::Ws;
+        Variant::Tcp | Variant::Ws | Variant::Tls | Variant::Wss => {
+            let ws = matches!(variant, Variant::Ws | Variant::Wss);
+            let tls = match variant {
+                Variant::Tls | Variant::Wss => Some(env.tls.context("no certificate made")?),
+                _ => None,
+            };
             let mut a: Vec<String> = vec!["tunnel-server".into()];
             if ws {
                 a.push("--ws".into());
             }
             a.extend(["--listen".into(), "127.0.0.1:0".into(), "--once".into()]);
             a.extend(["--socket".into(), dest.display().to_string()]);
+            if let Some(tls) = tls {
+                a.extend(["--tls-cert".into(), tls.cert.display().to_string()]);
+                a.extend(["--tls-key".into(), tls.key.display().to_string()]);
+            }
             let mut server = Proc::spawn("tunnel-server", env.dir, env.qmigrate, &a)?;
             let line = server.ready_line()?;
             let url = line
@@ -324,6 +404,9 @@ fn run_once(variant: Variant, env: &Env<'_>, size: u64, base: &[u8]) -> anyhow::
             }
             a.extend(["--connect".into(), url, "--once".into()]);
             a.extend(["--socket".into(), source.display().to_string()]);
+            if let Some(tls) = tls {
+                a.extend(["--tls-fingerprint".into(), tls.fingerprint.clone()]);
+            }
             let mut client = Proc::spawn("tunnel-client", env.dir, env.qmigrate, &a)?;
             client.ready_line()?;
             relays.push(client);
