@@ -37,9 +37,7 @@ struct Pair {
     dir: tempfile::TempDir,
 }
 
-/// The destination's RAM is anonymous (`memory-backend-ram`) under the same backend id as the
-/// source's file-backed RAM (migration matches RAM blocks by id): QEMU refuses postcopy on a
-/// destination whose RAM is a file outside tmpfs/hugetlbfs, and its content is overwritten anyway.
+/// The destination as [`qemu::destination_config`] describes it.
 fn pair_with(
     src_bin: &QemuBinary,
     dst_bin: &QemuBinary,
@@ -61,17 +59,8 @@ fn pair_with(
     let dst = Vm::start(
         dst_bin,
         &VmConfig {
-            mem_mib,
-            random_ram: false,
-            incoming_defer: true,
             machine,
-            extra_args: vec![
-                "-S".to_owned(),
-                "-object".to_owned(),
-                format!("memory-backend-ram,id=m0,size={mem_mib}M"),
-                "-machine".to_owned(),
-                "memory-backend=m0".to_owned(),
-            ],
+            ..qemu::destination_config(mem_mib)
         },
     )
     .expect("start the destination QEMU");

@@ -157,21 +157,22 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         "migration benchmark: {mib} MiB of random guest RAM, {} repetitions, variants interleaved",
         args.reps
     );
+    // Every run gets its own directory; everything else is shared.
+    let base = Env {
+        dir: dir.path(),
+        qmigrate: &qmigrate,
+        qemu: &args.qemu,
+        socat: &args.socat,
+        ram: &ram,
+        fw: &fw,
+        mib,
+    };
     // One untimed migration first: the first QEMU start of a run pays for loading the binary
     // and faulting in the RAM file, which would otherwise count against the first variant.
     if let Some(&first) = args.only.first() {
         let warm = dir.path().join("warm-up");
         std::fs::create_dir(&warm)?;
-        let env = Env {
-            dir: &warm,
-            qmigrate: &qmigrate,
-            qemu: &args.qemu,
-            socat: &args.socat,
-            ram: &ram,
-            fw: &fw,
-            mib,
-        };
-        if let Err(err) = run_once(first, &env, &rt) {
+        if let Err(err) = run_once(first, &Env { dir: &warm, ..base }, &rt) {
             eprintln!("  warm-up ({}) failed: {err:#}", first.label());
         }
         let _ = std::fs::remove_dir_all(&warm);
@@ -180,16 +181,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         for (i, &variant) in args.only.iter().enumerate() {
             let run_dir = dir.path().join(format!("{rep}-{i}"));
             std::fs::create_dir(&run_dir)?;
-            let env = Env {
-                dir: &run_dir,
-                qmigrate: &qmigrate,
-                qemu: &args.qemu,
-                socat: &args.socat,
-                ram: &ram,
-                fw: &fw,
-                mib,
-            };
-            match run_once(variant, &env, &rt) {
+            match run_once(variant, &Env { dir: &run_dir, ..base }, &rt) {
                 Ok(s) => {
                     eprintln!(
                         "  rep {}/{}  {:<24} {:>6.2} s  {:>5.2} GB/s  downtime {:>4} ms  relay {:>5} core-s/GB  {}",
