@@ -181,7 +181,14 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         for (i, &variant) in args.only.iter().enumerate() {
             let run_dir = dir.path().join(format!("{rep}-{i}"));
             std::fs::create_dir(&run_dir)?;
-            match run_once(variant, &Env { dir: &run_dir, ..base }, &rt) {
+            match run_once(
+                variant,
+                &Env {
+                    dir: &run_dir,
+                    ..base
+                },
+                &rt,
+            ) {
                 Ok(s) => {
                     eprintln!(
                         "  rep {}/{}  {:<24} {:>6.2} s  {:>5.2} GB/s  downtime {:>4} ms  relay {:>5} core-s/GB  {}",
