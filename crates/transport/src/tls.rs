@@ -17,10 +17,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest as _, Sha256};
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -575,84 +572,6 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
-/// Bytes read from the socket at once under TLS.
-const TLS_READ: usize = 128 * 1024;
-
-/// A socket whose reads go through a buffer of its own: rustls asks for at most 4 KiB per
-/// read, which would cost a system call per 4 KiB of a migration stream (measured with
-/// `qmigrate-bench relay`); from this buffer those reads are copies. Writes pass through.
-#[derive(Debug)]
-pub struct ReadBuffered<S> {
-    inner: S,
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
-}
-
-impl<S> ReadBuffered<S> {
-    fn new(inner: S) -> Self {
-        ReadBuffered {
-            inner,
-            buf: vec![0u8; TLS_READ].into_boxed_slice(),
-            start: 0,
-            end: 0,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for ReadBuffered<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.start == this.end {
-            if out.remaining() >= this.buf.len() {
-                return Pin::new(&mut this.inner).poll_read(cx, out);
-            }
-            let mut into = ReadBuf::new(&mut this.buf);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut into))?;
-            let filled = into.filled().len();
-            (this.start, this.end) = (0, filled);
-        }
-        let n = out.remaining().min(this.end - this.start);
-        out.put_slice(&this.buf[this.start..this.start + n]);
-        this.start += n;
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for ReadBuffered<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
 /// The client side of the TLS handshake on a fresh TCP connection to `to`.
 pub(crate) async fn connect(tls: &ClientTls, to: &Endpoint, tcp: TcpStream) -> Result<TlsTcp> {
     let name = ServerName::try_from(to.host.clone()).map_err(|_| Error::TlsHandshake {
@@ -660,7 +579,7 @@ pub(crate) async fn connect(tls: &ClientTls, to: &Endpoint, tcp: TcpStream) -> R
     })?;
     let stream = tls
         .connector()
-        .connect(name, ReadBuffered::new(tcp))
+        .connect(name, tcp)
         .await
         .map_err(|e| classify(e, Side::Client))?;
     let (_, conn) = stream.get_ref();
@@ -690,12 +609,7 @@ pub(crate) async fn accept(tls: &ServerTls, tcp: TcpStream) -> Result<TlsTcp> {
     if n > 0 && first[0] != 0x16 {
         return Err(refuse_plain(tcp, &first[..n]).await);
     }
-    match tls
-        .acceptor()
-        .accept(ReadBuffered::new(tcp))
-        .into_fallible()
-        .await
-    {
+    match tls.acceptor().accept(tcp).into_fallible().await {
         Ok(stream) => Ok(TlsTcp::from(stream)),
         Err((e, tcp)) => {
             linger(tcp).await;
