@@ -125,3 +125,73 @@ pub fn default_scheme(plain: Scheme, tls: bool) -> Scheme {
         plain
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Client {
+        #[command(flatten)]
+        tls: ClientTlsArgs,
+    }
+
+    #[derive(Debug, Parser)]
+    struct Server {
+        #[command(flatten)]
+        tls: ServerTlsArgs,
+    }
+
+    const PIN: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn client(args: &[&str]) -> Result<ClientTlsArgs, clap::Error> {
+        Client::try_parse_from(std::iter::once("x").chain(args.iter().copied())).map(|c| c.tls)
+    }
+
+    #[test]
+    fn a_tls_flag_makes_an_address_without_scheme_tls() {
+        let none = client(&[]).expect("no flags");
+        assert!(!none.any());
+        assert_eq!(default_scheme(Scheme::Tcp, none.any()), Scheme::Tcp);
+        assert!(none.load(Scheme::Tcp).expect("plain").is_none());
+        let pinned = client(&["--tls-fingerprint", PIN]).expect("pin");
+        assert!(pinned.any());
+        assert_eq!(default_scheme(Scheme::Tcp, pinned.any()), Scheme::Tls);
+        assert_eq!(default_scheme(Scheme::Ws, pinned.any()), Scheme::Wss);
+        assert!(pinned.load(Scheme::Wss).expect("wss").is_some());
+    }
+
+    #[test]
+    fn tls_flags_with_a_plain_address_are_a_usage_error() {
+        let pinned = client(&["--tls-fingerprint", PIN]).expect("pin");
+        let err = pinned.load(Scheme::Ws).expect_err("ws:// with a pin");
+        assert_eq!(crate::exit::code_of(&err), 2);
+        assert!(format!("{err:#}").contains("wss://"), "{err:#}");
+    }
+
+    #[test]
+    fn flags_that_do_not_go_together_are_refused_by_clap() {
+        assert!(client(&["--tls-ca", "a.pem", "--tls-fingerprint", PIN]).is_err());
+        assert!(
+            client(&["--tls-cert", "c.pem"]).is_err(),
+            "a certificate needs its key"
+        );
+        let err = client(&["--tls-fingerprint", "sha1:0123"]).expect_err("bad pin");
+        assert!(err.to_string().contains("64 hex digits"), "{err}");
+        let server = |args: &[&str]| {
+            Server::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+        };
+        assert!(server(&["--tls-cert", "c.pem"]).is_err(), "needs --tls-key");
+        assert!(
+            server(&["--tls-client-ca", "ca.pem"]).is_err(),
+            "needs --tls-cert"
+        );
+        let ok = server(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).expect("pair");
+        assert!(ok.tls.any());
+        let err = ok.tls.load().expect_err("files that do not exist");
+        assert_eq!(crate::exit::code_of(&err), 2);
+        assert!(format!("{err:#}").contains("c.pem"), "{err:#}");
+    }
+}
