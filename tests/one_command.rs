@@ -267,3 +267,105 @@ async fn token_is_required_and_enough() {
     verify(&p, dir.path(), RunState::Paused).await;
     srv.kill().await;
 }
+
+/// Writes `pem` to `dir/name` (0600) and returns the path.
+fn write_pem(dir: &Path, name: &str, pem: &str) -> String {
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = dir.join(name);
+    std::fs::write(&file, pem).expect("write a PEM file");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path(&file)
+}
+
+/// `migrate` over tls:// with mutual TLS and no token: the server's certificate checked
+/// against --tls-ca, the client's against the server's --tls-client-ca. A client without a
+/// certificate is refused before the destination is touched; with one, the migration is
+/// relayed (TLS never takes the direct data path: QEMU would get ciphertext) and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_relays_and_completes() {
+    let Some(bin) = qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pair(&bin);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("names")
+        .self_signed(&key)
+        .expect("server certificate");
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("client CA");
+    let client_key = rcgen::KeyPair::generate().expect("client key");
+    let client = rcgen::CertificateParams::new(vec!["source".to_owned()])
+        .expect("names")
+        .signed_by(&client_key, &ca, &ca_key)
+        .expect("client certificate");
+    let d = dir.path();
+    let (cert_pem, key_pem) = (
+        write_pem(d, "cert.pem", &cert.pem()),
+        write_pem(d, "key.pem", &key.serialize_pem()),
+    );
+    let ca_pem = write_pem(d, "clients-ca.pem", &ca.pem());
+    let (client_pem, client_key_pem) = (
+        write_pem(d, "client.pem", &client.pem()),
+        write_pem(d, "client-key.pem", &client_key.serialize_pem()),
+    );
+
+    let (mut srv, url) = server(
+        d,
+        &[
+            "--qmp".into(),
+            path(&p.dst.qmp_path),
+            "--tls-cert".into(),
+            cert_pem.clone(),
+            "--tls-key".into(),
+            key_pem,
+            "--tls-client-ca".into(),
+            ca_pem,
+        ],
+    )
+    .await;
+    assert!(url.starts_with("tls://127.0.0.1:"), "{url}");
+
+    let refused = migrate(&p, &url, &["--tls-ca", &cert_pem]).await;
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "without a client certificate:\n{}",
+        refused.stderr
+    );
+    assert!(
+        refused.stderr.contains("client certificate"),
+        "{}",
+        refused.stderr
+    );
+    let dst = support::qmp(&p.dst.qmp_path).await;
+    assert_eq!(
+        support::migration_status(&dst).await.0,
+        MigrationStatus::None,
+        "the destination was not touched"
+    );
+    drop(dst);
+
+    let out = migrate(
+        &p,
+        &url,
+        &[
+            "--tls-ca",
+            &cert_pem,
+            "--tls-cert",
+            &client_pem,
+            "--tls-key",
+            &client_key_pem,
+        ],
+    )
+    .await;
+    out.expect_success();
+    assert!(
+        out.stderr.contains("relayed") && !out.stderr.contains("direct data path"),
+        "TLS relays:\n{}",
+        out.stderr
+    );
+    verify(&p, d, RunState::Running).await;
+    srv.kill().await;
+}
