@@ -16,6 +16,7 @@ use anyhow::{bail, Context as _};
 use qmigrate_qmp::{ConnectOptions, Pmemsave, Qmp};
 
 use crate::procs::{self, Proc, Usage};
+use crate::relay::{make_cert, Cert};
 use crate::table::{self, median, num, Table};
 
 /// Arguments of `qmigrate-bench migrate`.
@@ -33,7 +34,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct-unix,direct-tcp,socat,socat-1m,tcp,ws,tcp-direct,direct-unix-multifd4,tcp-multifd4,ws-multifd4"
+        default_value = "direct-unix,direct-tcp,socat,socat-1m,tcp,ws,tls,wss,tcp-direct,direct-unix-multifd4,tcp-multifd4,ws-multifd4"
     )]
     only: Vec<Variant>,
 
@@ -79,6 +80,10 @@ pub enum Variant {
     /// The qmigrate WebSocket tunnel with `--multifd 4`.
     #[value(name = "ws-multifd4")]
     WsMultifd4,
+    /// The qmigrate TLS tunnel (tls://, the server's certificate pinned).
+    Tls,
+    /// The qmigrate WebSocket-over-TLS tunnel (wss://, pinned).
+    Wss,
     /// `qmigrate migrate` to a `tunnel-server --qmp` over TCP: the direct data path, where
     /// both QEMUs take the tunnel connection over (relay CPU: both qmigrate processes).
     #[value(name = "tcp-direct")]
@@ -97,6 +102,8 @@ impl Variant {
             Variant::Ws => "qmigrate ws",
             Variant::TcpMultifd4 => "qmigrate tcp, multifd 4",
             Variant::WsMultifd4 => "qmigrate ws, multifd 4",
+            Variant::Tls => "qmigrate tls",
+            Variant::Wss => "qmigrate wss",
             Variant::TcpDirect => "qmigrate migrate tcp, direct",
         }
     }
@@ -157,6 +164,15 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         "migration benchmark: {mib} MiB of random guest RAM, {} repetitions, variants interleaved",
         args.reps
     );
+    let cert = if args
+        .only
+        .iter()
+        .any(|v| matches!(v, Variant::Tls | Variant::Wss))
+    {
+        Some(make_cert(dir.path())?)
+    } else {
+        None
+    };
     // Every run gets its own directory; everything else is shared.
     let base = Env {
         dir: dir.path(),
@@ -166,6 +182,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         ram: &ram,
         fw: &fw,
         mib,
+        tls: cert.as_ref(),
     };
     // One untimed migration first: the first QEMU start of a run pays for loading the binary
     // and faulting in the RAM file, which would otherwise count against the first variant.
@@ -339,6 +356,7 @@ struct Env<'a> {
     ram: &'a Path,
     fw: &'a Path,
     mib: u64,
+    tls: Option<&'a Cert>,
 }
 
 impl Env<'_> {
@@ -460,13 +478,26 @@ fn run_once(
             relays.push(Proc::spawn("socat-source", env.dir, env.socat, &a)?);
             procs::wait_path(&src_sock, limit)?;
         }
-        Variant::Tcp | Variant::Ws | Variant::TcpMultifd4 | Variant::WsMultifd4 => {
-            let ws = matches!(variant, Variant::Ws | Variant::WsMultifd4);
+        Variant::Tcp
+        | Variant::Ws
+        | Variant::Tls
+        | Variant::Wss
+        | Variant::TcpMultifd4
+        | Variant::WsMultifd4 => {
+            let ws = matches!(variant, Variant::Ws | Variant::Wss | Variant::WsMultifd4);
+            let tls = match variant {
+                Variant::Tls | Variant::Wss => Some(env.tls.context("no certificate made")?),
+                _ => None,
+            };
             let mut a = strings(&["tunnel-server", "--listen", "127.0.0.1:0", "--once"]);
             if ws {
                 a.push("--ws".into());
             }
             a.extend(["--socket".into(), dest_sock.display().to_string()]);
+            if let Some(tls) = tls {
+                a.extend(["--tls-cert".into(), tls.cert.display().to_string()]);
+                a.extend(["--tls-key".into(), tls.key.display().to_string()]);
+            }
             let mut server = env.qmigrate("tunnel-server", &a)?;
             let line = server.ready_line()?;
             let url = line
@@ -480,6 +511,9 @@ fn run_once(
                 a.push("--ws".into());
             }
             a.extend(["--socket".into(), src_sock.display().to_string()]);
+            if let Some(tls) = tls {
+                a.extend(["--tls-fingerprint".into(), tls.fingerprint.clone()]);
+            }
             let mut client = env.qmigrate("tunnel-client", &a)?;
             client.ready_line()?;
             relays.push(client);

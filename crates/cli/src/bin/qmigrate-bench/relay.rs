@@ -294,14 +294,14 @@ struct Env<'a> {
 
 /// The tunnel-server's certificate for the TLS variants, and its fingerprint as openssl
 /// prints it (which is what the client pins, as an operator would).
-struct Cert {
-    cert: PathBuf,
-    key: PathBuf,
-    fingerprint: String,
+pub(crate) struct Cert {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+    pub(crate) fingerprint: String,
 }
 
 /// A self-signed P-256 certificate for 127.0.0.1, made with the command the README shows.
-fn make_cert(dir: &Path) -> anyhow::Result<Cert> {
+pub(crate) fn make_cert(dir: &Path) -> anyhow::Result<Cert> {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let openssl = |args: &[&str]| -> anyhow::Result<String> {
         let out = std::process::Command::new("openssl")
