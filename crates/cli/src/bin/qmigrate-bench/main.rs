@@ -18,6 +18,7 @@
 //! Exit codes: 0 every run delivered intact data, 1 a run failed or delivered wrong data,
 //! 2 usage error.
 
+mod common;
 mod migrate;
 mod procs;
 mod relay;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use qmigrate_qmp::{ConnectOptions, Pmemsave, Qmp};
 
+use crate::common::Common;
 use crate::procs::{self, Proc, Usage};
 use crate::relay::{make_cert, Cert};
 use crate::table::{self, median, num, Table};
@@ -26,10 +27,6 @@ pub struct Args {
     #[arg(long, default_value = "1GiB", value_parser = table::parse_size)]
     mem: u64,
 
-    /// Repetitions; the variants are interleaved so that machine noise hits all of them alike.
-    #[arg(long, default_value_t = 3)]
-    reps: u32,
-
     /// Variants to run, comma-separated, in this order.
     #[arg(
         long,
@@ -37,10 +34,6 @@ pub struct Args {
         default_value = "direct-unix,direct-tcp,socat,socat-1m,tcp,ws,tls,wss,tcp-direct,direct-unix-multifd4,tcp-multifd4,ws-multifd4"
     )]
     only: Vec<Variant>,
-
-    /// The qmigrate binary to measure (default: the one next to this benchmark).
-    #[arg(long, value_name = "PATH")]
-    qmigrate: Option<PathBuf>,
 
     /// The QEMU binary.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
@@ -50,9 +43,8 @@ pub struct Args {
     #[arg(long, value_name = "PATH", default_value = "socat")]
     socat: PathBuf,
 
-    /// Print the results as one JSON object on stdout instead of the table.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 /// How the migration stream gets from the source QEMU to the destination QEMU.
@@ -134,16 +126,7 @@ struct Sample {
 }
 
 pub fn run(args: Args) -> anyhow::Result<bool> {
-    let qmigrate = match &args.qmigrate {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?.with_file_name("qmigrate"),
-    };
-    if !qmigrate.exists() {
-        bail!(
-            "{} does not exist: build it first (cargo build --release) or pass --qmigrate PATH",
-            qmigrate.display()
-        );
-    }
+    let qmigrate = args.common.qmigrate_bin(true)?;
     let mib = args.mem.div_ceil(1 << 20);
     let dir = tempfile::Builder::new()
         .prefix("qmigrate-bench-")
@@ -162,7 +145,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let mut all_ok = true;
     eprintln!(
         "migration benchmark: {mib} MiB of random guest RAM, {} repetitions, variants interleaved",
-        args.reps
+        args.common.reps
     );
     let cert = if args
         .only
@@ -194,7 +177,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         }
         let _ = std::fs::remove_dir_all(&warm);
     }
-    for rep in 0..args.reps {
+    for rep in 0..args.common.reps {
         for (i, &variant) in args.only.iter().enumerate() {
             let run_dir = dir.path().join(format!("{rep}-{i}"));
             std::fs::create_dir(&run_dir)?;
@@ -210,7 +193,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                     eprintln!(
                         "  rep {}/{}  {:<24} {:>6.2} s  {:>5.2} GB/s  downtime {:>4} ms  relay {:>5} core-s/GB  {}",
                         rep + 1,
-                        args.reps,
+                        args.common.reps,
                         variant.label(),
                         s.total.as_secs_f64(),
                         gbps(mib, s.total),
@@ -225,7 +208,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                     eprintln!(
                         "  rep {}/{}  {:<24} failed: {err:#}",
                         rep + 1,
-                        args.reps,
+                        args.common.reps,
                         variant.label()
                     );
                     all_ok = false;
@@ -274,7 +257,7 @@ fn report(args: &Args, mib: u64, samples: &[Vec<Sample>]) {
             (v, total, downtime, rate(s), cpu, rss, ok)
         })
         .collect();
-    if args.json {
+    if args.common.json {
         let variants: Vec<serde_json::Value> = rows
             .iter()
             .map(|&(v, total, downtime, r, cpu, rss, ok)| {
@@ -290,7 +273,7 @@ fn report(args: &Args, mib: u64, samples: &[Vec<Sample>]) {
                 })
             })
             .collect();
-        let out = serde_json::json!({"benchmark": "migrate", "guest_ram_mib": mib, "reps": args.reps, "variants": variants});
+        let out = serde_json::json!({"benchmark": "migrate", "guest_ram_mib": mib, "reps": args.common.reps, "variants": variants});
         println!("{out}");
         return;
     }
@@ -320,10 +303,10 @@ fn report(args: &Args, mib: u64, samples: &[Vec<Sample>]) {
                 Some(rss) if v.is_relay() => format!("{:.1} MiB", rss as f64 / (1 << 20) as f64),
                 _ => "-".into(),
             },
-            if ok == args.reps as usize {
-                format!("yes ({ok}/{})", args.reps)
+            if ok == args.common.reps as usize {
+                format!("yes ({ok}/{})", args.common.reps)
             } else {
-                format!("NO ({ok} of {})", args.reps)
+                format!("NO ({ok} of {})", args.common.reps)
             },
         ]);
     }
@@ -332,7 +315,7 @@ fn report(args: &Args, mib: u64, samples: &[Vec<Sample>]) {
          time (GB = 10^9 bytes); relay CPU and RSS are the relay processes' (wait4), summed and \
          maximum\n",
         qemu_version(&args.qemu),
-        args.reps
+        args.common.reps
     );
     print!("{}", t.render());
 }

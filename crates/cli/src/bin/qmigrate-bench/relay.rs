@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::common::Common;
 use crate::procs::{self, Proc, Usage};
 use crate::table::{self, median, num, Table};
 
@@ -24,10 +25,6 @@ pub struct Args {
     #[arg(long, default_value = "2GiB", value_parser = table::parse_size)]
     size: u64,
 
-    /// Repetitions; the variants are interleaved so that machine noise hits all of them alike.
-    #[arg(long, default_value_t = 3)]
-    reps: u32,
-
     /// Variants to run, comma-separated, in this order.
     #[arg(
         long,
@@ -36,17 +33,12 @@ pub struct Args {
     )]
     only: Vec<Variant>,
 
-    /// The qmigrate binary to measure (default: the one next to this benchmark).
-    #[arg(long, value_name = "PATH")]
-    qmigrate: Option<PathBuf>,
-
     /// The socat binary.
     #[arg(long, value_name = "PATH", default_value = "socat")]
     socat: PathBuf,
 
-    /// Print the results as one JSON object on stdout instead of the table.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 /// One way of getting bytes from the source socket to the destination socket.
@@ -105,16 +97,9 @@ const BLOCK: usize = 1 << 20;
 const EXIT_LIMIT: Duration = Duration::from_secs(15);
 
 pub fn run(args: Args) -> anyhow::Result<bool> {
-    let qmigrate = match &args.qmigrate {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?.with_file_name("qmigrate"),
-    };
-    if args.only.iter().any(|v| v.is_qmigrate()) && !qmigrate.exists() {
-        bail!(
-            "{} does not exist: build it first (cargo build --release) or pass --qmigrate PATH",
-            qmigrate.display()
-        );
-    }
+    let qmigrate = args
+        .common
+        .qmigrate_bin(args.only.iter().any(|v| v.is_qmigrate()))?;
     let size = args.size.div_ceil(BLOCK as u64) * BLOCK as u64;
     let dir = tempfile::Builder::new()
         .prefix("qmigrate-bench-")
@@ -134,9 +119,9 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     eprintln!(
         "relay benchmark: {} per run, {} repetitions, variants interleaved",
         human(size),
-        args.reps
+        args.common.reps
     );
-    for rep in 0..args.reps {
+    for rep in 0..args.common.reps {
         for (i, &variant) in args.only.iter().enumerate() {
             let run_dir = dir.path().join(format!("{rep}-{i}"));
             std::fs::create_dir(&run_dir)?;
@@ -151,7 +136,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                     eprintln!(
                         "  rep {}/{}  {:<24} {:>6.2} GB/s  relay {:>5.2} core-s/GB  {}",
                         rep + 1,
-                        args.reps,
+                        args.common.reps,
                         variant.label(),
                         gbps(size, sample.elapsed),
                         core_per_gb(size, sample.relay.cpu),
@@ -168,7 +153,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                     eprintln!(
                         "  rep {}/{}  {:<24} failed: {err:#}",
                         rep + 1,
-                        args.reps,
+                        args.common.reps,
                         variant.label()
                     );
                     all_ok = false;
@@ -209,7 +194,7 @@ fn report(args: &Args, size: u64, samples: &[Vec<Sample>]) {
                     .collect::<Vec<_>>(),
             )
         });
-    if args.json {
+    if args.common.json {
         let variants: Vec<serde_json::Value> = args
             .only
             .iter()
@@ -229,7 +214,7 @@ fn report(args: &Args, size: u64, samples: &[Vec<Sample>]) {
                 })
             })
             .collect();
-        let out = serde_json::json!({"benchmark": "relay", "bytes": size, "reps": args.reps, "variants": variants});
+        let out = serde_json::json!({"benchmark": "relay", "bytes": size, "reps": args.common.reps, "variants": variants});
         println!("{out}");
         return;
     }
@@ -265,12 +250,12 @@ fn report(args: &Args, size: u64, samples: &[Vec<Sample>]) {
                 _ => "-".into(),
             },
             if !s.is_empty() && s.iter().all(|s| s.verified) {
-                format!("yes ({}/{})", s.len(), args.reps)
+                format!("yes ({}/{})", s.len(), args.common.reps)
             } else {
                 format!(
                     "NO ({} of {} ok)",
                     s.iter().filter(|s| s.verified).count(),
-                    args.reps
+                    args.common.reps
                 )
             },
         ]);
@@ -279,7 +264,7 @@ fn report(args: &Args, size: u64, samples: &[Vec<Sample>]) {
         "\n{} per run, median of {} runs; GB = 10^9 bytes; relay CPU and RSS are the two relay \
          processes' (wait4), summed and maximum\n",
         human(size),
-        args.reps
+        args.common.reps
     );
     print!("{}", t.render());
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::common::Common;
 use crate::migrate::{qemu_version, same_ram, write_random};
 use crate::procs::{self, Proc};
 use crate::table::{self, median, num, Table};
@@ -29,11 +30,6 @@ pub struct Args {
     #[arg(long, default_value = "1GiB", value_parser = table::parse_size)]
     mem: u64,
 
-    /// Repetitions; the disk and the variants are interleaved so that machine noise hits all
-    /// of them alike.
-    #[arg(long, default_value_t = 3)]
-    reps: u32,
-
     /// Where the state files (and dd's test file) go: the disk being measured. Default: a new
     /// temporary directory in /var/tmp.
     #[arg(long, value_name = "PATH")]
@@ -43,17 +39,12 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "4", value_name = "N,...")]
     multifd: Vec<u32>,
 
-    /// The qmigrate binary to measure (default: the one next to this benchmark).
-    #[arg(long, value_name = "PATH")]
-    qmigrate: Option<PathBuf>,
-
     /// The QEMU binary.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
 
-    /// Print the results as one JSON object on stdout instead of the table.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 /// One repetition of one variant.
@@ -91,16 +82,7 @@ struct Env<'a> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<bool> {
-    let qmigrate = match &args.qmigrate {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?.with_file_name("qmigrate"),
-    };
-    if !qmigrate.exists() {
-        bail!(
-            "{} does not exist: build it first (cargo build --release) or pass --qmigrate PATH",
-            qmigrate.display()
-        );
-    }
+    let qmigrate = args.common.qmigrate_bin(true)?;
     if args.multifd.iter().any(|n| !(1..=255).contains(n)) {
         bail!("--multifd must be between 1 and 255");
     }
@@ -151,7 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         "save/restore benchmark: {mib} MiB of random guest RAM, state files in {}, {} \
          repetitions, disk and variants interleaved, {} restores",
         disk_dir.path().display(),
-        args.reps,
+        args.common.reps,
         if cold {
             "cold (page cache dropped)"
         } else {
@@ -166,13 +148,13 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let mut disk: Vec<Disk> = Vec::new();
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
     let mut all_ok = true;
-    for rep in 0..args.reps {
+    for rep in 0..args.common.reps {
         match measure_disk(&env) {
             Ok(d) => {
                 eprintln!(
                     "  rep {}/{}  {:<24} write {:>6.2} s {:>5.2} GB/s   read {:>6.2} s {:>5.2} GB/s",
                     rep + 1,
-                    args.reps,
+                    args.common.reps,
                     "disk (dd, O_DIRECT)",
                     d.write.as_secs_f64(),
                     gbps(mib, d.write),
@@ -182,7 +164,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                 disk.push(d);
             }
             Err(err) => {
-                eprintln!("  rep {}/{}  dd failed: {err:#}", rep + 1, args.reps);
+                eprintln!("  rep {}/{}  dd failed: {err:#}", rep + 1, args.common.reps);
                 all_ok = false;
             }
         }
@@ -192,7 +174,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                     eprintln!(
                         "  rep {}/{}  {:<24} save {:>6.2} s {:>5.2} GB/s (QEMU {:.2} s)   restore {:>6.2} s {:>5.2} GB/s   {}",
                         rep + 1,
-                        args.reps,
+                        args.common.reps,
                         label(multifd),
                         s.save.as_secs_f64(),
                         gbps(mib, s.save),
@@ -208,7 +190,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                     eprintln!(
                         "  rep {}/{}  {:<24} failed: {err:#}",
                         rep + 1,
-                        args.reps,
+                        args.common.reps,
                         label(multifd)
                     );
                     all_ok = false;
@@ -460,11 +442,11 @@ fn report(
     let plain = rows[0];
     let restores = if env.cold { "cold" } else { "warm" };
 
-    if args.json {
+    if args.common.json {
         let out = serde_json::json!({
             "benchmark": "save",
             "guest_ram_mib": mib,
-            "reps": args.reps,
+            "reps": args.common.reps,
             "dir": env.disk_dir.parent().unwrap_or(env.disk_dir).display().to_string(),
             "restores": restores,
             "disk": {
@@ -530,10 +512,10 @@ fn report(
             num(r.restore_gbps, 2),
             num(r.restore_gbps / disk_read, 2),
             num(r.restore_gbps / plain.restore_gbps, 2),
-            if r.verified == args.reps as usize {
-                format!("yes ({}/{})", r.verified, args.reps)
+            if r.verified == args.common.reps as usize {
+                format!("yes ({}/{})", r.verified, args.common.reps)
             } else {
-                format!("NO ({} of {})", r.verified, args.reps)
+                format!("NO ({} of {})", r.verified, args.common.reps)
             },
         ]);
     }
@@ -545,7 +527,7 @@ fn report(
          same size with oflag=direct conv=fsync (save) and iflag=direct (restore)\n",
         qemu_version(env.qemu),
         env.disk_dir.parent().unwrap_or(env.disk_dir).display(),
-        args.reps,
+        args.common.reps,
         if env.cold {
             " (page cache dropped before each)"
         } else {

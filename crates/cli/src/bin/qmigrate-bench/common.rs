@@ -1,0 +1,39 @@
+//! The flags every benchmark takes, and where the qmigrate under test is.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+
+/// Flags shared by `relay`, `migrate` and `save`.
+#[derive(Debug, clap::Args)]
+pub struct Common {
+    /// Repetitions; the variants are interleaved so that machine noise hits all of them alike.
+    #[arg(long, default_value_t = 3)]
+    pub reps: u32,
+
+    /// The qmigrate binary to measure (default: the one next to this benchmark).
+    #[arg(long, value_name = "PATH")]
+    pub qmigrate: Option<PathBuf>,
+
+    /// Print the results as one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Common {
+    /// The qmigrate binary to run; `needed` says whether it must exist (a run of only
+    /// socat and direct variants does without).
+    pub fn qmigrate_bin(&self, needed: bool) -> anyhow::Result<PathBuf> {
+        let path = match &self.qmigrate {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()?.with_file_name("qmigrate"),
+        };
+        if needed && !path.exists() {
+            bail!(
+                "{} does not exist: build it first (cargo build --release) or pass --qmigrate PATH",
+                path.display()
+            );
+        }
+        Ok(path)
+    }
+}
