@@ -343,48 +343,69 @@ struct Env<'a> {
 }
 
 impl Env<'_> {
-    /// Starts a VM; the source's RAM is the random file, the destination's plain RAM.
+    /// Starts a VM in this run's directory (see [`start_vm`]).
     fn vm(&self, name: &str, source: bool) -> anyhow::Result<(Proc, PathBuf)> {
-        let qmp = self.dir.join(format!("{name}.qmp"));
-        let mut a: Vec<String> = [
-            "-nodefaults",
-            "-display",
-            "none",
-            "-accel",
-            "kvm",
-            "-accel",
-            "tcg",
-        ]
-        .map(String::from)
-        .to_vec();
-        a.extend(["-bios".into(), self.fw.display().to_string()]);
-        a.extend(["-m".into(), format!("{}M", self.mib)]);
-        if source {
-            a.push("-object".into());
-            a.push(format!(
-                "memory-backend-file,id=m0,size={}M,mem-path={},share=off",
-                self.mib,
-                self.ram.display()
-            ));
-            a.extend(["-machine".into(), "q35,memory-backend=m0".into()]);
-        } else {
-            // The RAM block must have the same name ("m0") on both sides.
-            a.push("-object".into());
-            a.push(format!("memory-backend-ram,id=m0,size={}M", self.mib));
-            a.extend(["-machine".into(), "q35,memory-backend=m0".into()]);
-            a.extend(["-incoming".into(), "defer".into()]);
-        }
-        a.push("-qmp".into());
-        a.push(format!("unix:{},server=on,wait=off", qmp.display()));
-        let p = Proc::spawn(name, self.dir, self.qemu, &a)?;
-        procs::wait_path(&qmp, Duration::from_secs(10))
-            .with_context(|| format!("QEMU {name} did not start: {}", p.log_text()))?;
-        Ok((p, qmp))
+        let guest = Guest {
+            qemu: self.qemu,
+            fw: self.fw,
+            ram: self.ram,
+            mib: self.mib,
+        };
+        start_vm(&guest, self.dir, name, source)
     }
 
     fn qmigrate(&self, name: &str, args: &[String]) -> anyhow::Result<Proc> {
         Proc::spawn(name, self.dir, self.qmigrate, args)
     }
+}
+
+/// What every benchmark VM is made of.
+pub(crate) struct Guest<'a> {
+    pub(crate) qemu: &'a Path,
+    pub(crate) fw: &'a Path,
+    pub(crate) ram: &'a Path,
+    pub(crate) mib: u64,
+}
+
+/// Starts a tiny VM in `dir` and waits for its QMP socket: the source's RAM is the file of
+/// random bytes, the destination's anonymous RAM (zeroed, which mapped-ram relies on: it leaves
+/// zero pages out of the file) under the same block name `m0`, waiting with `-incoming defer`.
+pub(crate) fn start_vm(
+    guest: &Guest<'_>,
+    dir: &Path,
+    name: &str,
+    source: bool,
+) -> anyhow::Result<(Proc, PathBuf)> {
+    let qmp = dir.join(format!("{name}.qmp"));
+    let mut a = strings(&[
+        "-nodefaults",
+        "-display",
+        "none",
+        "-accel",
+        "kvm",
+        "-accel",
+        "tcg",
+    ]);
+    a.extend(["-bios".into(), guest.fw.display().to_string()]);
+    a.extend(["-m".into(), format!("{}M", guest.mib)]);
+    a.push("-object".into());
+    if source {
+        a.push(format!(
+            "memory-backend-file,id=m0,size={}M,mem-path={},share=off",
+            guest.mib,
+            guest.ram.display()
+        ));
+    } else {
+        a.push(format!("memory-backend-ram,id=m0,size={}M", guest.mib));
+        a.extend(["-incoming".into(), "defer".into()]);
+    }
+    a.extend(["-machine".into(), "q35,memory-backend=m0".into()]);
+    a.push("-qmp".into());
+    a.push(format!("unix:{},server=on,wait=off", qmp.display()));
+    let p = Proc::spawn(name, dir, guest.qemu, &a)?;
+    procs::wait_path(&qmp, Duration::from_secs(10))
+        .with_context(|| format!("QEMU {name} did not start: {}", p.log_text()))?;
+    Ok((p, qmp))
 }
 
 fn strings(a: &[&str]) -> Vec<String> {

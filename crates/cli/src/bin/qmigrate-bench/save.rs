@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use crate::common::Common;
-use crate::migrate::{qemu_version, same_ram, write_random};
-use crate::procs::{self, Proc};
+use crate::migrate::{qemu_version, same_ram, start_vm, write_random, Guest};
+use crate::procs::Proc;
 use crate::table::{self, median, num, Table};
 
 /// Arguments of `qmigrate-bench save`.
@@ -272,42 +272,15 @@ fn measure_disk(env: &Env<'_>) -> anyhow::Result<Disk> {
 }
 
 impl Env<'_> {
-    /// Starts a VM; the source's RAM is the random file, the destination's plain RAM.
+    /// Starts a VM in `dir` (see [`start_vm`]).
     fn vm(&self, dir: &Path, name: &str, source: bool) -> anyhow::Result<(Proc, PathBuf)> {
-        let qmp = dir.join(format!("{name}.qmp"));
-        let mut a: Vec<String> = [
-            "-nodefaults",
-            "-display",
-            "none",
-            "-accel",
-            "kvm",
-            "-accel",
-            "tcg",
-        ]
-        .map(String::from)
-        .to_vec();
-        a.extend(["-bios".into(), self.fw.display().to_string()]);
-        a.extend(["-m".into(), format!("{}M", self.mib)]);
-        a.push("-object".into());
-        if source {
-            a.push(format!(
-                "memory-backend-file,id=m0,size={}M,mem-path={},share=off",
-                self.mib,
-                self.ram.display()
-            ));
-        } else {
-            // Same block name ("m0") as the source; anonymous RAM starts zeroed, which
-            // mapped-ram relies on (it leaves zero pages out of the file).
-            a.push(format!("memory-backend-ram,id=m0,size={}M", self.mib));
-            a.extend(["-incoming".into(), "defer".into()]);
-        }
-        a.extend(["-machine".into(), "q35,memory-backend=m0".into()]);
-        a.push("-qmp".into());
-        a.push(format!("unix:{},server=on,wait=off", qmp.display()));
-        let p = Proc::spawn(name, dir, self.qemu, &a)?;
-        procs::wait_path(&qmp, Duration::from_secs(10))
-            .with_context(|| format!("QEMU {name} did not start: {}", p.log_text()))?;
-        Ok((p, qmp))
+        let guest = Guest {
+            qemu: self.qemu,
+            fw: self.fw,
+            ram: self.ram,
+            mib: self.mib,
+        };
+        start_vm(&guest, dir, name, source)
     }
 }
 
