@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use clap::ValueEnum as _;
-use qmigrate_qmp::{Getfd, QueryStatus, QueryVersion, RunState};
+use qmigrate_qmp::{Getfd, QueryVersion};
 use qmigrate_transport::protocol::{Control, Hello, MigrationSettings};
 use qmigrate_transport::{Controller, SessionMap, TunnelStream};
 use tracing::{info, warn};
@@ -218,14 +218,8 @@ async fn run_session(
     let direct =
         settings.direct && settings.multifd.is_none() && matches!(stream, TunnelStream::Tcp(_));
     if direct {
-        let status = qmp.execute(&QueryStatus).await?;
-        if status.status != RunState::InMigrate {
-            bail!(
-                "destination QEMU is not waiting for an incoming migration (its state is {}): \
-                 start it with -incoming defer and the same machine options as the source",
-                migration::run_state_name(&status.status)
-            );
-        }
+        // Checked now: the socket arrives only after `ready`.
+        migration::check_waiting_for_incoming(&qmp).await?;
         let mut handed = sessions.hand_over(session);
         stream
             .send_msg(&Control::Ready {

@@ -670,6 +670,34 @@ fn status_of(info: &MigrationInfo) -> MigrationStatus {
     info.status.unwrap_or(MigrationStatus::None)
 }
 
+/// Fails, saying how to fix it, unless the destination QEMU waits for an incoming migration
+/// that nothing has started yet (`-incoming defer`, no `migrate-incoming` so far).
+pub async fn check_waiting_for_incoming(qmp: &Qmp) -> anyhow::Result<()> {
+    let status = query_status(qmp).await?;
+    if status.status != RunState::InMigrate {
+        bail!(
+            "destination QEMU is not waiting for an incoming migration (its state is {}): \
+             start it with -incoming defer and the same machine options as the source",
+            run_state_name(&status.status)
+        );
+    }
+    let migration = status_of(&query_migrate(qmp).await?);
+    match migration {
+        MigrationStatus::None => {}
+        MigrationStatus::Setup => bail!(
+            "destination QEMU already listens for a migration (an earlier `receive`, or started \
+             with -incoming URI): restart it with -incoming defer so that qmigrate sets the \
+             socket and capabilities"
+        ),
+        other => bail!(
+            "an incoming migration already ran on the destination QEMU (status {}): restart it \
+             with -incoming defer",
+            migration_status_name(&other)
+        ),
+    }
+    Ok(())
+}
+
 /// What [`prepare_incoming`] set up.
 #[derive(Debug, Clone)]
 pub struct Incoming {
@@ -698,28 +726,7 @@ pub async fn prepare_incoming(
     endpoint: &Endpoint,
     stay_on_error: bool,
 ) -> anyhow::Result<Incoming> {
-    let status = query_status(qmp).await?;
-    if status.status != RunState::InMigrate {
-        bail!(
-            "destination QEMU is not waiting for an incoming migration (its state is {}): \
-             start it with -incoming defer and the same machine options as the source",
-            run_state_name(&status.status)
-        );
-    }
-    let migration = status_of(&query_migrate(qmp).await?);
-    match migration {
-        MigrationStatus::None => {}
-        MigrationStatus::Setup => bail!(
-            "destination QEMU already listens for a migration (an earlier `receive`, or started \
-             with -incoming URI): restart it with -incoming defer so that qmigrate sets the \
-             socket and capabilities"
-        ),
-        other => bail!(
-            "an incoming migration already ran on the destination QEMU (status {}): restart it \
-             with -incoming defer",
-            migration_status_name(&other)
-        ),
-    }
+    check_waiting_for_incoming(qmp).await?;
 
     let qemu = qemu_version(qmp);
     let known = qmp
