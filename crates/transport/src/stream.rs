@@ -17,7 +17,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -25,6 +25,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::error::{Error, Result};
 use crate::protocol::{self, EnvelopeError, MAX_FRAME};
+use crate::tls::{TlsReader, TlsWriter, VectoredRead};
 
 #[doc(hidden)]
 pub mod fuzzing;
@@ -37,7 +38,7 @@ pub const WS_MESSAGE: usize = 64 * 1024;
 const WS_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// TLS over TCP, either end: what `tls://` carries its frames in, and `wss://` its WebSocket.
-pub type TlsTcp = tokio_rustls::TlsStream<TcpStream>;
+pub type TlsTcp = crate::tls::TlsStream;
 
 type Ws = WebSocketStream<TcpStream>;
 type Wss = WebSocketStream<TlsTcp>;
@@ -106,8 +107,11 @@ impl TunnelStream {
                 (TunnelReader::Tcp(Frames::new(r)), TunnelWriter::Tcp(w))
             }
             TunnelStream::Tls(s) => {
-                let (r, w) = tokio::io::split(*s);
-                (TunnelReader::Tls(Frames::new(r)), TunnelWriter::Tls(w))
+                let (r, w) = s.into_split();
+                (
+                    TunnelReader::Tls(Box::new(Frames::new(r))),
+                    TunnelWriter::Tls(Box::new(w)),
+                )
             }
             TunnelStream::Ws(ws) => {
                 let (w, r) = (*ws).split();
@@ -201,7 +205,7 @@ pub enum TunnelReader {
     /// TCP: length-prefixed frames.
     Tcp(Frames<OwnedReadHalf>),
     /// TLS: length-prefixed frames inside.
-    Tls(Frames<ReadHalf<TlsTcp>>),
+    Tls(Box<Frames<TlsReader>>),
     /// WebSocket: binary messages.
     Ws(Messages<Ws>),
     /// WebSocket over TLS: binary messages.
@@ -251,7 +255,10 @@ impl TunnelReader {
     ) -> Result<()> {
         match self {
             TunnelReader::Tcp(r) => r.pump_to(w, count).await?,
-            TunnelReader::Tls(r) => r.pump_to(w, count).await?,
+            TunnelReader::Tls(r) => {
+                r.rd.pump_frames_to(&mut r.remaining, &mut r.eos, w, count)
+                    .await?
+            }
             TunnelReader::Ws(r) => r.pump_to(w, count).await?,
             TunnelReader::Wss(r) => r.pump_to(w, count).await?,
         }
@@ -418,7 +425,7 @@ pub enum TunnelWriter {
     /// TCP: length-prefixed frames.
     Tcp(OwnedWriteHalf),
     /// TLS: length-prefixed frames inside.
-    Tls(WriteHalf<TlsTcp>),
+    Tls(Box<TlsWriter>),
     /// WebSocket: binary messages.
     Ws(SplitSink<Ws, Message>),
     /// WebSocket over TLS: binary messages.
@@ -430,7 +437,7 @@ impl TunnelWriter {
     pub async fn write_all(&mut self, data: &[u8]) -> Result<()> {
         match self {
             TunnelWriter::Tcp(w) => frames_write_all(w, data, false).await,
-            TunnelWriter::Tls(w) => frames_write_all(w, data, true).await,
+            TunnelWriter::Tls(w) => frames_write_all(&mut **w, data, true).await,
             TunnelWriter::Ws(w) => messages_write_all(w, data).await,
             TunnelWriter::Wss(w) => messages_write_all(w, data).await,
         }
@@ -441,7 +448,7 @@ impl TunnelWriter {
     pub async fn finish(&mut self) -> Result<()> {
         match self {
             TunnelWriter::Tcp(w) => frames_finish(w).await,
-            TunnelWriter::Tls(w) => frames_finish(w).await,
+            TunnelWriter::Tls(w) => frames_finish(&mut **w).await,
             TunnelWriter::Ws(w) => messages_finish(w).await,
             TunnelWriter::Wss(w) => messages_finish(w).await,
         }
@@ -449,14 +456,10 @@ impl TunnelWriter {
 
     /// Copies everything from `r` to the peer until `r` ends, then sends the end marker.
     /// `count` is bumped as bytes go.
-    pub async fn pump_from<R: AsyncRead + Unpin>(
-        &mut self,
-        r: &mut R,
-        count: &AtomicU64,
-    ) -> Result<()> {
+    pub async fn pump_from<R: VectoredRead>(&mut self, r: &mut R, count: &AtomicU64) -> Result<()> {
         match self {
-            TunnelWriter::Tcp(w) => frames_pump_from(w, r, count, false).await?,
-            TunnelWriter::Tls(w) => frames_pump_from(w, r, count, true).await?,
+            TunnelWriter::Tcp(w) => frames_pump_from(w, r, count).await?,
+            TunnelWriter::Tls(w) => w.pump_frames_from(r, count).await?,
             TunnelWriter::Ws(w) => messages_pump_from(w, r, count).await?,
             TunnelWriter::Wss(w) => messages_pump_from(w, r, count).await?,
         }
@@ -486,13 +489,10 @@ async fn frames_finish<W: AsyncWrite + Unpin>(w: &mut W) -> Result<()> {
     w.shutdown().await.map_err(Error::lost_or_io)
 }
 
-/// `flush`: after every frame (TLS: what the socket did not take at once waits in the TLS
-/// buffer, and QEMU's small return-path messages must not wait there).
 async fn frames_pump_from<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
     w: &mut W,
     r: &mut R,
     count: &AtomicU64,
-    flush: bool,
 ) -> Result<()> {
     // Read behind a 4-byte gap so header and payload leave in one write.
     let mut buf = vec![0u8; 4 + MAX_FRAME];
@@ -505,9 +505,6 @@ async fn frames_pump_from<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
         w.write_all(&buf[..4 + n])
             .await
             .map_err(Error::lost_or_io)?;
-        if flush {
-            w.flush().await.map_err(Error::lost_or_io)?;
-        }
         count.fetch_add(n as u64, Relaxed);
     }
 }

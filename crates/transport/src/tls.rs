@@ -2,9 +2,11 @@
 //! client checks the server ([`ServerCheck`]: a CA, a pinned certificate [`Fingerprint`], or
 //! the system's CA store) and, for mutual TLS, the client's certificate ([`ClientTls`]).
 //!
-//! rustls with the `ring` crypto provider, TLS 1.3 (or 1.2 with a peer that has nothing
-//! newer); AES-GCM uses the CPU's AES instructions. Verification is never off: a client either
-//! checks the chain up to a CA or compares the certificate itself with a pinned fingerprint.
+//! rustls with the `ring` crypto provider runs the handshake, TLS 1.3 only; AES-GCM uses the
+//! CPU's AES instructions. Verification is never off: a client either checks the chain up to a
+//! CA or compares the certificate itself with a pinned fingerprint. After the handshake
+//! qmigrate protects the records itself ([`TlsStream`], `record.rs`), in place, with the keys
+//! rustls hands over and rustls' key schedule for key updates.
 
 use std::fmt;
 use std::io;
@@ -19,11 +21,15 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
-use crate::stream::TlsTcp;
+
+mod handshake;
+mod record;
+mod stream;
+
+pub use stream::{TlsReader, TlsStream, TlsWriter, VectoredRead};
 
 pub use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -266,7 +272,7 @@ impl ServerTls {
                 "the server's certificate chain is empty",
             ))?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| TlsError::Rustls {
                 what: "TLS protocol versions",
                 source,
@@ -286,12 +292,18 @@ impl ServerTls {
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let config = builder
-            .with_single_cert(chain, key)
-            .map_err(|source| TlsError::Rustls {
-                what: "the server certificate and key",
-                source,
-            })?;
+        let mut config =
+            builder
+                .with_single_cert(chain, key)
+                .map_err(|source| TlsError::Rustls {
+                    what: "the server certificate and key",
+                    source,
+                })?;
+        // The record layer is ours after the handshake (see `TlsStream`): rustls hands over
+        // the keys. No session tickets: tunnel connections do not resume sessions, and a
+        // ticket would be one more message after the handshake for every client to parse.
+        config.enable_secret_extraction = true;
+        config.send_tls13_tickets = 0;
         Ok(ServerTls {
             config: Arc::new(config),
             fingerprint,
@@ -322,10 +334,6 @@ impl ServerTls {
     /// Whether clients must present a certificate (mutual TLS), which authenticates them.
     pub fn requires_client_certificates(&self) -> bool {
         self.client_auth
-    }
-
-    pub(crate) fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.config.clone())
     }
 }
 
@@ -366,7 +374,7 @@ impl ClientTls {
         identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     ) -> Result<ClientTls, TlsError> {
         let builder = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| TlsError::Rustls {
                 what: "TLS protocol versions",
                 source,
@@ -418,7 +426,7 @@ impl ClientTls {
                 )
             }
         };
-        let config = match identity {
+        let mut config = match identity {
             None => builder.with_no_client_auth(),
             Some((chain, key)) => builder
                 .with_client_auth_cert(chain, key)
@@ -427,6 +435,8 @@ impl ClientTls {
                     source,
                 })?,
         };
+        config.enable_secret_extraction = true;
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(ClientTls {
             config: Arc::new(config),
             check: label,
@@ -436,10 +446,6 @@ impl ClientTls {
     /// How the server is checked, for logs: `CA`, `system CAs` or `pinned fingerprint`.
     pub fn check(&self) -> &'static str {
         self.check
-    }
-
-    pub(crate) fn connector(&self) -> TlsConnector {
-        TlsConnector::from(self.config.clone())
     }
 }
 
@@ -573,28 +579,20 @@ impl ServerCertVerifier for Pinned {
 }
 
 /// The client side of the TLS handshake on a fresh TCP connection to `to`.
-pub(crate) async fn connect(tls: &ClientTls, to: &Endpoint, tcp: TcpStream) -> Result<TlsTcp> {
+pub(crate) async fn connect(tls: &ClientTls, to: &Endpoint, tcp: TcpStream) -> Result<TlsStream> {
     let name = ServerName::try_from(to.host.clone()).map_err(|_| Error::TlsHandshake {
         why: format!("{:?} is neither a host name nor an IP address", to.host),
     })?;
-    let stream = tls
-        .connector()
-        .connect(name, tcp)
-        .await
-        .map_err(|e| classify(e, Side::Client))?;
-    let (_, conn) = stream.get_ref();
-    tracing::debug!(
-        version = ?conn.protocol_version(),
-        suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()),
-        "TLS established"
-    );
-    Ok(TlsTcp::from(stream))
+    match handshake::client(tls.config.clone(), name, tcp).await {
+        Ok(est) => established(est),
+        Err((failure, _tcp)) => Err(failed(failure, Side::Client)),
+    }
 }
 
 /// The server side of the TLS handshake on a freshly accepted connection. A plain qmigrate
 /// client (`tcp://`, `ws://`) is told in its own protocol to use TLS, since it cannot read a
 /// TLS alert.
-pub(crate) async fn accept(tls: &ServerTls, tcp: TcpStream) -> Result<TlsTcp> {
+pub(crate) async fn accept(tls: &ServerTls, tcp: TcpStream) -> Result<TlsStream> {
     let mut first = [0u8; 8];
     let mut n = tcp.peek(&mut first).await.map_err(Error::lost_or_io)?;
     // 0x16: a TLS handshake record. Anything else is not a TLS client: wait a moment for
@@ -609,12 +607,26 @@ pub(crate) async fn accept(tls: &ServerTls, tcp: TcpStream) -> Result<TlsTcp> {
     if n > 0 && first[0] != 0x16 {
         return Err(refuse_plain(tcp, &first[..n]).await);
     }
-    match tls.acceptor().accept(tcp).into_fallible().await {
-        Ok(stream) => Ok(TlsTcp::from(stream)),
-        Err((e, tcp)) => {
+    match handshake::server(tls.config.clone(), tcp).await {
+        Ok(est) => established(est),
+        Err((failure, tcp)) => {
             linger(tcp).await;
-            Err(classify(e, Side::Server))
+            Err(failed(failure, Side::Server))
         }
+    }
+}
+
+fn established(est: handshake::Established) -> Result<TlsStream> {
+    let version = est.version;
+    let stream = TlsStream::new(est).map_err(|e| describe(&e, Side::Either))?;
+    tracing::debug!(?version, suite = ?stream.cipher_suite(), "TLS established");
+    Ok(stream)
+}
+
+fn failed(failure: handshake::Failure, side: Side) -> Error {
+    match failure {
+        handshake::Failure::Tls(e) => describe(&e, side),
+        handshake::Failure::Io(e) => classify(e, side),
     }
 }
 

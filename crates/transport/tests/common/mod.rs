@@ -106,6 +106,11 @@ pub struct Tunnel {
 impl Tunnel {
     /// Starts a server and a client.
     pub async fn start(scheme: Scheme, opts: Opts) -> Tunnel {
+        // RUST_LOG=debug shows the server's and client's logs with a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().expect("tempdir");
         let dest = dir.path().join("dest.sock");
         let source = dir.path().join("source.sock");
