@@ -134,9 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let ram = dir.path().join("ram.bin");
     write_random(&ram, mib)?;
     let fw = dir.path().join("fw.bin");
-    let mut firmware = vec![0u8; 64 * 1024];
-    firmware[0xFFF0..0xFFF3].copy_from_slice(&[0xF4, 0xEB, 0xFD]); // hlt; jmp back
-    std::fs::write(&fw, firmware)?;
+    write_firmware(&fw)?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -681,6 +679,15 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(filled)
+}
+
+/// A 64 KiB firmware that halts forever (`hlt; jmp` back at the reset vector): the guest's CPU
+/// never touches its RAM.
+pub(crate) fn write_firmware(path: &Path) -> anyhow::Result<()> {
+    let mut firmware = vec![0u8; 64 * 1024];
+    firmware[0xFFF0..0xFFF3].copy_from_slice(&[0xF4, 0xEB, 0xFD]);
+    std::fs::write(path, firmware)
+        .with_context(|| format!("cannot write the firmware {}", path.display()))
 }
 
 /// `mib` MiB of pseudo-random bytes (splitmix64): incompressible guest RAM.
