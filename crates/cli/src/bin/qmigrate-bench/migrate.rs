@@ -605,7 +605,7 @@ fn run_once(
 
 /// The guest-physical ranges of a q35 guest's RAM: below 4 GiB up to 2 GiB (or all of it when
 /// it fits below the PCI hole at 2.75 GiB), the rest from 4 GiB.
-fn ram_ranges(mib: u64) -> Vec<(u64, u64)> {
+pub(crate) fn ram_ranges(mib: u64) -> Vec<(u64, u64)> {
     let bytes = mib << 20;
     if bytes < 0xB000_0000 {
         vec![(0, bytes)]
@@ -670,7 +670,7 @@ fn files_equal(a: &Path, b: &Path) -> anyhow::Result<bool> {
     }
 }
 
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match f.read(&mut buf[filled..])? {
