@@ -286,8 +286,7 @@ fn run_chain(
     let mut from = 0;
     for n in 1..=env.hops {
         let to = 1 - from;
-        // A killed QEMU leaves its socket file behind; the new one must not be mistaken for
-        // ready before it listens.
+        // The QEMU killed here a hop ago left its socket file behind.
         let _ = std::fs::remove_file(&qmp[to]);
         let (dest, _) = start_vm(&env.guest, &sides[to], "vm", false)?;
         let before = server.live()?;
@@ -327,11 +326,13 @@ fn run_chain(
             && verdict.as_ref().is_some_and(|v| v["status"] == "completed");
         if !exited.success || !completed {
             bail!(
-                "hop {n} ({} -> {}) did not complete\n--- migrate:\n{}--- tunnel-server:\n{}",
+                "hop {n} ({} -> {}) did not complete\n--- migrate:\n{}--- tunnel-server:\n{}\
+                 --- destination QEMU:\n{}",
                 ROUTES[from],
                 ROUTES[to],
                 migrate.log_text(),
-                server.log_text()
+                server.log_text(),
+                dest.log_text()
             );
         }
         let ms = |key: &str| {

@@ -513,7 +513,7 @@ pub(crate) fn start_vm(
     a.push("-qmp".into());
     a.push(format!("unix:{},server=on,wait=off", qmp.display()));
     let p = Proc::spawn(name, dir, guest.qemu, &a)?;
-    procs::wait_path(&qmp, Duration::from_secs(10))
+    procs::wait_listening_unix(&qmp, Duration::from_secs(10))
         .with_context(|| format!("QEMU {name} did not start: {}", p.log_text()))?;
     Ok((p, qmp))
 }

@@ -205,6 +205,29 @@ pub fn wait_listening_tcp(port: u16, limit: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// Waits until a Unix socket listens at `path`, judged from `/proc/net/unix` (the
+/// `__SO_ACCEPTCON` flag) without connecting: QEMU's monitor serves one client at a time, and
+/// a socket file that exists may not listen yet (bind comes before listen) or any more (a
+/// QEMU that died leaves it behind).
+pub fn wait_listening_unix(path: &Path, limit: Duration) -> anyhow::Result<()> {
+    let want = path.to_string_lossy();
+    let deadline = Instant::now() + limit;
+    loop {
+        let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+        let listening = table.lines().skip(1).any(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.len() >= 8 && cols[3] == "00010000" && cols[7..].join(" ") == want
+        });
+        if listening {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on {} after {limit:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits until the socket file `path` exists.
 pub fn wait_path(path: &Path, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
