@@ -127,6 +127,10 @@ pub struct VmConfig {
     pub machine: String,
     /// More QEMU arguments.
     pub extra_args: Vec<String>,
+    /// Where the QMP socket goes (default: `qmp.sock` in the VM's own directory). A fixed
+    /// path outlives the VM: the next VM started there takes it over, as a tunnel-server's
+    /// `--route` expects.
+    pub qmp_path: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -137,6 +141,7 @@ impl Default for VmConfig {
             incoming_defer: false,
             machine: "q35".to_string(),
             extra_args: Vec::new(),
+            qmp_path: None,
         }
     }
 }
@@ -192,7 +197,7 @@ impl Vm {
         let dir = tmp.path().to_path_buf();
         let fw = dir.join("fw.bin");
         write_firmware(&fw)?;
-        let qmp_path = dir.join("qmp.sock");
+        let qmp_path = cfg.qmp_path.clone().unwrap_or_else(|| dir.join("qmp.sock"));
         let log_path = dir.join("qemu.log");
         let log = File::create(&log_path)?;
 

@@ -1,6 +1,6 @@
 //! The flags every benchmark takes, and where the qmigrate under test is.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
@@ -24,16 +24,22 @@ impl Common {
     /// The qmigrate binary to run; `needed` says whether it must exist (a run of only
     /// socat and direct variants does without).
     pub fn qmigrate_bin(&self, needed: bool) -> anyhow::Result<PathBuf> {
-        let path = match &self.qmigrate {
-            Some(path) => path.clone(),
-            None => std::env::current_exe()?.with_file_name("qmigrate"),
-        };
-        if needed && !path.exists() {
-            bail!(
-                "{} does not exist: build it first (cargo build --release) or pass --qmigrate PATH",
-                path.display()
-            );
-        }
-        Ok(path)
+        qmigrate_bin(self.qmigrate.as_deref(), needed)
     }
+}
+
+/// `explicit` (a `--qmigrate PATH`), else the qmigrate next to this benchmark; `needed` says
+/// whether it must exist.
+pub fn qmigrate_bin(explicit: Option<&Path>, needed: bool) -> anyhow::Result<PathBuf> {
+    let path = match explicit {
+        Some(path) => path.to_owned(),
+        None => std::env::current_exe()?.with_file_name("qmigrate"),
+    };
+    if needed && !path.exists() {
+        bail!(
+            "{} does not exist: build it first (cargo build --release) or pass --qmigrate PATH",
+            path.display()
+        );
+    }
+    Ok(path)
 }

@@ -11,6 +11,10 @@
 //! `unix:` and `tcp:`, socat, the qmigrate tunnels with and without multifd) and verifies the
 //! destination's RAM.
 //!
+//! `endurance` migrates one guest back and forth through one long-running `tunnel-server` with
+//! two routes, verifying its RAM after every hop and watching the server's descriptors and
+//! memory.
+//!
 //! `save` saves a VM to a state file and restores it (plain `file:` and mapped-ram with
 //! multifd) through `qmigrate send` and `receive`, next to the disk's own sequential speed
 //! measured with `dd` in the same run, and verifies the restored RAM.
@@ -19,6 +23,7 @@
 //! 2 usage error.
 
 mod common;
+mod endurance;
 mod migrate;
 mod procs;
 mod relay;
@@ -44,6 +49,9 @@ enum Command {
     /// Whole QEMU migrations through each variant: total time, downtime, relay CPU and memory,
     /// destination RAM verified identical.
     Migrate(migrate::Args),
+    /// Back-to-back migrations between two routes of one long-running tunnel-server: every
+    /// hop's RAM verified, the server's open descriptors and RSS after each.
+    Endurance(endurance::Args),
     /// Save to a file and restore (plain and mapped-ram): GB/s next to the disk's own speed
     /// (dd with O_DIRECT), restored RAM verified identical.
     Save(save::Args),
@@ -55,6 +63,7 @@ fn main() -> ExitCode {
         Command::Relay(args) => relay::run(args),
         Command::Migrate(args) => migrate::run(args),
         Command::Save(args) => save::run(args),
+        Command::Endurance(args) => endurance::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

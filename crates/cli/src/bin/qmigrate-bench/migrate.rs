@@ -23,9 +23,17 @@ use crate::table::{self, median, num, Table};
 /// Arguments of `qmigrate-bench migrate`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Guest RAM (K, M, G: binary units), all of it random bytes.
-    #[arg(long, default_value = "1GiB", value_parser = table::parse_size)]
-    mem: u64,
+    /// Guest RAM (K, M, G: binary units), all of it random bytes. Several sizes
+    /// (256MiB,1GiB,4GiB) run every variant at each and fit total time and relay CPU to a
+    /// line in the size.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1GiB",
+        value_parser = table::parse_size,
+        value_name = "SIZE,..."
+    )]
+    mem: Vec<u64>,
 
     /// Variants to run, comma-separated, in this order.
     #[arg(
@@ -127,26 +135,16 @@ struct Sample {
 
 pub fn run(args: Args) -> anyhow::Result<bool> {
     let qmigrate = args.common.qmigrate_bin(true)?;
-    let mib = args.mem.div_ceil(1 << 20);
     let dir = tempfile::Builder::new()
         .prefix("qmigrate-bench-")
         .tempdir()?;
     let ram = dir.path().join("ram.bin");
-    write_random(&ram, mib)?;
     let fw = dir.path().join("fw.bin");
-    let mut firmware = vec![0u8; 64 * 1024];
-    firmware[0xFFF0..0xFFF3].copy_from_slice(&[0xF4, 0xEB, 0xFD]); // hlt; jmp back
-    std::fs::write(&fw, firmware)?;
+    write_firmware(&fw)?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); args.only.len()];
-    let mut all_ok = true;
-    eprintln!(
-        "migration benchmark: {mib} MiB of random guest RAM, {} repetitions, variants interleaved",
-        args.common.reps
-    );
     let cert = if args
         .only
         .iter()
@@ -156,38 +154,75 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     } else {
         None
     };
-    // Every run gets its own directory; everything else is shared.
-    let base = Env {
-        dir: dir.path(),
-        qmigrate: &qmigrate,
-        qemu: &args.qemu,
-        socat: &args.socat,
-        ram: &ram,
-        fw: &fw,
-        mib,
-        tls: cert.as_ref(),
-    };
+    let mut all_ok = true;
+    let mut sizes = Vec::new();
+    for &mem in &args.mem {
+        let mib = mem.div_ceil(1 << 20);
+        write_random(&ram, mib)?;
+        // Every run gets its own directory; everything else is shared.
+        let base = Env {
+            dir: dir.path(),
+            qmigrate: &qmigrate,
+            qemu: &args.qemu,
+            socat: &args.socat,
+            ram: &ram,
+            fw: &fw,
+            mib,
+            tls: cert.as_ref(),
+        };
+        let (samples, ok) = run_size(&args, &base, &rt)?;
+        all_ok &= ok;
+        report(&args, mib, &samples);
+        sizes.push((mib, samples));
+    }
+    if sizes.len() > 1 {
+        report_scale(&args, &sizes);
+    }
+    Ok(all_ok)
+}
+
+/// Every variant at one guest size, `--reps` times, interleaved; the samples per variant and
+/// whether every run was verified.
+fn run_size(
+    args: &Args,
+    base: &Env<'_>,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<(Vec<Vec<Sample>>, bool)> {
+    let mib = base.mib;
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); args.only.len()];
+    let mut all_ok = true;
+    eprintln!(
+        "migration benchmark: {mib} MiB of random guest RAM, {} repetitions, variants interleaved",
+        args.common.reps
+    );
     // One untimed migration first: the first QEMU start of a run pays for loading the binary
     // and faulting in the RAM file, which would otherwise count against the first variant.
     if let Some(&first) = args.only.first() {
-        let warm = dir.path().join("warm-up");
+        let warm = base.dir.join("warm-up");
         std::fs::create_dir(&warm)?;
-        if let Err(err) = run_once(first, &Env { dir: &warm, ..base }, &rt) {
+        if let Err(err) = run_once(
+            first,
+            &Env {
+                dir: &warm,
+                ..*base
+            },
+            rt,
+        ) {
             eprintln!("  warm-up ({}) failed: {err:#}", first.label());
         }
         let _ = std::fs::remove_dir_all(&warm);
     }
     for rep in 0..args.common.reps {
         for (i, &variant) in args.only.iter().enumerate() {
-            let run_dir = dir.path().join(format!("{rep}-{i}"));
+            let run_dir = base.dir.join(format!("{rep}-{i}"));
             std::fs::create_dir(&run_dir)?;
             match run_once(
                 variant,
                 &Env {
                     dir: &run_dir,
-                    ..base
+                    ..*base
                 },
-                &rt,
+                rt,
             ) {
                 Ok(s) => {
                     eprintln!(
@@ -217,8 +252,82 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
             let _ = std::fs::remove_dir_all(&run_dir);
         }
     }
-    report(&args, mib, &samples);
-    Ok(all_ok)
+    Ok((samples, all_ok))
+}
+
+/// How total time and relay CPU grow with the guest: per variant the median at each size and
+/// a least-squares line through every run, `y = a + b * GiB`.
+fn report_scale(args: &Args, sizes: &[(u64, Vec<Vec<Sample>>)]) {
+    let gib = |mib: u64| mib as f64 / 1024.0;
+    // Per variant: (median at each size, fit), for total seconds and relay CPU seconds.
+    let series = |i: usize, y: &dyn Fn(&Sample) -> f64| {
+        let medians: Vec<f64> = sizes
+            .iter()
+            .map(|(_, s)| median(&s[i].iter().map(y).collect::<Vec<_>>()))
+            .collect();
+        let points: Vec<(f64, f64)> = sizes
+            .iter()
+            .flat_map(|(mib, s)| s[i].iter().map(move |x| (gib(*mib), y(x))))
+            .collect();
+        (medians, table::linear_fit(&points))
+    };
+    let time = |s: &Sample| s.total.as_secs_f64();
+    let cpu = |s: &Sample| s.relay.cpu.as_secs_f64();
+    if args.common.json {
+        let fit_json = |f: Option<table::Fit>| {
+            f.map(|f| serde_json::json!({"a": f.a, "b_per_gib": f.b, "r2": f.r2}))
+        };
+        let variants: Vec<serde_json::Value> = args
+            .only
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let (t, tf) = series(i, &time);
+                let (c, cf) = series(i, &cpu);
+                serde_json::json!({
+                    "variant": v.label(),
+                    "total_s": t,
+                    "total_fit": fit_json(tf),
+                    "relay_cpu_s": v.is_relay().then_some(c),
+                    "relay_cpu_fit": if v.is_relay() { fit_json(cf) } else { None },
+                })
+            })
+            .collect();
+        let sizes_mib: Vec<u64> = sizes.iter().map(|(mib, _)| *mib).collect();
+        let out = serde_json::json!({"benchmark": "migrate-scale", "guest_ram_mib": sizes_mib, "reps": args.common.reps, "variants": variants});
+        println!("{out}");
+        return;
+    }
+    let mut header: Vec<String> = vec!["variant".into()];
+    header.extend(sizes.iter().map(|(mib, _)| format!("{mib} MiB")));
+    header.extend(["a".into(), "b per GiB".into(), "R^2".into()]);
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    let table = |y: &dyn Fn(&Sample) -> f64, relays_only: bool| {
+        let mut t = Table::new(&header);
+        for (i, v) in args.only.iter().enumerate() {
+            if relays_only && !v.is_relay() {
+                continue;
+            }
+            let (medians, fit) = series(i, y);
+            let mut row = vec![v.label().to_owned()];
+            row.extend(medians.iter().map(|m| num(*m, 2)));
+            match fit {
+                Some(f) => row.extend([num(f.a, 3), num(f.b, 3), num(f.r2, 3)]),
+                None => row.extend(["-".into(), "-".into(), "-".into()]),
+            }
+            t.row(row);
+        }
+        t.render()
+    };
+    println!(
+        "\nScaling with guest RAM, QEMU {}: medians of {} runs at each size; a + b * GiB is the \
+         least-squares line through every run, R^2 its fit\n\ntotal s (QEMU's total time):\n",
+        qemu_version(&args.qemu),
+        args.common.reps
+    );
+    print!("{}", table(&time, false));
+    println!("\nrelay CPU s (user + system of the relay processes, wait4):\n");
+    print!("{}", table(&cpu, true));
 }
 
 fn gbps(mib: u64, total: Duration) -> f64 {
@@ -331,6 +440,7 @@ pub(crate) fn qemu_version(qemu: &Path) -> String {
 }
 
 /// Paths shared by one run.
+#[derive(Clone, Copy)]
 struct Env<'a> {
     dir: &'a Path,
     qmigrate: &'a Path,
@@ -403,7 +513,7 @@ pub(crate) fn start_vm(
     a.push("-qmp".into());
     a.push(format!("unix:{},server=on,wait=off", qmp.display()));
     let p = Proc::spawn(name, dir, guest.qemu, &a)?;
-    procs::wait_path(&qmp, Duration::from_secs(10))
+    procs::wait_listening_unix(&qmp, Duration::from_secs(10))
         .with_context(|| format!("QEMU {name} did not start: {}", p.log_text()))?;
     Ok((p, qmp))
 }
@@ -607,7 +717,7 @@ fn run_once(
 
 /// The guest-physical ranges of a q35 guest's RAM: below 4 GiB up to 2 GiB (or all of it when
 /// it fits below the PCI hole at 2.75 GiB), the rest from 4 GiB.
-fn ram_ranges(mib: u64) -> Vec<(u64, u64)> {
+pub(crate) fn ram_ranges(mib: u64) -> Vec<(u64, u64)> {
     let bytes = mib << 20;
     if bytes < 0xB000_0000 {
         vec![(0, bytes)]
@@ -672,7 +782,7 @@ fn files_equal(a: &Path, b: &Path) -> anyhow::Result<bool> {
     }
 }
 
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match f.read(&mut buf[filled..])? {
@@ -681,6 +791,15 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(filled)
+}
+
+/// A 64 KiB firmware that halts forever (`hlt; jmp` back at the reset vector): the guest's CPU
+/// never touches its RAM.
+pub(crate) fn write_firmware(path: &Path) -> anyhow::Result<()> {
+    let mut firmware = vec![0u8; 64 * 1024];
+    firmware[0xFFF0..0xFFF3].copy_from_slice(&[0xF4, 0xEB, 0xFD]);
+    std::fs::write(path, firmware)
+        .with_context(|| format!("cannot write the firmware {}", path.display()))
 }
 
 /// `mib` MiB of pseudo-random bytes (splitmix64): incompressible guest RAM.

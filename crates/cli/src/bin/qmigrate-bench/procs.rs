@@ -20,6 +20,48 @@ pub struct Usage {
     pub success: bool,
 }
 
+/// A running process's open files, memory and CPU time so far, from `/proc/PID`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Live {
+    /// Entries of `/proc/PID/fd`.
+    pub fds: usize,
+    /// `VmRSS` of `/proc/PID/status`, in bytes.
+    pub rss: u64,
+    /// User plus system CPU time (`/proc/PID/stat`).
+    pub cpu: Duration,
+}
+
+fn live(pid: libc::pid_t) -> anyhow::Result<Live> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .context("no VmRSS in /proc/PID/status")?;
+    // The fields after the command name, which is in parentheses and may hold spaces: utime
+    // and stime are the 14th and 15th fields of the line, the 12th and 13th after it.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: Vec<u64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    if ticks.len() != 2 {
+        bail!("unexpected /proc/PID/stat: {stat:?}");
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(Live {
+        fds,
+        rss: rss_kib * 1024,
+        cpu: Duration::from_secs_f64((ticks[0] + ticks[1]) as f64 / hz),
+    })
+}
+
 /// A running child; killed and reaped on drop if not waited for.
 #[derive(Debug)]
 pub struct Proc {
@@ -71,8 +113,18 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn pid(&self) -> libc::pid_t {
+    /// The child's process id (0 once reaped).
+    pub fn pid(&self) -> libc::pid_t {
         self.child.as_ref().map_or(0, |c| c.id() as libc::pid_t)
+    }
+
+    /// What the running child holds right now, from `/proc` (see [`Live`]).
+    pub fn live(&self) -> anyhow::Result<Live> {
+        let pid = self.pid();
+        if pid == 0 {
+            bail!("{} was already reaped", self.name);
+        }
+        live(pid).with_context(|| format!("reading /proc/{pid} of {}", self.name))
     }
 
     /// Waits up to `limit` for the child to exit on its own and returns what it cost; kills it
@@ -148,6 +200,29 @@ pub fn wait_listening_tcp(port: u16, limit: Duration) -> anyhow::Result<()> {
         }
         if Instant::now() > deadline {
             bail!("nothing listens on 127.0.0.1:{port} after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until a Unix socket listens at `path`, judged from `/proc/net/unix` (the
+/// `__SO_ACCEPTCON` flag) without connecting: QEMU's monitor serves one client at a time, and
+/// a socket file that exists may not listen yet (bind comes before listen) or any more (a
+/// QEMU that died leaves it behind).
+pub fn wait_listening_unix(path: &Path, limit: Duration) -> anyhow::Result<()> {
+    let want = path.to_string_lossy();
+    let deadline = Instant::now() + limit;
+    loop {
+        let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+        let listening = table.lines().skip(1).any(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.len() >= 8 && cols[3] == "00010000" && cols[7..].join(" ") == want
+        });
+        if listening {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on {} after {limit:?}", path.display());
         }
         std::thread::sleep(Duration::from_millis(5));
     }

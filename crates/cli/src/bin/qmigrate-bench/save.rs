@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use crate::common::Common;
-use crate::migrate::{qemu_version, same_ram, start_vm, write_random, Guest};
+use crate::migrate::{qemu_version, same_ram, start_vm, write_firmware, write_random, Guest};
 use crate::procs::Proc;
 use crate::table::{self, median, num, Table};
 
@@ -108,9 +108,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let ram = scratch.path().join("ram.bin");
     write_random(&ram, mib)?;
     let fw = scratch.path().join("fw.bin");
-    let mut firmware = vec![0u8; 64 * 1024];
-    firmware[0xFFF0..0xFFF3].copy_from_slice(&[0xF4, 0xEB, 0xFD]); // hlt; jmp back
-    std::fs::write(&fw, firmware)?;
+    write_firmware(&fw)?;
 
     let cold = drop_caches();
     let env = Env {

@@ -15,6 +15,45 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// A least-squares line `y = a + b * x` and how well it fits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fit {
+    /// The intercept: `y` at `x = 0`.
+    pub a: f64,
+    /// The slope.
+    pub b: f64,
+    /// The coefficient of determination, 1 - SS_res / SS_tot (1 when every point is on the
+    /// line; NaN when every `y` is the same).
+    pub r2: f64,
+}
+
+/// The least-squares line through `points` (x, y), non-finite points left out; `None` with
+/// fewer than two distinct `x`.
+pub fn linear_fit(points: &[(f64, f64)]) -> Option<Fit> {
+    let p: Vec<(f64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
+    let n = p.len() as f64;
+    let mx = p.iter().map(|(x, _)| x).sum::<f64>() / n;
+    let my = p.iter().map(|(_, y)| y).sum::<f64>() / n;
+    let sxx: f64 = p.iter().map(|(x, _)| (x - mx).powi(2)).sum();
+    let sxy: f64 = p.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    if p.len() < 2 || sxx <= f64::EPSILON * mx.abs().max(1.0) {
+        return None;
+    }
+    let b = sxy / sxx;
+    let a = my - b * mx;
+    let ss_res: f64 = p.iter().map(|(x, y)| (y - a - b * x).powi(2)).sum();
+    let ss_tot: f64 = p.iter().map(|(_, y)| (y - my).powi(2)).sum();
+    Some(Fit {
+        a,
+        b,
+        r2: 1.0 - ss_res / ss_tot,
+    })
+}
+
 /// A plain-text table with right-aligned columns after the first.
 #[derive(Debug, Default)]
 pub struct Table {
@@ -101,6 +140,19 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn fits() {
+        let fit = linear_fit(&[(1.0, 3.0), (2.0, 5.0), (4.0, 9.0)]).expect("a line");
+        assert!((fit.a - 1.0).abs() < 1e-12 && (fit.b - 2.0).abs() < 1e-12);
+        assert!((fit.r2 - 1.0).abs() < 1e-12);
+        // Symmetric noise around y = x: the slope stays, R^2 drops below 1.
+        let fit = linear_fit(&[(0.0, 0.5), (0.0, -0.5), (2.0, 2.5), (2.0, 1.5)]).expect("a line");
+        assert!((fit.a - 0.0).abs() < 1e-12 && (fit.b - 1.0).abs() < 1e-12);
+        assert!((fit.r2 - 0.8).abs() < 1e-12, "{}", fit.r2);
+        assert_eq!(linear_fit(&[(1.0, 1.0), (1.0, 2.0)]), None);
+        assert_eq!(linear_fit(&[(1.0, 1.0)]), None);
     }
 
     #[test]
