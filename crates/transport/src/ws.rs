@@ -29,11 +29,14 @@ use crate::error::{Error, Result};
 use crate::protocol::MAX_FRAME;
 
 /// Largest WebSocket data message qmigrate sends: what one read from the Unix socket may
-/// return. (With tungstenite, which copied every payload into its write buffer, 64 KiB had
-/// measured fastest; without that copy, larger messages cost fewer headers and calls.)
-pub const WS_MESSAGE: usize = 256 * 1024;
+/// return, up to the limit every peer accepts. With tungstenite, which copied each payload
+/// into its write buffer, 64 KiB had measured fastest; without that copy, `qmigrate-bench
+/// relay` measured 64 KiB, 256 KiB and 1 MiB close together and 1 MiB a little leaner
+/// (fewer headers, reads and wake-ups per GB).
+pub const WS_MESSAGE: usize = MAX_FRAME;
 
-/// How much the data path's reader takes off the socket at once.
+/// How much the data path's reader asks the socket for at once: whole frames of the largest
+/// size and several smaller ones per read, all written out with one vectored write.
 const READ_CHUNK: usize = 1024 * 1024;
 
 /// The reader's buffer during the handshake, where messages are a few hundred bytes: what an
@@ -466,14 +469,13 @@ enum Parsed {
 
 impl ReadState {
     fn new(role: Role, max_message: usize, buffered: Vec<u8>) -> Self {
-        let end = buffered.len();
-        let mut buf = buffered;
-        buf.resize(HANDSHAKE_BUFFER.max(end), 0);
+        let mut buf = vec![0; HANDSHAKE_BUFFER.max(buffered.len())];
+        buf[..buffered.len()].copy_from_slice(&buffered);
         ReadState {
             parser: Parser::new(role, max_message),
             buf,
             pos: 0,
-            end,
+            end: buffered.len(),
             pending: 0..0,
             message: Vec::new(),
             complete: false,
@@ -494,10 +496,15 @@ impl ReadState {
         Ok(n)
     }
 
-    /// Grows the buffer to the data path's read size.
+    /// Grows the buffer to the data path's read size, keeping the unparsed bytes. A fresh
+    /// zeroed allocation rather than a resize: the kernel's zero pages are only touched as
+    /// the reads reach them.
     fn widen(&mut self, size: usize) {
         if self.buf.len() < size {
-            self.buf.resize(size, 0);
+            let mut buf = vec![0; size];
+            let n = self.end - self.pos;
+            buf[..n].copy_from_slice(&self.buf[self.pos..self.end]);
+            (self.buf, self.pos, self.end) = (buf, 0, n);
         }
     }
 
