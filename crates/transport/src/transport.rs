@@ -187,7 +187,7 @@ fn ws_config() -> WebSocketConfig {
 
 /// Largest WebSocket message before the split: one handshake envelope (12-byte header and
 /// body), refused from its frame header when larger.
-const WS_HANDSHAKE_MESSAGE: usize = 12 + MAX_HANDSHAKE_LEN as usize;
+pub(crate) const WS_HANDSHAKE_MESSAGE: usize = 12 + MAX_HANDSHAKE_LEN as usize;
 
 impl Transport for WebSocket {
     fn scheme(&self) -> Scheme {

@@ -431,6 +431,62 @@ fn parse_header(buf: &[u8], role: Role) -> Result<Option<Header>, FrameError> {
     }))
 }
 
+/// What a parser made of a byte stream: each message whole, control frames, or the error
+/// that stopped it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Event {
+    Message(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong,
+    Close(Vec<u8>),
+    Error(FrameError),
+}
+
+/// Feeds `chunks` to a fresh parser as a reader would (unconsumed bytes carried over to the
+/// next chunk) and collects what it found, checking the parser's promises on the way: a
+/// message's end gives its length right, and only a partial header or control frame is ever
+/// left unconsumed. For the tests and the `ws_frames` fuzz target.
+pub(crate) fn events(role: Role, chunks: &[&[u8]]) -> Vec<Event> {
+    let mut parser = Parser::new(role, MAX_FRAME);
+    let mut got = Vec::new();
+    let mut message = Vec::new();
+    let mut buf = Vec::new();
+    for chunk in chunks {
+        buf.extend_from_slice(chunk);
+        let mut pos = 0;
+        loop {
+            match parser.parse(&mut buf[pos..]) {
+                Err(e) => {
+                    got.push(Event::Error(e));
+                    return got;
+                }
+                Ok((used, item)) => {
+                    let at = pos;
+                    pos += used;
+                    let Some(item) = item else { break };
+                    let slice = |r: Range<usize>| buf[at + r.start..at + r.end].to_vec();
+                    match item {
+                        Item::Data(r) => message.extend_from_slice(&slice(r)),
+                        Item::End { len } => {
+                            assert_eq!(len, message.len(), "the message's length");
+                            got.push(Event::Message(std::mem::take(&mut message)));
+                        }
+                        Item::Ping(r) => got.push(Event::Ping(slice(r))),
+                        Item::Pong => got.push(Event::Pong),
+                        Item::Close(r) => got.push(Event::Close(slice(r))),
+                    }
+                }
+            }
+        }
+        buf.drain(..pos);
+        assert!(
+            buf.len() <= MAX_HEADER + MAX_CONTROL,
+            "a payload was held back"
+        );
+    }
+    got
+}
+
 // ---------------------------------------------------------------------------------------
 // Reading.
 
@@ -1057,59 +1113,6 @@ mod tests {
         f
     }
 
-    /// What a parser made of a byte stream: each message whole, control frames, or the error.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    enum Got {
-        Message(Vec<u8>),
-        Ping(Vec<u8>),
-        Pong,
-        Close(Vec<u8>),
-        Error(FrameError),
-    }
-
-    /// Feeds `chunks` to a fresh parser as a reader would: unconsumed bytes carried over to
-    /// the next chunk.
-    fn parse_chunks(role: Role, chunks: &[&[u8]]) -> Vec<Got> {
-        let mut parser = Parser::new(role, MAX_FRAME);
-        let mut got = Vec::new();
-        let mut message = Vec::new();
-        let mut buf = Vec::new();
-        for chunk in chunks {
-            buf.extend_from_slice(chunk);
-            let mut pos = 0;
-            loop {
-                match parser.parse(&mut buf[pos..]) {
-                    Err(e) => {
-                        got.push(Got::Error(e));
-                        return got;
-                    }
-                    Ok((used, item)) => {
-                        let at = pos;
-                        pos += used;
-                        let Some(item) = item else { break };
-                        let slice = |r: Range<usize>| buf[at + r.start..at + r.end].to_vec();
-                        match item {
-                            Item::Data(r) => message.extend_from_slice(&slice(r)),
-                            Item::End { len } => {
-                                assert_eq!(len, message.len(), "the message's length");
-                                got.push(Got::Message(std::mem::take(&mut message)));
-                            }
-                            Item::Ping(r) => got.push(Got::Ping(slice(r))),
-                            Item::Pong => got.push(Got::Pong),
-                            Item::Close(r) => got.push(Got::Close(slice(r))),
-                        }
-                    }
-                }
-            }
-            buf.drain(..pos);
-            assert!(
-                buf.len() <= MAX_HEADER + MAX_CONTROL,
-                "a payload was held back"
-            );
-        }
-        got
-    }
-
     fn seq(n: usize, seed: u8) -> Vec<u8> {
         (0..n)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -1118,7 +1121,7 @@ mod tests {
 
     /// A stream with every header length form, fragmentation, control frames between
     /// fragments, an empty message and a close; masked when `masked`.
-    fn sample_stream(masked: bool) -> (Vec<u8>, Vec<Got>) {
+    fn sample_stream(masked: bool) -> (Vec<u8>, Vec<Event>) {
         let mut keys = (1u8..).map(|i| [i, i.wrapping_mul(3), 0xa5, i ^ 0x5a]);
         let mut key = || masked.then(|| keys.next().unwrap_or([1, 2, 3, 4]));
         let (a, b, c, d) = (seq(100, 1), seq(300, 2), seq(7, 3), seq(5, 4));
@@ -1134,14 +1137,14 @@ mod tests {
         stream.extend(frame(0x82, &[], key(), 7));
         stream.extend(frame(0x88, b"\x03\xe8bye", key(), 7));
         let expect = vec![
-            Got::Message(a),
-            Got::Message(b),
-            Got::Ping(b"ping!".to_vec()),
-            Got::Pong,
-            Got::Message(c),
-            Got::Message(d),
-            Got::Message(Vec::new()),
-            Got::Close(b"\x03\xe8bye".to_vec()),
+            Event::Message(a),
+            Event::Message(b),
+            Event::Ping(b"ping!".to_vec()),
+            Event::Pong,
+            Event::Message(c),
+            Event::Message(d),
+            Event::Message(Vec::new()),
+            Event::Close(b"\x03\xe8bye".to_vec()),
         ];
         (stream, expect)
     }
@@ -1195,13 +1198,13 @@ mod tests {
     fn a_stream_parses_the_same_split_at_every_byte() {
         for (role, masked) in [(Role::Server, true), (Role::Client, false)] {
             let (stream, expect) = sample_stream(masked);
-            assert_eq!(parse_chunks(role, &[&stream]), expect);
+            assert_eq!(events(role, &[&stream]), expect);
             for cut in 0..=stream.len() {
                 let (x, y) = stream.split_at(cut);
-                assert_eq!(parse_chunks(role, &[x, y]), expect, "split at {cut}");
+                assert_eq!(events(role, &[x, y]), expect, "split at {cut}");
             }
             let bytes: Vec<&[u8]> = stream.chunks(1).collect();
-            assert_eq!(parse_chunks(role, &bytes), expect, "a byte at a time");
+            assert_eq!(events(role, &bytes), expect, "a byte at a time");
         }
     }
 
@@ -1212,8 +1215,8 @@ mod tests {
         for step in [1000, 4096, 65536, 333_333] {
             let chunks: Vec<&[u8]> = stream.chunks(step).collect();
             assert_eq!(
-                parse_chunks(Role::Server, &chunks),
-                [Got::Message(big.clone())],
+                events(Role::Server, &chunks),
+                [Event::Message(big.clone())],
                 "{step} at a time"
             );
         }
@@ -1224,12 +1227,12 @@ mod tests {
         let masked = frame(0x82, b"x", Some([1, 2, 3, 4]), 7);
         let plain = frame(0x82, b"x", None, 7);
         assert_eq!(
-            parse_chunks(Role::Server, &[&plain]),
-            [Got::Error(FrameError::Unmasked)]
+            events(Role::Server, &[&plain]),
+            [Event::Error(FrameError::Unmasked)]
         );
         assert_eq!(
-            parse_chunks(Role::Client, &[&masked]),
-            [Got::Error(FrameError::Masked)]
+            events(Role::Client, &[&masked]),
+            [Event::Error(FrameError::Masked)]
         );
     }
 
@@ -1240,30 +1243,34 @@ mod tests {
         over.extend_from_slice(&(MAX_FRAME as u64 + 1).to_be_bytes());
         over.extend_from_slice(&[1, 2, 3, 4]);
         assert_eq!(
-            parse_chunks(Role::Server, &[&over[..10]]),
-            [Got::Error(FrameError::FrameTooLarge(MAX_FRAME as u64 + 1))]
+            events(Role::Server, &[&over[..10]]),
+            [Event::Error(FrameError::FrameTooLarge(
+                MAX_FRAME as u64 + 1
+            ))]
         );
         let mut huge = vec![0x82, 0x7f];
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
         assert_eq!(
-            parse_chunks(Role::Client, &[&huge]),
-            [Got::Error(FrameError::FrameTooLarge(u64::MAX))]
+            events(Role::Client, &[&huge]),
+            [Event::Error(FrameError::FrameTooLarge(u64::MAX))]
         );
         // Exactly the limit is fine, one more byte over two frames is not.
         let half = seq(MAX_FRAME / 2, 1);
         let mut stream = frame(0x02, &half, None, 64);
         stream.extend(frame(0x80, &half, None, 64));
         assert_eq!(
-            parse_chunks(Role::Client, &[&stream]),
-            [Got::Message([&half[..], &half[..]].concat())]
+            events(Role::Client, &[&stream]),
+            [Event::Message([&half[..], &half[..]].concat())]
         );
         let mut stream = frame(0x02, &half, None, 64);
         stream.extend(frame(0x00, &half, None, 64));
         let header_only = frame(0x80, &[], None, 7);
         stream.extend_from_slice(&[header_only[0], 1]);
         assert_eq!(
-            parse_chunks(Role::Client, &[&stream]),
-            [Got::Error(FrameError::MessageTooLarge { limit: MAX_FRAME })]
+            events(Role::Client, &[&stream]),
+            [Event::Error(FrameError::MessageTooLarge {
+                limit: MAX_FRAME
+            })]
         );
         // A smaller limit (the handshake's).
         let mut p = Parser::new(Role::Client, 10);
@@ -1278,20 +1285,20 @@ mod tests {
     fn control_frames_are_short_and_whole() {
         let ping = |first: u8, len: usize| frame(first, &seq(len, 0), None, 7);
         assert_eq!(
-            parse_chunks(Role::Client, &[&ping(0x89, 125)]),
-            [Got::Ping(seq(125, 0))]
+            events(Role::Client, &[&ping(0x89, 125)]),
+            [Event::Ping(seq(125, 0))]
         );
         assert_eq!(
-            parse_chunks(Role::Client, &[&ping(0x89, 126)[..2]]),
-            [Got::Error(FrameError::ControlTooLong(126))]
+            events(Role::Client, &[&ping(0x89, 126)[..2]]),
+            [Event::Error(FrameError::ControlTooLong(126))]
         );
         assert_eq!(
-            parse_chunks(Role::Client, &[&ping(0x09, 3)[..2]]),
-            [Got::Error(FrameError::FragmentedControl)]
+            events(Role::Client, &[&ping(0x09, 3)[..2]]),
+            [Event::Error(FrameError::FragmentedControl)]
         );
         assert_eq!(
-            parse_chunks(Role::Client, &[&frame(0x08, b"", None, 7)]),
-            [Got::Error(FrameError::FragmentedControl)]
+            events(Role::Client, &[&frame(0x08, b"", None, 7)]),
+            [Event::Error(FrameError::FragmentedControl)]
         );
     }
 
@@ -1299,39 +1306,39 @@ mod tests {
     fn reserved_bits_opcodes_and_text_are_refused() {
         for rsv in [0x40, 0x20, 0x10, 0x70] {
             assert_eq!(
-                parse_chunks(Role::Client, &[&[0x82 | rsv, 0]]),
-                [Got::Error(FrameError::ReservedBits(rsv))]
+                events(Role::Client, &[&[0x82 | rsv, 0]]),
+                [Event::Error(FrameError::ReservedBits(rsv))]
             );
         }
         for op in (0x3..=0x7).chain(0xb..=0xf) {
             assert_eq!(
-                parse_chunks(Role::Client, &[&[0x80 | op, 0]]),
-                [Got::Error(FrameError::ReservedOpcode(op))]
+                events(Role::Client, &[&[0x80 | op, 0]]),
+                [Event::Error(FrameError::ReservedOpcode(op))]
             );
         }
         assert_eq!(
-            parse_chunks(Role::Client, &[&[0x81, 0]]),
-            [Got::Error(FrameError::Text)]
+            events(Role::Client, &[&[0x81, 0]]),
+            [Event::Error(FrameError::Text)]
         );
     }
 
     #[test]
     fn continuations_need_a_message_and_messages_need_an_end() {
         assert_eq!(
-            parse_chunks(Role::Client, &[&frame(0x80, b"x", None, 7)]),
-            [Got::Error(FrameError::StrayContinuation)]
+            events(Role::Client, &[&frame(0x80, b"x", None, 7)]),
+            [Event::Error(FrameError::StrayContinuation)]
         );
         let mut stream = frame(0x02, b"x", None, 7);
         stream.extend(frame(0x82, b"y", None, 7));
         assert_eq!(
-            parse_chunks(Role::Client, &[&stream]),
-            [Got::Error(FrameError::UnfinishedMessage)]
+            events(Role::Client, &[&stream]),
+            [Event::Error(FrameError::UnfinishedMessage)]
         );
         let mut stream = frame(0x02, b"x", None, 7);
         stream.extend(frame(0x01, b"y", None, 7));
         assert_eq!(
-            parse_chunks(Role::Client, &[&stream]),
-            [Got::Error(FrameError::Text)]
+            events(Role::Client, &[&stream]),
+            [Event::Error(FrameError::Text)]
         );
     }
 
