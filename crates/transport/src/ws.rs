@@ -542,6 +542,8 @@ impl ReadState {
     /// Moves the unparsed bytes to the front and reads more after them. Only ever moves a
     /// partial header or a partial control frame: data payloads are consumed as they arrive.
     async fn fill<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> io::Result<usize> {
+        // So there is always room to read into (the smallest buffer is 16 KiB).
+        debug_assert!(self.end - self.pos <= MAX_HEADER + MAX_CONTROL);
         if self.pos > 0 {
             self.buf.copy_within(self.pos..self.end, 0);
             self.end -= self.pos;
@@ -603,8 +605,8 @@ impl ReadState {
     }
 }
 
-/// A frame error met in the data stream, in the words the TCP transport uses for a text
-/// message.
+/// A frame error met in the data stream. A text message keeps the words it had with
+/// tungstenite.
 fn data_error(e: FrameError) -> Error {
     match e {
         FrameError::Text => {
@@ -834,8 +836,11 @@ impl WriteState {
         Ok(())
     }
 
-    /// Writes the queue out and flushes.
+    /// Writes the queue out and flushes (nothing at all when it is empty).
     async fn drain<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
         while self.sent < self.out.len() {
             let n = io
                 .write(&self.out[self.sent..])
