@@ -19,10 +19,12 @@
 use std::fmt;
 use std::io::{self, IoSlice};
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 
 use crate::error::{Error, Result};
@@ -51,6 +53,9 @@ const MAX_CONTROL: usize = 125;
 
 /// Most payload pieces handed to one vectored write (the kernel takes up to 1024).
 const MAX_IOV: usize = 64;
+
+/// Room below which the data path's reader stops reading on without waiting: a TLS record.
+const MIN_ROOM: usize = 16 * 1024 + 256;
 
 /// The status code of a normal close.
 const CLOSE_NORMAL: u16 = 1000;
@@ -554,6 +559,27 @@ impl ReadState {
         Ok(n)
     }
 
+    /// Reads on without waiting while the stream has bytes at once and the buffer has room,
+    /// so that one vectored write to the Unix socket carries all of them. Over TLS each read
+    /// returns one record (at most 16 KiB): without this, every record would cost a write.
+    /// Over TCP it costs nothing extra: tokio remembers that a short read emptied the socket.
+    /// The end of the stream is left for the next [`fill`](Self::fill) to see.
+    async fn fill_more<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            while self.buf.len() - self.end >= MIN_ROOM {
+                let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
+                match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => break,
+                    Poll::Ready(Ok(())) => self.end += rb.filled().len(),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await
+    }
+
     /// Grows the buffer to the data path's read size, keeping the unparsed bytes. A fresh
     /// zeroed allocation rather than a resize: the kernel's zero pages are only touched as
     /// the reads reach them.
@@ -734,7 +760,13 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             match parsed {
                 Parsed::Eos => self.st.eos = true,
                 Parsed::Full => {}
-                Parsed::NeedMore => read_result(self.st.fill(&mut self.io).await)?,
+                Parsed::NeedMore => {
+                    read_result(self.st.fill(&mut self.io).await)?;
+                    self.st
+                        .fill_more(&mut self.io)
+                        .await
+                        .map_err(Error::lost_or_io)?;
+                }
             }
         }
         Ok(())
