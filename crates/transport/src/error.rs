@@ -52,9 +52,10 @@ pub enum Error {
         /// The body of the server's answer.
         message: String,
     },
-    /// The WebSocket connection failed after the upgrade.
-    #[error("WebSocket error: {0}")]
-    WebSocket(#[source] Box<tokio_tungstenite::tungstenite::Error>),
+    /// The peer broke the WebSocket framing after the upgrade (a frame above the limit, an
+    /// unmasked client frame, reserved bits, ...): not a WebSocket peer we can talk to.
+    #[error("WebSocket protocol violation: the peer sent {0}")]
+    WebSocket(#[from] crate::ws::FrameError),
     /// TLS settings that cannot be used (unreadable files, a key that does not match, a TLS
     /// address without settings).
     #[error(transparent)]
@@ -128,18 +129,6 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn ws(e: tokio_tungstenite::tungstenite::Error) -> Self {
-        use tokio_tungstenite::tungstenite::Error as W;
-        match e {
-            W::ConnectionClosed | W::AlreadyClosed => {
-                Error::ConnectionLost("WebSocket closed".into())
-            }
-            W::Io(io) => Error::lost_or_io(io),
-            W::Protocol(p) => Error::ConnectionLost(format!("WebSocket protocol error: {p}")),
-            other => Error::WebSocket(Box::new(other)),
-        }
-    }
-
     /// An I/O error, classified as a lost connection when it is one.
     pub(crate) fn lost_or_io(e: io::Error) -> Self {
         use io::ErrorKind::*;

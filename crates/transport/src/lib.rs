@@ -37,6 +37,8 @@ mod server;
 mod stream;
 pub mod tls;
 mod transport;
+mod upgrade;
+mod ws;
 
 pub use auth::{Token, TokenError};
 pub use client::{open_control, open_data, Client, ClientConfig};
@@ -47,6 +49,7 @@ pub use report::Report;
 pub use server::{Controller, Server, ServerConfig, SessionMap};
 #[doc(hidden)]
 pub use stream::fuzzing;
-pub use stream::{Frames, Messages, TlsTcp, TunnelReader, TunnelStream, TunnelWriter, WS_MESSAGE};
+pub use stream::{Frames, TlsTcp, TunnelReader, TunnelStream, TunnelWriter};
 pub use tls::{ClientTls, Fingerprint, ServerCheck, ServerTls, TlsError};
 pub use transport::{AnyTransport, Tcp, Tls, Transport, WebSocket};
+pub use ws::{FrameError, WsReader, WsStream, WsWriter, WS_MESSAGE};

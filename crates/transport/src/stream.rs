@@ -7,41 +7,30 @@
 //! that died or a network that dropped (tear everything down, never a clean EOF on a
 //! truncated migration stream). On TCP (and inside TLS) the data is framed as a big-endian
 //! `u32` length and that many bytes, a zero length marking the end; on WebSocket each binary
-//! message is data and an empty binary message is the end.
+//! message is data and an empty binary message is the end (the framing is in `ws.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use bytes::{BufMut as _, Bytes, BytesMut};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::error::{Error, Result};
 use crate::protocol::{self, EnvelopeError, MAX_FRAME};
 use crate::tls::{TlsReader, TlsWriter, VectoredRead};
+use crate::ws::{self, FrameError, RecvError, WsReader, WsStream, WsWriter};
 
 #[doc(hidden)]
 pub mod fuzzing;
-
-/// Size of one WebSocket data message. tokio-tungstenite copies each payload into its write
-/// buffer, so large messages cost a large memcpy; ~64 KiB measured fastest.
-pub const WS_MESSAGE: usize = 64 * 1024;
 
 /// How long a finished WebSocket connection waits for the peer's close frame.
 const WS_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// TLS over TCP, either end: what `tls://` carries its frames in, and `wss://` its WebSocket.
 pub type TlsTcp = crate::tls::TlsStream;
-
-type Ws = WebSocketStream<TcpStream>;
-type Wss = WebSocketStream<TlsTcp>;
 
 /// One established tunnel connection (after the TCP connect, TLS handshake or WebSocket
 /// upgrade, before or after the tunnel handshake).
@@ -53,9 +42,9 @@ pub enum TunnelStream {
     /// TLS over TCP, the same frames inside. Never handed to QEMU, which would see ciphertext.
     Tls(Box<TlsTcp>),
     /// WebSocket binary messages.
-    Ws(Box<Ws>),
+    Ws(Box<WsStream<TcpStream>>),
     /// WebSocket binary messages over TLS.
-    Wss(Box<Wss>),
+    Wss(Box<WsStream<TlsTcp>>),
 }
 
 impl TunnelStream {
@@ -71,19 +60,14 @@ impl TunnelStream {
         match self {
             TunnelStream::Tcp(s) => s.write_all(&bytes).await.map_err(Error::lost_or_io),
             TunnelStream::Tls(s) => write_flushed(s, &bytes).await,
-            TunnelStream::Ws(ws) => ws
-                .send(Message::Binary(Bytes::from(bytes)))
-                .await
-                .map_err(Error::ws),
-            TunnelStream::Wss(ws) => ws
-                .send(Message::Binary(Bytes::from(bytes)))
-                .await
-                .map_err(Error::ws),
+            TunnelStream::Ws(ws) => ws.send_message(&bytes).await,
+            TunnelStream::Wss(ws) => ws.send_message(&bytes).await,
         }
     }
 
-    /// Receives one handshake message. Reads no further than the message's own bytes, so the
-    /// data that follows stays in the socket.
+    /// Receives one handshake message. Reads no further than the message's own bytes on TCP
+    /// and TLS, so the data that follows stays in the socket; on WebSocket what follows stays
+    /// in the connection's buffer.
     pub async fn recv_msg<T: DeserializeOwned>(&mut self) -> Result<T> {
         Ok(protocol::decode_body(&self.recv_body().await?)?)
     }
@@ -114,12 +98,15 @@ impl TunnelStream {
                 )
             }
             TunnelStream::Ws(ws) => {
-                let (w, r) = (*ws).split();
-                (TunnelReader::Ws(Messages::new(r)), TunnelWriter::Ws(w))
+                let (r, w) = ws.split(TcpStream::into_split);
+                (TunnelReader::Ws(r), TunnelWriter::Ws(w))
             }
             TunnelStream::Wss(ws) => {
-                let (w, r) = (*ws).split();
-                (TunnelReader::Wss(Messages::new(r)), TunnelWriter::Wss(w))
+                let (r, w) = ws.split(TlsTcp::into_split);
+                (
+                    TunnelReader::Wss(Box::new(r)),
+                    TunnelWriter::Wss(Box::new(w)),
+                )
             }
         }
     }
@@ -128,23 +115,13 @@ impl TunnelStream {
     /// that neither side resets a connection with a close frame still unread.
     pub async fn finish(reader: TunnelReader, writer: TunnelWriter) {
         match (reader, writer) {
-            (TunnelReader::Ws(rd), TunnelWriter::Ws(wr)) => close_ws(rd.rd, wr).await,
-            (TunnelReader::Wss(rd), TunnelWriter::Wss(wr)) => close_ws(rd.rd, wr).await,
+            (TunnelReader::Ws(rd), TunnelWriter::Ws(wr)) => ws::close(rd, wr, WS_CLOSE_WAIT).await,
+            (TunnelReader::Wss(rd), TunnelWriter::Wss(wr)) => {
+                ws::close(*rd, *wr, WS_CLOSE_WAIT).await
+            }
             _ => {}
         }
     }
-}
-
-async fn close_ws<S: AsyncRead + AsyncWrite + Unpin>(
-    rd: SplitStream<WebSocketStream<S>>,
-    wr: SplitSink<WebSocketStream<S>, Message>,
-) {
-    let Ok(mut ws) = rd.reunite(wr) else { return };
-    let _ = ws.close(None).await;
-    let _ = tokio::time::timeout(WS_CLOSE_WAIT, async {
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
 }
 
 /// Writes all of `bytes` and flushes: TLS keeps what the socket did not take at once in its
@@ -164,24 +141,18 @@ async fn recv_envelope<R: AsyncRead + Unpin>(s: &mut R) -> Result<Vec<u8>> {
 }
 
 async fn recv_ws_envelope<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut WebSocketStream<S>,
+    ws: &mut WsStream<S>,
 ) -> Result<Vec<u8>> {
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Binary(b))) => return Ok(protocol::unwrap_envelope(&b)?.to_vec()),
-            Some(Ok(Message::Text(_))) => {
-                return Err(
-                    EnvelopeError::NotOurProtocol("it sent a WebSocket text message").into(),
-                )
-            }
-            Some(Ok(Message::Close(_))) | None => {
-                return Err(Error::ConnectionLost(
-                    "closed before the handshake finished".into(),
-                ))
-            }
-            Some(Ok(_)) => continue, // ping, pong
-            Some(Err(e)) => return Err(Error::ws(e)),
+    match ws.recv_message().await {
+        Ok(message) => Ok(protocol::unwrap_envelope(&message)?.to_vec()),
+        Err(RecvError::Frame(FrameError::Text)) => {
+            Err(EnvelopeError::NotOurProtocol("it sent a WebSocket text message").into())
         }
+        Err(RecvError::Frame(e)) => Err(e.into()),
+        Err(RecvError::Closed) => Err(Error::ConnectionLost(
+            "closed before the handshake finished".into(),
+        )),
+        Err(RecvError::Io(e)) => Err(e),
     }
 }
 
@@ -207,9 +178,9 @@ pub enum TunnelReader {
     /// TLS: length-prefixed frames inside.
     Tls(Box<Frames<TlsReader>>),
     /// WebSocket: binary messages.
-    Ws(Messages<Ws>),
+    Ws(WsReader<OwnedReadHalf>),
     /// WebSocket over TLS: binary messages.
-    Wss(Messages<Wss>),
+    Wss(Box<WsReader<TlsReader>>),
 }
 
 /// Reads length-prefixed frames: the bytes left in the current frame, and whether the end
@@ -218,15 +189,6 @@ pub enum TunnelReader {
 pub struct Frames<R> {
     rd: R,
     remaining: usize,
-    eos: bool,
-}
-
-/// Reads WebSocket binary messages: the rest of the current one, and whether the end marker
-/// arrived.
-#[derive(Debug)]
-pub struct Messages<S> {
-    rd: SplitStream<S>,
-    pending: Bytes,
     eos: bool,
 }
 
@@ -318,55 +280,6 @@ impl<R: AsyncRead + Unpin> Frames<R> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Messages<WebSocketStream<S>> {
-    fn new(rd: SplitStream<WebSocketStream<S>>) -> Self {
-        Messages {
-            rd,
-            pending: Bytes::new(),
-            eos: false,
-        }
-    }
-
-    async fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
-        if self.pending.is_empty() {
-            if self.eos {
-                return Ok(0);
-            }
-            match next_ws_data(&mut self.rd).await? {
-                Some(b) => self.pending = b,
-                None => {
-                    self.eos = true;
-                    return Ok(0);
-                }
-            }
-        }
-        let n = self.pending.len().min(buf.len());
-        buf[..n].copy_from_slice(&self.pending.split_to(n));
-        Ok(n)
-    }
-
-    async fn pump_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W, count: &AtomicU64) -> Result<()> {
-        // Write each message straight from tungstenite's buffer: no copy of ours.
-        if !self.pending.is_empty() {
-            w.write_all(&self.pending)
-                .await
-                .map_err(Error::lost_or_io)?;
-            count.fetch_add(self.pending.len() as u64, Relaxed);
-            self.pending = Bytes::new();
-        }
-        while !self.eos {
-            match next_ws_data(&mut self.rd).await? {
-                Some(b) => {
-                    w.write_all(&b).await.map_err(Error::lost_or_io)?;
-                    count.fetch_add(b.len() as u64, Relaxed);
-                }
-                None => self.eos = true,
-            }
-        }
-        Ok(())
-    }
-}
-
 async fn next_frame_len<R: AsyncRead + Unpin>(rd: &mut R) -> Result<usize> {
     let mut header = [0u8; 4];
     match rd.read_exact(&mut header).await {
@@ -387,38 +300,6 @@ async fn next_frame_len<R: AsyncRead + Unpin>(rd: &mut R) -> Result<usize> {
     Ok(len)
 }
 
-/// The next data message, or `None` at the end marker.
-async fn next_ws_data<S: AsyncRead + AsyncWrite + Unpin>(
-    rd: &mut SplitStream<WebSocketStream<S>>,
-) -> Result<Option<Bytes>> {
-    loop {
-        match rd.next().await {
-            Some(Ok(Message::Binary(b))) if b.is_empty() => return Ok(None),
-            Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
-            Some(Ok(Message::Text(_))) => {
-                return Err(Error::Protocol(
-                    "the peer sent a text message inside the data stream".into(),
-                ))
-            }
-            Some(Ok(Message::Close(frame))) => {
-                return Err(Error::ConnectionLost(match frame {
-                    Some(f) if !f.reason.is_empty() => {
-                        format!("the peer closed the WebSocket early: {}", f.reason)
-                    }
-                    _ => "the peer closed the WebSocket before ending the stream".into(),
-                }))
-            }
-            Some(Ok(_)) => continue, // ping, pong, raw frame
-            Some(Err(e)) => return Err(Error::ws(e)),
-            None => {
-                return Err(Error::ConnectionLost(
-                    "the connection closed without a WebSocket close".into(),
-                ))
-            }
-        }
-    }
-}
-
 /// The sending direction of a [`TunnelStream`].
 #[derive(Debug)]
 pub enum TunnelWriter {
@@ -427,9 +308,9 @@ pub enum TunnelWriter {
     /// TLS: length-prefixed frames inside.
     Tls(Box<TlsWriter>),
     /// WebSocket: binary messages.
-    Ws(SplitSink<Ws, Message>),
+    Ws(WsWriter<OwnedWriteHalf>),
     /// WebSocket over TLS: binary messages.
-    Wss(SplitSink<Wss, Message>),
+    Wss(Box<WsWriter<TlsWriter>>),
 }
 
 impl TunnelWriter {
@@ -438,8 +319,8 @@ impl TunnelWriter {
         match self {
             TunnelWriter::Tcp(w) => frames_write_all(w, data, false).await,
             TunnelWriter::Tls(w) => frames_write_all(&mut **w, data, true).await,
-            TunnelWriter::Ws(w) => messages_write_all(w, data).await,
-            TunnelWriter::Wss(w) => messages_write_all(w, data).await,
+            TunnelWriter::Ws(w) => w.write_all(data).await,
+            TunnelWriter::Wss(w) => w.write_all(data).await,
         }
     }
 
@@ -449,8 +330,8 @@ impl TunnelWriter {
         match self {
             TunnelWriter::Tcp(w) => frames_finish(w).await,
             TunnelWriter::Tls(w) => frames_finish(&mut **w).await,
-            TunnelWriter::Ws(w) => messages_finish(w).await,
-            TunnelWriter::Wss(w) => messages_finish(w).await,
+            TunnelWriter::Ws(w) => w.finish().await,
+            TunnelWriter::Wss(w) => w.finish().await,
         }
     }
 
@@ -460,8 +341,8 @@ impl TunnelWriter {
         match self {
             TunnelWriter::Tcp(w) => frames_pump_from(w, r, count).await?,
             TunnelWriter::Tls(w) => w.pump_frames_from(r, count).await?,
-            TunnelWriter::Ws(w) => messages_pump_from(w, r, count).await?,
-            TunnelWriter::Wss(w) => messages_pump_from(w, r, count).await?,
+            TunnelWriter::Ws(w) => w.pump_from(r, count).await?,
+            TunnelWriter::Wss(w) => w.pump_from(r, count).await?,
         }
         self.finish().await
     }
@@ -505,52 +386,6 @@ async fn frames_pump_from<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
         w.write_all(&buf[..4 + n])
             .await
             .map_err(Error::lost_or_io)?;
-        count.fetch_add(n as u64, Relaxed);
-    }
-}
-
-async fn messages_write_all<S: AsyncRead + AsyncWrite + Unpin>(
-    w: &mut SplitSink<WebSocketStream<S>, Message>,
-    data: &[u8],
-) -> Result<()> {
-    for chunk in data.chunks(WS_MESSAGE) {
-        w.send(Message::Binary(Bytes::copy_from_slice(chunk)))
-            .await
-            .map_err(Error::ws)?;
-    }
-    Ok(())
-}
-
-async fn messages_finish<S: AsyncRead + AsyncWrite + Unpin>(
-    w: &mut SplitSink<WebSocketStream<S>, Message>,
-) -> Result<()> {
-    w.send(Message::Binary(Bytes::new()))
-        .await
-        .map_err(Error::ws)
-}
-
-async fn messages_pump_from<S: AsyncRead + AsyncWrite + Unpin, R: AsyncRead + Unpin>(
-    w: &mut SplitSink<WebSocketStream<S>, Message>,
-    r: &mut R,
-    count: &AtomicU64,
-) -> Result<()> {
-    // Read into one large buffer and hand out frozen slices of it: no copy and no allocation
-    // per message (BytesMut::reserve reclaims the space once the sent messages are dropped).
-    let mut buf = BytesMut::with_capacity(4 * MAX_FRAME);
-    loop {
-        if buf.capacity() < WS_MESSAGE {
-            buf.reserve(4 * MAX_FRAME);
-        }
-        let n = r
-            .read_buf(&mut (&mut buf).limit(WS_MESSAGE))
-            .await
-            .map_err(Error::lost_or_io)?;
-        if n == 0 {
-            return Ok(());
-        }
-        w.send(Message::Binary(buf.split().freeze()))
-            .await
-            .map_err(Error::ws)?;
         count.fetch_add(n as u64, Relaxed);
     }
 }

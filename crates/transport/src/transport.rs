@@ -12,13 +12,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::endpoint::{Endpoint, Scheme};
 use crate::error::{Error, Result};
-use crate::protocol::MAX_FRAME;
+use crate::protocol::{MAX_FRAME, MAX_HANDSHAKE_LEN};
 use crate::stream::TunnelStream;
 use crate::tls::{self, ClientTls, ServerTls, TlsError};
+use crate::upgrade::Upgrade;
+use crate::ws::{Role, WsStream};
 
 /// A way to carry tunnel connections.
 pub trait Transport: Send + Sync {
@@ -174,17 +175,19 @@ impl Transport for Tcp {
     }
 }
 
-/// Limits for WebSocket peers: our messages are at most 64 KiB, so anything above 1 MiB is
-/// not a qmigrate peer and is refused before it is buffered.
+/// tungstenite's settings. It only runs the HTTP upgrade: the frames after it are ours
+/// (`ws.rs`), so its read buffer is never used beyond the `WebSocket` it builds and we take
+/// apart at once; the limits are the ones our reader enforces.
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        // tungstenite zero-fills up to this many bytes before every read attempt, also the
-        // ones that find the socket empty; measured with `qmigrate-bench relay`, 16 KiB cut
-        // the receiving relay's CPU per GB by a quarter against 256 KiB and was the fastest.
-        .read_buffer_size(16 * 1024)
+        .read_buffer_size(4096)
         .max_message_size(Some(MAX_FRAME))
         .max_frame_size(Some(MAX_FRAME))
 }
+
+/// Largest WebSocket message before the split: one handshake envelope (12-byte header and
+/// body), refused from its frame header when larger.
+pub(crate) const WS_HANDSHAKE_MESSAGE: usize = 12 + MAX_HANDSHAKE_LEN as usize;
 
 impl Transport for WebSocket {
     fn scheme(&self) -> Scheme {
@@ -202,18 +205,25 @@ impl Transport for WebSocket {
     }
 }
 
-async fn ws_connect<S>(to: &Endpoint, io: S) -> Result<WebSocketStream<S>>
+/// The client's upgrade: tungstenite sends the request and checks the response, then the
+/// stream (with any bytes that came after the response) is ours.
+async fn ws_connect<S>(to: &Endpoint, io: S) -> Result<WsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (ws, _response) =
-        tokio_tungstenite::client_async_with_config(to.to_string(), io, Some(ws_config()))
-            .await
-            .map_err(ws_handshake_error)?;
-    Ok(ws)
+    let (ws, _response) = tokio_tungstenite::client_async_with_config(
+        to.to_string(),
+        Upgrade::new(io, true),
+        Some(ws_config()),
+    )
+    .await
+    .map_err(ws_handshake_error)?;
+    let (io, after) = ws.into_inner().into_parts()?;
+    Ok(WsStream::new(io, Role::Client, after, WS_HANDSHAKE_MESSAGE))
 }
 
-async fn ws_accept<S>(io: S) -> Result<WebSocketStream<S>>
+/// The server's upgrade, likewise.
+async fn ws_accept<S>(io: S) -> Result<WsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -223,9 +233,15 @@ where
         tracing::debug!(path = %req.uri().path(), "WebSocket upgrade");
         Ok(resp)
     };
-    tokio_tungstenite::accept_hdr_async_with_config(io, check, Some(ws_config()))
-        .await
-        .map_err(ws_handshake_error)
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(
+        Upgrade::new(io, false),
+        check,
+        Some(ws_config()),
+    )
+    .await
+    .map_err(ws_handshake_error)?;
+    let (io, after) = ws.into_inner().into_parts()?;
+    Ok(WsStream::new(io, Role::Server, after, WS_HANDSHAKE_MESSAGE))
 }
 
 /// A failed upgrade. A server's explanation in the body of its HTTP refusal is kept (a TLS

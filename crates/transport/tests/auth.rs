@@ -17,7 +17,6 @@ use futures_util::{SinkExt, StreamExt};
 use qmigrate_transport::protocol::{self, Auth, Hello, RejectReason, Reply, MAGIC};
 use qmigrate_transport::{
     auth, Client, ClientConfig, Endpoint, Error, Report, Scheme, Server, ServerConfig, Token,
-    TunnelStream,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
@@ -146,8 +145,8 @@ async fn assert_logged(peer: SocketAddr, what: &str) -> String {
 // Raw peers.
 
 /// A tunnel connection to `url` made by hand (TCP connect, and the WebSocket upgrade for
-/// `ws://`), with the local address the server sees as the peer.
-async fn raw_connect(url: &Endpoint) -> (TunnelStream, SocketAddr) {
+/// `ws://` by tokio-tungstenite), with the local address the server sees as the peer.
+async fn raw_connect(url: &Endpoint) -> (Peer, SocketAddr) {
     let tcp = within(
         STEP,
         "connect to the server",
@@ -156,21 +155,7 @@ async fn raw_connect(url: &Endpoint) -> (TunnelStream, SocketAddr) {
     .await
     .expect("connect to the server");
     let local = tcp.local_addr().expect("local address");
-    let stream = match url.scheme {
-        Scheme::Tcp => TunnelStream::Tcp(tcp),
-        Scheme::Ws => {
-            let (ws, _) = within(
-                STEP,
-                "the WebSocket upgrade",
-                tokio_tungstenite::client_async(url.to_string(), tcp),
-            )
-            .await
-            .expect("WebSocket upgrade");
-            TunnelStream::Ws(Box::new(ws))
-        }
-        other => unreachable!("a plain scheme only: {other:?}"),
-    };
-    (stream, local)
+    (Peer::client(tcp, url).await, local)
 }
 
 /// A hello's body as a client with a token sends it (with a nonce).
@@ -181,7 +166,7 @@ fn hello_body(session: &str) -> Vec<u8> {
 }
 
 /// Sends a hello and returns the server's challenge nonce.
-async fn hello_and_challenge(s: &mut TunnelStream, body: &[u8]) -> auth::Nonce {
+async fn hello_and_challenge(s: &mut Peer, body: &[u8]) -> auth::Nonce {
     s.send_body(body).await.expect("send the hello");
     let reply: Reply = within(STEP, "the challenge", s.recv_msg())
         .await
@@ -194,7 +179,7 @@ async fn hello_and_challenge(s: &mut TunnelStream, body: &[u8]) -> auth::Nonce {
 
 /// Receives the server's answer, which must be an authentication reject, and checks that the
 /// server hangs up after it. Returns the reject's message.
-async fn expect_auth_reject(s: &mut TunnelStream, what: &str) -> String {
+async fn expect_auth_reject(s: &mut Peer, what: &str) -> String {
     let reply: Reply = within(STEP, "the server's answer", s.recv_msg())
         .await
         .unwrap_or_else(|e| panic!("{what}: no answer from the server: {e}"));
@@ -641,15 +626,7 @@ async fn garbage_before_authentication(scheme: Scheme) {
     for (what, bytes) in cases {
         let (mut s, peer) = raw_connect(&t.url).await;
         hello_and_challenge(&mut s, &hello_body("00000000000000b1")).await;
-        match &mut s {
-            TunnelStream::Tcp(tcp) => {
-                let _ = tcp.write_all(&bytes).await;
-            }
-            TunnelStream::Ws(ws) => {
-                let _ = ws.send(Message::binary(bytes)).await;
-            }
-            _ => unreachable!("a plain scheme only"),
-        }
+        let _ = s.send_raw(bytes).await;
         let after = within(STEP, what, s.recv_msg::<Reply>()).await;
         match after {
             // A well-formed auth message with a bad proof gets a reject.
@@ -668,9 +645,7 @@ async fn garbage_before_authentication(scheme: Scheme) {
     if scheme == Scheme::Ws {
         let (mut s, peer) = raw_connect(&t.url).await;
         hello_and_challenge(&mut s, &hello_body("00000000000000b2")).await;
-        if let TunnelStream::Ws(ws) = &mut s {
-            let _ = ws.send(Message::text("{\"type\":\"auth\"}")).await;
-        }
+        let _ = s.send_text("{\"type\":\"auth\"}").await;
         let after = within(STEP, "a text message", s.recv_msg::<Reply>()).await;
         assert!(after.is_err(), "a text message: {after:?}");
         assert_logged(peer, "text message").await;
@@ -708,12 +683,12 @@ async fn oversized_messages_are_refused(scheme: Scheme) {
     // Before the hello.
     let (mut s, peer) = raw_connect(&t.url).await;
     match &mut s {
-        TunnelStream::Tcp(tcp) => {
+        Peer::Tcp(tcp) => {
             let mut header = MAGIC.to_vec();
             header.extend_from_slice(&(protocol::MAX_HANDSHAKE_LEN + 1).to_be_bytes());
             let _ = tcp.write_all(&header).await;
         }
-        TunnelStream::Ws(ws) => {
+        Peer::Ws(ws) => {
             // FIN + binary, masked, 64-bit length of 1 GiB, a mask, then a little payload.
             let mut frame = vec![0x82, 0xff];
             frame.extend_from_slice(&(1u64 << 30).to_be_bytes());
@@ -721,7 +696,6 @@ async fn oversized_messages_are_refused(scheme: Scheme) {
             frame.extend_from_slice(&[0u8; 4096]);
             let _ = ws.get_mut().write_all(&frame).await;
         }
-        _ => unreachable!("a plain scheme only"),
     }
     let started = Instant::now();
     let after = within(STEP, "an oversized frame", s.recv_msg::<Reply>()).await;
@@ -739,15 +713,7 @@ async fn oversized_messages_are_refused(scheme: Scheme) {
     let big = protocol::encode(&Auth {
         mac: Some("a".repeat(2 << 20)),
     });
-    match &mut s {
-        TunnelStream::Tcp(tcp) => {
-            let _ = tcp.write_all(&big).await;
-        }
-        TunnelStream::Ws(ws) => {
-            let _ = ws.send(Message::binary(big)).await;
-        }
-        _ => unreachable!("a plain scheme only"),
-    }
+    let _ = s.send_raw(big).await;
     let after = within(STEP, "a 2 MiB proof", s.recv_msg::<Reply>()).await;
     assert!(after.is_err(), "a 2 MiB proof: {after:?}");
     assert_logged(peer, "refused a connection").await;
@@ -924,13 +890,9 @@ async fn fake_server(scheme: Scheme, challenge: bool, mac: Option<String>) -> En
         let Ok((tcp, _)) = listener.accept().await else {
             return;
         };
-        let mut s = match scheme {
-            Scheme::Tcp => TunnelStream::Tcp(tcp),
-            Scheme::Ws => match tokio_tungstenite::accept_async(tcp).await {
-                Ok(ws) => TunnelStream::Ws(Box::new(ws)),
-                Err(_) => return,
-            },
-            other => unreachable!("a plain scheme only: {other:?}"),
+        // tokio-tungstenite's server for `ws://`: our client against another implementation.
+        let Some(mut s) = Peer::accept(tcp, scheme).await else {
+            return;
         };
         if s.recv_msg::<Hello>().await.is_err() {
             return;

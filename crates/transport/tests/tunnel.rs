@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use qmigrate_transport::protocol::{
     self, Hello, RejectReason, Reply, MAGIC, PROTOCOL_MAX, PROTOCOL_MIN,
 };
@@ -22,7 +22,6 @@ use qmigrate_transport::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
-use tokio_tungstenite::tungstenite::Message;
 
 /// Limit for a whole test, on top of the limit on each step.
 const TEST: Duration = Duration::from_secs(45);
@@ -429,8 +428,8 @@ async fn send_garbage(url: &Endpoint, bytes: &[u8], what: &str) {
 }
 
 /// Waits until the server closes a WebSocket connection.
-async fn ws_closed(stream: TunnelStream, what: &str) {
-    let TunnelStream::Ws(mut ws) = stream else {
+async fn ws_closed(peer: Peer, what: &str) {
+    let Peer::Ws(mut ws) = peer else {
         panic!("{what}: not a WebSocket")
     };
     within(STEP, &format!("the server to hang up on {what}"), async {
@@ -494,30 +493,20 @@ async fn garbage_does_not_reach_the_destination(scheme: Scheme) {
     );
 
     if scheme == Scheme::Ws {
-        let mut s = open(&url).await.expect("WebSocket upgrade");
-        if let TunnelStream::Ws(ws) = &mut s {
-            ws.send(Message::text("hello"))
-                .await
-                .expect("send a text message");
-        }
+        let mut s = Peer::connect(&url).await;
+        s.send_text("hello").await.expect("send a text message");
         ws_closed(s, "a text message").await;
 
-        let mut s = open(&url).await.expect("WebSocket upgrade");
-        if let TunnelStream::Ws(ws) = &mut s {
-            let junk = Pattern::new(10).bytes(0, 100);
-            ws.send(Message::binary(junk))
-                .await
-                .expect("send a binary message");
-        }
+        let mut s = Peer::connect(&url).await;
+        let junk = Pattern::new(10).bytes(0, 100);
+        s.send_raw(junk).await.expect("send a binary message");
         ws_closed(s, "a binary message of random bytes").await;
 
-        let mut s = open(&url).await.expect("WebSocket upgrade");
-        if let TunnelStream::Ws(ws) = &mut s {
-            let mut big = hello.clone();
-            big.resize(2 << 20, b' ');
-            // The server may close before the whole message is sent.
-            let _ = ws.send(Message::binary(big)).await;
-        }
+        let mut s = Peer::connect(&url).await;
+        let mut big = hello.clone();
+        big.resize(2 << 20, b' ');
+        // The server may close before the whole message is sent.
+        let _ = s.send_raw(big).await;
         ws_closed(s, "a 2 MiB message").await;
     }
 
@@ -669,15 +658,8 @@ async fn raw_handshake(url: &Endpoint, json: &str) -> serde_json::Value {
     let mut envelope = b"QMTUNL\r\n".to_vec();
     envelope.extend_from_slice(&(json.len() as u32).to_be_bytes());
     envelope.extend_from_slice(json.as_bytes());
-    let mut s = open(url).await.expect("connect to the server");
-    match &mut s {
-        TunnelStream::Tcp(tcp) => tcp.write_all(&envelope).await.expect("send the hello"),
-        TunnelStream::Ws(ws) => ws
-            .send(Message::binary(envelope))
-            .await
-            .expect("send the hello"),
-        _ => unreachable!("a plain scheme only"),
-    }
+    let mut s = Peer::connect(url).await;
+    s.send_raw(envelope).await.expect("send the hello");
     let reply: serde_json::Value = within(STEP, "the server's answer", s.recv_msg())
         .await
         .expect("the server's answer");

@@ -9,6 +9,8 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
+use qmigrate_transport::protocol;
 use qmigrate_transport::tls::{CertificateDer, PrivateKeyDer};
 use qmigrate_transport::{
     Client, ClientConfig, ClientTls, Endpoint, Report, Scheme, Server, ServerCheck, ServerConfig,
@@ -16,8 +18,10 @@ use qmigrate_transport::{
 };
 use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 /// Limit for a step that should finish: a hang fails the test instead of blocking the run.
@@ -615,4 +619,124 @@ pub async fn read_until_closed<R: AsyncRead + Unpin>(
         }
     })
     .await
+}
+
+/// A tunnel peer driven by hand: plain TCP, or a WebSocket of tokio-tungstenite's. Not ours
+/// on purpose: an independent implementation of the framing (what an older, tungstenite-based
+/// qmigrate speaks), and one that sends what ours never would (text messages, oversized
+/// frames, raw bytes).
+#[derive(Debug)]
+pub enum Peer {
+    Tcp(TcpStream),
+    Ws(Box<WebSocketStream<TcpStream>>),
+}
+
+impl Peer {
+    /// Connects to `url` (TCP, and the WebSocket upgrade for `ws://`).
+    pub async fn connect(url: &Endpoint) -> Peer {
+        let tcp = within(
+            STEP,
+            "connect to the server",
+            TcpStream::connect(url.authority()),
+        )
+        .await
+        .expect("connect to the server");
+        Peer::client(tcp, url).await
+    }
+
+    /// The client end on a connected `tcp`.
+    pub async fn client(tcp: TcpStream, url: &Endpoint) -> Peer {
+        match url.scheme {
+            Scheme::Tcp => Peer::Tcp(tcp),
+            Scheme::Ws => {
+                let (ws, _) = within(
+                    STEP,
+                    "the WebSocket upgrade",
+                    tokio_tungstenite::client_async(url.to_string(), tcp),
+                )
+                .await
+                .expect("WebSocket upgrade");
+                Peer::Ws(Box::new(ws))
+            }
+            other => unreachable!("a plain scheme only: {other:?}"),
+        }
+    }
+
+    /// The server end on an accepted `tcp`; `None` if the upgrade failed.
+    pub async fn accept(tcp: TcpStream, scheme: Scheme) -> Option<Peer> {
+        match scheme {
+            Scheme::Tcp => Some(Peer::Tcp(tcp)),
+            Scheme::Ws => tokio_tungstenite::accept_async(tcp)
+                .await
+                .ok()
+                .map(|ws| Peer::Ws(Box::new(ws))),
+            other => unreachable!("a plain scheme only: {other:?}"),
+        }
+    }
+
+    /// Sends `bytes` as they are (TCP) or as one binary message (WebSocket).
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), String> {
+        match self {
+            Peer::Tcp(tcp) => tcp.write_all(&bytes).await.map_err(|e| e.to_string()),
+            Peer::Ws(ws) => ws
+                .send(Message::binary(bytes))
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Sends a text message (WebSocket only).
+    pub async fn send_text(&mut self, text: &str) -> Result<(), String> {
+        match self {
+            Peer::Ws(ws) => ws
+                .send(Message::text(text))
+                .await
+                .map_err(|e| e.to_string()),
+            Peer::Tcp(_) => unreachable!("text messages are WebSocket's"),
+        }
+    }
+
+    /// Sends one handshake message given as its body.
+    pub async fn send_body(&mut self, body: &[u8]) -> Result<(), String> {
+        self.send_raw(protocol::envelope(body)).await
+    }
+
+    /// Sends one handshake message.
+    pub async fn send_msg<T: serde::Serialize>(&mut self, msg: &T) -> Result<(), String> {
+        self.send_raw(protocol::encode(msg)).await
+    }
+
+    /// Receives one handshake message's body (pings and pongs skipped).
+    pub async fn recv_body(&mut self) -> Result<Vec<u8>, String> {
+        match self {
+            Peer::Tcp(tcp) => {
+                let mut header = [0u8; 12];
+                tcp.read_exact(&mut header)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let len = protocol::parse_header(&header).map_err(|e| e.to_string())?;
+                let mut body = vec![0u8; len as usize];
+                tcp.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+                Ok(body)
+            }
+            Peer::Ws(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) => {
+                        return protocol::unwrap_envelope(&b)
+                            .map(<[u8]>::to_vec)
+                            .map_err(|e| e.to_string())
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(other)) => return Err(format!("not a binary message: {other:?}")),
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => return Err("closed".into()),
+                }
+            },
+        }
+    }
+
+    /// Receives one handshake message.
+    pub async fn recv_msg<T: serde::de::DeserializeOwned>(&mut self) -> Result<T, String> {
+        protocol::decode_body(&self.recv_body().await?).map_err(|e| e.to_string())
+    }
 }
