@@ -103,51 +103,37 @@ trait Unbuffered {
     fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error>;
 }
 
-impl Unbuffered for UnbufferedClientConnection {
-    type Data = ClientConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
-    fn suite(&self) -> Option<SupportedCipherSuite> {
-        self.negotiated_cipher_suite()
-    }
-    fn version(&self) -> Option<ProtocolVersion> {
-        self.protocol_version()
-    }
-    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
-        let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
-        Ok((secrets, Kernel::Client(kernel)))
-    }
+/// The two impls differ only in their types: rustls gives client and server the same
+/// methods, not a common trait.
+macro_rules! unbuffered {
+    ($conn:ty, $data:ty, $kernel:ident) => {
+        impl Unbuffered for $conn {
+            type Data = $data;
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+            fn handshaking(&self) -> bool {
+                self.is_handshaking()
+            }
+            fn suite(&self) -> Option<SupportedCipherSuite> {
+                self.negotiated_cipher_suite()
+            }
+            fn version(&self) -> Option<ProtocolVersion> {
+                self.protocol_version()
+            }
+            fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
+                let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
+                Ok((secrets, Kernel::$kernel(kernel)))
+            }
+        }
+    };
 }
 
-impl Unbuffered for UnbufferedServerConnection {
-    type Data = ServerConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
-    fn suite(&self) -> Option<SupportedCipherSuite> {
-        self.negotiated_cipher_suite()
-    }
-    fn version(&self) -> Option<ProtocolVersion> {
-        self.protocol_version()
-    }
-    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
-        let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
-        Ok((secrets, Kernel::Server(kernel)))
-    }
-}
+unbuffered!(UnbufferedClientConnection, ClientConnectionData, Client);
+unbuffered!(UnbufferedServerConnection, ServerConnectionData, Server);
 
 /// The client's handshake on a connected socket.
 pub(crate) async fn client(
@@ -246,13 +232,13 @@ async fn drive<C: Unbuffered>(
                 }
                 outgoing.clear();
             }
-            // A TLS 1.3 server may send before the client's Finished has arrived; the
-            // session is ours only once it has.
             Step::Read => {
                 if let Err(e) = read_more(&mut tcp, &mut incoming, &mut filled).await {
                     return Err((e, tcp));
                 }
             }
+            // A TLS 1.3 server may send before the client's Finished has arrived; the
+            // session is ours only once it has.
             Step::Traffic if conn.handshaking() => {
                 if let Err(e) = read_more(&mut tcp, &mut incoming, &mut filled).await {
                     return Err((e, tcp));
