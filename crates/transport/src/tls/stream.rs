@@ -890,7 +890,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tampered_or_truncated_stream_is_an_error_never_an_end() {
+    async fn a_truncated_stream_is_an_error_never_an_end() {
         let p = pair();
         // Truncated: the TCP connection ends without close_notify.
         let (c, s) = ours(&p, None).await;
