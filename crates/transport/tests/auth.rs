@@ -147,15 +147,7 @@ async fn assert_logged(peer: SocketAddr, what: &str) -> String {
 /// A tunnel connection to `url` made by hand (TCP connect, and the WebSocket upgrade for
 /// `ws://` by tokio-tungstenite), with the local address the server sees as the peer.
 async fn raw_connect(url: &Endpoint) -> (Peer, SocketAddr) {
-    let tcp = within(
-        STEP,
-        "connect to the server",
-        TcpStream::connect(url.authority()),
-    )
-    .await
-    .expect("connect to the server");
-    let local = tcp.local_addr().expect("local address");
-    (Peer::client(tcp, url).await, local)
+    Peer::connect_from(url).await
 }
 
 /// A hello's body as a client with a token sends it (with a nonce).

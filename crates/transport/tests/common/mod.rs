@@ -634,6 +634,11 @@ pub enum Peer {
 impl Peer {
     /// Connects to `url` (TCP, and the WebSocket upgrade for `ws://`).
     pub async fn connect(url: &Endpoint) -> Peer {
+        Peer::connect_from(url).await.0
+    }
+
+    /// As [`Peer::connect`], with the local address: the peer address the server logs.
+    pub async fn connect_from(url: &Endpoint) -> (Peer, std::net::SocketAddr) {
         let tcp = within(
             STEP,
             "connect to the server",
@@ -641,7 +646,8 @@ impl Peer {
         )
         .await
         .expect("connect to the server");
-        Peer::client(tcp, url).await
+        let local = tcp.local_addr().expect("local address");
+        (Peer::client(tcp, url).await, local)
     }
 
     /// The client end on a connected `tcp`.
