@@ -361,20 +361,27 @@ impl AsyncRead for TlsReader {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let start = out.filled().len();
         loop {
             if this.plain.1 > 0 {
                 let (at, len) = this.plain;
                 let n = len.min(out.remaining());
                 out.put_slice(&this.buf[at..at + n]);
                 this.plain = (at + n, len - n);
-                return Poll::Ready(Ok(()));
+                if out.remaining() == 0 {
+                    return Poll::Ready(Ok(()));
+                }
             }
             if this.closed {
                 return Poll::Ready(Ok(()));
             }
+            // Fill `out` with every record already in the buffer, not one record (16 KiB) per
+            // call: a WebSocket reader above asks for 1 MiB at a time. Only an empty `out`
+            // waits for the socket.
             match this.next_record()? {
                 Next::Data(at, len) => this.plain = (at, len),
                 Next::Closed => {}
+                Next::NeedMore if out.filled().len() > start => return Poll::Ready(Ok(())),
                 Next::NeedMore => ready!(this.poll_fill(cx))?,
             }
         }
