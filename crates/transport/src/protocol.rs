@@ -451,6 +451,99 @@ mod tests {
         assert_eq!(decode::<Hello>(&encode(&hello)).expect("decode"), hello);
     }
 
+    /// Every control message, byte for byte as this version puts it on the wire: a peer built
+    /// from an older commit parses exactly these bytes, so a change here breaks it.
+    #[test]
+    fn control_json_is_stable() {
+        let cases: Vec<(Control, &str)> = vec![
+            (
+                Control::Prepare {
+                    settings: MigrationSettings::default(),
+                },
+                r#"{"type":"prepare","settings":{"postcopy":false,"no_start":false,"direct":false}}"#,
+            ),
+            (
+                Control::Prepare {
+                    settings: MigrationSettings {
+                        multifd: Some(4),
+                        compression: Some("zstd".into()),
+                        postcopy: true,
+                        no_start: true,
+                        direct: true,
+                    },
+                },
+                r#"{"type":"prepare","settings":{"multifd":4,"compression":"zstd","postcopy":true,"no_start":true,"direct":true}}"#,
+            ),
+            (
+                Control::Ready {
+                    qemu: "10.0.2".into(),
+                    direct: true,
+                },
+                r#"{"type":"ready","qemu":"10.0.2","direct":true}"#,
+            ),
+            (
+                Control::Failed {
+                    message: "destination QMP /x: refused".into(),
+                },
+                r#"{"type":"failed","message":"destination QMP /x: refused"}"#,
+            ),
+            (
+                Control::Finished {
+                    outcome: "completed".into(),
+                },
+                r#"{"type":"finished","outcome":"completed"}"#,
+            ),
+            (
+                Control::Finished {
+                    outcome: "cancelled".into(),
+                },
+                r#"{"type":"finished","outcome":"cancelled"}"#,
+            ),
+            (
+                Control::Finished {
+                    outcome: "failed".into(),
+                },
+                r#"{"type":"finished","outcome":"failed"}"#,
+            ),
+            (
+                Control::Done {
+                    status: "completed".into(),
+                    vm: "running".into(),
+                    error: None,
+                    started: true,
+                },
+                r#"{"type":"done","status":"completed","vm":"running","started":true}"#,
+            ),
+            (
+                Control::Done {
+                    status: "failed".into(),
+                    vm: "inmigrate".into(),
+                    error: Some("load of migration failed".into()),
+                    started: false,
+                },
+                r#"{"type":"done","status":"failed","vm":"inmigrate","error":"load of migration failed","started":false}"#,
+            ),
+        ];
+        for (msg, json) in cases {
+            assert_eq!(String::from_utf8(encode_body(&msg)).expect("utf-8"), json);
+            assert_eq!(decode_body::<Control>(json.as_bytes()).expect(json), msg);
+        }
+        // What an older peer leaves out still decodes: `direct` arrived after `ready`.
+        assert_eq!(
+            decode_body::<Control>(br#"{"type":"ready","qemu":"9.2.0"}"#).expect("old ready"),
+            Control::Ready {
+                qemu: "9.2.0".into(),
+                direct: false
+            }
+        );
+        assert_eq!(
+            decode_body::<Control>(br#"{"type":"prepare","settings":{}}"#).expect("old prepare"),
+            Control::Prepare {
+                settings: MigrationSettings::default()
+            }
+        );
+    }
+
     #[test]
     fn negotiation_picks_the_highest_common_version() {
         assert_eq!(negotiate(1, 1), Some(1));
