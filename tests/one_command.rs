@@ -369,3 +369,28 @@ async fn mutual_tls_relays_and_completes() {
     verify(&p, d, RunState::Running).await;
     srv.kill().await;
 }
+
+/// A flag only the source checks (`--downtime-limit` above QEMU's 2000 s) is refused as a
+/// usage error before either QEMU is touched: the destination has not run `migrate-incoming`,
+/// so the corrected command that follows, to the same server, completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_flag_is_refused_before_the_destination_is_prepared() {
+    let Some(bin) = qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pair(&bin);
+    let (mut srv, url) = server(dir.path(), &["--qmp".into(), path(&p.dst.qmp_path)]).await;
+    let out = migrate(&p, &url, &["--downtime-limit", "3000000"]).await;
+    out.expect_code(2);
+    assert!(out.error_line().contains("--downtime-limit"), "{}", out.stderr);
+    let dst = support::qmp(&p.dst.qmp_path).await;
+    assert_eq!(
+        support::migration_status(&dst).await.0,
+        MigrationStatus::None,
+        "the destination QEMU was prepared for a migration that could not start"
+    );
+    drop(dst);
+    let out = migrate(&p, &url, &["--downtime-limit", "300"]).await;
+    out.expect_success();
+    verify(&p, dir.path(), RunState::Running).await;
+    srv.kill().await;
+}
