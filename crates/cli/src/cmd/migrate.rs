@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cmd::send;
 use crate::exit::Exit;
-use crate::migration::{self, Compression, Mode};
+use crate::migration::{self, Compression, MigrationPlan, Mode};
 use crate::tls::{default_scheme, ClientTlsArgs};
 use crate::token::TokenArgs;
 use crate::units;
@@ -114,6 +114,18 @@ pub struct Args {
 
 /// Runs `qmigrate migrate`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // Every flag is checked before either QEMU is touched: a destination that has run
+    // `migrate-incoming` takes no other migration until it is restarted.
+    let plan = MigrationPlan {
+        multifd: args.multifd,
+        compression: args.compress,
+        postcopy: args.postcopy.is_some(),
+        auto_converge: args.auto_converge,
+        max_bandwidth: args.max_bandwidth,
+        downtime_limit: args.downtime_limit,
+        ..MigrationPlan::default()
+    };
+    plan.validate().context(Exit::Usage)?;
     let server = Endpoint::parse(&args.to, default_scheme(Scheme::Tcp, args.tls.any()))
         .context(Exit::Usage)?;
     let tls = args.tls.load(server.scheme)?;
