@@ -5,8 +5,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use qmigrate_migration::session::Control;
 use qmigrate_transport::auth::{self, Token};
-use qmigrate_transport::protocol::{self, Auth, Control, Hello, Reply, MAX_HANDSHAKE_LEN};
+use qmigrate_transport::protocol::{self, Auth, Hello, Reply, MAX_HANDSHAKE_LEN};
 
 /// Messages read off one TCP connection before the fuzzer's bytes are used up.
 const MAX_MESSAGES: usize = 8;

@@ -4,6 +4,8 @@
 //! headline of the report (`cannot reach QEMU's QMP socket: ...`) and its discriminant is the
 //! process exit code. Errors without one exit with [`FAILED`].
 
+use qmigrate_migration::ErrorKind;
+
 /// The migration (or the tunnel) failed.
 pub const FAILED: u8 = 1;
 
@@ -18,7 +20,6 @@ Exit codes:
 
 /// An exit code with the headline that explains it; attach it with `anyhow::Context`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code)] // variants are used by the subcommands as they land
 pub enum Exit {
     /// The migration or tunnel failed.
     Failed,
@@ -53,10 +54,51 @@ impl std::fmt::Display for Exit {
     }
 }
 
-/// The exit code for an error: the outermost [`Exit`] attached as context, else [`FAILED`].
+impl From<ErrorKind> for Exit {
+    fn from(kind: ErrorKind) -> Self {
+        match kind {
+            ErrorKind::Usage => Exit::Usage,
+            ErrorKind::QmpUnreachable => Exit::QmpUnreachable,
+            ErrorKind::Cancelled => Exit::Cancelled,
+            _ => Exit::Failed,
+        }
+    }
+}
+
+/// The exit code for an error: the outermost [`Exit`] attached as context, else the kind the
+/// migration engine gave it, else [`FAILED`].
 ///
-/// anyhow's `downcast_ref` looks through nested context layers, which `chain()` does not.
+/// anyhow's `downcast_ref` looks through nested context layers, which `chain()` does not; an
+/// engine error is found in the chain.
 pub fn code_of(err: &anyhow::Error) -> u8 {
-    err.downcast_ref::<Exit>()
-        .map_or(FAILED, |exit| exit.code())
+    if let Some(exit) = err.downcast_ref::<Exit>() {
+        return exit.code();
+    }
+    if let Some(kind) = err.downcast_ref::<ErrorKind>() {
+        return Exit::from(*kind).code();
+    }
+    err.chain()
+        .find_map(|cause| cause.downcast_ref::<qmigrate_migration::Error>())
+        .map_or(FAILED, |e| Exit::from(e.kind()).code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_kinds_become_exit_codes() {
+        let usage = qmigrate_migration::Error::new(ErrorKind::Usage, anyhow::anyhow!("bad"));
+        assert_eq!(code_of(&anyhow::Error::from(usage)), 2);
+        let unreachable = anyhow::anyhow!("gone").context(ErrorKind::QmpUnreachable);
+        assert_eq!(code_of(&unreachable.context("outer")), 3);
+        let refused = qmigrate_migration::Error::new(ErrorKind::Refused, anyhow::anyhow!("no"));
+        assert_eq!(
+            code_of(&anyhow::Error::from(refused).context("at the edge")),
+            1
+        );
+        assert_eq!(code_of(&anyhow::anyhow!("plain")), FAILED);
+        let cancelled = anyhow::anyhow!("x").context(Exit::Cancelled);
+        assert_eq!(code_of(&cancelled), 4);
+    }
 }

@@ -3,12 +3,11 @@
 //! The binary's edge: parse arguments, install logging, run one subcommand, print the error
 //! chain once and turn it into a documented exit code.
 
+mod args;
 mod cmd;
-mod control;
 mod exit;
 mod logging;
-mod migration;
-mod progress;
+mod output;
 mod signals;
 mod tls;
 mod token;

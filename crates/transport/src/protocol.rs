@@ -30,8 +30,9 @@ pub const MAX_FRAME: usize = 1024 * 1024;
 pub enum Purpose {
     /// A migration connection: the server connects it to the destination socket.
     Data,
-    /// The control connection of a migration session (`qmigrate migrate`): [`Control`]
-    /// messages prepare the destination QEMU before any data connection is opened.
+    /// The control connection of a migration session (`qmigrate migrate`): the migration
+    /// engine's control messages prepare the destination QEMU before any data connection is
+    /// opened. The transport carries them as envelopes and never reads them.
     Control,
     /// Anything a newer peer may send that this build does not know.
     #[serde(other)]
@@ -92,72 +93,6 @@ impl Hello {
             ..Hello::data(session, 0)
         }
     }
-}
-
-/// The messages of a control connection, after its [`Reply::Accept`], in this order:
-/// client `Prepare`, server `Ready` (or `Failed`, then close); the client then opens the
-/// session's data connections and runs the migration; client `Finished`, server `Done`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
-pub enum Control {
-    /// Client: prepare the destination QEMU for these settings (`migrate-incoming`).
-    Prepare {
-        /// What must match on both sides.
-        settings: MigrationSettings,
-    },
-    /// Server: the destination QEMU listens; the data connections of this session go there.
-    Ready {
-        /// The destination QEMU's version, for the operator.
-        qemu: String,
-        /// The direct data path was agreed: the session's one data connection is handed to
-        /// the destination QEMU itself, so the client hands its end to the source QEMU.
-        #[serde(default)]
-        direct: bool,
-    },
-    /// Server: the destination could not be prepared (or followed); `message` is the
-    /// destination's own explanation.
-    Failed {
-        /// What went wrong, for the operator.
-        message: String,
-    },
-    /// Client: the source side has ended; `outcome` is `completed`, `failed` or `cancelled`.
-    Finished {
-        /// The source's outcome.
-        outcome: String,
-    },
-    /// Server: how the migration ended on the destination.
-    Done {
-        /// The destination's final migration status (`completed`, `failed`, ...).
-        status: String,
-        /// The destination VM's run state afterwards (`running`, `paused`, ...).
-        vm: String,
-        /// QEMU's reason when it failed.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        error: Option<String>,
-        /// Whether the server sent `cont`.
-        started: bool,
-    },
-}
-
-/// The migration settings both QEMUs must agree on, sent by the source in [`Control::Prepare`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationSettings {
-    /// multifd channels, `None` for a single stream.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub multifd: Option<u32>,
-    /// multifd compression (`zstd`, `zlib`, `none`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub compression: Option<String>,
-    /// `postcopy-ram`.
-    #[serde(default)]
-    pub postcopy: bool,
-    /// Leave the destination VM paused after a completed migration (no `cont`).
-    #[serde(default)]
-    pub no_start: bool,
-    /// The client offers the direct data path: after the handshake, the TCP connection itself
-    /// is handed to both QEMUs (`getfd`, `fd:NAME`), and no byte goes through qmigrate.
-    #[serde(default)]
-    pub direct: bool,
 }
 
 /// Server -> client, the answer to a [`Hello`] (and, after a [`Reply::Challenge`], to the
@@ -449,99 +384,6 @@ mod tests {
         assert!(!String::from_utf8_lossy(&encode_body(&hello)).contains("nonce"));
         hello.nonce = Some("ef".into());
         assert_eq!(decode::<Hello>(&encode(&hello)).expect("decode"), hello);
-    }
-
-    /// Every control message, byte for byte as this version puts it on the wire: a peer built
-    /// from an older commit parses exactly these bytes, so a change here breaks it.
-    #[test]
-    fn control_json_is_stable() {
-        let cases: Vec<(Control, &str)> = vec![
-            (
-                Control::Prepare {
-                    settings: MigrationSettings::default(),
-                },
-                r#"{"type":"prepare","settings":{"postcopy":false,"no_start":false,"direct":false}}"#,
-            ),
-            (
-                Control::Prepare {
-                    settings: MigrationSettings {
-                        multifd: Some(4),
-                        compression: Some("zstd".into()),
-                        postcopy: true,
-                        no_start: true,
-                        direct: true,
-                    },
-                },
-                r#"{"type":"prepare","settings":{"multifd":4,"compression":"zstd","postcopy":true,"no_start":true,"direct":true}}"#,
-            ),
-            (
-                Control::Ready {
-                    qemu: "10.0.2".into(),
-                    direct: true,
-                },
-                r#"{"type":"ready","qemu":"10.0.2","direct":true}"#,
-            ),
-            (
-                Control::Failed {
-                    message: "destination QMP /x: refused".into(),
-                },
-                r#"{"type":"failed","message":"destination QMP /x: refused"}"#,
-            ),
-            (
-                Control::Finished {
-                    outcome: "completed".into(),
-                },
-                r#"{"type":"finished","outcome":"completed"}"#,
-            ),
-            (
-                Control::Finished {
-                    outcome: "cancelled".into(),
-                },
-                r#"{"type":"finished","outcome":"cancelled"}"#,
-            ),
-            (
-                Control::Finished {
-                    outcome: "failed".into(),
-                },
-                r#"{"type":"finished","outcome":"failed"}"#,
-            ),
-            (
-                Control::Done {
-                    status: "completed".into(),
-                    vm: "running".into(),
-                    error: None,
-                    started: true,
-                },
-                r#"{"type":"done","status":"completed","vm":"running","started":true}"#,
-            ),
-            (
-                Control::Done {
-                    status: "failed".into(),
-                    vm: "inmigrate".into(),
-                    error: Some("load of migration failed".into()),
-                    started: false,
-                },
-                r#"{"type":"done","status":"failed","vm":"inmigrate","error":"load of migration failed","started":false}"#,
-            ),
-        ];
-        for (msg, json) in cases {
-            assert_eq!(String::from_utf8(encode_body(&msg)).expect("utf-8"), json);
-            assert_eq!(decode_body::<Control>(json.as_bytes()).expect(json), msg);
-        }
-        // What an older peer leaves out still decodes: `direct` arrived after `ready`.
-        assert_eq!(
-            decode_body::<Control>(br#"{"type":"ready","qemu":"9.2.0"}"#).expect("old ready"),
-            Control::Ready {
-                qemu: "9.2.0".into(),
-                direct: false
-            }
-        );
-        assert_eq!(
-            decode_body::<Control>(br#"{"type":"prepare","settings":{}}"#).expect("old prepare"),
-            Control::Prepare {
-                settings: MigrationSettings::default()
-            }
-        );
     }
 
     #[test]

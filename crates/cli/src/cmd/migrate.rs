@@ -1,31 +1,22 @@
 //! `qmigrate migrate`: the whole migration from the source host in one command.
 //!
-//! Opens the session's control connection to a `tunnel-server --qmp` (which prepares the
-//! destination QEMU and answers ready), runs the tunnel client in-process on a private socket,
-//! then does exactly what `send` does, and finally prints the destination's own verdict.
+//! The flags become one plan and the tunnel's settings; the migration engine's control session
+//! ([`qmigrate_migration::session::source`]) does the rest. This file shows what it reports.
 
 use std::time::Duration;
 
-use anyhow::{anyhow, Context as _};
-use qmigrate_transport::protocol::{Control, MigrationSettings};
-use qmigrate_transport::{
-    open_control, open_data, Client, ClientConfig, Endpoint, Scheme, TunnelStream,
-};
-use serde_json::json;
-use tokio_util::sync::CancellationToken;
+use anyhow::Context as _;
+use qmigrate_migration::session::source::{SessionEvent, SessionOptions};
+use qmigrate_migration::{session, MigrationPlan};
+use qmigrate_transport::{ClientConfig, Endpoint, Scheme};
 
-use crate::cmd::send;
+use crate::args::CompressArg;
 use crate::exit::Exit;
-use crate::migration::{self, Compression, MigrationPlan, Mode};
+use crate::output::{self, JsonEvent};
+use crate::signals::Interrupts;
 use crate::tls::{default_scheme, ClientTlsArgs};
 use crate::token::TokenArgs;
-use crate::units;
-
-/// How long the destination may take to prepare (QMP, capabilities, `migrate-incoming`).
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How long the destination may take to report its verdict after the source has ended.
-const DONE_TIMEOUT: Duration = Duration::from_secs(60);
+use crate::units::{self, format_duration};
 
 /// Arguments of `qmigrate migrate`.
 #[derive(Debug, clap::Args)]
@@ -76,7 +67,7 @@ pub struct Args {
 
     /// Compress multifd channels (needs --multifd; set on both QEMUs).
     #[arg(long, value_name = "ALGO")]
-    pub compress: Option<Compression>,
+    pub compress: Option<CompressArg>,
 
     /// Throttle the guest's CPUs when the migration does not converge.
     #[arg(long)]
@@ -118,7 +109,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // `migrate-incoming` takes no other migration until it is restarted.
     let plan = MigrationPlan {
         multifd: args.multifd,
-        compression: args.compress,
+        compression: args.compress.map(Into::into),
         postcopy: args.postcopy.is_some(),
         auto_converge: args.auto_converge,
         max_bandwidth: args.max_bandwidth,
@@ -129,42 +120,51 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let server = Endpoint::parse(&args.to, default_scheme(Scheme::Tcp, args.tls.any()))
         .context(Exit::Usage)?;
     let tls = args.tls.load(server.scheme)?;
-    let settings = MigrationSettings {
-        multifd: args.multifd,
-        compression: args.compress.map(|c| c.qemu_name().to_owned()),
-        postcopy: args.postcopy.is_some(),
-        no_start: args.no_start,
-        // The direct data path hands the socket itself to QEMU: plain TCP only. QEMU cannot
-        // speak our TLS, so tls:// and wss:// always relay.
-        direct: server.scheme == Scheme::Tcp && args.multifd.is_none() && !args.relay,
-    };
-
-    // The source first: a wrong path or a busy QMP socket must not leave a prepared
-    // destination behind.
-    {
-        let qmp = migration::connect_qmp(&args.qmp).await?;
-        migration::preflight_source(&qmp).await?;
-        qmp.close().await;
-    }
-
-    let config = ClientConfig {
+    let tunnel = ClientConfig {
         connect_timeout: args.connect_timeout,
         token: args.token.load()?,
         tls,
-        ..ClientConfig::new(server.clone())
+        ..ClientConfig::new(server)
     };
-    let (mut control, session) = open_control(&config)
-        .await
-        .map_err(|e| anyhow!(e))
-        .with_context(|| format!("cannot start the migration session with {server}"))?;
-    control
-        .send_msg(&Control::Prepare { settings })
-        .await
-        .context("the tunnel server went away")?;
-    let direct = match tokio::time::timeout(READY_TIMEOUT, control.recv_msg::<Control>()).await {
-        Ok(Ok(Control::Ready { qemu, direct })) => {
-            tracing::debug!(%qemu, direct, "destination ready");
-            if !args.json {
+    let opts = SessionOptions {
+        qmp: args.qmp,
+        plan,
+        postcopy_after: args.postcopy,
+        tunnel,
+        relay: args.relay,
+        no_start: args.no_start,
+    };
+
+    let json = args.json;
+    let mut events = |event: SessionEvent<'_>| show(event, json);
+    let mut progress = output::for_send(json);
+    // Installed before anything is touched, so that Ctrl-C from here on cancels (the source
+    // VM keeps running and the destination is told) instead of killing us half-way.
+    let mut interrupts = Interrupts::install().context("cannot install signal handlers")?;
+    let timeout = args.timeout;
+    let cancel = async move {
+        match timeout {
+            Some(limit) => tokio::select! {
+                signal = interrupts.recv() => format!("interrupted by {signal}"),
+                _ = tokio::time::sleep(limit) => format!("--timeout {} expired", format_duration(limit)),
+            },
+            None => format!("interrupted by {}", interrupts.recv().await),
+        }
+    };
+    session::source::run(opts, progress.as_mut(), &mut events, cancel).await?;
+    Ok(())
+}
+
+/// What the session shows besides the migration's progress: the destination's readiness and
+/// its verdict.
+fn show(event: SessionEvent<'_>, json: bool) {
+    match event {
+        SessionEvent::Ready {
+            qemu,
+            server,
+            direct,
+        } => {
+            if !json {
                 let path = if direct {
                     "direct data path"
                 } else {
@@ -172,162 +172,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 };
                 eprintln!("destination ready (QEMU {qemu}) at {server}, {path}");
             }
-            direct
         }
-        Ok(Ok(Control::Failed { message })) => {
-            return Err(anyhow!("the destination refused: {message}")).context(Exit::Failed)
+        SessionEvent::VerdictLost(e) => eprintln!("destination: {e:#}"),
+        SessionEvent::Verdict(verdict) => {
+            if json {
+                JsonEvent::Destination {
+                    status: verdict.status.to_string(),
+                    vm: verdict.vm.to_string(),
+                    error: verdict.error.clone(),
+                    started: verdict.started,
+                }
+                .emit();
+                return;
+            }
+            let (status, vm) = (&verdict.status, &verdict.vm);
+            match &verdict.error {
+                Some(e) => eprintln!("destination: {status}: {e}"),
+                None if verdict.started => eprintln!("destination: {status}, VM started ({vm})"),
+                None => eprintln!("destination: {status}, VM {vm}"),
+            }
         }
-        Ok(Ok(other)) => {
-            return Err(anyhow!(
-                "unexpected answer from the tunnel server: {other:?}"
-            ))
-            .context(Exit::Failed)
-        }
-        Ok(Err(e)) => {
-            return Err(anyhow!(e))
-                .context("the tunnel server closed the session while preparing the destination")
-                .context(Exit::Failed)
-        }
-        Err(_) => {
-            return Err(anyhow!(
-                "the destination was not ready after {}s",
-                READY_TIMEOUT.as_secs()
-            ))
-            .context(Exit::Failed)
-        }
-    };
-
-    // The direct data path: one tunnel connection, handed to the source QEMU as it is.
-    let mut pass_fd = None;
-    if direct {
-        let stream = open_data(&config, &session, 0)
-            .await
-            .map_err(|e| anyhow!(e))
-            .context("cannot open the data connection")?;
-        let TunnelStream::Tcp(tcp) = stream else {
-            return Err(anyhow!("the direct data path needs plain TCP")).context(Exit::Failed);
-        };
-        let tcp = tcp
-            .into_std()
-            .context("taking the tunnel connection over")?;
-        tcp.set_nonblocking(false)?;
-        pass_fd = Some(std::os::fd::OwnedFd::from(tcp));
-    }
-
-    // Otherwise the tunnel client, in-process, on a socket only this process and QEMU know.
-    let dir = tempfile::Builder::new()
-        .prefix("qmigrate-migrate-")
-        .tempdir()
-        .context("cannot create a private directory for the migration socket")?;
-    let socket = dir.path().join("source.sock");
-    let stop = CancellationToken::new();
-    let tunnel = if direct {
-        None
-    } else {
-        let client = Client::bind(
-            &socket,
-            ClientConfig {
-                session: Some(session),
-                ..config
-            },
-        )?;
-        Some(tokio::spawn(client.serve(stop.clone())))
-    };
-
-    let result = send::run(send::Args {
-        qmp: args.qmp,
-        socket,
-        to: pass_fd.is_some().then(|| format!("fd:{}", send::DIRECT_FD)),
-        multifd: args.multifd,
-        mode: Mode::Normal,
-        quit: false,
-        postcopy: args.postcopy,
-        max_bandwidth: args.max_bandwidth,
-        downtime_limit: args.downtime_limit,
-        compress: args.compress,
-        auto_converge: args.auto_converge,
-        timeout: args.timeout,
-        detach: false,
-        json: args.json,
-        pass_fd,
-    })
-    .await;
-
-    let outcome = match &result {
-        Ok(()) => "completed",
-        Err(e) if e.downcast_ref::<Exit>() == Some(&Exit::Cancelled) => "cancelled",
-        Err(_) => "failed",
-    };
-    let verdict = destination_verdict(&mut control, outcome).await;
-    stop.cancel();
-    if let Some(Ok(report)) = match tunnel {
-        Some(t) => Some(t.await),
-        None => None,
-    } {
-        tracing::info!("tunnel: {report}");
-    }
-    drop(dir);
-
-    let verdict = match verdict {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("destination: {e:#}");
-            return result.and(Err(e.context(Exit::Failed)));
-        }
-    };
-    print_verdict(&verdict, args.json);
-    result?;
-    match verdict {
-        Control::Done { status, .. } if status == "completed" => Ok(()),
-        Control::Done { status, error, .. } => Err(anyhow!(
-            "the source completed but the destination reports {status}{}",
-            error.map(|e| format!(": {e}")).unwrap_or_default()
-        ))
-        .context(Exit::Failed),
-        other => Err(anyhow!("unexpected verdict {other:?}")).context(Exit::Failed),
-    }
-}
-
-/// Tells the server how the source ended and waits for the destination's verdict.
-async fn destination_verdict(control: &mut TunnelStream, outcome: &str) -> anyhow::Result<Control> {
-    let finished = Control::Finished {
-        outcome: outcome.to_owned(),
-    };
-    // The server may already have sent its verdict (the destination finished first) and
-    // closed: a failed send is not yet an error.
-    let _ = control.send_msg(&finished).await;
-    match tokio::time::timeout(DONE_TIMEOUT, control.recv_msg::<Control>()).await {
-        Ok(Ok(done @ Control::Done { .. })) => Ok(done),
-        Ok(Ok(Control::Failed { message })) => Err(anyhow!("{message}")),
-        Ok(Ok(other)) => Err(anyhow!("unexpected message {other:?}")),
-        Ok(Err(e)) => Err(anyhow!(e).context("the tunnel server closed the session")),
-        Err(_) => Err(anyhow!(
-            "no verdict from the destination within {}s",
-            DONE_TIMEOUT.as_secs()
-        )),
-    }
-}
-
-fn print_verdict(verdict: &Control, json_out: bool) {
-    let Control::Done {
-        status,
-        vm,
-        error,
-        started,
-    } = verdict
-    else {
-        return;
-    };
-    if json_out {
-        println!(
-            "{}",
-            json!({"type": "destination", "status": status, "vm": vm, "error": error, "started": started})
-        );
-        return;
-    }
-    match error {
-        Some(e) => eprintln!("destination: {status}: {e}"),
-        None if *started => eprintln!("destination: {status}, VM started ({vm})"),
-        None => eprintln!("destination: {status}, VM {vm}"),
     }
 }

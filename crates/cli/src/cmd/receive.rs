@@ -5,15 +5,15 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context as _};
+use qmigrate_migration::destination::{follow_incoming, prepare_incoming};
+use qmigrate_migration::statefile::{self, StateFile};
+use qmigrate_migration::{monitor, MigrationPlan, Mode, QemuTarget, StreamKind};
 use qmigrate_qmp::MigrationStatus;
-use serde_json::json;
 use tracing::info;
 
+use crate::args::{CompressArg, ModeArg};
 use crate::exit::Exit;
-use crate::migration::statefile::{self, StateFile};
-use crate::migration::{
-    self, migration_status_name, run_state_name, Compression, Endpoint, MigrationPlan, Mode, Stream,
-};
+use crate::output::JsonEvent;
 use crate::units::{format_bytes, format_duration};
 
 /// Arguments of `qmigrate receive`.
@@ -57,7 +57,7 @@ pub struct Args {
 
     /// Expect compressed multifd channels (must match the source's --compress).
     #[arg(long, value_name = "ALGO")]
-    pub compress: Option<Compression>,
+    pub compress: Option<CompressArg>,
 
     /// Accept postcopy (must be given when the source uses --postcopy).
     #[arg(long)]
@@ -65,7 +65,7 @@ pub struct Args {
 
     /// Migration mode; give cpr-reboot when the state was saved with --mode cpr-reboot.
     #[arg(long, value_name = "MODE", default_value = "normal")]
-    pub mode: Mode,
+    pub mode: ModeArg,
 
     /// Follow the migration to its end and exit 0 only if it completed.
     #[arg(long)]
@@ -82,22 +82,23 @@ pub struct Args {
 }
 
 impl Args {
-    fn endpoint(&self) -> Endpoint {
+    fn endpoint(&self) -> QemuTarget {
         match &self.from {
-            Some(uri) => Endpoint::from_uri(uri),
-            None => Endpoint::Socket(self.socket.clone()),
+            Some(uri) => QemuTarget::from_uri(uri),
+            None => QemuTarget::Socket(self.socket.clone()),
         }
     }
 
     /// The plan, with the capabilities a state file records taken from its header.
-    fn plan(&self, stream: Stream, state: Option<&StateFile>) -> anyhow::Result<MigrationPlan> {
+    fn plan(&self, stream: StreamKind, state: Option<&StateFile>) -> anyhow::Result<MigrationPlan> {
+        let mode = Mode::from(self.mode);
         let mut plan = MigrationPlan {
             stream,
-            mapped_ram: stream == Stream::File && self.multifd.is_some(),
-            ignore_shared: self.mode == Mode::CprReboot,
-            mode: self.mode,
+            mapped_ram: stream == StreamKind::File && self.multifd.is_some(),
+            ignore_shared: mode == Mode::CprReboot,
+            mode,
             multifd: self.multifd,
-            compression: self.compress,
+            compression: self.compress.map(Into::into),
             postcopy: self.postcopy,
             ..MigrationPlan::default()
         };
@@ -121,7 +122,7 @@ impl Args {
                 ),
                 _ => {}
             }
-            if plan.ignore_shared && self.mode != Mode::CprReboot {
+            if plan.ignore_shared && mode != Mode::CprReboot {
                 info!("{shown} was saved with x-ignore-shared: setting it here too");
             }
         }
@@ -133,7 +134,7 @@ impl Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let endpoint = args.endpoint();
     let state = match &endpoint {
-        Endpoint::File { path, offset } => Some(statefile::inspect(path, *offset)?),
+        QemuTarget::File { path, offset } => Some(statefile::inspect(path, *offset)?),
         _ => None,
     };
     let mut plan = args.plan(endpoint.stream(), state.as_ref())?;
@@ -146,25 +147,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let follow = args.wait || args.start;
 
-    let qmp = migration::connect_qmp(&args.qmp).await?;
+    let qmp = monitor::connect_qmp(&args.qmp).await?;
     let started = Instant::now();
-    let incoming =
-        migration::prepare_incoming(&qmp, &plan, &endpoint, follow && plan.is_save()).await?;
+    let incoming = prepare_incoming(&qmp, &plan, &endpoint, follow && plan.is_save()).await?;
     if args.json {
-        println!(
-            "{}",
-            json!({
-                "type": "ready",
-                "endpoint": incoming.endpoint,
-                "multifd": plan.multifd,
-                "compress": plan.compression.map(|c| c.qemu_name()),
-                "postcopy": plan.postcopy,
-                "mapped_ram": plan.mapped_ram,
-                "direct_io": plan.direct_io,
-                "channels": incoming.channels,
-                "file_size": state.as_ref().map(|s| s.size),
-            })
-        );
+        JsonEvent::Ready {
+            endpoint: incoming.endpoint.clone(),
+            multifd: plan.multifd,
+            compress: plan.compression.map(|c| c.qemu_name().to_owned()),
+            postcopy: plan.postcopy,
+            mapped_ram: plan.mapped_ram,
+            direct_io: plan.direct_io,
+            channels: incoming.channels,
+            file_size: state.as_ref().map(|s| s.size),
+        }
+        .emit();
     } else if plan.is_save() {
         println!(
             "ready: destination QEMU loads from {} ({})",
@@ -184,7 +181,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         qmp.close().await;
         return Ok(());
     }
-    let outcome = migration::follow_incoming(&qmp, args.start).await;
+    let outcome = follow_incoming(&qmp, args.start).await;
     qmp.close().await;
     let outcome = match outcome {
         Ok(outcome) => outcome,
@@ -194,22 +191,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Err(err) => return Err(err),
     };
     let elapsed = started.elapsed();
-    let status = migration_status_name(&outcome.status);
-    let vm = run_state_name(&outcome.run_state);
+    let status = outcome.status.to_string();
+    let vm = outcome.run_state.to_string();
     if args.json {
-        println!(
-            "{}",
-            json!({
-                "type": "summary",
-                "status": status,
-                "vm": vm,
-                "error": outcome.error,
-                "started": outcome.started,
-                "elapsed_ms": u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-                "file": state.as_ref().map(|s| s.path.display().to_string()),
-                "file_size": state.as_ref().map(|s| s.size),
-            })
-        );
+        JsonEvent::Received {
+            status: status.clone(),
+            vm: vm.clone(),
+            error: outcome.error.clone(),
+            started: outcome.started,
+            elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            file: state.as_ref().map(|s| s.path.display().to_string()),
+            file_size: state.as_ref().map(|s| s.size),
+        }
+        .emit();
     } else if let Some(state) = &state {
         eprintln!(
             "restore {status} in {} from {} ({}); destination VM {vm}",
@@ -258,7 +252,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::migration::statefile::StateHeader;
+    use qmigrate_migration::statefile::StateHeader;
 
     #[derive(Debug, Parser)]
     struct Cli {
@@ -287,18 +281,18 @@ mod tests {
     fn capabilities_follow_the_state_file() {
         let args = parse(&["--from", "file:/s", "--multifd", "4"]);
         let plan = args
-            .plan(Stream::File, Some(&state(&["mapped-ram"])))
+            .plan(StreamKind::File, Some(&state(&["mapped-ram"])))
             .expect("mapped-ram with multifd");
         assert!(plan.mapped_ram);
         let err = args
-            .plan(Stream::File, Some(&state(&[])))
+            .plan(StreamKind::File, Some(&state(&[])))
             .expect_err("multifd for a plain file");
         assert!(format!("{err:#}").contains("without --multifd"), "{err:#}");
 
         let args = parse(&["--uri", "file:/s"]);
         let plan = args
             .plan(
-                Stream::File,
+                StreamKind::File,
                 Some(&state(&["mapped-ram", "x-ignore-shared"])),
             )
             .expect("plain");

@@ -5,15 +5,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
-use qmigrate_qmp::{Error as QmpError, Quit};
-use serde_json::json;
-
-use crate::exit::Exit;
-use crate::migration::statefile::{self, Partial};
-use crate::migration::{
-    self, Compression, Endpoint, FollowOptions, MigrationPlan, Mode, Outcome, Stream,
+use qmigrate_migration::source::{self, FollowOptions};
+use qmigrate_migration::statefile::{self, Partial};
+use qmigrate_migration::{
+    monitor, MigrationPlan, Mode, Outcome, Progress, QemuTarget, StreamKind, Summary,
 };
-use crate::progress::{self, Progress, Summary};
+use qmigrate_qmp::{Error as QmpError, Quit};
+
+use crate::args::{CompressArg, ModeArg};
+use crate::exit::Exit;
+use crate::output::{self, JsonEvent, SourceSummary};
 use crate::signals::Interrupts;
 use crate::units::{self, format_bytes, format_duration};
 
@@ -61,7 +62,7 @@ pub struct Args {
     /// host; with RAM on a shared memory backend (share=on) it stays out of the state file
     /// (x-ignore-shared is set). See the README for the preconditions.
     #[arg(long, value_name = "MODE", default_value = "normal")]
-    pub mode: Mode,
+    pub mode: ModeArg,
 
     /// After a completed migration or save (state file renamed into place), end the source
     /// QEMU (QMP quit).
@@ -90,7 +91,7 @@ pub struct Args {
 
     /// Compress multifd channels (needs --multifd; the destination needs the same --compress).
     #[arg(long, value_name = "ALGO")]
-    pub compress: Option<Compression>,
+    pub compress: Option<CompressArg>,
 
     /// Throttle the guest's CPUs when the migration does not converge.
     #[arg(long)]
@@ -108,28 +109,20 @@ pub struct Args {
     /// One JSON object per line on stdout: progress ticks, then a summary.
     #[arg(long)]
     pub json: bool,
-
-    /// A connected socket for QEMU to migrate over (`migrate` gives the tunnel's TCP
-    /// connection on the direct data path): passed with `getfd` as [`DIRECT_FD`], with
-    /// `--to fd:qmigrate-direct`. Not a command-line flag.
-    #[arg(skip)]
-    pub pass_fd: Option<std::os::fd::OwnedFd>,
 }
 
-/// The name under which `send` passes [`Args::pass_fd`] to QEMU.
-pub const DIRECT_FD: &str = "qmigrate-direct";
-
 impl Args {
-    fn plan(&self, stream: Stream) -> MigrationPlan {
+    fn plan(&self, stream: StreamKind) -> MigrationPlan {
+        let mode = Mode::from(self.mode);
         MigrationPlan {
             stream,
-            mapped_ram: stream == Stream::File && self.multifd.is_some(),
+            mapped_ram: stream == StreamKind::File && self.multifd.is_some(),
             // Decided in `run`, once the state file's directory has been probed.
             direct_io: false,
-            ignore_shared: self.mode == Mode::CprReboot,
-            mode: self.mode,
+            ignore_shared: mode == Mode::CprReboot,
+            mode,
             multifd: self.multifd,
-            compression: self.compress,
+            compression: self.compress.map(Into::into),
             postcopy: self.postcopy.is_some(),
             auto_converge: self.auto_converge,
             max_bandwidth: self.max_bandwidth,
@@ -137,10 +130,10 @@ impl Args {
         }
     }
 
-    fn endpoint(&self) -> Endpoint {
+    fn endpoint(&self) -> QemuTarget {
         match &self.to {
-            Some(uri) => Endpoint::from_uri(uri),
-            None => Endpoint::Socket(self.socket.clone()),
+            Some(uri) => QemuTarget::from_uri(uri),
+            None => QemuTarget::Socket(self.socket.clone()),
         }
     }
 }
@@ -164,7 +157,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let endpoint = args.endpoint();
     let mut plan = args.plan(endpoint.stream());
     plan.validate().context(Exit::Usage)?;
-    if args.detach && plan.stream == Stream::File {
+    if args.detach && plan.stream == StreamKind::File {
         return Err(anyhow!(
             "--detach cannot be used with file:: qmigrate follows the save to rename \
              PATH.partial to PATH once QEMU completes it"
@@ -173,41 +166,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     // QEMU writes the state to PATH.partial; dropping `partial` without a commit removes it.
     let (partial, endpoint) = match endpoint {
-        Endpoint::File { path, offset } => {
+        QemuTarget::File { path, offset } => {
             let partial = Partial::new(&path, offset)?;
             // With O_DIRECT the channels write straight to the disk while QEMU runs, instead of
             // filling the page cache for commit's flush to write out afterwards: a 1 GiB save
             // with 4 channels took 0.85-0.97 s here instead of 1.17-1.28 s (BENCHMARKS.md).
             plan.direct_io = plan.mapped_ram
                 && statefile::can_write_direct(partial.partial().parent().unwrap_or(&path));
-            let qemu_side = Endpoint::File {
+            let qemu_side = QemuTarget::File {
                 path: partial.partial().to_path_buf(),
                 offset,
             };
             (Some(partial), qemu_side)
         }
-        Endpoint::Socket(path) => {
-            migration::check_migration_socket(&path)?;
-            (None, Endpoint::Socket(path))
+        QemuTarget::Socket(path) => {
+            monitor::check_migration_socket(&path)?;
+            (None, QemuTarget::Socket(path))
         }
         other => (None, other),
     };
 
-    let qmp = migration::connect_qmp(&args.qmp).await?;
-    let source = migration::preflight_source(&qmp).await?;
-    tracing::debug!(qemu = %source.qemu, running = source.was_running, plan = %plan.describe(), "source checked");
-    if let Some(fd) = &args.pass_fd {
-        use std::os::fd::AsFd as _;
-        // Descriptors passed with getfd belong to the monitor connection: this one.
-        qmp.execute_with_fd(
-            &qmigrate_qmp::Getfd {
-                fdname: DIRECT_FD.to_owned(),
-            },
-            fd.as_fd(),
-        )
-        .await
-        .context("passing the tunnel connection to the source QEMU (getfd)")?;
-    }
+    let (qmp, source) = source::connect_source(&args.qmp, &plan, None).await?;
 
     // Installed before `migrate` so that Ctrl-C from here on cancels instead of killing us.
     let mut interrupts = Interrupts::install().context("cannot install signal handlers")?;
@@ -225,8 +204,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         postcopy_after: args.postcopy,
         detach: args.detach,
     };
-    let mut progress = progress::for_send(args.json);
-    let summary = migration::run_migration(
+    let mut progress = output::for_send(args.json);
+    let summary = source::run_migration(
         &qmp,
         &plan,
         &endpoint,
@@ -249,7 +228,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 Err(err) => {
                     report(progress.as_mut(), args.json, &summary, None);
                     if let Err(resume) =
-                        migration::resume_source(&qmp, &source, progress.as_mut()).await
+                        source::resume_source(&qmp, &source, progress.as_mut()).await
                     {
                         tracing::warn!("{resume:#}");
                     }
@@ -258,7 +237,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        (Outcome::Completed, None, Endpoint::Exec(command)) => {
+        (Outcome::Completed, None, QemuTarget::Exec(command)) => {
             Some(Saved::Command(command.clone()))
         }
         // Not completed: dropping the partial file removes it.
@@ -271,24 +250,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     qmp.close().await;
 
-    match summary.outcome {
-        Outcome::Completed | Outcome::Detached(_) => Ok(()),
-        Outcome::Failed(reason) => Err(anyhow!("{reason}").context(Exit::Failed)),
-        Outcome::Cancelled(reason) => {
-            let vm = if source.was_running {
-                "the source VM is running"
-            } else {
-                "the source VM stays paused as it was"
-            };
-            Err(anyhow!("{reason}; {vm}").context(Exit::Cancelled))
-        }
-        Outcome::PostcopyPaused(reason) => Err(anyhow!(
-            "postcopy paused: {reason}; the guest's memory is split between both hosts, so \
-             neither can run it alone: fix the connection and recover with QMP migrate \
-             (resume: true) / migrate-recover"
-        )
-        .context(Exit::Failed)),
-    }
+    source::outcome_result(&summary.outcome, &source)?;
+    Ok(())
 }
 
 /// Prints the summary, with the state file and its size (or the command) after a save.
@@ -297,20 +260,20 @@ fn report(progress: &mut dyn Progress, json: bool, summary: &Summary, saved: Opt
         (None, _) => progress.finish(summary),
         (Some(saved), true) => {
             // JSON lines: the same summary object, with the save's facts in it.
-            let mut value = summary.json();
+            let mut event = SourceSummary::new(summary);
             match saved {
                 Saved::File {
                     path,
                     size,
                     direct_io,
                 } => {
-                    value["file"] = json!(path.display().to_string());
-                    value["file_size"] = json!(size);
-                    value["direct_io"] = json!(direct_io);
+                    event.file = Some(path.display().to_string());
+                    event.file_size = Some(*size);
+                    event.direct_io = Some(*direct_io);
                 }
-                Saved::Command(command) => value["command"] = json!(command),
+                Saved::Command(command) => event.command = Some(command.clone()),
             }
-            println!("{value}");
+            JsonEvent::Summary(event).emit();
         }
         (Some(saved), false) => {
             progress.finish(summary);
@@ -347,8 +310,9 @@ async fn quit(qmp: &qmigrate_qmp::Qmp) -> anyhow::Result<()> {
 mod tests {
     use clap::Parser;
 
-    use super::{Args, Endpoint};
-    use crate::migration::PlanError;
+    use qmigrate_migration::{PlanError, QemuTarget};
+
+    use super::Args;
 
     #[derive(Debug, Parser)]
     struct Cli {
@@ -388,7 +352,7 @@ mod tests {
         assert_eq!(to.to, uri.to);
         assert_eq!(
             to.endpoint(),
-            Endpoint::File {
+            QemuTarget::File {
                 path: "/tmp/state.bin".into(),
                 offset: 0
             }

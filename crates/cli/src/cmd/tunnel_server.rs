@@ -10,12 +10,12 @@ use anyhow::Context as _;
 use qmigrate_transport::{Endpoint, Error, Scheme, Server, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::control::QmpController;
 use crate::exit::Exit;
 use crate::signals::Interrupts;
 use crate::tls::{default_scheme, ServerTlsArgs};
 use crate::token::TokenArgs;
 use crate::units::parse_duration;
+use qmigrate_migration::session::QmpController;
 
 /// Arguments of `qmigrate tunnel-server`.
 #[derive(Debug, clap::Args)]

@@ -14,15 +14,16 @@ use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context as _};
-use clap::ValueEnum as _;
-use qmigrate_qmp::{Getfd, QueryVersion};
-use qmigrate_transport::protocol::{Control, Hello, MigrationSettings};
+use anyhow::{bail, Context as _};
+use qmigrate_qmp::{MigrationStatus, QueryVersion};
+use qmigrate_transport::protocol::Hello;
 use qmigrate_transport::{Controller, SessionMap, TunnelStream};
 use tracing::{info, warn};
 
-use crate::cmd::send::DIRECT_FD;
-use crate::migration::{self, Compression, Endpoint, MigrationPlan};
+use super::{Control, MigrationSettings, Named, SourceEnd};
+use crate::destination::{check_waiting_for_incoming, follow_incoming, prepare_incoming};
+use crate::monitor::connect_qmp;
+use crate::{direct, MigrationPlan, QemuTarget};
 
 /// How long the source may take to send its settings after the control connection opened.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,7 +48,7 @@ struct Inner {
 
 impl QmpController {
     /// `routes` maps route names (`None` for the path `/`) to QMP sockets.
-    pub fn new(routes: BTreeMap<Option<String>, String>) -> anyhow::Result<Self> {
+    pub fn new(routes: BTreeMap<Option<String>, String>) -> crate::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("qmigrate-server-")
             .tempdir()
@@ -177,12 +178,12 @@ async fn fail(stream: &mut TunnelStream, message: String) {
     let _ = stream.send_msg(&Control::Failed { message }).await;
 }
 
+/// The destination's plan from the source's settings, validated as the source validated its
+/// own (an older or newer source may send what this build refuses).
 fn plan_for(settings: &MigrationSettings) -> anyhow::Result<MigrationPlan> {
     let compression = match &settings.compression {
-        Some(name) => Some(
-            Compression::from_str(name, true)
-                .map_err(|_| anyhow!("unknown multifd compression {name:?}"))?,
-        ),
+        Some(Named::Known(c)) => Some(*c),
+        Some(Named::Other(name)) => bail!("unknown multifd compression {name:?}"),
         None => None,
     };
     let plan = MigrationPlan {
@@ -206,20 +207,19 @@ async fn run_session(
     sessions: &SessionMap,
 ) -> anyhow::Result<()> {
     let plan = plan_for(settings)?;
-    let qmp = migration::connect_qmp(qmp_path)
+    let qmp = connect_qmp(qmp_path)
         .await
         .with_context(|| format!("destination QMP {qmp_path}"))?;
     let version = qmp
         .execute(&QueryVersion)
         .await
-        .map(|v| format!("{}.{}.{}", v.qemu.major, v.qemu.minor, v.qemu.micro))
+        .map(|v| v.qemu.to_string())
         .unwrap_or_default();
     // The direct data path: one plain-TCP connection that both QEMUs take over.
-    let direct =
-        settings.direct && settings.multifd.is_none() && matches!(stream, TunnelStream::Tcp(_));
+    let direct = settings.direct && direct::allowed_on(stream, settings.multifd);
     if direct {
         // Checked now: the socket arrives only after `ready`.
-        migration::check_waiting_for_incoming(&qmp).await?;
+        check_waiting_for_incoming(&qmp).await?;
         let mut handed = sessions.hand_over(session);
         stream
             .send_msg(&Control::Ready {
@@ -234,27 +234,16 @@ async fn run_session(
             _ = tokio::time::sleep(PREPARE_TIMEOUT) => bail!("the source did not connect within {PREPARE_TIMEOUT:?}"),
         };
         sessions.remove(session);
-        let tcp = tcp
-            .into_std()
-            .context("taking the tunnel connection over")?;
-        tcp.set_nonblocking(false)?;
-        let fd = std::os::fd::OwnedFd::from(tcp);
-        qmp.execute_with_fd(
-            &Getfd {
-                fdname: DIRECT_FD.to_owned(),
-            },
-            std::os::fd::AsFd::as_fd(&fd),
-        )
-        .await
-        .context("passing the tunnel connection to the destination QEMU (getfd)")?;
-        let endpoint = Endpoint::Uri(format!("fd:{DIRECT_FD}"));
-        let incoming = migration::prepare_incoming(&qmp, &plan, &endpoint, true).await?;
+        let fd = direct::into_fd(TunnelStream::Tcp(tcp))?
+            .context("the direct data path needs plain TCP")?;
+        direct::hand_to_qemu(&qmp, &fd, "destination").await?;
+        let incoming = prepare_incoming(&qmp, &plan, &direct::target(), true).await?;
         // QEMU holds its own descriptor now; ours only closes.
         drop(fd);
         info!(endpoint = %incoming.endpoint, "destination ready, direct data path");
     } else {
-        let endpoint = Endpoint::Socket(socket.to_owned());
-        let incoming = migration::prepare_incoming(&qmp, &plan, &endpoint, true).await?;
+        let target = QemuTarget::Socket(socket.to_owned());
+        let incoming = prepare_incoming(&qmp, &plan, &target, true).await?;
         sessions.insert(session, socket.to_owned());
         info!(endpoint = %incoming.endpoint, "destination ready");
         stream
@@ -269,7 +258,7 @@ async fn run_session(
     // Follow the destination; meanwhile listen for the source's end. When the source ended
     // without completing, the destination gets a little while to notice, then we report.
     let outcome = {
-        let mut follow = pin!(migration::follow_incoming(&qmp, !settings.no_start));
+        let mut follow = pin!(follow_incoming(&qmp, !settings.no_start));
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut source_ended = false;
         loop {
@@ -284,9 +273,9 @@ async fn run_session(
                 msg = stream.recv_msg::<Control>(), if !source_ended => {
                     source_ended = true;
                     match msg {
-                        Ok(Control::Finished { outcome }) if outcome == "completed" => {}
+                        Ok(Control::Finished { outcome: SourceEnd::Completed }) => {}
                         Ok(Control::Finished { outcome }) => {
-                            info!("the source reports the migration {outcome}");
+                            info!("the source reports the migration {}", outcome.name());
                             deadline = Some(tokio::time::Instant::now() + AFTER_SOURCE_FAILED);
                         }
                         Ok(other) => bail!("unexpected control message {other:?}"),
@@ -302,20 +291,20 @@ async fn run_session(
     };
     let done = match outcome {
         Some(Ok(o)) => Control::Done {
-            status: migration::migration_status_name(&o.status),
-            vm: migration::run_state_name(&o.run_state),
+            status: Named::Known(o.status),
+            vm: Named::Known(o.run_state),
             error: o.error,
             started: o.started,
         },
         Some(Err(err)) => Control::Done {
-            status: "failed".into(),
-            vm: "unknown".into(),
+            status: Named::Known(MigrationStatus::Failed),
+            vm: Named::Other("unknown".into()),
             error: Some(format!("{err:#}")),
             started: false,
         },
         None => Control::Done {
-            status: "failed".into(),
-            vm: "unknown".into(),
+            status: Named::Known(MigrationStatus::Failed),
+            vm: Named::Other("unknown".into()),
             error: Some(format!(
                 "the source ended the migration and the destination QEMU had not finished \
                  {}s later",
@@ -333,12 +322,13 @@ async fn run_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Compression;
 
     #[test]
     fn settings_become_a_plan() {
         let plan = plan_for(&MigrationSettings {
             multifd: Some(4),
-            compression: Some("zstd".into()),
+            compression: Some(Named::from("zstd".to_owned())),
             postcopy: false,
             no_start: false,
             direct: false,
@@ -347,7 +337,7 @@ mod tests {
         assert_eq!(plan.multifd, Some(4));
         assert_eq!(plan.compression, Some(Compression::Zstd));
         assert!(plan_for(&MigrationSettings {
-            compression: Some("lz4".into()),
+            compression: Some(Named::from("lz4".to_owned())),
             ..MigrationSettings::default()
         })
         .is_err());

@@ -1,0 +1,137 @@
+//! How a migration ended and what it looked like on the way: the data a front end shows.
+//!
+//! The jobs only produce [`Snapshot`]s, notes and a [`Summary`]; what the operator sees is
+//! the front end's [`Progress`].
+
+use std::time::Duration;
+
+use qmigrate_qmp::{MigrationInfo, MigrationStatus};
+
+/// Guest page size used to turn QEMU's dirty-pages rate into bytes; QEMU reports pages of the
+/// target page size, 4 KiB on x86.
+const PAGE_SIZE: u64 = 4096;
+
+/// How a migration ended on the source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// QEMU reported `completed`: the guest runs on the destination.
+    Completed,
+    /// QEMU reported `failed`, with its `error-desc`.
+    Failed(String),
+    /// We cancelled it (signal, timeout, caller); the reason.
+    Cancelled(String),
+    /// The connection broke during postcopy: QEMU waits for a recovery (`migrate` with
+    /// `resume`), the guest's state is split between the hosts and neither side can run alone.
+    PostcopyPaused(String),
+    /// `detach`: the migration was started and left running, in this status.
+    Detached(MigrationStatus),
+}
+
+/// One look at a running migration, taken from `query-migrate`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// QEMU's status.
+    pub status: MigrationStatus,
+    /// Time since `migrate` was sent.
+    pub elapsed: Duration,
+    /// RAM bytes sent so far.
+    pub transferred: u64,
+    /// Guest RAM size.
+    pub total: u64,
+    /// Bytes still to send in this pass.
+    pub remaining: u64,
+    /// Current throughput in bytes per second.
+    pub throughput: f64,
+    /// Pages the guest dirties per second.
+    pub dirty_pages_rate: u64,
+    /// Precopy pass (QEMU's dirty-sync count).
+    pub pass: u64,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from a `query-migrate` reply; missing statistics count as zero
+    /// (QEMU omits them during setup).
+    pub fn new(info: &MigrationInfo, elapsed: Duration) -> Self {
+        let ram = info.ram.as_ref();
+        Self {
+            status: info.status.unwrap_or(MigrationStatus::None),
+            elapsed,
+            transferred: ram.and_then(|r| r.transferred).unwrap_or(0),
+            total: ram.and_then(|r| r.total).unwrap_or(0),
+            remaining: ram.and_then(|r| r.remaining).unwrap_or(0),
+            // QEMU's "mbps" is megabits per second.
+            throughput: ram.and_then(|r| r.mbps).unwrap_or(0.0) * 1e6 / 8.0,
+            dirty_pages_rate: ram.and_then(|r| r.dirty_pages_rate).unwrap_or(0),
+            pass: ram.and_then(|r| r.dirty_sync_count).unwrap_or(0),
+        }
+    }
+
+    /// A rough time to go: what is left of this pass at the current throughput.
+    pub fn eta(&self) -> Option<Duration> {
+        (self.throughput > 0.0 && self.remaining > 0)
+            .then(|| Duration::from_secs_f64(self.remaining as f64 / self.throughput))
+    }
+
+    /// The dirty-page rate in bytes per second.
+    pub fn dirty_rate(&self) -> f64 {
+        (self.dirty_pages_rate * PAGE_SIZE) as f64
+    }
+}
+
+/// The end of a migration, from the last `query-migrate`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// QEMU's final status.
+    pub status: MigrationStatus,
+    /// QEMU's `total-time`.
+    pub total_time: Option<Duration>,
+    /// QEMU's `downtime` (completed migrations only).
+    pub downtime: Option<Duration>,
+    /// QEMU's `setup-time`.
+    pub setup_time: Option<Duration>,
+    /// RAM bytes sent.
+    pub transferred: u64,
+    /// Guest RAM size.
+    pub total: u64,
+    /// Precopy passes (QEMU's dirty-sync count).
+    pub passes: u64,
+    /// Whether we switched to postcopy.
+    pub postcopy: bool,
+}
+
+impl Summary {
+    /// Builds the summary from the final `query-migrate` reply.
+    pub fn from_info(info: &MigrationInfo, outcome: Outcome, postcopy: bool) -> Self {
+        let ms = |v: Option<u64>| v.map(Duration::from_millis);
+        let ram = info.ram.as_ref();
+        Self {
+            outcome,
+            status: info.status.unwrap_or(MigrationStatus::None),
+            total_time: ms(info.total_time),
+            downtime: ms(info.downtime),
+            setup_time: ms(info.setup_time),
+            transferred: ram.and_then(|r| r.transferred).unwrap_or(0),
+            total: ram.and_then(|r| r.total).unwrap_or(0),
+            passes: ram.and_then(|r| r.dirty_sync_count).unwrap_or(0),
+            postcopy,
+        }
+    }
+
+    /// Average throughput over the whole migration, in bytes per second.
+    pub fn throughput(&self) -> Option<f64> {
+        let secs = self.total_time?.as_secs_f64();
+        (secs > 0.0).then(|| self.transferred as f64 / secs)
+    }
+}
+
+/// Where a running migration is reported.
+pub trait Progress {
+    /// A fresh `query-migrate` result, about twice a second.
+    fn tick(&mut self, snapshot: &Snapshot);
+    /// Something the operator should know now (switching to postcopy, cancelling).
+    fn note(&mut self, message: &str);
+    /// The migration ended (or was left running with `--detach`).
+    fn finish(&mut self, summary: &Summary);
+}

@@ -1,0 +1,561 @@
+//! The source's job: check the VM, set the plan's capabilities and parameters, run `migrate`,
+//! follow it to a truthful end, and leave the source as it was when it does not complete.
+
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use qmigrate_qmp::probe;
+use qmigrate_qmp::{
+    Error as QmpError, Migrate, MigrateCancel, MigrateSetParameters, MigrateStartPostcopy,
+    MigrationCapabilityStatus, MigrationParameters, MigrationStatus, MigrationTarget, Qmp,
+    QueryMigrate, QueryMigrateCapabilities, QueryMigrateParameters, RunState, Stop,
+};
+use tracing::{debug, warn};
+
+use crate::fit::{fit_capabilities, fit_parameters, set_capabilities};
+use crate::monitor::connect_qmp;
+use crate::monitor::{qemu_version, query_migrate, query_status, status_of};
+use crate::outcome::{Outcome, Progress, Snapshot, Summary};
+use crate::plan::cap;
+use crate::{direct, Direction, Error, ErrorKind, MigrationPlan, Mode, QemuTarget, POLL_INTERVAL};
+
+/// How long a cancelled migration may take to reach `cancelled` before we stop waiting.
+const CANCEL_GRACE: Duration = Duration::from_secs(30);
+
+/// How long QEMU may take to restart the source VM itself after a failed or cancelled
+/// migration, before we send `cont`.
+const RESUME_GRACE: Duration = Duration::from_secs(3);
+
+/// What the source VM was doing before the migration, recorded by [`preflight_source`].
+#[derive(Debug, Clone)]
+pub struct SourceState {
+    /// Whether the guest was running (rather than paused): only then may we `cont` it after a
+    /// migration that did not complete.
+    pub was_running: bool,
+    /// The QEMU version, for messages.
+    pub qemu: String,
+}
+
+/// Checks that the source VM can be migrated now: running or paused, no migration underway.
+pub async fn preflight_source(qmp: &Qmp) -> anyhow::Result<SourceState> {
+    let v = &qmp.greeting().version.qemu;
+    let qemu = format!("{}.{}.{}", v.major, v.minor, v.micro);
+    let status = query_status(qmp).await?;
+    match status.status {
+        RunState::Running | RunState::Paused => {}
+        RunState::Postmigrate => bail!(
+            "the source VM has already been migrated away or saved (state postmigrate); its \
+             guest now runs on the destination, or waits in the saved state to be restored"
+        ),
+        RunState::InMigrate => bail!(
+            "this QEMU is waiting for an incoming migration (state inmigrate): it is a \
+             destination, use `qmigrate receive` on it"
+        ),
+        ref other => bail!(
+            "the source VM must be running or paused to migrate, but its state is {}",
+            other
+        ),
+    }
+    let migration = status_of(&query_migrate(qmp).await?);
+    if is_underway(&migration) {
+        bail!(
+            "a migration is already underway on the source QEMU (status {})",
+            migration
+        );
+    }
+    Ok(SourceState {
+        was_running: status.running,
+        qemu,
+    })
+}
+
+/// Connects to the source QEMU's QMP and checks that it can be migrated now
+/// ([`preflight_source`]); on the direct data path, hands it the tunnel connection `fd`
+/// ([`direct::DIRECT_FD`]), which this monitor connection then holds.
+pub async fn connect_source(
+    qmp: &str,
+    plan: &MigrationPlan,
+    pass_fd: Option<&OwnedFd>,
+) -> anyhow::Result<(Qmp, SourceState)> {
+    let qmp = connect_qmp(qmp).await?;
+    let source = preflight_source(&qmp).await?;
+    debug!(qemu = %source.qemu, running = source.was_running, plan = %plan.describe(), "source checked");
+    if let Some(fd) = pass_fd {
+        direct::hand_to_qemu(&qmp, fd, "source").await?;
+    }
+    Ok((qmp, source))
+}
+
+/// How the source's outcome ends the command: Ok for a completed (or detached) migration, an
+/// error of the matching [`ErrorKind`] otherwise, saying what became of the source VM.
+pub fn outcome_result(outcome: &Outcome, source: &SourceState) -> crate::Result<()> {
+    match outcome {
+        Outcome::Completed | Outcome::Detached(_) => Ok(()),
+        Outcome::Failed(reason) => Err(Error::new(ErrorKind::Failed, anyhow!("{reason}"))),
+        Outcome::Cancelled(reason) => {
+            let vm = if source.was_running {
+                "the source VM is running"
+            } else {
+                "the source VM stays paused as it was"
+            };
+            Err(Error::new(ErrorKind::Cancelled, anyhow!("{reason}; {vm}")))
+        }
+        Outcome::PostcopyPaused(reason) => Err(Error::new(
+            ErrorKind::Failed,
+            anyhow!(
+                "postcopy paused: {reason}; the guest's memory is split between both hosts, so \
+                 neither can run it alone: fix the connection and recover with QMP migrate \
+                 (resume: true) / migrate-recover"
+            ),
+        )),
+    }
+}
+
+fn is_underway(status: &MigrationStatus) -> bool {
+    !matches!(
+        status,
+        MigrationStatus::None
+            | MigrationStatus::Completed
+            | MigrationStatus::Failed
+            | MigrationStatus::Cancelled
+    )
+}
+
+/// How [`run_migration`] should follow the migration.
+#[derive(Debug, Clone, Default)]
+pub struct FollowOptions {
+    /// With postcopy: switch after this many completed precopy passes (0: at once).
+    pub postcopy_after: Option<u64>,
+    /// Return as soon as QEMU reports `setup`/`active`, without following.
+    pub detach: bool,
+}
+
+/// Runs a migration on the source whose state [`preflight_source`] checked: sets the plan's
+/// capabilities and parameters, starts `migrate`, follows it by events and `query-migrate`
+/// (reporting to `progress`) and returns how it ended.
+///
+/// When `cancel` resolves (with the reason, e.g. `interrupted by SIGINT`) the migration is
+/// cancelled. Whenever it does not complete, the source VM is left running if it was running
+/// before (QEMU restarts it itself; we `cont` only if it did not). The capabilities changed here
+/// are restored afterwards, except with `detach` (the migration still needs them).
+///
+/// A save ([`MigrationPlan::is_save`]) pauses a running guest before `migrate` (except in
+/// cpr-reboot mode, where QEMU does) and leaves it paused (`postmigrate`) once completed; a
+/// save that does not complete resumes it. Writing the state file safely is the caller's job
+/// (see [`crate::statefile::Partial`]).
+pub async fn run_migration(
+    qmp: &Qmp,
+    plan: &MigrationPlan,
+    endpoint: &QemuTarget,
+    source: &SourceState,
+    opts: &FollowOptions,
+    progress: &mut dyn Progress,
+    cancel: impl Future<Output = String>,
+) -> anyhow::Result<Summary> {
+    let qemu = qemu_version(qmp);
+    let before = qmp
+        .execute(&QueryMigrateCapabilities)
+        .await
+        .context("query-migrate-capabilities failed")?;
+    let wanted = fit_capabilities(plan.source_capabilities(), &before, &qemu)?;
+    let restore: Vec<MigrationCapabilityStatus> = wanted
+        .iter()
+        .filter_map(|want| {
+            let was = before
+                .iter()
+                .find(|c| c.capability == want.capability)
+                .is_some_and(|c| c.state);
+            (was != want.state).then(|| cap(want.capability, was))
+        })
+        .collect();
+    let before_params = qmp
+        .execute(&QueryMigrateParameters)
+        .await
+        .context("query-migrate-parameters failed")?;
+    let params = fit_parameters(plan.source_parameters(), &before_params, &qemu)?;
+    let restore_params = parameters_to_restore(&params, &before_params);
+    let support = probe::migration_support(qmp)
+        .await
+        .context("cannot ask QEMU which migration arguments it supports")?;
+    let target = endpoint.target_for(qmp, &support, Direction::Outgoing)?;
+    set_capabilities(qmp, wanted).await?;
+    let set_params = qmp
+        .execute(&params)
+        .await
+        .context("QEMU refused the migration parameters");
+    if let Err(err) = set_params {
+        restore_settings(qmp, restore, restore_params).await;
+        return Err(err);
+    }
+
+    // A state saved while the guest runs is only consistent at QEMU's final pass, and every
+    // page the guest dirties meanwhile is written again; paused, each page is written once. In
+    // cpr-reboot mode QEMU pauses the guest at once itself, and records that it was running,
+    // so that the restored guest resumes.
+    let pause = plan.is_save() && plan.mode != Mode::CprReboot && source.was_running;
+    if pause {
+        if let Err(err) = qmp.execute(&Stop).await {
+            restore_settings(qmp, restore, restore_params).await;
+            return Err(anyhow!(err).context("cannot pause the guest for the save (stop failed)"));
+        }
+        progress.note("guest paused for the save");
+    }
+    // QEMU restarts a guest that was running when a migration fails by itself; one we paused
+    // is ours to restart, at once.
+    let resume_grace = if pause { Duration::ZERO } else { RESUME_GRACE };
+    let result = migrate_and_follow(
+        qmp,
+        plan,
+        endpoint,
+        target,
+        source,
+        opts,
+        progress,
+        resume_grace,
+        cancel,
+    )
+    .await;
+    if pause && result.is_err() {
+        if let Err(err) = ensure_source_running(qmp, source, progress, resume_grace).await {
+            warn!("after the failed save: {err:#}");
+        }
+    }
+
+    if matches!(
+        result,
+        Ok(Summary {
+            outcome: Outcome::Detached(_) | Outcome::PostcopyPaused(_),
+            ..
+        })
+    ) {
+        // QEMU refuses capability changes while a migration is underway, and this one is.
+        return result;
+    }
+    restore_settings(qmp, restore, restore_params).await;
+    result
+}
+
+/// For each parameter that `set` changes, its value in `before`: what to set back afterwards so
+/// that the source's settings are as we found them (as libvirt does).
+pub(crate) fn parameters_to_restore(
+    set: &MigrateSetParameters,
+    before: &MigrationParameters,
+) -> MigrateSetParameters {
+    MigrateSetParameters {
+        max_bandwidth: set.max_bandwidth.and(before.max_bandwidth),
+        downtime_limit: set.downtime_limit.and(before.downtime_limit),
+        multifd_channels: set.multifd_channels.and(before.multifd_channels),
+        multifd_compression: set.multifd_compression.and(before.multifd_compression),
+        max_postcopy_bandwidth: set
+            .max_postcopy_bandwidth
+            .and(before.max_postcopy_bandwidth),
+        mode: set.mode.and(before.mode),
+        direct_io: set.direct_io.and(before.direct_io),
+        ..MigrateSetParameters::default()
+    }
+}
+
+/// Sets back the capabilities and parameters we changed; a failure is only worth a warning,
+/// the migration's outcome is what the caller reports.
+async fn restore_settings(
+    qmp: &Qmp,
+    capabilities: Vec<MigrationCapabilityStatus>,
+    params: MigrateSetParameters,
+) {
+    wait_for_cleanup(qmp).await;
+    if let Err(err) = set_capabilities(qmp, capabilities).await {
+        warn!("could not restore the source's migration capabilities: {err:#}");
+    }
+    if params != MigrateSetParameters::default() {
+        if let Err(err) = qmp.execute(&params).await {
+            warn!("could not restore the source's migration parameters: {err}");
+        }
+    }
+}
+
+/// Waits (at most 5 s) until QEMU has torn the finished migration down.
+///
+/// QEMU reports `completed` before its cleanup has run, and that cleanup reads the
+/// capabilities: with `multifd` switched off under it, QEMU 10 skips closing the multifd
+/// channels and then aborts on a yank assertion, killing the source VM (seen here about one
+/// multifd migration in three). The migration's yank instance is the last thing the cleanup
+/// removes, so its absence from `query-yank` tells it is over.
+async fn wait_for_cleanup(qmp: &Qmp) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match qmp.execute(&qmigrate_qmp::QueryYank).await {
+            Ok(instances) if instances.iter().all(|i| i.kind != "migration") => return,
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(_) => {
+                warn!("QEMU has not finished cleaning up the migration after 5 s");
+                return;
+            }
+            Err(err) => {
+                debug!(%err, "query-yank failed; restoring the settings without waiting");
+                return;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the one caller passes its own arguments on
+async fn migrate_and_follow(
+    qmp: &Qmp,
+    plan: &MigrationPlan,
+    endpoint: &QemuTarget,
+    target: MigrationTarget,
+    source: &SourceState,
+    opts: &FollowOptions,
+    progress: &mut dyn Progress,
+    resume_grace: Duration,
+    cancel: impl Future<Output = String>,
+) -> anyhow::Result<Summary> {
+    let mut events = qmp.events();
+    let started = Instant::now();
+    qmp.execute(&Migrate::new(target))
+        .await
+        .with_context(|| format!("QEMU refused to start the migration to {endpoint}"))?;
+    debug!(%endpoint, plan = %plan.describe(), "migration started");
+
+    let mut cancel = pin!(cancel);
+    let mut cancelling = Cancelling::No;
+    let mut postcopy_requested = false;
+    let mut last_status = MigrationStatus::None;
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    let mut events_alive = true;
+    // QEMU drops the RAM statistics once a migration is cancelled or failed; the summary uses
+    // the last ones it reported.
+    let mut last_ram = None;
+
+    let mut info = loop {
+        tokio::select! {
+            reason = &mut cancel, if cancelling == Cancelling::No => {
+                cancelling = cancel_migration(qmp, &last_status, reason, progress).await;
+            }
+            event = events.recv(), if events_alive => match event {
+                Ok(event) => debug!(event = %event.event, data = %event.data, "QMP event"),
+                Err(QmpError::Disconnected) => events_alive = false,
+                Err(err) => debug!("event stream: {err}"),
+            },
+            _ = poll.tick() => {}
+        }
+        let info = match qmp.execute(&QueryMigrate).await {
+            Ok(info) => info,
+            Err(QmpError::Disconnected) => {
+                bail!("the source QEMU closed its QMP socket during the migration (did it exit?)")
+            }
+            Err(err) => return Err(anyhow!(err).context("query-migrate failed")),
+        };
+        let status = status_of(&info);
+        if status != last_status {
+            debug!(status = %status, "migration status");
+            last_status = status;
+        }
+        progress.tick(&Snapshot::new(&info, started.elapsed()));
+        if info.ram.is_some() {
+            last_ram.clone_from(&info.ram);
+        }
+
+        if opts.detach && !status.is_terminal() {
+            return Ok(Summary::from_info(&info, Outcome::Detached(status), false));
+        }
+        if let (Some(after), false, MigrationStatus::Active, Cancelling::No) = (
+            opts.postcopy_after,
+            postcopy_requested,
+            &status,
+            &cancelling,
+        ) {
+            let passes = info
+                .ram
+                .as_ref()
+                .and_then(|ram| ram.dirty_sync_count)
+                .unwrap_or(0);
+            // QEMU counts the bitmap sync that starts pass N+1 as "pass N+1", so N passes are
+            // complete once the count exceeds N (libvirt switches at the same point).
+            if plan.postcopy && passes > after {
+                progress.note(&format!(
+                    "switching to postcopy after {} precopy pass(es)",
+                    passes.saturating_sub(1)
+                ));
+                qmp.execute(&MigrateStartPostcopy)
+                    .await
+                    .context("migrate-start-postcopy failed")?;
+                postcopy_requested = true;
+            }
+        }
+        if status == MigrationStatus::PostcopyPaused {
+            let reason = info
+                .error_desc
+                .clone()
+                .unwrap_or_else(|| "the connection broke during postcopy".to_owned());
+            return Ok(Summary::from_info(
+                &info,
+                Outcome::PostcopyPaused(reason),
+                postcopy_requested,
+            ));
+        }
+        if status.is_terminal() {
+            break info;
+        }
+        if let Cancelling::Requested { deadline, .. } = &cancelling {
+            if Instant::now() > *deadline {
+                bail!(
+                    "QEMU did not cancel the migration within {}s (status {})",
+                    CANCEL_GRACE.as_secs(),
+                    status
+                );
+            }
+        }
+    };
+
+    if info.ram.is_none() {
+        info.ram = last_ram;
+    }
+    if info.total_time.is_none() {
+        info.total_time = u64::try_from(started.elapsed().as_millis()).ok();
+    }
+    let status = status_of(&info);
+    let error = info
+        .error_desc
+        .clone()
+        .unwrap_or_else(|| format!("QEMU reports {}", status));
+    let outcome = match (status, cancelling) {
+        (MigrationStatus::Completed, _) => Outcome::Completed,
+        (MigrationStatus::Cancelled, Cancelling::Requested { reason, .. }) => {
+            Outcome::Cancelled(reason)
+        }
+        (MigrationStatus::Cancelled, _) => {
+            Outcome::Cancelled("cancelled by another QMP client".to_owned())
+        }
+        // Cancelling tears the connection down; with the return path QEMU sometimes sees that
+        // error first and ends the migration as failed. It still ended because we asked.
+        (_, Cancelling::Requested { reason, .. }) => {
+            Outcome::Cancelled(format!("{reason} (QEMU ended it as failed: {error})"))
+        }
+        _ => Outcome::Failed(error),
+    };
+    if outcome != Outcome::Completed {
+        ensure_source_running(qmp, source, progress, resume_grace).await?;
+    }
+    Ok(Summary::from_info(&info, outcome, postcopy_requested))
+}
+
+/// Where a cancellation request stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cancelling {
+    /// Nobody asked.
+    No,
+    /// `migrate_cancel` was sent for this reason; QEMU should reach `cancelled` by `deadline`.
+    Requested { reason: String, deadline: Instant },
+    /// It was asked for during postcopy, where there is nothing left to cancel to.
+    Refused,
+}
+
+/// Sends `migrate_cancel`, except in postcopy: the guest already runs on the destination there
+/// and the source has no complete state to fall back to.
+async fn cancel_migration(
+    qmp: &Qmp,
+    status: &MigrationStatus,
+    reason: String,
+    progress: &mut dyn Progress,
+) -> Cancelling {
+    if *status == MigrationStatus::PostcopyActive {
+        progress.note(&format!(
+            "{reason}: postcopy cannot be cancelled (the guest already runs on the destination); \
+             waiting for it to complete"
+        ));
+        return Cancelling::Refused;
+    }
+    progress.note(&format!("{reason}: cancelling the migration"));
+    if let Err(err) = qmp.execute(&MigrateCancel).await {
+        // Most likely the migration ended in the meantime; the loop sees how.
+        warn!("migrate_cancel failed: {err}");
+    }
+    Cancelling::Requested {
+        reason,
+        deadline: Instant::now() + CANCEL_GRACE,
+    }
+}
+
+/// After a migration that did not complete: makes sure a source VM that was running before
+/// runs again. QEMU restarts it by itself once its migration thread has cleaned up, so we give
+/// it `grace` ([`RESUME_GRACE`], or nothing for a guest we paused) and only then `cont`.
+async fn ensure_source_running(
+    qmp: &Qmp,
+    source: &SourceState,
+    progress: &mut dyn Progress,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    if !source.was_running {
+        return Ok(());
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        let status = query_status(qmp).await?;
+        if status.running {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            if grace.is_zero() {
+                progress.note("resuming the guest, paused for the save");
+            } else {
+                progress.note(&format!(
+                    "the source VM is {} after the migration stopped; resuming it",
+                    status.status
+                ));
+            }
+            qmp.execute(&qmigrate_qmp::Cont)
+                .await
+                .context("could not resume the source VM (cont failed)")?;
+            let status = query_status(qmp).await?;
+            if !status.running {
+                bail!("the source VM is still {} after cont", status.status);
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Resumes a source guest that was running before a save whose state file turned out unusable
+/// although QEMU completed it (the guest is then in `postmigrate`).
+pub async fn resume_source(
+    qmp: &Qmp,
+    source: &SourceState,
+    progress: &mut dyn Progress,
+) -> anyhow::Result<()> {
+    ensure_source_running(qmp, source, progress, Duration::ZERO).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qmigrate_qmp::MultiFdCompression;
+
+    #[test]
+    fn only_changed_parameters_are_restored() {
+        let plan = MigrationPlan {
+            multifd: Some(4),
+            ..Default::default()
+        };
+        let before = MigrationParameters {
+            max_bandwidth: Some(134_217_728),
+            downtime_limit: Some(300),
+            multifd_channels: Some(2),
+            multifd_compression: Some(MultiFdCompression::None),
+            max_postcopy_bandwidth: Some(0),
+            ..Default::default()
+        };
+        let restore = parameters_to_restore(&plan.source_parameters(), &before);
+        assert_eq!(restore.max_bandwidth, Some(134_217_728));
+        assert_eq!(restore.multifd_channels, Some(2));
+        assert_eq!(restore.multifd_compression, Some(MultiFdCompression::None));
+        assert_eq!(restore.downtime_limit, None);
+        assert_eq!(restore.max_postcopy_bandwidth, None);
+    }
+}
