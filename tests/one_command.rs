@@ -381,7 +381,11 @@ async fn bad_flag_is_refused_before_the_destination_is_prepared() {
     let (mut srv, url) = server(dir.path(), &["--qmp".into(), path(&p.dst.qmp_path)]).await;
     let out = migrate(&p, &url, &["--downtime-limit", "3000000"]).await;
     out.expect_code(2);
-    assert!(out.error_line().contains("--downtime-limit"), "{}", out.stderr);
+    assert!(
+        out.error_line().contains("--downtime-limit"),
+        "{}",
+        out.stderr
+    );
     let dst = support::qmp(&p.dst.qmp_path).await;
     assert_eq!(
         support::migration_status(&dst).await.0,
