@@ -1,8 +1,5 @@
-//! Real QEMU processes for tests: find the binaries, start a VM in its own temp dir with a QMP
-//! socket, kill it on drop. Uses std and the `tempfile` and `sha2` dev-dependencies only (not
-//! qmigrate-qmp), so the tests of any crate can include it.
-
-#![allow(dead_code)] // each test binary uses a different part
+//! Real QEMU processes: find the binaries, start a VM in its own temp dir with a QMP socket,
+//! kill it on drop; the halting firmware and the random RAM the VMs boot with.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -21,8 +18,9 @@ pub struct QemuBinary {
     pub version: (u32, u32, u32),
 }
 
-/// Runs `path --version` and parses "QEMU emulator version X.Y.Z".
-fn probe(path: PathBuf, data_dir: Option<PathBuf>) -> Option<QemuBinary> {
+/// Runs `path --version` and parses "QEMU emulator version X.Y.Z"; `None` when it does not
+/// run or says something else. `path` may be a bare name, looked up on PATH.
+pub fn probe(path: PathBuf, data_dir: Option<PathBuf>) -> Option<QemuBinary> {
     let mut cmd = Command::new(&path);
     if let Some(d) = &data_dir {
         cmd.arg("-L").arg(d);
@@ -127,6 +125,9 @@ pub struct VmConfig {
     pub machine: String,
     /// More QEMU arguments.
     pub extra_args: Vec<String>,
+    /// With `random_ram`: the file of random bytes to back RAM with (shared, read only:
+    /// `share=off`), instead of a fresh one written into the VM's directory.
+    pub ram_file: Option<PathBuf>,
     /// Where the QMP socket goes (default: `qmp.sock` in the VM's own directory). A fixed
     /// path outlives the VM: the next VM started there takes it over, as a tunnel-server's
     /// `--route` expects.
@@ -141,6 +142,7 @@ impl Default for VmConfig {
             incoming_defer: false,
             machine: "q35".to_string(),
             extra_args: Vec::new(),
+            ram_file: None,
             qmp_path: None,
         }
     }
@@ -157,20 +159,26 @@ pub struct Vm {
     _tmp: tempfile::TempDir,
 }
 
-/// A firmware that halts forever: `hlt; jmp $-1` at the reset vector.
-fn write_firmware(path: &Path) -> std::io::Result<()> {
+/// A 64 KiB firmware that halts forever (`hlt; jmp $-1` at the reset vector): the guest's CPU
+/// never touches its RAM, so a migration has nothing to re-send and RAM can be compared.
+pub fn write_firmware(path: &Path) -> std::io::Result<()> {
     let mut fw = vec![0u8; 64 * 1024];
     fw[0xFFF0..0xFFF3].copy_from_slice(&[0xF4, 0xEB, 0xFD]);
     std::fs::write(path, fw)
 }
 
-/// Writes `mib` MiB of pseudo-random bytes (splitmix64, seeded from time and pid).
-fn write_random(path: &Path, mib: u64) -> std::io::Result<()> {
-    let mut state = std::time::SystemTime::now()
+/// A seed for [`write_random`] that differs from run to run (time and pid).
+pub fn fresh_seed() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
-        ^ (u64::from(std::process::id()) << 32);
+        ^ (u64::from(std::process::id()) << 32)
+}
+
+/// Writes `mib` MiB of pseudo-random bytes (splitmix64 from `seed`): incompressible guest RAM.
+pub fn write_random(path: &Path, mib: u64, seed: u64) -> std::io::Result<()> {
+    let mut state = seed;
     let mut next = || {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = state;
@@ -216,8 +224,14 @@ impl Vm {
         ]);
         cmd.arg("-bios").arg(&fw);
         if cfg.random_ram {
-            let ram = dir.join("ram.bin");
-            write_random(&ram, cfg.mem_mib)?;
+            let ram = match &cfg.ram_file {
+                Some(file) => file.clone(),
+                None => {
+                    let ram = dir.join("ram.bin");
+                    write_random(&ram, cfg.mem_mib, fresh_seed())?;
+                    ram
+                }
+            };
             cmd.arg("-object").arg(format!(
                 "memory-backend-file,id=m0,size={}M,mem-path={},share=off",
                 cfg.mem_mib,
@@ -250,7 +264,7 @@ impl Vm {
         let deadline = Instant::now() + Duration::from_secs(10);
         // QEMU creates the socket file at bind() and accepts only after listen(): wait for
         // both, without connecting (the monitor serves one client, the test's).
-        while !is_listening(&vm.qmp_path) {
+        while !unix_listening(&vm.qmp_path) {
             if let Some(status) = vm.child.try_wait()? {
                 return Err(std::io::Error::other(format!(
                     "QEMU exited ({status}) before creating its QMP socket: {}",
@@ -291,9 +305,10 @@ impl Vm {
 }
 
 /// True when a Unix socket is bound at `path` and listening, judged from `/proc/net/unix`
-/// (the `__SO_ACCEPTCON` flag) so no connection is made; where that file cannot be read, the
-/// socket file's existence has to do.
-fn is_listening(path: &Path) -> bool {
+/// (the `__SO_ACCEPTCON` flag) so no connection is made (QEMU's monitor serves one client at
+/// a time, and a socket file that exists may not listen yet, or any more); where that file
+/// cannot be read, the socket file's existence has to do.
+pub fn unix_listening(path: &Path) -> bool {
     if !path.exists() {
         return false;
     }

@@ -2,12 +2,9 @@
 //! probe, an incoming migration set up with `channels`, and typed refusals.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../../tests/support/qemu.rs"]
-mod qemu;
-
-use qemu::{QemuBinary, Vm, VmConfig};
 use qmigrate_qmp::probe::supports_channels;
 use qmigrate_qmp::*;
+use qmigrate_testkit::qemu::{self, QemuBinary, Vm, VmConfig};
 
 fn small(incoming: bool) -> VmConfig {
     VmConfig {

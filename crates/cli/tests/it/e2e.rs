@@ -4,7 +4,7 @@
 //! and `receive`/`send` as processes of the built binary, then checks the result over QMP: both
 //! sides `completed` and the destination's RAM byte-identical to the source's.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

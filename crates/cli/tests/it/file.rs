@@ -7,7 +7,7 @@
 //! under the same backend id as the source's file-backed RAM: mapped-ram leaves zero pages out
 //! of the file and relies on the destination's RAM starting zeroed.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,8 +1,6 @@
 //! The tunnel as real processes of the built binary: `tunnel-server` on `127.0.0.1:0` and
 //! `tunnel-client` connected to it, both killed when the [`Tunnel`] is dropped.
 
-#![allow(dead_code)] // each test binary uses a different part
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

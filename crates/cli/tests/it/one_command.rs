@@ -1,7 +1,7 @@
 //! `qmigrate migrate` against a `tunnel-server --qmp/--route`: real QEMU pairs, the real
 //! binary, the destination prepared by the server from the source's settings, RAM compared.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

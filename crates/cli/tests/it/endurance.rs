@@ -4,7 +4,7 @@
 //! hop than after the first: a server that keeps a socket, a file or a QMP connection per
 //! migration fails here.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;

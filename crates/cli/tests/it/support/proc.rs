@@ -1,8 +1,6 @@
 //! Running the real `qmigrate` binary from tests: one-shot runs with a deadline, and long-lived
 //! children that are killed when the test ends, however it ends.
 
-#![allow(dead_code)] // each test binary uses a different part
-
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;

@@ -1,18 +1,9 @@
-//! Shared test fixtures: real QEMU VMs (`qemu`), the `qmigrate` binary as processes (`proc`),
-//! the tunnel (`tunnel`), and QMP checks of the result.
-
-#![allow(dead_code)] // each test binary uses a different part
-
-pub mod proc;
-pub mod qemu;
-pub mod tunnel;
+//! QMP checks of a VM for assertions: a connection, its run state, its migration status.
 
 use std::path::Path;
 use std::time::Duration;
 
-use qmigrate_qmp::{
-    ConnectOptions, MigrationStatus, Pmemsave, Qmp, QueryMigrate, QueryStatus, RunState,
-};
+use qmigrate_qmp::{ConnectOptions, MigrationStatus, Qmp, QueryMigrate, QueryStatus, RunState};
 
 /// Opens a QMP connection for checks (only when no `qmigrate` process holds the socket).
 pub async fn qmp(path: &Path) -> Qmp {
@@ -63,23 +54,4 @@ pub async fn wait_for_migration(qmp: &Qmp, limit: Duration) -> MigrationStatus {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// SHA-256 of the guest's first `mem_mib` MiB of physical memory, dumped with `pmemsave` to
-/// `dump`.
-pub async fn ram_sha256(qmp: &Qmp, mem_mib: u64, dump: &Path) -> String {
-    qmp.execute_with_timeout(
-        &Pmemsave {
-            val: 0,
-            size: mem_mib << 20,
-            filename: dump.display().to_string(),
-        },
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("pmemsave");
-    let digest = qemu::sha256_file(dump);
-    // The dumps are as large as the guest; do not keep them around.
-    let _ = std::fs::remove_file(dump);
-    digest
 }
