@@ -26,49 +26,51 @@ pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>
 }
 
 /// Defines one module per scheme, each with one `#[tokio::test]` per scenario: an
-/// `async fn(Scheme)` of the calling module, run under `limit` (through [`within`]), after
-/// `setup` if given. The modules see the caller's items (`use super::*`), so `limit`, the
-/// schemes and `setup` are written as in the caller.
+/// `async fn(Scheme)` of the calling module, run under the `within` limit (see [`within`]),
+/// after calling `after` (a `fn()`, e.g. one that installs a log subscriber) if given. The
+/// modules see the caller's items (`use super::*`), so everything is written as in the
+/// caller.
 ///
 /// ```ignore
-/// per_scheme! {
-///     schemes: [tcp => Scheme::Tcp, ws => Scheme::Ws],
-///     limit: TEST,
-///     setup: capture_logs,
-///     scenarios: [small_transfers_are_byte_exact, half_close_source_first],
-/// }
+/// per_scheme!(
+///     tcp = Scheme::Tcp, ws = Scheme::Ws; within TEST, after capture_logs;
+///     small_transfers_are_byte_exact,
+///     half_close_source_first,
+/// );
 /// ```
 ///
-/// defines `tcp::small_transfers_are_byte_exact`, `ws::small_transfers_are_byte_exact`, ...
+/// defines `tcp::small_transfers_are_byte_exact`, `ws::small_transfers_are_byte_exact`,
+/// `tcp::half_close_source_first` and `ws::half_close_source_first`.
 #[macro_export]
 macro_rules! per_scheme {
     (
-        schemes: [$($module:ident => $scheme:expr),+ $(,)?],
-        limit: $limit:expr,
-        setup: $setup:path,
-        scenarios: $scenarios:tt $(,)?
+        $($module:ident = $scheme:path),+ ; within $limit:expr $(, after $setup:path)? ;
+        $($scenario:ident),* $(,)?
     ) => {
-        $( $crate::per_scheme!(@mod $module, $scheme, $limit, { $setup(); }, $scenarios); )+
+        $crate::per_scheme!(
+            @each [$($module = $scheme),+] [$limit] [$($setup)?] [$($scenario),*]
+        );
     };
-    (
-        schemes: [$($module:ident => $scheme:expr),+ $(,)?],
-        limit: $limit:expr,
-        scenarios: $scenarios:tt $(,)?
-    ) => {
-        $( $crate::per_scheme!(@mod $module, $scheme, $limit, {}, $scenarios); )+
+    (@each [$module:ident = $scheme:path $(, $($rest:tt)*)?] $limit:tt $setup:tt $scenarios:tt) => {
+        $crate::per_scheme!(@mod $module, $scheme, $limit, $setup, $scenarios);
+        $( $crate::per_scheme!(@each [$($rest)*] $limit $setup $scenarios); )?
     };
-    (@mod $module:ident, $scheme:expr, $limit:expr, $setup:block, [$($scenario:ident),* $(,)?]) => {
+    (@mod $module:ident, $scheme:path, [$limit:expr], $setup:tt, [$($scenario:ident),*]) => {
         mod $module {
             #[allow(unused_imports)]
             use super::*;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
-                    $setup
+                    $crate::per_scheme!(@setup $setup);
                     let what = concat!(stringify!($module), "::", stringify!($scenario));
                     $crate::within($limit, what, super::$scenario($scheme)).await;
                 }
             )*
         }
+    };
+    (@setup []) => {};
+    (@setup [$setup:path]) => {
+        $setup();
     };
 }

@@ -6,7 +6,7 @@
 //! [`Client`]: qmigrate_transport::Client
 //! [`Server`]: qmigrate_transport::Server
 
-mod common;
+use crate::common;
 
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
+use qmigrate_testkit::per_scheme;
 use qmigrate_transport::protocol::{
     self, Hello, RejectReason, Reply, MAGIC, PROTOCOL_MAX, PROTOCOL_MIN,
 };
@@ -26,28 +27,8 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 /// Limit for a whole test, on top of the limit on each step.
 const TEST: Duration = Duration::from_secs(45);
 
-/// Defines `mod tcp` and `mod ws`, each with one test per scenario function given (an
-/// `async fn(Scheme)` in this file), run under the [`TEST`] limit.
-macro_rules! per_scheme {
-    ($($scenario:ident),* $(,)?) => {
-        per_scheme!(@mod tcp, Tcp, $($scenario),*);
-        per_scheme!(@mod ws, Ws, $($scenario),*);
-    };
-    (@mod $module:ident, $scheme:ident, $($scenario:ident),*) => {
-        mod $module {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    let scheme = qmigrate_transport::Scheme::$scheme;
-                    let what = concat!(stringify!($module), "::", stringify!($scenario));
-                    crate::common::within(crate::TEST, what, crate::$scenario(scheme)).await;
-                }
-            )*
-        }
-    };
-}
-
 per_scheme!(
+    tcp = Scheme::Tcp, ws = Scheme::Ws; within TEST;
     small_transfers_are_byte_exact,
     big_transfer_with_return_traffic,
     concurrent_connections_keep_their_order_and_data,
@@ -66,20 +47,8 @@ per_scheme!(
 
 // The same data-path scenarios over TLS (`tls::*`) and WebSocket over TLS (`wss::*`), with a
 // test CA made at test time; TLS's own failures are in tests/tls.rs.
-per_scheme!(@mod tls, Tls,
-    small_transfers_are_byte_exact,
-    big_transfer_with_return_traffic,
-    concurrent_connections_keep_their_order_and_data,
-    half_close_source_first,
-    half_close_destination_first,
-    destination_socket_appears_late,
-    destination_socket_never_appears,
-    server_killed_while_flowing,
-    server_killed_with_source_bytes_unread,
-    once_returns_after_the_first_session,
-    without_once_serves_until_cancelled
-);
-per_scheme!(@mod wss, Wss,
+per_scheme!(
+    tls = Scheme::Tls, wss = Scheme::Wss; within TEST;
     small_transfers_are_byte_exact,
     big_transfer_with_return_traffic,
     concurrent_connections_keep_their_order_and_data,

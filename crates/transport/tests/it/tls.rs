@@ -6,11 +6,12 @@
 //! is kept in the repository. The data path over TLS (half-close, killed peers, order of
 //! connections) runs in tests/tunnel.rs (`tls::*`, `wss::*`).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
 use common::*;
+use qmigrate_testkit::per_scheme;
 use qmigrate_transport::{
     open_data, ClientConfig, ClientTls, Endpoint, Error, Fingerprint, Scheme, Server, ServerCheck,
     ServerConfig, ServerTls, Token,
@@ -20,27 +21,8 @@ use tokio::net::UnixListener;
 /// Limit for a whole test, on top of the limit on each step.
 const TEST: Duration = Duration::from_secs(60);
 
-/// Defines `mod tls` and `mod wss`, each with one test per scenario (an `async fn(Scheme)`).
-macro_rules! per_tls_scheme {
-    ($($scenario:ident),* $(,)?) => {
-        per_tls_scheme!(@mod tls, Tls, $($scenario),*);
-        per_tls_scheme!(@mod wss, Wss, $($scenario),*);
-    };
-    (@mod $module:ident, $scheme:ident, $($scenario:ident),*) => {
-        mod $module {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    let scheme = qmigrate_transport::Scheme::$scheme;
-                    let what = concat!(stringify!($module), "::", stringify!($scenario));
-                    crate::common::within(crate::TEST, what, crate::$scenario(scheme)).await;
-                }
-            )*
-        }
-    };
-}
-
-per_tls_scheme!(
+per_scheme!(
+    tls = Scheme::Tls, wss = Scheme::Wss; within TEST;
     ca_verified_transfer_is_byte_exact,
     self_signed_pair_as_its_own_ca,
     pinned_fingerprint_transfer_is_byte_exact,

@@ -5,7 +5,7 @@
 //! every size up to the limit, ours as our writer cuts them), a ping in the middle of the data
 //! must get its pong, and the close handshake must finish without waiting for a timeout.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 //! the server logged why with the peer's address, and a good client still gets through. Every
 //! scenario runs once per transport (`tcp::*` and `ws::*`).
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use qmigrate_testkit::per_scheme;
 use qmigrate_transport::protocol::{self, Auth, Hello, RejectReason, Reply, MAGIC};
 use qmigrate_transport::{
     auth, Client, ClientConfig, Endpoint, Error, Report, Scheme, Server, ServerConfig, Token,
@@ -32,29 +33,8 @@ const TOKEN: &str = "dGhlIHRlc3QgdG9rZW4sIGxvbmcgZW5vdWdo";
 /// A token of the right form that is not the server's.
 const WRONG: &str = "YW5vdGhlciB0b2tlbiwgYWxzbyBsb25nIGVub3VnaA";
 
-/// Defines `mod tcp` and `mod ws`, each with one test per scenario function given (an
-/// `async fn(Scheme)` in this file), run under the [`TEST`] limit.
-macro_rules! per_scheme {
-    ($($scenario:ident),* $(,)?) => {
-        per_scheme!(@mod tcp, Tcp, $($scenario),*);
-        per_scheme!(@mod ws, Ws, $($scenario),*);
-    };
-    (@mod $module:ident, $scheme:ident, $($scenario:ident),*) => {
-        mod $module {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    crate::capture_logs();
-                    let scheme = qmigrate_transport::Scheme::$scheme;
-                    let what = concat!(stringify!($module), "::", stringify!($scenario));
-                    crate::common::within(crate::TEST, what, crate::$scenario(scheme)).await;
-                }
-            )*
-        }
-    };
-}
-
 per_scheme!(
+    tcp = Scheme::Tcp, ws = Scheme::Ws; within TEST, after capture_logs;
     no_token_is_refused,
     wrong_token_is_refused,
     replayed_handshake_is_refused,

@@ -2,9 +2,6 @@
 //! destination QEMU (a Unix listener on the server's destination socket), a fake source QEMU
 //! (connections to the client's socket), and reproducible data streams to push through.
 
-#![allow(dead_code)] // not every test binary uses every helper
-
-use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,13 +27,7 @@ pub const STEP: Duration = Duration::from_secs(20);
 /// How long to watch the destination socket before concluding nothing will connect there.
 pub const QUIET: Duration = Duration::from_millis(300);
 
-/// Awaits `fut`, failing the test with `what` if it takes longer than `limit`.
-pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?}: {what}"),
-    }
-}
+pub use qmigrate_testkit::within;
 
 /// How to start a [`Tunnel`].
 #[derive(Debug, Clone)]
@@ -286,11 +277,6 @@ impl Ca {
     /// The CA's certificate, DER: what a client or server trusts.
     pub fn der(&self) -> CertificateDer<'static> {
         self.cert.der().clone()
-    }
-
-    /// The CA's certificate, PEM.
-    pub fn pem(&self) -> String {
-        self.cert.pem()
     }
 
     /// The CA itself as a server's certificate, as `openssl req -x509` makes a self-signed
