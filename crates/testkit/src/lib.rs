@@ -7,10 +7,13 @@
 //!   temp dir, killed on drop; the halting firmware and random guest RAM it boots with.
 //! - [`ram`]: the guest's RAM dumped with `pmemsave` and compared, byte for byte or by SHA-256.
 //! - [`check`]: QMP connections and the state and migration status of a VM, for assertions.
+//! - [`child`]: child processes killed on drop, with their CPU time and peak memory (`wait4`)
+//!   and live `/proc` figures; waits for sockets to listen without connecting to them.
 //! - [`within`] and [`per_scheme!`]: a deadline for a test step, and one test per tunnel
 //!   scheme for each scenario.
 
 pub mod check;
+pub mod child;
 pub mod qemu;
 pub mod ram;
 

@@ -128,6 +128,8 @@ pub struct VmConfig {
     /// With `random_ram`: the file of random bytes to back RAM with (shared, read only:
     /// `share=off`), instead of a fresh one written into the VM's directory.
     pub ram_file: Option<PathBuf>,
+    /// Where the VM's own temp dir is made (default: the system's temp dir).
+    pub temp_in: Option<PathBuf>,
     /// Where the QMP socket goes (default: `qmp.sock` in the VM's own directory). A fixed
     /// path outlives the VM: the next VM started there takes it over, as a tunnel-server's
     /// `--route` expects.
@@ -143,6 +145,7 @@ impl Default for VmConfig {
             machine: "q35".to_string(),
             extra_args: Vec::new(),
             ram_file: None,
+            temp_in: None,
             qmp_path: None,
         }
     }
@@ -201,7 +204,12 @@ impl Vm {
     /// Starts a VM and waits (at most 10 s) for its QMP socket to appear. Errors carry
     /// QEMU's log when it exited early.
     pub fn start(bin: &QemuBinary, cfg: &VmConfig) -> std::io::Result<Vm> {
-        let tmp = tempfile::Builder::new().prefix("qmigrate-vm-").tempdir()?;
+        let mut tmp = tempfile::Builder::new();
+        tmp.prefix("qmigrate-vm-");
+        let tmp = match &cfg.temp_in {
+            Some(parent) => tmp.tempdir_in(parent)?,
+            None => tmp.tempdir()?,
+        };
         let dir = tmp.path().to_path_buf();
         let fw = dir.join("fw.bin");
         write_firmware(&fw)?;
@@ -347,16 +355,25 @@ pub fn sha256_file(path: &Path) -> String {
 }
 
 /// A migration destination for a source started with `random_ram`: `-incoming defer`, paused
-/// (`-S`) so that its RAM can be compared after the migration, and its RAM anonymous under the
-/// source's backend id `m0` (migration matches RAM blocks by id; QEMU refuses postcopy on a
-/// destination whose RAM is a file outside tmpfs).
+/// (`-S`) so that its RAM can be compared after the migration, and its RAM as in
+/// [`incoming_config`].
 pub fn destination_config(mem_mib: u64) -> VmConfig {
+    let mut cfg = incoming_config(mem_mib);
+    cfg.extra_args.insert(0, "-S".to_owned());
+    cfg
+}
+
+/// A migration destination for a source started with `random_ram`, which runs once the
+/// migration is over: `-incoming defer`, and its RAM anonymous (zeroed, which mapped-ram relies
+/// on: it leaves zero pages out of the file) under the source's backend id `m0` (migration
+/// matches RAM blocks by id; QEMU refuses postcopy on a destination whose RAM is a file outside
+/// tmpfs).
+pub fn incoming_config(mem_mib: u64) -> VmConfig {
     VmConfig {
         mem_mib,
         random_ram: false,
         incoming_defer: true,
         extra_args: vec![
-            "-S".to_owned(),
             "-object".to_owned(),
             format!("memory-backend-ram,id=m0,size={mem_mib}M"),
             "-machine".to_owned(),

@@ -18,13 +18,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use qmigrate_qmp::{ConnectOptions, Pmemsave, Qmp};
+use qmigrate_qmp::Pmemsave;
+use qmigrate_testkit::check::try_qmp;
+use qmigrate_testkit::child::{Live, Proc};
+use qmigrate_testkit::ram::{ram_ranges, read_full};
 
 use crate::common;
-use crate::migrate::{
-    qemu_version, ram_ranges, read_full, start_vm, write_firmware, write_random, Guest,
-};
-use crate::procs::{Live, Proc};
+use crate::migrate::{find_qemu, qemu_version, start_vm, write_random, Guest};
 use crate::table::{self, median, num, Table};
 
 /// Arguments of `qmigrate-bench endurance`.
@@ -179,8 +179,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         .tempdir()?;
     let ram = dir.path().join("ram.bin");
     write_random(&ram, mib)?;
-    let fw = dir.path().join("fw.bin");
-    write_firmware(&fw)?;
+    let qemu = find_qemu(&args.qemu)?;
     let token = dir.path().join("token");
     write_token(&token)?;
     let shm = Path::new("/dev/shm");
@@ -190,8 +189,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let env = Env {
         qmigrate: &qmigrate,
         guest: Guest {
-            qemu: &args.qemu,
-            fw: &fw,
+            qemu: &qemu,
             ram: &ram,
             mib,
         },
@@ -332,7 +330,7 @@ fn run_chain(
                 ROUTES[to],
                 migrate.log_text(),
                 server.log_text(),
-                dest.log_text()
+                dest.log()
             );
         }
         let ms = |key: &str| {
@@ -407,7 +405,7 @@ async fn first_difference(
     ram: &Path,
     dumps: &Path,
 ) -> anyhow::Result<Option<u64>> {
-    let qmp = connect(qmp).await?;
+    let qmp = try_qmp(qmp).await.map_err(anyhow::Error::msg)?;
     // Guest-physical ranges follow each other in the RAM block, and so in the file.
     let mut offset = 0;
     for (n, (start, len)) in ram_ranges(mib).into_iter().enumerate() {
@@ -430,22 +428,6 @@ async fn first_difference(
         offset += len;
     }
     Ok(None)
-}
-
-/// QMP of a VM that `migrate` or the server may have been talking to a moment ago (the
-/// socket serves one client at a time).
-async fn connect(path: &Path) -> anyhow::Result<Qmp> {
-    let mut tries = 0;
-    loop {
-        match Qmp::connect_unix(path, &ConnectOptions::default()).await {
-            Ok(qmp) => return Ok(qmp),
-            Err(err) if tries >= 50 => {
-                return Err(err).with_context(|| format!("QMP {}", path.display()))
-            }
-            Err(_) => tries += 1,
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The first guest-physical address in `start..start + len` where `dump` differs from `ram` at

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use crate::common::Common;
-use crate::procs::{self, Proc, Usage};
 use crate::table::{self, median, num, Table};
+use qmigrate_testkit::child::{self as procs, Proc, Usage};
 
 /// Arguments of `qmigrate-bench relay`.
 #[derive(Debug, clap::Args)]

@@ -18,9 +18,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use qmigrate_testkit::child::Proc;
+use qmigrate_testkit::qemu::{QemuBinary, Vm};
+use qmigrate_testkit::ram::same_ram;
+
 use crate::common::Common;
-use crate::migrate::{qemu_version, same_ram, start_vm, write_firmware, write_random, Guest};
-use crate::procs::Proc;
+use crate::migrate::{find_qemu, qemu_version, start_vm, write_random, Guest};
 use crate::table::{self, median, num, Table};
 
 /// Arguments of `qmigrate-bench save`.
@@ -74,9 +77,8 @@ struct Env<'a> {
     /// The directory on the disk under test.
     disk_dir: &'a Path,
     qmigrate: &'a Path,
-    qemu: &'a Path,
+    qemu: &'a QemuBinary,
     ram: &'a Path,
-    fw: &'a Path,
     mib: u64,
     cold: bool,
 }
@@ -107,17 +109,15 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         .with_context(|| format!("cannot create a directory in {}", base.display()))?;
     let ram = scratch.path().join("ram.bin");
     write_random(&ram, mib)?;
-    let fw = scratch.path().join("fw.bin");
-    write_firmware(&fw)?;
+    let qemu = find_qemu(&args.qemu)?;
 
     let cold = drop_caches();
     let env = Env {
         scratch: scratch.path(),
         disk_dir: disk_dir.path(),
         qmigrate: &qmigrate,
-        qemu: &args.qemu,
+        qemu: &qemu,
         ram: &ram,
-        fw: &fw,
         mib,
         cold,
     };
@@ -271,10 +271,9 @@ fn measure_disk(env: &Env<'_>) -> anyhow::Result<Disk> {
 
 impl Env<'_> {
     /// Starts a VM in `dir` (see [`start_vm`]).
-    fn vm(&self, dir: &Path, name: &str, source: bool) -> anyhow::Result<(Proc, PathBuf)> {
+    fn vm(&self, dir: &Path, name: &str, source: bool) -> anyhow::Result<(Vm, PathBuf)> {
         let guest = Guest {
             qemu: self.qemu,
-            fw: self.fw,
             ram: self.ram,
             mib: self.mib,
         };
@@ -363,7 +362,7 @@ fn save_and_restore(
         bail!(
             "the restore failed:\n{}\n--- destination QEMU's log:\n{}",
             receive.log_text(),
-            dst_vm.log_text()
+            dst_vm.log()
         );
     }
 
@@ -496,7 +495,7 @@ fn report(
          disk and renamed), in QEMU s: QEMU's total time; restore s: `qmigrate receive --wait` \
          start to exit; GB/s = guest RAM / time (GB = 10^9 bytes); x disk: against dd of the \
          same size with oflag=direct conv=fsync (save) and iflag=direct (restore)\n",
-        qemu_version(env.qemu),
+        qemu_version(&env.qemu.path),
         env.disk_dir.parent().unwrap_or(env.disk_dir).display(),
         args.common.reps,
         if env.cold {

@@ -37,7 +37,7 @@ pub fn qmigrate_bin(explicit: Option<&Path>, needed: bool) -> anyhow::Result<Pat
     };
     if needed && !path.exists() {
         bail!(
-            "{} does not exist: build it first (cargo build --release) or pass --qmigrate PATH",
+            "{} does not exist: build it first (cargo build --release -p qmigrate) or pass --qmigrate PATH",
             path.display()
         );
     }

@@ -25,7 +25,6 @@
 mod common;
 mod endurance;
 mod migrate;
-mod procs;
 mod relay;
 mod save;
 mod table;

@@ -1,5 +1,7 @@
-//! Child processes of the benchmark: started with their output captured, reaped with `wait4` so
-//! that their own CPU time and peak memory are known exactly, and killed when dropped.
+//! Child processes (the benchmark's relays, QEMUs and qmigrates): started with their output
+//! captured, reaped with `wait4` so that their own CPU time and peak memory are known exactly,
+//! sampled live from `/proc`, and killed when dropped; and waits for what they listen on,
+//! without connecting to it.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -8,6 +10,8 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+
+use crate::qemu::unix_listening;
 
 /// What a finished child cost.
 #[derive(Debug, Clone, Copy, Default)]
@@ -205,27 +209,17 @@ pub fn wait_listening_tcp(port: u16, limit: Duration) -> anyhow::Result<()> {
     }
 }
 
-/// Waits until a Unix socket listens at `path`, judged from `/proc/net/unix` (the
-/// `__SO_ACCEPTCON` flag) without connecting: QEMU's monitor serves one client at a time, and
-/// a socket file that exists may not listen yet (bind comes before listen) or any more (a
-/// QEMU that died leaves it behind).
+/// Waits until a Unix socket listens at `path` (see [`unix_listening`]) without connecting:
+/// QEMU's monitor serves one client at a time.
 pub fn wait_listening_unix(path: &Path, limit: Duration) -> anyhow::Result<()> {
-    let want = path.to_string_lossy();
     let deadline = Instant::now() + limit;
-    loop {
-        let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
-        let listening = table.lines().skip(1).any(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            cols.len() >= 8 && cols[3] == "00010000" && cols[7..].join(" ") == want
-        });
-        if listening {
-            return Ok(());
-        }
+    while !unix_listening(path) {
         if Instant::now() > deadline {
             bail!("nothing listens on {} after {limit:?}", path.display());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    Ok(())
 }
 
 /// Waits until the socket file `path` exists.

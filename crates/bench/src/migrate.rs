@@ -7,16 +7,15 @@
 //! summary (total time, downtime) and from `wait4` on the relay processes. After each run both
 //! guests' RAM is dumped with `pmemsave` and compared byte for byte.
 
-use std::fs::File;
-use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use qmigrate_qmp::{ConnectOptions, Pmemsave, Qmp};
+use qmigrate_testkit::child::{self as procs, Proc, Usage};
+use qmigrate_testkit::qemu::{self, QemuBinary, Vm, VmConfig};
+use qmigrate_testkit::ram::same_ram;
 
 use crate::common::Common;
-use crate::procs::{self, Proc, Usage};
 use crate::relay::{make_cert, Cert};
 use crate::table::{self, median, num, Table};
 
@@ -139,8 +138,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         .prefix("qmigrate-bench-")
         .tempdir()?;
     let ram = dir.path().join("ram.bin");
-    let fw = dir.path().join("fw.bin");
-    write_firmware(&fw)?;
+    let qemu = find_qemu(&args.qemu)?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -163,10 +161,9 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         let base = Env {
             dir: dir.path(),
             qmigrate: &qmigrate,
-            qemu: &args.qemu,
+            qemu: &qemu,
             socat: &args.socat,
             ram: &ram,
-            fw: &fw,
             mib,
             tls: cert.as_ref(),
         };
@@ -444,20 +441,18 @@ pub(crate) fn qemu_version(qemu: &Path) -> String {
 struct Env<'a> {
     dir: &'a Path,
     qmigrate: &'a Path,
-    qemu: &'a Path,
+    qemu: &'a QemuBinary,
     socat: &'a Path,
     ram: &'a Path,
-    fw: &'a Path,
     mib: u64,
     tls: Option<&'a Cert>,
 }
 
 impl Env<'_> {
     /// Starts a VM in this run's directory (see [`start_vm`]).
-    fn vm(&self, name: &str, source: bool) -> anyhow::Result<(Proc, PathBuf)> {
+    fn vm(&self, name: &str, source: bool) -> anyhow::Result<(Vm, PathBuf)> {
         let guest = Guest {
             qemu: self.qemu,
-            fw: self.fw,
             ram: self.ram,
             mib: self.mib,
         };
@@ -471,51 +466,54 @@ impl Env<'_> {
 
 /// What every benchmark VM is made of.
 pub(crate) struct Guest<'a> {
-    pub(crate) qemu: &'a Path,
-    pub(crate) fw: &'a Path,
+    pub(crate) qemu: &'a QemuBinary,
     pub(crate) ram: &'a Path,
     pub(crate) mib: u64,
 }
 
-/// Starts a tiny VM in `dir` and waits for its QMP socket: the source's RAM is the file of
-/// random bytes, the destination's anonymous RAM (zeroed, which mapped-ram relies on: it leaves
-/// zero pages out of the file) under the same block name `m0`, waiting with `-incoming defer`.
+/// The QEMU at `path` (a bare name is looked up on PATH).
+pub(crate) fn find_qemu(path: &Path) -> anyhow::Result<QemuBinary> {
+    qemu::probe(path.to_owned(), None)
+        .with_context(|| format!("{} --version does not run as QEMU's", path.display()))
+}
+
+/// Starts a tiny VM with its QMP socket at `DIR/NAME.qmp` and waits for it: the source's RAM is
+/// the file of random bytes, the destination's anonymous RAM (zeroed, which mapped-ram relies
+/// on: it leaves zero pages out of the file) under the same block name `m0`, waiting with
+/// `-incoming defer`.
 pub(crate) fn start_vm(
     guest: &Guest<'_>,
     dir: &Path,
     name: &str,
     source: bool,
-) -> anyhow::Result<(Proc, PathBuf)> {
+) -> anyhow::Result<(Vm, PathBuf)> {
     let qmp = dir.join(format!("{name}.qmp"));
-    let mut a = strings(&[
-        "-nodefaults",
-        "-display",
-        "none",
-        "-accel",
-        "kvm",
-        "-accel",
-        "tcg",
-    ]);
-    a.extend(["-bios".into(), guest.fw.display().to_string()]);
-    a.extend(["-m".into(), format!("{}M", guest.mib)]);
-    a.push("-object".into());
-    if source {
-        a.push(format!(
-            "memory-backend-file,id=m0,size={}M,mem-path={},share=off",
-            guest.mib,
-            guest.ram.display()
-        ));
+    let cfg = if source {
+        VmConfig {
+            mem_mib: guest.mib,
+            ram_file: Some(guest.ram.to_owned()),
+            ..VmConfig::default()
+        }
     } else {
-        a.push(format!("memory-backend-ram,id=m0,size={}M", guest.mib));
-        a.extend(["-incoming".into(), "defer".into()]);
-    }
-    a.extend(["-machine".into(), "q35,memory-backend=m0".into()]);
-    a.push("-qmp".into());
-    a.push(format!("unix:{},server=on,wait=off", qmp.display()));
-    let p = Proc::spawn(name, dir, guest.qemu, &a)?;
-    procs::wait_listening_unix(&qmp, Duration::from_secs(10))
-        .with_context(|| format!("QEMU {name} did not start: {}", p.log_text()))?;
-    Ok((p, qmp))
+        qemu::incoming_config(guest.mib)
+    };
+    let cfg = VmConfig {
+        temp_in: Some(dir.to_owned()),
+        qmp_path: Some(qmp.clone()),
+        ..cfg
+    };
+    let vm = Vm::start(guest.qemu, &cfg).with_context(|| format!("QEMU {name} did not start"))?;
+    Ok((vm, qmp))
+}
+
+/// `mib` MiB of pseudo-random bytes: incompressible guest RAM.
+pub(crate) fn write_random(path: &Path, mib: u64) -> anyhow::Result<()> {
+    qemu::write_random(
+        path,
+        mib,
+        0x0005_EED0_F0DD_u64 ^ u64::from(std::process::id()),
+    )
+    .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn strings(a: &[&str]) -> Vec<String> {
@@ -678,7 +676,7 @@ fn run_once(
         bail!(
             "the migration did not complete: {}\n--- destination QEMU's log:\n{}",
             summary["error"],
-            dst_vm.log_text()
+            dst_vm.log()
         );
     }
     let ms = |key: &str| summary[key].as_u64().map(Duration::from_millis);
@@ -713,124 +711,4 @@ fn run_once(
         relay,
         verified: identical && relay.success,
     })
-}
-
-/// The guest-physical ranges of a q35 guest's RAM: below 4 GiB up to 2 GiB (or all of it when
-/// it fits below the PCI hole at 2.75 GiB), the rest from 4 GiB.
-pub(crate) fn ram_ranges(mib: u64) -> Vec<(u64, u64)> {
-    let bytes = mib << 20;
-    if bytes < 0xB000_0000 {
-        vec![(0, bytes)]
-    } else {
-        vec![(0, 0x8000_0000), (1 << 32, bytes - 0x8000_0000)]
-    }
-}
-
-/// Dumps both guests' RAM (in tmpfs when there is one) and compares them byte for byte.
-pub(crate) async fn same_ram(src: &Path, dst: &Path, mib: u64) -> anyhow::Result<bool> {
-    let shm = Path::new("/dev/shm");
-    let dumps = tempfile::Builder::new()
-        .prefix("qmigrate-bench-ram-")
-        .tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") })?;
-    let opts = ConnectOptions::default();
-    let src = Qmp::connect_unix(src, &opts)
-        .await
-        .context("QMP of the source")?;
-    let dst = Qmp::connect_unix(dst, &opts)
-        .await
-        .context("QMP of the destination")?;
-    for (n, (start, len)) in ram_ranges(mib).into_iter().enumerate() {
-        let a = dumps.path().join(format!("source-{n}.bin"));
-        let b = dumps.path().join(format!("destination-{n}.bin"));
-        for (qmp, file) in [(&src, &a), (&dst, &b)] {
-            qmp.execute_with_timeout(
-                &Pmemsave {
-                    val: start,
-                    size: len,
-                    filename: file.display().to_string(),
-                },
-                Duration::from_secs(120),
-            )
-            .await
-            .context("pmemsave")?;
-        }
-        let same = files_equal(&a, &b)?;
-        let _ = std::fs::remove_file(&a);
-        let _ = std::fs::remove_file(&b);
-        if !same {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-fn files_equal(a: &Path, b: &Path) -> anyhow::Result<bool> {
-    let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
-    if fa.metadata()?.len() != fb.metadata()?.len() {
-        return Ok(false);
-    }
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    loop {
-        let n = read_full(&mut fa, &mut ba)?;
-        let m = read_full(&mut fb, &mut bb)?;
-        if n != m || ba[..n] != bb[..m] {
-            return Ok(false);
-        }
-        if n == 0 {
-            return Ok(true);
-        }
-    }
-}
-
-pub(crate) fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match f.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
-}
-
-/// A 64 KiB firmware that halts forever (`hlt; jmp` back at the reset vector): the guest's CPU
-/// never touches its RAM.
-pub(crate) fn write_firmware(path: &Path) -> anyhow::Result<()> {
-    let mut firmware = vec![0u8; 64 * 1024];
-    firmware[0xFFF0..0xFFF3].copy_from_slice(&[0xF4, 0xEB, 0xFD]);
-    std::fs::write(path, firmware)
-        .with_context(|| format!("cannot write the firmware {}", path.display()))
-}
-
-/// `mib` MiB of pseudo-random bytes (splitmix64): incompressible guest RAM.
-pub(crate) fn write_random(path: &Path, mib: u64) -> anyhow::Result<()> {
-    let mut state: u64 = 0x0005_EED0_F0DD_u64 ^ u64::from(std::process::id());
-    let mut f = BufWriter::new(File::create(path)?);
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for chunk in buf.chunks_exact_mut(8) {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-        }
-        f.write_all(&buf)?;
-    }
-    f.flush()?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn q35_ram_layout() {
-        assert_eq!(ram_ranges(1024), vec![(0, 1 << 30)]);
-        assert_eq!(
-            ram_ranges(4096),
-            vec![(0, 0x8000_0000), (1 << 32, 0x8000_0000)]
-        );
-    }
 }
