@@ -4,7 +4,7 @@
 //! missing or foreign client certificate. A refused connection never reaches the destination
 //! socket, and the server goes on serving. Certificates are made at test time (rcgen); no key
 //! is kept in the repository. The data path over TLS (half-close, killed peers, order of
-//! connections) runs in tests/tunnel.rs (`tls::*`, `wss::*`).
+//! connections) runs in tunnel.rs (`tunnel::tls::*`, `tunnel::wss::*`).
 
 use crate::common;
 

@@ -46,7 +46,7 @@ per_scheme!(
 );
 
 // The same data-path scenarios over TLS (`tls::*`) and WebSocket over TLS (`wss::*`), with a
-// test CA made at test time; TLS's own failures are in tests/tls.rs.
+// test CA made at test time; TLS's own failures are in tls.rs.
 per_scheme!(
     tls = Scheme::Tls, wss = Scheme::Wss; within TEST;
     small_transfers_are_byte_exact,

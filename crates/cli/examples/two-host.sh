@@ -3,8 +3,8 @@
 # the SOURCE half on the source host. Paths and the address are examples; every flag shown
 # has a default (see `qmigrate <command> --help`).
 #
-#   examples/two-host.sh dest   DEST_LISTEN_ADDR          # e.g. 0.0.0.0:8765
-#   examples/two-host.sh source ws://DEST_HOST:8765/      # the server's URL
+#   crates/cli/examples/two-host.sh dest   DEST_LISTEN_ADDR          # e.g. 0.0.0.0:8765
+#   crates/cli/examples/two-host.sh source ws://DEST_HOST:8765/      # the server's URL
 #
 # Both hosts need the same token file (TOKEN_FILE, default ./token), private to its owner.
 # Make it once and copy it over a trusted channel, keeping the mode:
