@@ -15,7 +15,7 @@ use qmigrate_testkit::child::{self as procs, Proc, Usage};
 use qmigrate_testkit::qemu::{self, QemuBinary, Vm, VmConfig};
 use qmigrate_testkit::ram::same_ram;
 
-use crate::common::Common;
+use crate::common::{self, Common};
 use crate::relay::{make_cert, Cert};
 use crate::table::{self, median, num, Table};
 
@@ -529,7 +529,6 @@ fn run_once(
     let (dst_vm, dst_qmp) = env.vm("destination", false)?;
     let dest_sock = env.dir.join("dest.sock");
     let src_sock = env.dir.join("source.sock");
-    let limit = Duration::from_secs(10);
 
     // Where receive listens and where send sends.
     let (recv_to, send_to) = match variant {
@@ -573,22 +572,13 @@ fn run_once(
         }
         Variant::DirectUnix | Variant::DirectTcp | Variant::DirectUnixMultifd4 => {}
         Variant::Socat | Variant::Socat1m => {
-            let buf = if variant == Variant::Socat1m {
-                strings(&["-b", "1048576"])
-            } else {
-                vec![]
-            };
-            let port = procs::free_port()?;
-            let mut a = buf.clone();
-            a.push(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"));
-            a.push(format!("UNIX-CONNECT:{}", dest_sock.display()));
-            relays.push(Proc::spawn("socat-dest", env.dir, env.socat, &a)?);
-            procs::wait_listening_tcp(port, limit)?;
-            let mut a = buf;
-            a.push(format!("UNIX-LISTEN:{}", src_sock.display()));
-            a.push(format!("TCP:127.0.0.1:{port}"));
-            relays.push(Proc::spawn("socat-source", env.dir, env.socat, &a)?);
-            procs::wait_path(&src_sock, limit)?;
+            relays = common::socat_pair(
+                env.dir,
+                env.socat,
+                &src_sock,
+                &dest_sock,
+                variant == Variant::Socat1m,
+            )?;
         }
         Variant::Tcp
         | Variant::Ws
@@ -601,34 +591,7 @@ fn run_once(
                 Variant::Tls | Variant::Wss => Some(env.tls.context("no certificate made")?),
                 _ => None,
             };
-            let mut a = strings(&["tunnel-server", "--listen", "127.0.0.1:0", "--once"]);
-            if ws {
-                a.push("--ws".into());
-            }
-            a.extend(["--socket".into(), dest_sock.display().to_string()]);
-            if let Some(tls) = tls {
-                a.extend(["--tls-cert".into(), tls.cert.display().to_string()]);
-                a.extend(["--tls-key".into(), tls.key.display().to_string()]);
-            }
-            let mut server = env.qmigrate("tunnel-server", &a)?;
-            let line = server.ready_line()?;
-            let url = line
-                .strip_prefix("listening on ")
-                .and_then(|rest| rest.split_whitespace().next())
-                .with_context(|| format!("unexpected ready line from tunnel-server: {line:?}"))?
-                .to_owned();
-            relays.push(server);
-            let mut a = strings(&["tunnel-client", "--once", "--connect", &url]);
-            if ws {
-                a.push("--ws".into());
-            }
-            a.extend(["--socket".into(), src_sock.display().to_string()]);
-            if let Some(tls) = tls {
-                a.extend(["--tls-fingerprint".into(), tls.fingerprint.clone()]);
-            }
-            let mut client = env.qmigrate("tunnel-client", &a)?;
-            client.ready_line()?;
-            relays.push(client);
+            relays = common::tunnel_pair(env.dir, env.qmigrate, &src_sock, &dest_sock, ws, tls)?;
         }
     }
 

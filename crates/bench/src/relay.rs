@@ -13,10 +13,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use qmigrate_testkit::child::{Proc, Usage};
 
-use crate::common::Common;
+use crate::common::{self, Common};
 use crate::table::{self, median, num, Table};
-use qmigrate_testkit::child::{self as procs, Proc, Usage};
 
 /// Arguments of `qmigrate-bench relay`.
 #[derive(Debug, clap::Args)]
@@ -338,26 +338,16 @@ fn run_once(variant: Variant, env: &Env<'_>, size: u64, base: &[u8]) -> anyhow::
 
     let source = env.dir.join("source.sock");
     let mut relays: Vec<Proc> = Vec::new();
-    let limit = Duration::from_secs(10);
     match variant {
         Variant::Direct => {}
         Variant::Socat | Variant::Socat1m => {
-            let buf: Vec<String> = if variant == Variant::Socat1m {
-                vec!["-b".into(), "1048576".into()]
-            } else {
-                vec![]
-            };
-            let port = procs::free_port()?;
-            let mut a = buf.clone();
-            a.push(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"));
-            a.push(format!("UNIX-CONNECT:{}", dest.display()));
-            relays.push(Proc::spawn("socat-dest", env.dir, env.socat, &a)?);
-            procs::wait_listening_tcp(port, limit)?;
-            let mut a = buf;
-            a.push(format!("UNIX-LISTEN:{}", source.display()));
-            a.push(format!("TCP:127.0.0.1:{port}"));
-            relays.push(Proc::spawn("socat-source", env.dir, env.socat, &a)?);
-            procs::wait_path(&source, limit)?;
+            relays = common::socat_pair(
+                env.dir,
+                env.socat,
+                &source,
+                &dest,
+                variant == Variant::Socat1m,
+            )?;
         }
         Variant::Tcp | Variant::Ws | Variant::Tls | Variant::Wss => {
             let ws = matches!(variant, Variant::Ws | Variant::Wss);
@@ -365,36 +355,7 @@ fn run_once(variant: Variant, env: &Env<'_>, size: u64, base: &[u8]) -> anyhow::
                 Variant::Tls | Variant::Wss => Some(env.tls.context("no certificate made")?),
                 _ => None,
             };
-            let mut a: Vec<String> = vec!["tunnel-server".into()];
-            if ws {
-                a.push("--ws".into());
-            }
-            a.extend(["--listen".into(), "127.0.0.1:0".into(), "--once".into()]);
-            a.extend(["--socket".into(), dest.display().to_string()]);
-            if let Some(tls) = tls {
-                a.extend(["--tls-cert".into(), tls.cert.display().to_string()]);
-                a.extend(["--tls-key".into(), tls.key.display().to_string()]);
-            }
-            let mut server = Proc::spawn("tunnel-server", env.dir, env.qmigrate, &a)?;
-            let line = server.ready_line()?;
-            let url = line
-                .strip_prefix("listening on ")
-                .and_then(|rest| rest.split_whitespace().next())
-                .with_context(|| format!("unexpected ready line from tunnel-server: {line:?}"))?
-                .to_owned();
-            relays.push(server);
-            let mut a: Vec<String> = vec!["tunnel-client".into()];
-            if ws {
-                a.push("--ws".into());
-            }
-            a.extend(["--connect".into(), url, "--once".into()]);
-            a.extend(["--socket".into(), source.display().to_string()]);
-            if let Some(tls) = tls {
-                a.extend(["--tls-fingerprint".into(), tls.fingerprint.clone()]);
-            }
-            let mut client = Proc::spawn("tunnel-client", env.dir, env.qmigrate, &a)?;
-            client.ready_line()?;
-            relays.push(client);
+            relays = common::tunnel_pair(env.dir, env.qmigrate, &source, &dest, ws, tls)?;
         }
     }
     let target = if variant == Variant::Direct {
