@@ -6,5 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
-cargo build --release --quiet --bin qmigrate --bin qmigrate-bench
+# The benchmark (package qmigrate-bench) runs the qmigrate next to it: target/release/qmigrate.
+cargo build --release --quiet -p qmigrate -p qmigrate-bench
 exec target/release/qmigrate-bench "${@:-relay}"

@@ -1,0 +1,9 @@
+//! The `qmigrate` binary's integration tests, one test binary (ripgrep's `tests/tests.rs`): real
+//! QEMU processes, the built binary run through `CARGO_BIN_EXE_qmigrate`, guest RAM compared.
+
+mod support;
+
+mod e2e;
+mod endurance;
+mod file;
+mod one_command;

@@ -1,0 +1,549 @@
+//! TLS (`tls://`) and WebSocket over TLS (`wss://`): the server checked against a CA or a
+//! pinned fingerprint, mutual TLS, and every way a TLS connection is refused: a wrong CA, a
+//! wrong fingerprint, a plain client at a TLS server, a TLS client at a plain server, a
+//! missing or foreign client certificate. A refused connection never reaches the destination
+//! socket, and the server goes on serving. Certificates are made at test time (rcgen); no key
+//! is kept in the repository. The data path over TLS (half-close, killed peers, order of
+//! connections) runs in tunnel.rs (`tunnel::tls::*`, `tunnel::wss::*`).
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::*;
+use qmigrate_testkit::per_scheme;
+use qmigrate_transport::{
+    open_data, ClientConfig, ClientTls, Endpoint, Error, Fingerprint, Scheme, Server, ServerCheck,
+    ServerConfig, ServerTls, Token,
+};
+use tokio::net::UnixListener;
+
+/// Limit for a whole test, on top of the limit on each step.
+const TEST: Duration = Duration::from_secs(60);
+
+per_scheme!(
+    tls = Scheme::Tls, wss = Scheme::Wss; within TEST;
+    ca_verified_transfer_is_byte_exact,
+    self_signed_pair_as_its_own_ca,
+    pinned_fingerprint_transfer_is_byte_exact,
+    wrong_ca_is_refused,
+    wrong_fingerprint_is_refused,
+    plain_client_at_a_tls_server_is_told_to_use_tls,
+    tls_client_at_a_plain_server_is_told_it_does_not_speak_tls,
+    mutual_tls_with_and_without_a_client_certificate,
+    token_and_tls_together,
+);
+
+/// One connection through `t`'s client: `up` bytes to the destination while `down` come back,
+/// both byte for byte.
+async fn exchange(t: &Tunnel, dest: &UnixListener, up: u64, down: u64, what: &str) {
+    let source = t.source_connect().await;
+    let (at_source, at_dest) = within(STEP, &format!("{what}: the transfer"), async {
+        tokio::join!(
+            duplex(source, Pattern::new(11), up, Pattern::new(12)),
+            async { duplex(accept(dest).await, Pattern::new(12), down, Pattern::new(11)).await },
+        )
+    })
+    .await;
+    at_dest.assert_exact(up, &format!("{what}: at the destination"));
+    at_source.assert_exact(down, &format!("{what}: at the source"));
+}
+
+/// A tunnel with the given TLS settings that carries 24 MiB up and 3 MiB down on each of
+/// three connections (the later ones resume the first one's TLS session), then stops cleanly.
+async fn transfer_with(scheme: Scheme, server: ServerTls, client: ClientTls, what: &str) {
+    let mut t = Tunnel::start(
+        scheme,
+        Opts {
+            once: false,
+            server_tls: Some(server),
+            client_tls: Some(client),
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert_eq!(t.url.scheme, scheme);
+    let dest = t.dest_listener();
+    let (up, down) = ((24 << 20) + 5, (3 << 20) + 7);
+    for i in 0..3 {
+        exchange(&t, &dest, up, down, &format!("{what} #{i}")).await;
+    }
+    tokio::time::sleep(QUIET).await;
+    let (server, client) = t.stop().await;
+    assert_eq!(
+        (server.connections, server.failed, server.from_tunnel),
+        (3, 0, 3 * up),
+        "{what}: server report {server}"
+    );
+    assert_eq!(
+        (client.connections, client.failed, client.from_tunnel),
+        (3, 0, 3 * down),
+        "{what}: client report {client}"
+    );
+}
+
+async fn ca_verified_transfer_is_byte_exact(scheme: Scheme) {
+    let ca = Ca::new("server");
+    let cert = ca.issue(&["127.0.0.1"]);
+    // The server reads its certificate and key from PEM files, as tunnel-server does.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, &cert.cert_pem).expect("write cert");
+    std::fs::write(&key_path, &cert.key_pem).expect("write key");
+    let server = ServerTls::from_pem_files(&cert_path, &key_path, None).expect("PEM files");
+    assert_eq!(server.fingerprint(), Fingerprint::of(&cert.cert));
+    assert!(!server.requires_client_certificates());
+    let client = client_tls(ServerCheck::Ca(vec![ca.der()]), None);
+    transfer_with(scheme, server, client, "CA-verified").await;
+}
+
+/// The README's one-command pair (`openssl req -x509`, CA:TRUE) given to the client as its
+/// CA file: trusted as itself, with its name still checked.
+async fn self_signed_pair_as_its_own_ca(scheme: Scheme) {
+    let cert = Ca::self_signed_ca(&["127.0.0.1"]);
+    let server = server_tls(&cert, None);
+    let client = client_tls(ServerCheck::Ca(vec![cert.cert.clone()]), None);
+    let (t, dest) = tunnel(scheme, server, client).await;
+
+    let elsewhere = Ca::self_signed_ca(&["dest.example"]);
+    let (t2, dest2) = tunnel(
+        scheme,
+        server_tls(&elsewhere, None),
+        client_tls(ServerCheck::Ca(vec![elsewhere.cert.clone()]), None),
+    )
+    .await;
+    let err = refused(
+        &t2.url,
+        Some(client_tls(
+            ServerCheck::Ca(vec![elsewhere.cert.clone()]),
+            None,
+        )),
+        None,
+        "a self-signed pair for another name",
+    )
+    .await;
+    assert!(err.to_string().contains("dest.example"), "{err}");
+    assert_no_connection(&dest2, "a self-signed pair for another name").await;
+    drop(t2);
+    still_serves(t, &dest, "a self-signed pair for another name").await;
+}
+
+async fn pinned_fingerprint_transfer_is_byte_exact(scheme: Scheme) {
+    // Self-signed, and for another name than the address connected to: a pin checks the
+    // certificate itself, not its name.
+    let cert = Issued::self_signed(&["dest.example"]);
+    let server = server_tls(&cert, None);
+    // As an operator would copy it from `openssl x509 -noout -fingerprint -sha256`.
+    let openssl_style = format!(
+        "SHA256 Fingerprint={}",
+        server
+            .fingerprint()
+            .to_string()
+            .trim_start_matches("sha256:")
+    );
+    let pin = Fingerprint::parse(&openssl_style).expect("openssl's format");
+    let client = client_tls(ServerCheck::Fingerprint(pin), None);
+    transfer_with(scheme, server, client, "pinned").await;
+}
+
+/// A server on `scheme` with `server`'s settings and the client settings of a good client;
+/// returns the tunnel (whose client is good) and its destination listener.
+async fn tunnel(scheme: Scheme, server: ServerTls, good: ClientTls) -> (Tunnel, UnixListener) {
+    let t = Tunnel::start(
+        scheme,
+        Opts {
+            once: false,
+            server_tls: Some(server),
+            client_tls: Some(good),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let dest = t.dest_listener();
+    (t, dest)
+}
+
+/// Opens one data connection to `url` as a separate client would and returns its error.
+async fn refused(
+    url: &Endpoint,
+    tls: Option<ClientTls>,
+    token: Option<Token>,
+    what: &str,
+) -> Error {
+    let config = ClientConfig {
+        tls,
+        token,
+        connect_timeout: STEP,
+        reply_timeout: STEP,
+        ..ClientConfig::new(url.clone())
+    };
+    match within(STEP, what, open_data(&config, "00000000000000aa", 0)).await {
+        Ok(_) => panic!("{what}: the connection was accepted"),
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            e
+        }
+    }
+}
+
+/// After refused connections: nothing reached the destination, and a good client still gets
+/// its data through the same server.
+async fn still_serves(mut t: Tunnel, dest: &UnixListener, what: &str) {
+    assert_no_connection(dest, what).await;
+    assert!(t.server_running(), "the server stopped after {what}");
+    exchange(&t, dest, 1 << 20, 4096, &format!("after {what}")).await;
+    tokio::time::sleep(QUIET).await;
+    let (server, _) = t.stop().await;
+    assert_eq!(
+        (server.connections, server.failed),
+        (1, 0),
+        "{what}: only the good connection counts: {server}"
+    );
+}
+
+async fn wrong_ca_is_refused(scheme: Scheme) {
+    let ca = Ca::new("right");
+    let server = server_tls(&ca.issue(&["127.0.0.1"]), None);
+    let good = client_tls(ServerCheck::Ca(vec![ca.der()]), None);
+    let (t, dest) = tunnel(scheme, server, good).await;
+
+    let other = Ca::new("wrong");
+    let wrong = client_tls(ServerCheck::Ca(vec![other.der()]), None);
+    let err = refused(&t.url, Some(wrong), None, "a client trusting another CA").await;
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::Certificate { .. }) && msg.contains("certificate verification failed"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("--tls-ca") && msg.contains("--tls-fingerprint"),
+        "{msg}"
+    );
+
+    // The right CA, but a certificate for another name than the address.
+    let elsewhere = Ca::new("names");
+    let server = server_tls(&elsewhere.issue(&["dest.example"]), None);
+    let (t2, dest2) = tunnel(
+        scheme,
+        server,
+        client_tls(ServerCheck::Ca(vec![elsewhere.der()]), None),
+    )
+    .await;
+    let err = refused(
+        &t2.url,
+        Some(client_tls(ServerCheck::Ca(vec![elsewhere.der()]), None)),
+        None,
+        "a certificate for another name",
+    )
+    .await;
+    assert!(
+        err.to_string().contains("certificate verification failed"),
+        "{err}"
+    );
+    assert_no_connection(&dest2, "a certificate for another name").await;
+    drop(t2);
+
+    still_serves(t, &dest, "a client with the wrong CA").await;
+}
+
+async fn wrong_fingerprint_is_refused(scheme: Scheme) {
+    let cert = Issued::self_signed(&["127.0.0.1"]);
+    let server = server_tls(&cert, None);
+    let good = client_tls(ServerCheck::Fingerprint(server.fingerprint()), None);
+    let (t, dest) = tunnel(scheme, server.clone(), good).await;
+
+    let another = Fingerprint::of(&Issued::self_signed(&["127.0.0.1"]).cert);
+    let pinned = client_tls(ServerCheck::Fingerprint(another), None);
+    let err = refused(
+        &t.url,
+        Some(pinned),
+        None,
+        "a client pinning another certificate",
+    )
+    .await;
+    let msg = err.to_string();
+    assert!(msg.contains("certificate verification failed"), "{msg}");
+    assert!(
+        msg.contains(&format!("not the pinned {another}"))
+            && msg.contains(&server.fingerprint().to_string()),
+        "names both fingerprints: {msg}"
+    );
+    // The system's CAs know nothing of a self-signed certificate.
+    if let Ok(system) = ClientTls::new(ServerCheck::SystemRoots, None) {
+        let err = refused(&t.url, Some(system), None, "a client with the system CAs").await;
+        assert!(
+            err.to_string().contains("certificate verification failed"),
+            "{err}"
+        );
+    }
+    still_serves(t, &dest, "a client pinning the wrong certificate").await;
+}
+
+async fn plain_client_at_a_tls_server_is_told_to_use_tls(scheme: Scheme) {
+    let (server, good) = test_tls();
+    let (t, dest) = tunnel(scheme, server, good).await;
+    let plain = Endpoint {
+        scheme: if scheme.is_websocket() {
+            Scheme::Ws
+        } else {
+            Scheme::Tcp
+        },
+        ..t.url.clone()
+    };
+    let err = refused(&plain, None, None, "a plain client").await;
+    let msg = err.to_string();
+    match scheme {
+        Scheme::Tls => assert!(
+            matches!(err, Error::Rejected { .. }) && msg.contains("tls://"),
+            "a tcp:// client gets a reject telling it to use tls://: {msg}"
+        ),
+        _ => assert!(
+            matches!(err, Error::WebSocketRefused { .. }) && msg.contains("wss://"),
+            "a ws:// client gets an HTTP error telling it to use wss://: {msg}"
+        ),
+    }
+    // The other plain transport too, as an operator who mixed up the URLs would run it.
+    let crossed = Endpoint {
+        scheme: if scheme.is_websocket() {
+            Scheme::Tcp
+        } else {
+            Scheme::Ws
+        },
+        ..t.url.clone()
+    };
+    let err = refused(&crossed, None, None, "the other plain client").await;
+    assert!(
+        err.to_string().contains("TLS") || err.to_string().contains("tls"),
+        "{err}"
+    );
+    still_serves(t, &dest, "plain clients").await;
+}
+
+async fn tls_client_at_a_plain_server_is_told_it_does_not_speak_tls(scheme: Scheme) {
+    let plain_scheme = if scheme.is_websocket() {
+        Scheme::Ws
+    } else {
+        Scheme::Tcp
+    };
+    let t = Tunnel::start(
+        plain_scheme,
+        Opts {
+            once: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let dest = t.dest_listener();
+    let url = Endpoint {
+        scheme,
+        ..t.url.clone()
+    };
+    let (_, client) = test_tls();
+    let err = refused(&url, Some(client), None, "a TLS client at a plain server").await;
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::TlsHandshake { .. }) && msg.contains("--tls-cert"),
+        "{msg}"
+    );
+    assert_no_connection(&dest, "a TLS client at a plain server").await;
+    assert!(t.server_running());
+}
+
+async fn mutual_tls_with_and_without_a_client_certificate(scheme: Scheme) {
+    let server_ca = Ca::new("server");
+    let client_ca = Ca::new("clients");
+    let server = server_tls(&server_ca.issue(&["127.0.0.1"]), Some(&client_ca));
+    assert!(server.requires_client_certificates());
+    let check = || ServerCheck::Ca(vec![server_ca.der()]);
+    let member = client_ca.issue(&["source.example"]);
+    let good = client_tls(check(), Some(&member));
+    let (t, dest) = tunnel(scheme, server, good).await;
+
+    let err = refused(
+        &t.url,
+        Some(client_tls(check(), None)),
+        None,
+        "no client certificate",
+    )
+    .await;
+    let msg = err.to_string();
+    assert!(
+        msg.contains("client certificate") && msg.contains("--tls-cert"),
+        "{msg}"
+    );
+
+    let stranger = Ca::new("strangers").issue(&["source.example"]);
+    let err = refused(
+        &t.url,
+        Some(client_tls(check(), Some(&stranger))),
+        None,
+        "a client certificate from another CA",
+    )
+    .await;
+    let msg = err.to_string();
+    assert!(
+        msg.contains("did not accept") && msg.contains("certificate"),
+        "{msg}"
+    );
+
+    // The server's own CA does not vouch for clients.
+    let wrong_ca = server_ca.issue(&["source.example"]);
+    let err = refused(
+        &t.url,
+        Some(client_tls(check(), Some(&wrong_ca))),
+        None,
+        "a client certificate from the server's CA",
+    )
+    .await;
+    assert!(err.to_string().contains("certificate"), "{err}");
+
+    still_serves(t, &dest, "clients without a good certificate").await;
+}
+
+async fn token_and_tls_together(scheme: Scheme) {
+    let token = Token::new("a token for the TLS tests, long enough", "test").expect("token");
+    let (server, client) = test_tls();
+    let mut t = Tunnel::start(
+        scheme,
+        Opts {
+            once: false,
+            server_tls: Some(server),
+            client_tls: Some(client.clone()),
+            server_token: Some(token.clone()),
+            client_token: Some(token),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let dest = t.dest_listener();
+    let wrong = Token::new("another token, just as long as it", "test").expect("token");
+    let err = refused(
+        &t.url,
+        Some(client.clone()),
+        Some(wrong),
+        "a wrong token over TLS",
+    )
+    .await;
+    assert!(
+        matches!(err, Error::Rejected { .. }) && err.to_string().contains("auth"),
+        "{err}"
+    );
+    let err = refused(&t.url, Some(client), None, "no token over TLS").await;
+    assert!(matches!(err, Error::Auth(_)), "{err}");
+    assert_no_connection(&dest, "bad tokens over TLS").await;
+    exchange(&t, &dest, 3 << 20, 1, "token and TLS").await;
+    tokio::time::sleep(QUIET).await;
+    let (server, _) = t.stop().await;
+    assert_eq!((server.connections, server.failed), (1, 0), "{server}");
+}
+
+/// Beyond loopback, a server needs client authentication: a token or client certificates.
+/// A server certificate alone proves the server, not the clients.
+#[tokio::test]
+async fn tls_alone_is_not_client_authentication() {
+    let (server, _) = test_tls();
+    let ca = Ca::new("clients");
+    let mtls = server_tls(&ca.issue(&["127.0.0.1"]), Some(&ca));
+    for scheme in [Scheme::Tls, Scheme::Wss] {
+        let everywhere = Endpoint::parse("0.0.0.0:0", scheme).expect("endpoint");
+        let config = |tls: &ServerTls| ServerConfig {
+            tls: Some(tls.clone()),
+            ..ServerConfig::new("/nonexistent/dest.sock")
+        };
+        let err = Server::bind(&everywhere, config(&server))
+            .await
+            .expect_err("a server certificate without client authentication");
+        assert!(matches!(err, Error::Unauthenticated { .. }), "{err}");
+        assert!(err.to_string().contains("--tls-client-ca"), "{err}");
+
+        let ok = Server::bind(&everywhere, config(&mtls))
+            .await
+            .expect("client certificates authenticate");
+        assert_eq!(ok.local_endpoint().scheme, scheme);
+        let token = Token::new("a token for the TLS tests, long enough", "test").expect("token");
+        Server::bind(
+            &everywhere,
+            ServerConfig {
+                token: Some(token),
+                ..config(&server)
+            },
+        )
+        .await
+        .expect("a token authenticates");
+    }
+}
+
+/// TLS addresses need TLS settings and plain ones refuse them: nothing is silently
+/// unencrypted or unverified.
+#[tokio::test]
+async fn tls_settings_and_schemes_must_agree() {
+    let (server, client) = test_tls();
+    let tls_url = Endpoint::parse("tls://127.0.0.1:0", Scheme::Tcp).expect("tls");
+    let tcp_url = Endpoint::parse("tcp://127.0.0.1:0", Scheme::Tcp).expect("tcp");
+    let err = Server::bind(&tls_url, ServerConfig::new("/nonexistent"))
+        .await
+        .expect_err("tls:// without a certificate");
+    assert!(
+        matches!(err, Error::TlsSetup(_)) && err.to_string().contains("--tls-cert"),
+        "{err}"
+    );
+    let err = Server::bind(
+        &tcp_url,
+        ServerConfig {
+            tls: Some(server),
+            ..ServerConfig::new("/nonexistent")
+        },
+    )
+    .await
+    .expect_err("a certificate for tcp://");
+    assert!(matches!(err, Error::TlsSetup(_)), "{err}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = qmigrate_transport::Client::bind(
+        &dir.path().join("a.sock"),
+        ClientConfig::new(tls_url.clone()),
+    )
+    .expect_err("tls:// without a way to check the server");
+    assert!(err.to_string().contains("--tls-fingerprint"), "{err}");
+    let err = qmigrate_transport::Client::bind(
+        &dir.path().join("b.sock"),
+        ClientConfig {
+            tls: Some(client),
+            ..ClientConfig::new(tcp_url)
+        },
+    )
+    .expect_err("TLS settings for tcp://");
+    assert!(matches!(err, Error::TlsSetup(_)), "{err}");
+}
+
+/// Unreadable and mismatched PEM files are named in the error.
+#[test]
+fn bad_pem_files_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = Issued::self_signed(&["127.0.0.1"]);
+    let other = Issued::self_signed(&["127.0.0.1"]);
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let (c, k) = (
+        write("cert.pem", &cert.cert_pem),
+        write("key.pem", &cert.key_pem),
+    );
+    let other_key = write("other.pem", &other.key_pem);
+    let junk = write("junk.pem", "not PEM at all\n");
+    let missing = dir.path().join("missing.pem");
+
+    let err = ServerTls::from_pem_files(&missing, &k, None).expect_err("missing");
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+    let err = ServerTls::from_pem_files(&junk, &k, None).expect_err("junk cert");
+    assert!(err.to_string().contains("BEGIN CERTIFICATE"), "{err}");
+    let err = ServerTls::from_pem_files(&c, &junk, None).expect_err("junk key");
+    assert!(err.to_string().contains("PRIVATE KEY"), "{err}");
+    let err = ServerTls::from_pem_files(&c, &c, None).expect_err("a cert as the key");
+    assert!(err.to_string().contains("PRIVATE KEY"), "{err}");
+    let err = ServerTls::from_pem_files(&c, &other_key, None).expect_err("another key");
+    assert!(err.to_string().contains("certificate and key"), "{err}");
+    ServerTls::from_pem_files(&c, &k, Some(&c)).expect("a self-signed cert as client CA");
+}
