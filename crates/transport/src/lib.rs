@@ -37,7 +37,6 @@ mod server;
 mod stream;
 pub mod tls;
 mod transport;
-mod upgrade;
 mod ws;
 
 pub use auth::{Token, TokenError};
