@@ -20,6 +20,7 @@ use rustls::{CipherSuite, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
+use super::diagnose::{diagnose, Side};
 use super::handshake::{Established, Kernel};
 use super::record::{
     self, parse_alert, parse_handshake, sealed_len, Alert, PostHandshake, RecordKey, ALERT,
@@ -231,10 +232,8 @@ impl TlsReader {
                     Alert::Fatal(desc) => {
                         // As rustls would report it, so that the error says what the peer
                         // refused (a missing client certificate, say).
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            rustls::Error::AlertReceived(desc),
-                        ));
+                        let alert = rustls::Error::AlertReceived(desc);
+                        return Err(diagnose(&alert, Side::Either).into_io());
                     }
                 },
                 HANDSHAKE => {

@@ -24,7 +24,7 @@ use super::{Role, WsStream};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::protocol::{MAX_FRAME, MAX_HANDSHAKE_LEN};
-use crate::tls;
+use crate::tls::TlsFailure;
 
 /// Bytes of the start of the HTTP message kept to read the status code: `HTTP/1.1 101`.
 const HEAD: usize = 12;
@@ -243,8 +243,8 @@ fn ws_handshake_error(e: tokio_tungstenite::tungstenite::Error) -> Error {
                 None => Error::WebSocketHandshake(Box::new(W::Http(resp))),
             }
         }
-        W::Io(io) => match tls::tls_cause(&io, tls::Side::Either) {
-            Some(tls) => tls,
+        W::Io(io) => match TlsFailure::in_io(&io) {
+            Some(failure) => Error::Tls(failure.clone()),
             None => Error::WebSocketHandshake(Box::new(W::Io(io))),
         },
         other => Error::WebSocketHandshake(Box::new(other)),
