@@ -70,6 +70,9 @@ pub enum Error {
     /// The peer broke the data framing of an established tunnel connection.
     #[error("tunnel protocol violation: {0}")]
     Protocol(String),
+    /// The peer broke the length-prefixed data framing of a `tcp://` or `tls://` connection.
+    #[error("tunnel protocol violation: {0}")]
+    Frame(#[from] crate::frame::DecodeError),
     /// The server refused this connection.
     #[error("the tunnel server ({software}) refused the connection ({reason}): {message}")]
     Rejected {
