@@ -60,28 +60,19 @@ pub enum Error {
     /// address without settings).
     #[error(transparent)]
     TlsSetup(#[from] crate::tls::TlsError),
-    /// The TLS handshake failed, or the peer ended the TLS session with an alert; `why` says
-    /// which side refused what, and what to do.
-    #[error("TLS handshake failed: {why}")]
-    TlsHandshake {
-        /// What happened, and what to do.
-        why: String,
-    },
-    /// The peer's certificate did not pass this side's check (wrong CA, wrong name, another
-    /// certificate than the pinned one, expired).
-    #[error("the {whose} certificate verification failed: {why}")]
-    Certificate {
-        /// `server's` or `client's`.
-        whose: &'static str,
-        /// Why, and what to do.
-        why: String,
-    },
+    /// The TLS handshake failed (this side or the peer refused a certificate, the peer does
+    /// not speak TLS, ...), or the peer ended the TLS session with an alert.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsFailure),
     /// The peer sent a handshake that is not ours or is malformed.
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
     /// The peer broke the data framing of an established tunnel connection.
     #[error("tunnel protocol violation: {0}")]
     Protocol(String),
+    /// The peer broke the length-prefixed data framing of a `tcp://` or `tls://` connection.
+    #[error("tunnel protocol violation: {0}")]
+    Frame(#[from] crate::frame::DecodeError),
     /// The server refused this connection.
     #[error("the tunnel server ({software}) refused the connection ({reason}): {message}")]
     Rejected {
@@ -132,8 +123,8 @@ impl Error {
     /// An I/O error, classified as a lost connection when it is one.
     pub(crate) fn lost_or_io(e: io::Error) -> Self {
         use io::ErrorKind::*;
-        if let Some(tls) = crate::tls::tls_cause(&e, crate::tls::Side::Either) {
-            return tls;
+        if let Some(failure) = crate::tls::TlsFailure::in_io(&e) {
+            return Error::Tls(failure.clone());
         }
         match e.kind() {
             UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {

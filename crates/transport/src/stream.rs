@@ -7,7 +7,7 @@
 //! that died or a network that dropped (tear everything down, never a clean EOF on a
 //! truncated migration stream). On TCP (and inside TLS) the data is framed as a big-endian
 //! `u32` length and that many bytes, a zero length marking the end; on WebSocket each binary
-//! message is data and an empty binary message is the end (the framing is in `ws.rs`).
+//! message is data and an empty binary message is the end (the framing is in `ws/`).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -19,6 +19,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::error::{Error, Result};
+use crate::frame::{self, Expect, FrameDecoder};
 use crate::protocol::{self, EnvelopeError, MAX_FRAME};
 use crate::tls::{TlsReader, TlsWriter, VectoredRead};
 use crate::ws::{self, FrameError, RecvError, WsReader, WsStream, WsWriter};
@@ -183,13 +184,11 @@ pub enum TunnelReader {
     Wss(Box<WsReader<TlsReader>>),
 }
 
-/// Reads length-prefixed frames: the bytes left in the current frame, and whether the end
-/// marker arrived.
+/// Reads length-prefixed frames: the byte stream and the frame decoder's state.
 #[derive(Debug)]
 pub struct Frames<R> {
     rd: R,
-    remaining: usize,
-    eos: bool,
+    dec: FrameDecoder,
 }
 
 impl TunnelReader {
@@ -217,10 +216,7 @@ impl TunnelReader {
     ) -> Result<()> {
         match self {
             TunnelReader::Tcp(r) => r.pump_to(w, count).await?,
-            TunnelReader::Tls(r) => {
-                r.rd.pump_frames_to(&mut r.remaining, &mut r.eos, w, count)
-                    .await?
-            }
+            TunnelReader::Tls(r) => r.rd.pump_frames_to(&mut r.dec, w, count).await?,
             TunnelReader::Ws(r) => r.pump_to(w, count).await?,
             TunnelReader::Wss(r) => r.pump_to(w, count).await?,
         }
@@ -232,35 +228,42 @@ impl<R: AsyncRead + Unpin> Frames<R> {
     fn new(rd: R) -> Self {
         Frames {
             rd,
-            remaining: 0,
-            eos: false,
+            dec: FrameDecoder::new(),
         }
     }
 
     async fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
-        if self.eos {
-            return Ok(0);
-        }
-        if self.remaining == 0 {
-            match next_frame_len(&mut self.rd).await? {
-                0 => {
-                    self.eos = true;
-                    return Ok(0);
+        loop {
+            match self.dec.expect() {
+                Expect::End => return Ok(0),
+                Expect::Payload { left } => {
+                    let want = left.min(buf.len());
+                    let n = self
+                        .rd
+                        .read(&mut buf[..want])
+                        .await
+                        .map_err(Error::lost_or_io)?;
+                    if n == 0 {
+                        return Err(Error::ConnectionLost("the peer closed mid-frame".into()));
+                    }
+                    self.dec.payload(n);
+                    return Ok(n);
                 }
-                n => self.remaining = n,
+                Expect::Header { missing } => {
+                    let mut header = [0u8; frame::HEADER];
+                    match self.rd.read_exact(&mut header[..missing]).await {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            return Err(Error::ConnectionLost(
+                                "the peer closed without ending the stream".into(),
+                            ))
+                        }
+                        Err(e) => return Err(Error::lost_or_io(e)),
+                    }
+                    self.dec.header(&header[..missing])?;
+                }
             }
         }
-        let want = self.remaining.min(buf.len());
-        let n = self
-            .rd
-            .read(&mut buf[..want])
-            .await
-            .map_err(Error::lost_or_io)?;
-        if n == 0 {
-            return Err(Error::ConnectionLost("the peer closed mid-frame".into()));
-        }
-        self.remaining -= n;
-        Ok(n)
     }
 
     async fn pump_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W, count: &AtomicU64) -> Result<()> {
@@ -278,26 +281,6 @@ impl<R: AsyncRead + Unpin> Frames<R> {
             count.fetch_add(n as u64, Relaxed);
         }
     }
-}
-
-async fn next_frame_len<R: AsyncRead + Unpin>(rd: &mut R) -> Result<usize> {
-    let mut header = [0u8; 4];
-    match rd.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(Error::ConnectionLost(
-                "the peer closed without ending the stream".into(),
-            ))
-        }
-        Err(e) => return Err(Error::lost_or_io(e)),
-    }
-    let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME {
-        return Err(Error::Protocol(format!(
-            "data frame of {len} bytes is larger than the {MAX_FRAME}-byte limit"
-        )));
-    }
-    Ok(len)
 }
 
 /// The sending direction of a [`TunnelStream`].

@@ -8,18 +8,13 @@
 
 use std::future::Future;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::endpoint::{Endpoint, Scheme};
 use crate::error::{Error, Result};
-use crate::protocol::{MAX_FRAME, MAX_HANDSHAKE_LEN};
 use crate::stream::TunnelStream;
 use crate::tls::{self, ClientTls, ServerTls, TlsError};
-use crate::upgrade::Upgrade;
-use crate::ws::{Role, WsStream};
+use crate::ws::{ws_accept, ws_connect};
 
 /// A way to carry tunnel connections.
 pub trait Transport: Send + Sync {
@@ -175,20 +170,6 @@ impl Transport for Tcp {
     }
 }
 
-/// tungstenite's settings. It only runs the HTTP upgrade: the frames after it are ours
-/// (`ws.rs`), so its read buffer is never used beyond the `WebSocket` it builds and we take
-/// apart at once; the limits are the ones our reader enforces.
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .max_message_size(Some(MAX_FRAME))
-        .max_frame_size(Some(MAX_FRAME))
-}
-
-/// Largest WebSocket message before the split: one handshake envelope (12-byte header and
-/// body), refused from its frame header when larger.
-pub(crate) const WS_HANDSHAKE_MESSAGE: usize = 12 + MAX_HANDSHAKE_LEN as usize;
-
 impl Transport for WebSocket {
     fn scheme(&self) -> Scheme {
         Scheme::Ws
@@ -202,73 +183,6 @@ impl Transport for WebSocket {
     async fn accept(&self, tcp: TcpStream) -> Result<TunnelStream> {
         tune(&tcp)?;
         Ok(TunnelStream::Ws(Box::new(ws_accept(tcp).await?)))
-    }
-}
-
-/// The client's upgrade: tungstenite sends the request and checks the response, then the
-/// stream (with any bytes that came after the response) is ours.
-async fn ws_connect<S>(to: &Endpoint, io: S) -> Result<WsStream<S>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let (ws, _response) = tokio_tungstenite::client_async_with_config(
-        to.to_string(),
-        Upgrade::new(io, true),
-        Some(ws_config()),
-    )
-    .await
-    .map_err(ws_handshake_error)?;
-    let (io, after) = ws.into_inner().into_parts()?;
-    Ok(WsStream::new(io, Role::Client, after, WS_HANDSHAKE_MESSAGE))
-}
-
-/// The server's upgrade, likewise.
-async fn ws_accept<S>(io: S) -> Result<WsStream<S>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    // The callback's error type is tungstenite's HTTP response, large by its design.
-    #[allow(clippy::result_large_err)]
-    let check = |req: &Request, resp: Response| {
-        tracing::debug!(path = %req.uri().path(), "WebSocket upgrade");
-        Ok(resp)
-    };
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(
-        Upgrade::new(io, false),
-        check,
-        Some(ws_config()),
-    )
-    .await
-    .map_err(ws_handshake_error)?;
-    let (io, after) = ws.into_inner().into_parts()?;
-    Ok(WsStream::new(io, Role::Server, after, WS_HANDSHAKE_MESSAGE))
-}
-
-/// A failed upgrade. A server's explanation in the body of its HTTP refusal is kept (a TLS
-/// server tells a ws:// client to use wss:// that way), and TLS failures underneath keep
-/// their own words.
-fn ws_handshake_error(e: tokio_tungstenite::tungstenite::Error) -> Error {
-    use tokio_tungstenite::tungstenite::Error as W;
-    match e {
-        W::Http(resp) => {
-            let body = resp
-                .body()
-                .as_deref()
-                .map(|b| String::from_utf8_lossy(b).trim().to_owned())
-                .filter(|b| !b.is_empty() && b.len() < 1024);
-            match body {
-                Some(body) => Error::WebSocketRefused {
-                    status: resp.status().to_string(),
-                    message: body,
-                },
-                None => Error::WebSocketHandshake(Box::new(W::Http(resp))),
-            }
-        }
-        W::Io(io) => match tls::tls_cause(&io, tls::Side::Either) {
-            Some(tls) => tls,
-            None => Error::WebSocketHandshake(Box::new(W::Io(io))),
-        },
-        other => Error::WebSocketHandshake(Box::new(other)),
     }
 }
 

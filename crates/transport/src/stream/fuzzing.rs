@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::recv_envelope;
 use crate::error::Result;
 use crate::protocol::MAX_FRAME;
-use crate::transport::WS_HANDSHAKE_MESSAGE;
+use crate::ws::WS_HANDSHAKE_MESSAGE;
 use crate::ws::{self, Event, Role, WsStream};
 
 /// Reads envelopes from `data` the way a TCP or TLS tunnel connection reads its handshake,

@@ -20,6 +20,7 @@ use rustls::{CipherSuite, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
+use super::diagnose::{diagnose, Side};
 use super::handshake::{Established, Kernel};
 use super::record::{
     self, parse_alert, parse_handshake, sealed_len, Alert, PostHandshake, RecordKey, ALERT,
@@ -27,7 +28,7 @@ use super::record::{
     MAX_PLAINTEXT,
 };
 use crate::error::{Error, Result};
-use crate::protocol::MAX_FRAME;
+use crate::frame::FrameDecoder;
 
 /// The reader's buffer: up to this much ciphertext per `read`.
 const RX_BUFFER: usize = 1024 * 1024;
@@ -231,10 +232,8 @@ impl TlsReader {
                     Alert::Fatal(desc) => {
                         // As rustls would report it, so that the error says what the peer
                         // refused (a missing client certificate, say).
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            rustls::Error::AlertReceived(desc),
-                        ));
+                        let alert = rustls::Error::AlertReceived(desc);
+                        return Err(diagnose(&alert, Side::Either).into_io());
                     }
                 },
                 HANDSHAKE => {
@@ -310,27 +309,23 @@ impl TlsReader {
 
     /// The relay's receiving side for `tls://`: reads our frames (see `crate::stream`) out of
     /// the records and writes their payloads to `w`, many records per `writev`, until the
-    /// end-of-stream frame. `remaining` and `eos` are the frame reader's state, so that this
-    /// can take over from byte-wise reads.
+    /// end-of-stream frame. `dec` is the frame reader's state, so that this can take over
+    /// from byte-wise reads.
     pub(crate) async fn pump_frames_to<W: AsyncWrite + Unpin>(
         &mut self,
-        remaining: &mut usize,
-        eos: &mut bool,
+        dec: &mut FrameDecoder,
         w: &mut W,
         count: &AtomicU64,
     ) -> Result<()> {
-        let mut header = FrameHeader::default();
         let mut slices: Vec<(usize, usize)> = Vec::with_capacity(2 * BATCH_RECORDS);
         if self.plain.1 > 0 {
             let (at, len) = std::mem::take(&mut self.plain);
-            header.feed(&self.buf, at, len, remaining, eos, &mut slices)?;
+            payload_slices(dec, &self.buf, at, len, &mut slices)?;
         }
         loop {
-            while !*eos {
+            while !dec.ended() {
                 match self.next_record().map_err(Error::lost_or_io)? {
-                    Next::Data(at, len) => {
-                        header.feed(&self.buf, at, len, remaining, eos, &mut slices)?
-                    }
+                    Next::Data(at, len) => payload_slices(dec, &self.buf, at, len, &mut slices)?,
                     Next::NeedMore | Next::Closed => break,
                 }
             }
@@ -339,7 +334,7 @@ impl TlsReader {
                 count.fetch_add(total as u64, Ordering::Relaxed);
                 slices.clear();
             }
-            if *eos {
+            if dec.ended() {
                 return Ok(());
             }
             if self.closed {
@@ -388,60 +383,20 @@ impl AsyncRead for TlsReader {
     }
 }
 
-/// Our frame headers (`u32` length, see `crate::stream`) as they arrive inside records,
-/// possibly split between two.
-#[derive(Default)]
-struct FrameHeader {
-    bytes: [u8; 4],
-    have: usize,
-}
-
-impl FrameHeader {
-    /// Walks `len` bytes of plaintext at `at`: payload goes to `slices`, headers are parsed.
-    fn feed(
-        &mut self,
-        buf: &[u8],
-        mut at: usize,
-        mut len: usize,
-        remaining: &mut usize,
-        eos: &mut bool,
-        slices: &mut Vec<(usize, usize)>,
-    ) -> Result<()> {
-        while len > 0 {
-            if *eos {
-                return Err(Error::Protocol("data after the end of the stream".into()));
-            }
-            if *remaining > 0 {
-                let take = (*remaining).min(len);
-                match slices.last_mut() {
-                    Some((start, n)) if *start + *n == at => *n += take,
-                    _ => slices.push((at, take)),
-                }
-                *remaining -= take;
-                at += take;
-                len -= take;
-                continue;
-            }
-            let take = (4 - self.have).min(len);
-            self.bytes[self.have..self.have + take].copy_from_slice(&buf[at..at + take]);
-            self.have += take;
-            at += take;
-            len -= take;
-            if self.have == 4 {
-                self.have = 0;
-                match u32::from_be_bytes(self.bytes) as usize {
-                    0 => *eos = true,
-                    n if n > MAX_FRAME => {
-                        return Err(Error::Protocol(format!(
-                            "data frame of {n} bytes is larger than the {MAX_FRAME}-byte limit"
-                        )))
-                    }
-                    n => *remaining = n,
-                }
-            }
-        }
-        Ok(())
-    }
+/// Decodes `len` bytes of plaintext at `at` (our frames, see `crate::frame`, split anywhere
+/// between records) and adds their payload to `slices`, joining runs that touch.
+fn payload_slices(
+    dec: &mut FrameDecoder,
+    buf: &[u8],
+    at: usize,
+    len: usize,
+    slices: &mut Vec<(usize, usize)>,
+) -> Result<()> {
+    dec.decode(buf, at..at + len, |r| match slices.last_mut() {
+        Some((start, n)) if *start + *n == r.start => *n += r.len(),
+        _ => slices.push((r.start, r.len())),
+    })?;
+    Ok(())
 }
 
 /// Writes the given slices of `buf` to `w`, in order, with as few `writev`s as it takes.
@@ -940,11 +895,11 @@ mod tests {
         };
         let down = async {
             let mut dst = relay_dst;
-            let (mut remaining, mut eos) = (0, false);
-            s_rd.pump_frames_to(&mut remaining, &mut eos, &mut dst, &count_down)
+            let mut dec = FrameDecoder::new();
+            s_rd.pump_frames_to(&mut dec, &mut dst, &count_down)
                 .await
                 .expect("pump to");
-            assert!(eos);
+            assert!(dec.ended());
             dst.shutdown().await.expect("half-close");
         };
         let read = async {

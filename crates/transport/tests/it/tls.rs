@@ -212,7 +212,13 @@ async fn wrong_ca_is_refused(scheme: Scheme) {
     let err = refused(&t.url, Some(wrong), None, "a client trusting another CA").await;
     let msg = err.to_string();
     assert!(
-        matches!(err, Error::Certificate { .. }) && msg.contains("certificate verification failed"),
+        matches!(
+            err,
+            Error::Tls(qmigrate_transport::tls::TlsFailure::Certificate {
+                of: qmigrate_transport::tls::Peer::Server,
+                problem: qmigrate_transport::tls::CertProblem::UnknownCa,
+            })
+        ) && msg.contains("certificate verification failed"),
         "{msg}"
     );
     assert!(
@@ -342,7 +348,13 @@ async fn tls_client_at_a_plain_server_is_told_it_does_not_speak_tls(scheme: Sche
     let err = refused(&url, Some(client), None, "a TLS client at a plain server").await;
     let msg = err.to_string();
     assert!(
-        matches!(err, Error::TlsHandshake { .. }) && msg.contains("--tls-cert"),
+        matches!(
+            err,
+            Error::Tls(
+                qmigrate_transport::tls::TlsFailure::ServerNotTls(_)
+                    | qmigrate_transport::tls::TlsFailure::ServerClosed { .. }
+            )
+        ) && msg.contains("--tls-cert"),
         "{msg}"
     );
     assert_no_connection(&dest, "a TLS client at a plain server").await;

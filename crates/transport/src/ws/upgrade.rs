@@ -1,10 +1,10 @@
-//! The stream tungstenite runs the HTTP upgrade on: it hands tungstenite the bytes of the
-//! HTTP message and not one byte more.
+//! The WebSocket upgrade: tungstenite runs the HTTP exchange, on a stream that hands it the
+//! bytes of the HTTP message and not one byte more; the frames after it are ours.
 //!
 //! tungstenite reads in 4 KiB chunks and keeps whatever came after the HTTP message in its
 //! own buffer, for its own frame reader; `WebSocketStream::into_inner` would drop those bytes
 //! (the peer's first frames, if it sent them at once). We take the raw stream back after the
-//! upgrade and read the frames ourselves (`ws.rs`), so the bytes after the header stay here,
+//! upgrade and read the frames ourselves (`frame.rs`), so the bytes after the header stay here,
 //! whatever the timing, and [`Upgrade::into_parts`] returns them with the stream.
 //!
 //! One exception: a client whose server answered with anything but `101` hands tungstenite
@@ -17,8 +17,14 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use super::{Role, WsStream};
+use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
+use crate::protocol::{MAX_FRAME, MAX_HANDSHAKE_LEN};
+use crate::tls::TlsFailure;
 
 /// Bytes of the start of the HTTP message kept to read the status code: `HTTP/1.1 101`.
 const HEAD: usize = 12;
@@ -161,6 +167,87 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Upgrade<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// tungstenite's settings. It only runs the HTTP upgrade: the frames after it are ours
+/// (`frame.rs`), so its read buffer is never used beyond the `WebSocket` it builds and we take
+/// apart at once; the limits are the ones our reader enforces.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .max_message_size(Some(MAX_FRAME))
+        .max_frame_size(Some(MAX_FRAME))
+}
+
+/// Largest WebSocket message before the split: one handshake envelope (12-byte header and
+/// body), refused from its frame header when larger.
+pub(crate) const WS_HANDSHAKE_MESSAGE: usize = 12 + MAX_HANDSHAKE_LEN as usize;
+
+/// The client's upgrade: tungstenite sends the request and checks the response, then the
+/// stream (with any bytes that came after the response) is ours.
+pub(crate) async fn ws_connect<S>(to: &Endpoint, io: S) -> Result<WsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (ws, _response) = tokio_tungstenite::client_async_with_config(
+        to.to_string(),
+        Upgrade::new(io, true),
+        Some(ws_config()),
+    )
+    .await
+    .map_err(ws_handshake_error)?;
+    let (io, after) = ws.into_inner().into_parts()?;
+    Ok(WsStream::new(io, Role::Client, after, WS_HANDSHAKE_MESSAGE))
+}
+
+/// The server's upgrade, likewise.
+pub(crate) async fn ws_accept<S>(io: S) -> Result<WsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // The callback's error type is tungstenite's HTTP response, large by its design.
+    #[allow(clippy::result_large_err)]
+    let check = |req: &Request, resp: Response| {
+        tracing::debug!(path = %req.uri().path(), "WebSocket upgrade");
+        Ok(resp)
+    };
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(
+        Upgrade::new(io, false),
+        check,
+        Some(ws_config()),
+    )
+    .await
+    .map_err(ws_handshake_error)?;
+    let (io, after) = ws.into_inner().into_parts()?;
+    Ok(WsStream::new(io, Role::Server, after, WS_HANDSHAKE_MESSAGE))
+}
+
+/// A failed upgrade. A server's explanation in the body of its HTTP refusal is kept (a TLS
+/// server tells a ws:// client to use wss:// that way), and TLS failures underneath keep
+/// their own words.
+fn ws_handshake_error(e: tokio_tungstenite::tungstenite::Error) -> Error {
+    use tokio_tungstenite::tungstenite::Error as W;
+    match e {
+        W::Http(resp) => {
+            let body = resp
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                .filter(|b| !b.is_empty() && b.len() < 1024);
+            match body {
+                Some(body) => Error::WebSocketRefused {
+                    status: resp.status().to_string(),
+                    message: body,
+                },
+                None => Error::WebSocketHandshake(Box::new(W::Http(resp))),
+            }
+        }
+        W::Io(io) => match TlsFailure::in_io(&io) {
+            Some(failure) => Error::Tls(failure.clone()),
+            None => Error::WebSocketHandshake(Box::new(W::Io(io))),
+        },
+        other => Error::WebSocketHandshake(Box::new(other)),
     }
 }
 

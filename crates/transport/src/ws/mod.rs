@@ -1,0 +1,196 @@
+//! RFC 6455 framing on a byte stream: what a `ws://` or `wss://` tunnel connection carries
+//! after the HTTP upgrade (which tungstenite still does, see `upgrade.rs`).
+//!
+//! Layout: `frame.rs` is the sans-IO part (headers, masking, the parser), `read.rs` and
+//! `write.rs` the two directions, this file the whole connection during the handshake, the
+//! split and the close handshake.
+//!
+//! Our own framing rather than tungstenite's because of the data path: tungstenite copies
+//! every payload into its write buffer and masks it there, reads through a small zero-filled
+//! buffer and hands out one message at a time. Here the writer reads from the Unix socket
+//! straight into its frame buffer behind a gap for the header and masks in place, and the
+//! reader takes large chunks off the socket, unmasks the payloads where they lie and writes
+//! them to the Unix socket with one vectored write. The wire format is plain RFC 6455, so a
+//! tungstenite-based peer (an older qmigrate) and this one interoperate.
+//!
+//! What is accepted: binary messages, fragmented or not (an empty one is the end of the
+//! stream), ping (answered with a pong), pong (ignored) and close. Anything else is a
+//! [`FrameError`]: text messages, reserved bits (no extension is ever negotiated), reserved
+//! opcodes, a frame or message above [`MAX_FRAME`] (refused from its header, before a byte
+//! of it is buffered), a control frame above 125 bytes or fragmented, an unmasked frame from a
+//! client or a masked one from a server.
+
+mod frame;
+mod read;
+#[cfg(test)]
+mod tests;
+mod upgrade;
+mod write;
+
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use self::frame::{Item, MAX_HEADER, OP_BINARY, OP_CLOSE, OP_PONG};
+use self::read::{ControlPayload, PongSlot, ReadState};
+use self::write::WriteState;
+use crate::error::{Error, Result};
+use crate::protocol::MAX_FRAME;
+
+pub use self::frame::FrameError;
+pub(crate) use self::frame::{events, Event, Role};
+pub use self::read::WsReader;
+pub(crate) use self::upgrade::{ws_accept, ws_connect, WS_HANDSHAKE_MESSAGE};
+pub use self::write::WsWriter;
+
+/// Largest WebSocket data message qmigrate sends: what one read from the Unix socket may
+/// return, up to the limit every peer accepts. With tungstenite, which copied each payload
+/// into its write buffer, 64 KiB had measured fastest; without that copy, `qmigrate-bench
+/// relay` measured 64 KiB, 256 KiB and 1 MiB close together and 1 MiB a little leaner
+/// (fewer headers, reads and wake-ups per GB).
+pub const WS_MESSAGE: usize = MAX_FRAME;
+
+/// How much the data path's reader asks the socket for at once: whole frames of the largest
+/// size and several smaller ones per read, all written out with one vectored write.
+const READ_CHUNK: usize = 1024 * 1024;
+
+/// The status code of a normal close.
+const CLOSE_NORMAL: u16 = 1000;
+
+/// Ends a connection whose both directions finished: our close frame, the peer's (bounded
+/// by `wait`), then the write side's shutdown (TLS: close_notify). A peer that never answers
+/// is left after `wait`.
+pub(crate) async fn close<R, W>(mut rd: WsReader<R>, mut wr: WsWriter<W>, wait: std::time::Duration)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(wait, async {
+        let _ = wr.answer_ping().await;
+        if wr.st.queue(OP_CLOSE, &CLOSE_NORMAL.to_be_bytes()).is_ok()
+            && wr.st.drain(&mut wr.io).await.is_ok()
+        {
+            rd.until_close().await;
+        }
+        let _ = wr.io.shutdown().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The whole connection, during the handshake.
+
+/// A WebSocket tunnel connection after the HTTP upgrade, before it is split for the data: one
+/// byte stream and our framing on it. The handshake messages go through here, one envelope a
+/// binary message.
+pub struct WsStream<S> {
+    io: S,
+    rd: ReadState,
+    wr: WriteState,
+}
+
+impl<S> fmt::Debug for WsStream<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsStream")
+            .field("role", &self.wr.role)
+            .field("buffered", &(self.rd.end - self.rd.pos))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
+    /// Takes over `io` after the upgrade as `role`'s end, with `buffered`: the bytes that
+    /// arrived after the HTTP message, which are the start of the frame stream. Messages
+    /// received before the split are limited to `max_message` bytes.
+    pub(crate) fn new(io: S, role: Role, buffered: Vec<u8>, max_message: usize) -> Self {
+        WsStream {
+            io,
+            rd: ReadState::new(role, max_message, buffered),
+            wr: WriteState::new(role),
+        }
+    }
+
+    /// Sends `payload` as one binary message (one frame).
+    pub(crate) async fn send_message(&mut self, payload: &[u8]) -> Result<()> {
+        self.wr.queue(OP_BINARY, payload)?;
+        self.wr.drain(&mut self.io).await
+    }
+
+    /// Receives the next binary message whole, answering pings meanwhile. Cancel-safe: a
+    /// message received in part stays in the buffer for the next call.
+    pub(crate) async fn recv_message(&mut self) -> Result<Vec<u8>, RecvError> {
+        loop {
+            if self.rd.complete {
+                // Pongs first: the peer may wait for them before it sends more.
+                self.wr.drain(&mut self.io).await?;
+                self.rd.complete = false;
+                return Ok(std::mem::take(&mut self.rd.message));
+            }
+            match self.rd.next_item()? {
+                Some(Item::Data(r)) => self.rd.message.extend_from_slice(&self.rd.buf[r]),
+                Some(Item::End { .. }) => self.rd.complete = true,
+                Some(Item::Ping(r)) => {
+                    let payload = ControlPayload::new(&self.rd.buf[r]);
+                    self.wr.queue(OP_PONG, payload.get())?;
+                }
+                Some(Item::Pong) => {}
+                Some(Item::Close(_)) => return Err(RecvError::Closed),
+                None => {
+                    self.wr.drain(&mut self.io).await?;
+                    match self.rd.fill(&mut self.io).await {
+                        Ok(0) => return Err(RecvError::Closed),
+                        Ok(_) => {}
+                        Err(e) => return Err(Error::lost_or_io(e).into()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Splits the connection with `split` into its two directions for the data path; the
+    /// bytes already buffered and any frame still queued go with them.
+    pub(crate) fn split<R, W>(self, split: impl FnOnce(S) -> (R, W)) -> (WsReader<R>, WsWriter<W>) {
+        let (r, w) = split(self.io);
+        let mut rd = self.rd;
+        rd.widen(READ_CHUNK);
+        rd.parser.max_message = MAX_FRAME;
+        let pong = Arc::new(PongSlot::default());
+        (
+            WsReader {
+                io: r,
+                st: rd,
+                pong: pong.clone(),
+            },
+            WsWriter {
+                io: w,
+                st: self.wr,
+                pong,
+                frame: vec![0; MAX_HEADER + WS_MESSAGE],
+            },
+        )
+    }
+}
+
+/// Why [`WsStream::recv_message`] returned no message.
+#[derive(Debug)]
+pub(crate) enum RecvError {
+    /// The peer sent a close frame or closed the connection.
+    Closed,
+    /// The peer broke the framing.
+    Frame(FrameError),
+    /// The connection failed.
+    Io(Error),
+}
+
+impl From<FrameError> for RecvError {
+    fn from(e: FrameError) -> Self {
+        RecvError::Frame(e)
+    }
+}
+
+impl From<Error> for RecvError {
+    fn from(e: Error) -> Self {
+        RecvError::Io(e)
+    }
+}
