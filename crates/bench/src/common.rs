@@ -121,3 +121,8 @@ pub fn tunnel_pair(
     client.ready_line()?;
     Ok(vec![server, client])
 }
+
+/// Prints that repetition `rep` (from 0) of `reps` of the variant `label` failed, and why.
+pub fn rep_failed(rep: u32, reps: u32, label: &str, err: &anyhow::Error) {
+    eprintln!("  rep {}/{reps}  {label:<24} failed: {err:#}", rep + 1);
+}

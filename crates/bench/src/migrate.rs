@@ -237,12 +237,7 @@ fn run_size(
                     samples[i].push(s);
                 }
                 Err(err) => {
-                    eprintln!(
-                        "  rep {}/{}  {:<24} failed: {err:#}",
-                        rep + 1,
-                        args.common.reps,
-                        variant.label()
-                    );
+                    common::rep_failed(rep, args.common.reps, variant.label(), &err);
                     all_ok = false;
                 }
             }

@@ -150,12 +150,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                     samples[i].push(sample);
                 }
                 Err(err) => {
-                    eprintln!(
-                        "  rep {}/{}  {:<24} failed: {err:#}",
-                        rep + 1,
-                        args.common.reps,
-                        variant.label()
-                    );
+                    common::rep_failed(rep, args.common.reps, variant.label(), &err);
                     all_ok = false;
                 }
             }

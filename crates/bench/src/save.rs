@@ -22,7 +22,7 @@ use qmigrate_testkit::child::Proc;
 use qmigrate_testkit::qemu::{QemuBinary, Vm};
 use qmigrate_testkit::ram::same_ram;
 
-use crate::common::Common;
+use crate::common::{self, Common};
 use crate::migrate::{find_qemu, qemu_version, start_vm, write_random, Guest};
 use crate::table::{self, median, num, Table};
 
@@ -185,12 +185,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                     samples[i].push(s);
                 }
                 Err(err) => {
-                    eprintln!(
-                        "  rep {}/{}  {:<24} failed: {err:#}",
-                        rep + 1,
-                        args.common.reps,
-                        label(multifd)
-                    );
+                    common::rep_failed(rep, args.common.reps, &label(multifd), &err);
                     all_ok = false;
                 }
             }

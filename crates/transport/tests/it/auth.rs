@@ -9,7 +9,7 @@ use crate::common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -52,51 +52,6 @@ fn token(s: &str) -> Token {
 }
 
 // ---------------------------------------------------------------------------------------
-// The server's log, captured for the whole test binary: each test finds its own lines by the
-// peer address it connected from.
-
-static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-
-#[derive(Clone)]
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut logs) = self.0.lock() {
-            logs.extend_from_slice(buf);
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Installs the capturing subscriber once per test binary.
-fn capture_logs() {
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = LogWriter(buf.clone());
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("qmigrate_transport=debug")
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .try_init();
-        buf
-    });
-}
-
-fn log_text() -> String {
-    LOGS.get()
-        .and_then(|l| {
-            l.lock()
-                .ok()
-                .map(|l| String::from_utf8_lossy(&l).into_owned())
-        })
-        .unwrap_or_default()
-}
-
 /// Waits until the server logged a line about the connection from `peer` that contains
 /// `what`, and returns it.
 async fn assert_logged(peer: SocketAddr, what: &str) -> String {

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -28,6 +29,62 @@ pub const STEP: Duration = Duration::from_secs(20);
 pub const QUIET: Duration = Duration::from_millis(300);
 
 pub use qmigrate_testkit::within;
+
+// The tunnel's log, captured for the whole test binary (a subscriber is global, and all the
+// tests share one binary): each test finds its own lines by the peer address it connected from.
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut logs) = self.0.lock() {
+            logs.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the test binary's subscriber once: `qmigrate_transport=debug` into the buffer that
+/// [`log_text`] reads, and, with RUST_LOG=debug, the server's and client's logs with a failing
+/// test's output.
+pub fn capture_logs() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = LogWriter(buf.clone());
+        let captured = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .with_filter(EnvFilter::new("qmigrate_transport=debug"));
+        let shown = tracing_subscriber::fmt::layer()
+            .with_test_writer()
+            .with_filter(EnvFilter::from_default_env());
+        let _ = tracing_subscriber::registry()
+            .with(captured)
+            .with(shown)
+            .try_init();
+        buf
+    });
+}
+
+/// Everything [`capture_logs`] captured so far.
+pub fn log_text() -> String {
+    LOGS.get()
+        .and_then(|l| {
+            l.lock()
+                .ok()
+                .map(|l| String::from_utf8_lossy(&l).into_owned())
+        })
+        .unwrap_or_default()
+}
 
 /// How to start a [`Tunnel`].
 #[derive(Debug, Clone)]
@@ -101,11 +158,7 @@ pub struct Tunnel {
 impl Tunnel {
     /// Starts a server and a client.
     pub async fn start(scheme: Scheme, opts: Opts) -> Tunnel {
-        // RUST_LOG=debug shows the server's and client's logs with a failing test's output.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+        capture_logs();
         let dir = tempfile::tempdir().expect("tempdir");
         let dest = dir.path().join("dest.sock");
         let source = dir.path().join("source.sock");
