@@ -1,7 +1,65 @@
-//! Flag values shared by the subcommands: the engine's enums as clap sees them (the engine
-//! itself knows nothing of clap).
+//! Flags shared by the subcommands, defined once and flattened into each: the source's tuning
+//! of a migration, and the engine's enums as clap sees them (the engine itself knows nothing
+//! of clap).
 
-use qmigrate_migration::{Compression, Mode};
+use std::time::Duration;
+
+use qmigrate_migration::{Compression, MigrationPlan, Mode};
+
+use crate::units;
+
+/// How the source runs a migration: `send` and `migrate` flatten it (`migrate` words three of
+/// the helps for its both-sides case, with `mut_arg`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SourceTuning {
+    /// Enable postcopy and switch to it after AFTER complete precopy passes (default 1; 0
+    /// switches at once). The destination needs --postcopy too.
+    #[arg(
+        long,
+        value_name = "AFTER",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "1"
+    )]
+    pub postcopy: Option<u64>,
+
+    /// Bandwidth cap in bytes per second (100M, 1G, 512MiB; binary units). Default: unlimited
+    /// (QEMU's own default of 128 MiB/s would throttle every migration).
+    #[arg(long, value_name = "RATE", value_parser = units::parse_rate)]
+    pub max_bandwidth: Option<u64>,
+
+    /// Longest pause of the guest at the switch-over, in milliseconds (QEMU's default: 300).
+    #[arg(long, value_name = "MS")]
+    pub downtime_limit: Option<u64>,
+
+    /// Compress multifd channels (needs --multifd; the destination needs the same --compress).
+    #[arg(long, value_name = "ALGO")]
+    pub compress: Option<CompressArg>,
+
+    /// Throttle the guest's CPUs when the migration does not converge.
+    #[arg(long)]
+    pub auto_converge: bool,
+
+    /// Cancel the migration if it has not ended after DUR (30s, 10m, 1h); exits with 4.
+    #[arg(long, value_name = "DUR", value_parser = units::parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+impl SourceTuning {
+    /// The plan of a live migration with `multifd` channels and these settings; a save fills
+    /// in the rest.
+    pub fn plan(&self, multifd: Option<u32>) -> MigrationPlan {
+        MigrationPlan {
+            multifd,
+            compression: self.compress.map(Into::into),
+            postcopy: self.postcopy.is_some(),
+            auto_converge: self.auto_converge,
+            max_bandwidth: self.max_bandwidth,
+            downtime_limit: self.downtime_limit,
+            ..MigrationPlan::default()
+        }
+    }
+}
 
 /// `--compress ALGO`: compression of multifd channels; both ends must use the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -1,7 +1,9 @@
 //! Ctrl-C and SIGTERM as a future, so a long-running command can turn them into an orderly
 //! cancellation instead of dying with QEMU half-way through a migration.
 
+use std::future::Future;
 use std::io;
+use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -32,4 +34,21 @@ impl Interrupts {
             _ = self.term.recv() => "SIGTERM",
         }
     }
+}
+
+/// Installs the signal handlers now and returns the future that cancels a migration: it
+/// resolves with the reason on the first SIGINT or SIGTERM, or when `timeout` expires.
+pub fn cancellation(timeout: Option<Duration>) -> io::Result<impl Future<Output = String>> {
+    let mut interrupts = Interrupts::install()?;
+    Ok(async move {
+        match timeout {
+            Some(limit) => tokio::select! {
+                signal = interrupts.recv() => format!("interrupted by {signal}"),
+                _ = tokio::time::sleep(limit) => {
+                    format!("--timeout {} expired", crate::units::format_duration(limit))
+                }
+            },
+            None => format!("interrupted by {}", interrupts.recv().await),
+        }
+    })
 }

@@ -6,20 +6,30 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use qmigrate_migration::session;
 use qmigrate_migration::session::source::{SessionEvent, SessionOptions};
-use qmigrate_migration::{session, MigrationPlan};
 use qmigrate_transport::{ClientConfig, Endpoint, Scheme};
 
-use crate::args::CompressArg;
+use crate::args::SourceTuning;
 use crate::exit::Exit;
 use crate::output::{self, JsonEvent};
-use crate::signals::Interrupts;
+use crate::signals;
 use crate::tls::{default_scheme, ClientTlsArgs};
 use crate::token::TokenArgs;
-use crate::units::{self, format_duration};
+use crate::units;
 
 /// Arguments of `qmigrate migrate`.
 #[derive(Debug, clap::Args)]
+#[command(
+    mut_arg("postcopy", |a| a.help(
+        "Enable postcopy (on both QEMUs) and switch to it after AFTER complete precopy passes \
+         (default 1; 0 switches at once)"
+    )),
+    mut_arg("max_bandwidth", |a| a.help(
+        "Bandwidth cap in bytes per second (100M, 1G, 512MiB). Default: unlimited"
+    )),
+    mut_arg("compress", |a| a.help("Compress multifd channels (needs --multifd; set on both QEMUs)"))
+)]
 #[command(after_help = "\
 The destination runs `qmigrate tunnel-server --qmp PATH` (or --route NAME=PATH for several \
 VMs); it sets the destination QEMU up when this command asks, so the capabilities always match. \
@@ -46,36 +56,8 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub multifd: Option<u32>,
 
-    /// Enable postcopy (on both QEMUs) and switch to it after AFTER complete precopy passes
-    /// (default 1; 0 switches at once).
-    #[arg(
-        long,
-        value_name = "AFTER",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "1"
-    )]
-    pub postcopy: Option<u64>,
-
-    /// Bandwidth cap in bytes per second (100M, 1G, 512MiB). Default: unlimited.
-    #[arg(long, value_name = "RATE", value_parser = units::parse_rate)]
-    pub max_bandwidth: Option<u64>,
-
-    /// Longest pause of the guest at the switch-over, in milliseconds (QEMU's default: 300).
-    #[arg(long, value_name = "MS")]
-    pub downtime_limit: Option<u64>,
-
-    /// Compress multifd channels (needs --multifd; set on both QEMUs).
-    #[arg(long, value_name = "ALGO")]
-    pub compress: Option<CompressArg>,
-
-    /// Throttle the guest's CPUs when the migration does not converge.
-    #[arg(long)]
-    pub auto_converge: bool,
-
-    /// Cancel the migration if it has not ended after DUR (30s, 10m, 1h); exits with 4.
-    #[arg(long, value_name = "DUR", value_parser = units::parse_duration)]
-    pub timeout: Option<Duration>,
+    #[command(flatten)]
+    pub tuning: SourceTuning,
 
     /// Relay the stream through qmigrate even where the direct data path would do: over
     /// plain TCP with one channel, both QEMUs otherwise take the authenticated tunnel
@@ -107,15 +89,7 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // Every flag is checked before either QEMU is touched: a destination that has run
     // `migrate-incoming` takes no other migration until it is restarted.
-    let plan = MigrationPlan {
-        multifd: args.multifd,
-        compression: args.compress.map(Into::into),
-        postcopy: args.postcopy.is_some(),
-        auto_converge: args.auto_converge,
-        max_bandwidth: args.max_bandwidth,
-        downtime_limit: args.downtime_limit,
-        ..MigrationPlan::default()
-    };
+    let plan = args.tuning.plan(args.multifd);
     plan.validate().context(Exit::Usage)?;
     let server = Endpoint::parse(&args.to, default_scheme(Scheme::Tcp, args.tls.any()))
         .context(Exit::Usage)?;
@@ -129,7 +103,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let opts = SessionOptions {
         qmp: args.qmp,
         plan,
-        postcopy_after: args.postcopy,
+        postcopy_after: args.tuning.postcopy,
         tunnel,
         relay: args.relay,
         no_start: args.no_start,
@@ -140,17 +114,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut progress = output::for_send(json);
     // Installed before anything is touched, so that Ctrl-C from here on cancels (the source
     // VM keeps running and the destination is told) instead of killing us half-way.
-    let mut interrupts = Interrupts::install().context("cannot install signal handlers")?;
-    let timeout = args.timeout;
-    let cancel = async move {
-        match timeout {
-            Some(limit) => tokio::select! {
-                signal = interrupts.recv() => format!("interrupted by {signal}"),
-                _ = tokio::time::sleep(limit) => format!("--timeout {} expired", format_duration(limit)),
-            },
-            None => format!("interrupted by {}", interrupts.recv().await),
-        }
-    };
+    let cancel =
+        signals::cancellation(args.tuning.timeout).context("cannot install signal handlers")?;
     session::source::run(opts, progress.as_mut(), &mut events, cancel).await?;
     Ok(())
 }

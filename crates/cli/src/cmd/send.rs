@@ -2,7 +2,6 @@
 //! a truthful end.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use qmigrate_migration::source::{self, FollowOptions};
@@ -12,11 +11,11 @@ use qmigrate_migration::{
 };
 use qmigrate_qmp::{Error as QmpError, Quit};
 
-use crate::args::{CompressArg, ModeArg};
+use crate::args::{ModeArg, SourceTuning};
 use crate::exit::Exit;
 use crate::output::{self, JsonEvent, SourceSummary};
-use crate::signals::Interrupts;
-use crate::units::{self, format_bytes, format_duration};
+use crate::signals;
+use crate::units::format_bytes;
 
 /// Arguments of `qmigrate send`.
 #[derive(Debug, clap::Args)]
@@ -69,37 +68,8 @@ pub struct Args {
     #[arg(long, conflicts_with = "detach")]
     pub quit: bool,
 
-    /// Enable postcopy and switch to it after AFTER complete precopy passes (default 1; 0
-    /// switches at once). The destination needs --postcopy too.
-    #[arg(
-        long,
-        value_name = "AFTER",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "1"
-    )]
-    pub postcopy: Option<u64>,
-
-    /// Bandwidth cap in bytes per second (100M, 1G, 512MiB; binary units). Default: unlimited
-    /// (QEMU's own default of 128 MiB/s would throttle every migration).
-    #[arg(long, value_name = "RATE", value_parser = units::parse_rate)]
-    pub max_bandwidth: Option<u64>,
-
-    /// Longest pause of the guest at the switch-over, in milliseconds (QEMU's default: 300).
-    #[arg(long, value_name = "MS")]
-    pub downtime_limit: Option<u64>,
-
-    /// Compress multifd channels (needs --multifd; the destination needs the same --compress).
-    #[arg(long, value_name = "ALGO")]
-    pub compress: Option<CompressArg>,
-
-    /// Throttle the guest's CPUs when the migration does not converge.
-    #[arg(long)]
-    pub auto_converge: bool,
-
-    /// Cancel the migration if it has not ended after DUR (30s, 10m, 1h); exits with 4.
-    #[arg(long, value_name = "DUR", value_parser = units::parse_duration)]
-    pub timeout: Option<Duration>,
+    #[command(flatten)]
+    pub tuning: SourceTuning,
 
     /// Start the migration and exit 0 once QEMU reports it under way, without following it
     /// (capabilities are then not restored).
@@ -121,12 +91,7 @@ impl Args {
             direct_io: false,
             ignore_shared: mode == Mode::CprReboot,
             mode,
-            multifd: self.multifd,
-            compression: self.compress.map(Into::into),
-            postcopy: self.postcopy.is_some(),
-            auto_converge: self.auto_converge,
-            max_bandwidth: self.max_bandwidth,
-            downtime_limit: self.downtime_limit,
+            ..self.tuning.plan(self.multifd)
         }
     }
 
@@ -189,19 +154,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (qmp, source) = source::connect_source(&args.qmp, &plan, None).await?;
 
     // Installed before `migrate` so that Ctrl-C from here on cancels instead of killing us.
-    let mut interrupts = Interrupts::install().context("cannot install signal handlers")?;
-    let timeout = args.timeout;
-    let cancel = async move {
-        match timeout {
-            Some(limit) => tokio::select! {
-                signal = interrupts.recv() => format!("interrupted by {signal}"),
-                _ = tokio::time::sleep(limit) => format!("--timeout {} expired", format_duration(limit)),
-            },
-            None => format!("interrupted by {}", interrupts.recv().await),
-        }
-    };
+    let cancel =
+        signals::cancellation(args.tuning.timeout).context("cannot install signal handlers")?;
     let opts = FollowOptions {
-        postcopy_after: args.postcopy,
+        postcopy_after: args.tuning.postcopy,
         detach: args.detach,
     };
     let mut progress = output::for_send(args.json);
@@ -326,9 +282,15 @@ mod tests {
 
     #[test]
     fn postcopy_after_defaults_to_one_pass() {
-        assert_eq!(parse(&[]).expect("no flags").postcopy, None);
-        assert_eq!(parse(&["--postcopy"]).expect("bare").postcopy, Some(1));
-        assert_eq!(parse(&["--postcopy=0"]).expect("=0").postcopy, Some(0));
+        assert_eq!(parse(&[]).expect("no flags").tuning.postcopy, None);
+        assert_eq!(
+            parse(&["--postcopy"]).expect("bare").tuning.postcopy,
+            Some(1)
+        );
+        assert_eq!(
+            parse(&["--postcopy=0"]).expect("=0").tuning.postcopy,
+            Some(0)
+        );
         // `--postcopy 3` would be ambiguous with a following positional; only `=` is accepted.
         assert!(parse(&["--postcopy", "3"]).is_err());
     }
@@ -336,8 +298,11 @@ mod tests {
     #[test]
     fn units_and_conflicts() {
         let args = parse(&["--max-bandwidth", "512MiB", "--timeout", "10m"]).expect("valid");
-        assert_eq!(args.max_bandwidth, Some(512 << 20));
-        assert_eq!(args.timeout, Some(std::time::Duration::from_secs(600)));
+        assert_eq!(args.tuning.max_bandwidth, Some(512 << 20));
+        assert_eq!(
+            args.tuning.timeout,
+            Some(std::time::Duration::from_secs(600))
+        );
         assert!(parse(&["--uri", "tcp:h:1", "--socket", "/x"]).is_err());
         assert!(parse(&["--to", "tcp:h:1", "--socket", "/x"]).is_err());
         assert!(parse(&["--quit", "--detach"]).is_err());
