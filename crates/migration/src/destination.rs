@@ -1,7 +1,7 @@
 //! The destination's job: prepare a QEMU started with `-incoming defer` for the plan, and
 //! follow the incoming migration to its end.
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{anyhow, Context as _};
 use qmigrate_qmp::probe;
 use qmigrate_qmp::{
     Error as QmpError, MigrateIncoming, MigrateSetParameters, MigrationStatus, MigrationTarget,
@@ -15,7 +15,7 @@ use crate::{Direction, MigrationPlan, QemuTarget, POLL_INTERVAL};
 
 /// Fails, saying how to fix it, unless the destination QEMU waits for an incoming migration
 /// that nothing has started yet (`-incoming defer`, no `migrate-incoming` so far).
-pub async fn check_waiting_for_incoming(qmp: &Qmp) -> anyhow::Result<()> {
+pub async fn check_waiting_for_incoming(qmp: &Qmp) -> crate::Result<()> {
     let status = query_status(qmp).await?;
     if status.status != RunState::InMigrate {
         bail!(
@@ -68,7 +68,7 @@ pub async fn prepare_incoming(
     plan: &MigrationPlan,
     endpoint: &QemuTarget,
     stay_on_error: bool,
-) -> anyhow::Result<Incoming> {
+) -> crate::Result<Incoming> {
     check_waiting_for_incoming(qmp).await?;
 
     let qemu = qemu_version(qmp);
@@ -135,7 +135,7 @@ pub struct IncomingOutcome {
 ///
 /// A destination QEMU exits when an incoming migration fails (its default), so a lost QMP
 /// connection is reported as that.
-pub async fn follow_incoming(qmp: &Qmp, start: bool) -> anyhow::Result<IncomingOutcome> {
+pub async fn follow_incoming(qmp: &Qmp, start: bool) -> crate::Result<IncomingOutcome> {
     let mut events = qmp.events();
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     let mut last = MigrationStatus::None;
@@ -152,7 +152,7 @@ pub async fn follow_incoming(qmp: &Qmp, start: bool) -> anyhow::Result<IncomingO
                 "destination QEMU closed its QMP socket during the migration (it exits when an \
                  incoming migration fails; see its log)"
             ),
-            Err(err) => return Err(anyhow!(err).context("query-migrate failed")),
+            Err(err) => return Err(anyhow!(err).context("query-migrate failed").into()),
         };
         let status = status_of(&info);
         if status != last {

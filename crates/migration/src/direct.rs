@@ -34,21 +34,22 @@ pub fn target() -> QemuTarget {
 
 /// Takes a plain-TCP tunnel connection over as a blocking socket for QEMU; `None` for any
 /// other transport.
-pub fn into_fd(stream: TunnelStream) -> anyhow::Result<Option<OwnedFd>> {
+pub fn into_fd(stream: TunnelStream) -> crate::Result<Option<OwnedFd>> {
     let TunnelStream::Tcp(tcp) = stream else {
         return Ok(None);
     };
     let tcp = tcp
         .into_std()
         .context("taking the tunnel connection over")?;
-    tcp.set_nonblocking(false)?;
+    tcp.set_nonblocking(false)
+        .context("taking the tunnel connection over")?;
     Ok(Some(OwnedFd::from(tcp)))
 }
 
 /// Passes `fd` to QEMU as [`DIRECT_FD`]. Descriptors passed with `getfd` belong to the monitor
 /// connection that passed them: `qmp` must stay open until `migrate`/`migrate-incoming` has
 /// taken it. `side` names the QEMU for the message (`source`, `destination`).
-pub async fn hand_to_qemu(qmp: &Qmp, fd: &OwnedFd, side: &str) -> anyhow::Result<()> {
+pub async fn hand_to_qemu(qmp: &Qmp, fd: &OwnedFd, side: &str) -> crate::Result<()> {
     qmp.execute_with_fd(
         &Getfd {
             fdname: DIRECT_FD.to_owned(),

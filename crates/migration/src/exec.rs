@@ -2,13 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{anyhow, Context as _};
 
 /// The argv for the typed exec transport, which runs it without a shell and without a `PATH`
 /// search: a simple command is split into words (see [`qmigrate_qmp::split_command`]) and its
 /// program looked up on our `PATH`; anything that needs a shell (redirections, pipes,
 /// variables) runs as `/bin/sh -c COMMAND`, exactly as QEMU runs an `exec:` URI.
-pub fn exec_args(command: &str) -> anyhow::Result<Vec<String>> {
+pub fn exec_args(command: &str) -> crate::Result<Vec<String>> {
     let shell = || vec!["/bin/sh".into(), "-c".into(), command.to_owned()];
     let Some(mut words) = qmigrate_qmp::split_command(command) else {
         return Ok(shell());

@@ -1,7 +1,7 @@
 //! Fitting a plan to the QEMU at hand: older QEMUs lack capabilities and parameters that
 //! newer ones have, and what is only a speed-up is left out rather than refused.
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use qmigrate_qmp::{
     MigMode, MigrateSetCapabilities, MigrateSetParameters, MigrationCapability,
     MigrationCapabilityStatus, MigrationParameters, Qmp,

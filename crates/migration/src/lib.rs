@@ -22,6 +22,14 @@
 //! (usage, unreachable QMP, refused, failed, cancelled); the text of each says what went
 //! wrong and, where the fix is on the QEMU side, what to do. Flags are the front end's.
 
+/// `anyhow::bail!` for this crate: returns the error as whatever the function returns, this
+/// crate's [`Error`] or an `anyhow::Error`.
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err(::anyhow::anyhow!($($arg)*).into())
+    };
+}
+
 pub mod destination;
 pub mod direct;
 mod error;

@@ -3,18 +3,18 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{anyhow, Context as _};
 use qmigrate_qmp::{
     ConnectOptions, MigrationInfo, MigrationStatus, Qmp, QmpTarget, QueryMigrate, QueryStatus,
     StatusInfo,
 };
 use tracing::debug;
 
-use crate::ErrorKind;
+use crate::{Error, ErrorKind};
 
 /// Connects to QEMU's QMP socket (a path, or `tcp:HOST:PORT`), with an operator-readable error
 /// marked [`ErrorKind::QmpUnreachable`] when there is no QEMU to talk to.
-pub async fn connect_qmp(qmp: &str) -> anyhow::Result<Qmp> {
+pub async fn connect_qmp(qmp: &str) -> crate::Result<Qmp> {
     let Ok(target) = qmp.parse::<QmpTarget>();
     if let QmpTarget::Unix(path) = &target {
         check_qmp_path(path).context(ErrorKind::QmpUnreachable)?;
@@ -25,8 +25,10 @@ pub async fn connect_qmp(qmp: &str) -> anyhow::Result<Qmp> {
             debug!(qemu = %format!("{}.{}.{}", v.major, v.minor, v.micro), "connected to QMP");
             Ok(qmp)
         }
-        Err(err) if err.is_unreachable() => Err(anyhow!(err).context(ErrorKind::QmpUnreachable)),
-        Err(err) => Err(anyhow!(err).context(format!("QMP handshake on {qmp} failed"))),
+        Err(err) if err.is_unreachable() => Err(Error::new(ErrorKind::QmpUnreachable, err)),
+        Err(err) => Err(anyhow!(err)
+            .context(format!("QMP handshake on {qmp} failed"))
+            .into()),
     }
 }
 
@@ -58,7 +60,7 @@ fn check_qmp_path(path: &Path) -> anyhow::Result<()> {
 
 /// Checks that a Unix socket we are about to hand to QEMU exists, so that a tunnel client
 /// that is not running is reported by us and not as a connect error deep in QEMU.
-pub fn check_migration_socket(path: &Path) -> anyhow::Result<()> {
+pub fn check_migration_socket(path: &Path) -> crate::Result<()> {
     use std::os::unix::fs::FileTypeExt as _;
     let shown = path.display();
     match std::fs::metadata(path) {

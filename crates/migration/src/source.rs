@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::pin::pin;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{anyhow, Context as _};
 use qmigrate_qmp::probe;
 use qmigrate_qmp::{
     Error as QmpError, Migrate, MigrateCancel, MigrateSetParameters, MigrateStartPostcopy,
@@ -40,7 +40,7 @@ pub struct SourceState {
 }
 
 /// Checks that the source VM can be migrated now: running or paused, no migration underway.
-pub async fn preflight_source(qmp: &Qmp) -> anyhow::Result<SourceState> {
+pub async fn preflight_source(qmp: &Qmp) -> crate::Result<SourceState> {
     let v = &qmp.greeting().version.qemu;
     let qemu = format!("{}.{}.{}", v.major, v.minor, v.micro);
     let status = query_status(qmp).await?;
@@ -79,7 +79,7 @@ pub async fn connect_source(
     qmp: &str,
     plan: &MigrationPlan,
     pass_fd: Option<&OwnedFd>,
-) -> anyhow::Result<(Qmp, SourceState)> {
+) -> crate::Result<(Qmp, SourceState)> {
     let qmp = connect_qmp(qmp).await?;
     let source = preflight_source(&qmp).await?;
     debug!(qemu = %source.qemu, running = source.was_running, plan = %plan.describe(), "source checked");
@@ -154,7 +154,7 @@ pub async fn run_migration(
     opts: &FollowOptions,
     progress: &mut dyn Progress,
     cancel: impl Future<Output = String>,
-) -> anyhow::Result<Summary> {
+) -> crate::Result<Summary> {
     let qemu = qemu_version(qmp);
     let before = qmp
         .execute(&QueryMigrateCapabilities)
@@ -188,7 +188,7 @@ pub async fn run_migration(
         .context("QEMU refused the migration parameters");
     if let Err(err) = set_params {
         restore_settings(qmp, restore, restore_params).await;
-        return Err(err);
+        return Err(err.into());
     }
 
     // A state saved while the guest runs is only consistent at QEMU's final pass, and every
@@ -199,7 +199,9 @@ pub async fn run_migration(
     if pause {
         if let Err(err) = qmp.execute(&Stop).await {
             restore_settings(qmp, restore, restore_params).await;
-            return Err(anyhow!(err).context("cannot pause the guest for the save (stop failed)"));
+            return Err(anyhow!(err)
+                .context("cannot pause the guest for the save (stop failed)")
+                .into());
         }
         progress.note("guest paused for the save");
     }
@@ -232,10 +234,10 @@ pub async fn run_migration(
         })
     ) {
         // QEMU refuses capability changes while a migration is underway, and this one is.
-        return result;
+        return result.map_err(Error::from);
     }
     restore_settings(qmp, restore, restore_params).await;
-    result
+    result.map_err(Error::from)
 }
 
 /// For each parameter that `set` changes, its value in `before`: what to set back afterwards so
@@ -528,8 +530,8 @@ pub async fn resume_source(
     qmp: &Qmp,
     source: &SourceState,
     progress: &mut dyn Progress,
-) -> anyhow::Result<()> {
-    ensure_source_running(qmp, source, progress, Duration::ZERO).await
+) -> crate::Result<()> {
+    Ok(ensure_source_running(qmp, source, progress, Duration::ZERO).await?)
 }
 
 #[cfg(test)]

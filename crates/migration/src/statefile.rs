@@ -11,7 +11,7 @@ use std::io::{self, Read as _, Seek as _, SeekFrom};
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use tracing::{debug, warn};
 
 /// QEMU's `QEMU_VM_FILE_MAGIC`: every migration stream starts with it.
@@ -59,7 +59,7 @@ pub struct StateFile {
 /// Checks a state file before QEMU is asked to load it: it exists, is a regular file we can
 /// read, is not empty, and has QEMU's stream header at `offset`. The errors say which check
 /// failed, in the operator's terms.
-pub fn inspect(path: &Path, offset: u64) -> anyhow::Result<StateFile> {
+pub fn inspect(path: &Path, offset: u64) -> crate::Result<StateFile> {
     let shown = path.display();
     let meta = match std::fs::metadata(path) {
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
@@ -104,7 +104,7 @@ pub fn inspect(path: &Path, offset: u64) -> anyhow::Result<StateFile> {
 /// Reads the stream header and what can be read of the configuration section. Fails only when
 /// the magic or the version is wrong; a configuration section it does not understand (a newer
 /// QEMU's) just ends what it reports.
-pub fn parse_header(bytes: &[u8]) -> anyhow::Result<StateHeader> {
+pub fn parse_header(bytes: &[u8]) -> crate::Result<StateHeader> {
     let mut r = Reader { bytes, at: 0 };
     if r.take(4) != Some(MAGIC.as_slice()) {
         bail!("it does not start with QEMU's QEVM stream header");
@@ -199,7 +199,7 @@ pub struct Partial {
 impl Partial {
     /// Prepares to save to `path` (absolute): its directory must exist; a stale `PATH.partial`
     /// from an earlier run is removed.
-    pub fn new(path: &Path, offset: u64) -> anyhow::Result<Self> {
+    pub fn new(path: &Path, offset: u64) -> crate::Result<Self> {
         let shown = path.display();
         let Some(name) = path.file_name() else {
             bail!("state file {shown} has no file name");
@@ -242,7 +242,7 @@ impl Partial {
     /// After QEMU reported `completed`: checks that the partial file holds a stream, flushes it
     /// to disk (a state kept across a reboot must survive it), and renames it to the final
     /// name. Returns the file's size.
-    pub fn commit(mut self) -> anyhow::Result<u64> {
+    pub fn commit(mut self) -> crate::Result<u64> {
         let written = inspect(&self.partial, self.offset)
             .context("QEMU reported the save completed, but its output is not usable")?;
         let file = File::open(&self.partial)

@@ -3,7 +3,6 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use anyhow::bail;
 use qmigrate_qmp::probe::MigrationSupport;
 use qmigrate_qmp::{MigrationAddress, MigrationTarget, Qmp, SocketAddress};
 use tracing::{debug, info};
@@ -116,7 +115,7 @@ impl QemuTarget {
         qmp: &Qmp,
         support: &MigrationSupport,
         direction: Direction,
-    ) -> anyhow::Result<MigrationTarget> {
+    ) -> crate::Result<MigrationTarget> {
         let channels = support.channels;
         debug!(use_channels = channels, "migration argument style");
         let version = qmp.greeting().version.qemu;

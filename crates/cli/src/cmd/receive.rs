@@ -186,9 +186,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(err) if plan.is_save() => {
-            return Err(err.context(format!("restoring from {endpoint} failed")))
+            return Err(
+                anyhow::Error::from(err).context(format!("restoring from {endpoint} failed"))
+            )
         }
-        Err(err) => return Err(err),
+        Err(err) => return Err(err.into()),
     };
     let elapsed = started.elapsed();
     let status = outcome.status.to_string();

@@ -189,7 +189,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         tracing::warn!("{resume:#}");
                     }
                     qmp.close().await;
-                    return Err(err.context(Exit::Failed));
+                    return Err(anyhow::Error::from(err).context(Exit::Failed));
                 }
             }
         }

@@ -14,7 +14,7 @@ use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use qmigrate_qmp::{MigrationStatus, QueryVersion};
 use qmigrate_transport::protocol::Hello;
 use qmigrate_transport::{Controller, SessionMap, TunnelStream};
