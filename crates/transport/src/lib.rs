@@ -35,6 +35,7 @@ pub mod protocol;
 mod relay;
 mod report;
 mod server;
+mod sniff;
 mod stream;
 pub mod tls;
 mod transport;

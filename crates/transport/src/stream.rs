@@ -147,7 +147,7 @@ async fn recv_ws_envelope<S: AsyncRead + AsyncWrite + Unpin>(
     match ws.recv_message().await {
         Ok(message) => Ok(protocol::unwrap_envelope(&message)?.to_vec()),
         Err(RecvError::Frame(FrameError::Text)) => {
-            Err(EnvelopeError::NotOurProtocol("it sent a WebSocket text message").into())
+            Err(EnvelopeError::NotOurProtocol(protocol::Sniffed::WebSocketText).into())
         }
         Err(RecvError::Frame(e)) => Err(e.into()),
         Err(RecvError::Closed) => Err(Error::ConnectionLost(

@@ -10,6 +10,7 @@ use rustls::{AlertDescription, CertificateError};
 
 use super::config::Fingerprint;
 use super::verify::FingerprintMismatch;
+use crate::sniff::PlainClient;
 
 /// Which end of a TLS connection saw an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,17 +82,6 @@ pub enum CertProblem {
         /// rustls' description.
         detail: String,
     },
-}
-
-/// What a client that does not speak TLS sent a TLS server, and so what it was told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PlainClient {
-    /// A plain `tcp://` qmigrate client: it was told, in the tunnel protocol, to use `tls://`.
-    Tunnel,
-    /// Plain HTTP, a `ws://` client most likely: it was told, in HTTP, to use `wss://`.
-    Http,
-    /// Neither TLS nor anything qmigrate speaks: it was told nothing.
-    Unknown,
 }
 
 /// Why a TLS handshake failed, or why the peer ended an established TLS session.
@@ -224,15 +214,7 @@ impl fmt::Display for TlsFailure {
                 f,
                 "the client closed the connection during the TLS handshake ({detail})"
             ),
-            F::PlainClient(what) => write!(
-                f,
-                "the client does not speak TLS, it sent {}",
-                match what {
-                    PlainClient::Tunnel => "a plain tcp:// client: it was told to use tls://",
-                    PlainClient::Http => "plain HTTP (a ws:// client?): it was told to use wss://",
-                    PlainClient::Unknown => "bytes that are neither TLS nor qmigrate",
-                }
-            ),
+            F::PlainClient(what) => write!(f, "the client does not speak TLS, it sent {what}"),
             F::BadServerName(host) => {
                 write!(f, "{host:?} is neither a host name nor an IP address")
             }
