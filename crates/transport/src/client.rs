@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::auth::{self, Token};
+use crate::auth::{self, AuthFailure, Token};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::protocol::{self, Auth, Hello, Reply};
@@ -328,11 +328,7 @@ async fn open(
         stream.send_msg(&Auth { mac }).await?;
         reply = recv_reply(&mut stream, config).await?;
         if !have_token && !matches!(reply, Reply::Accept { .. }) {
-            return Err(Error::Auth(
-                "the tunnel server requires a token and this client has none: give it the \
-                 server's token with --token-file PATH or QMIGRATE_TOKEN"
-                    .into(),
-            ));
+            return Err(Error::Auth(AuthFailure::NoToken));
         }
         server_nonce = Some(nonce);
     }
@@ -384,16 +380,12 @@ fn check_server(
 ) -> Result<()> {
     match (nonce, mac) {
         (Some(nonce), Some(mac)) if token.check_server_proof(&nonce, hello, mac) => Ok(()),
-        (None, _) => Err(Error::Auth(format!(
-            "the tunnel server ({software}) accepted without asking for a token: it runs \
-             without one. Give tunnel-server the same token (or, for a server meant to run \
-             without one on 127.0.0.1, give this client none)"
-        ))),
-        (Some(_), _) => Err(Error::Auth(format!(
-            "the tunnel server ({software}) could not prove that it knows the token: its \
-             token differs from this client's, or something between the hosts altered the \
-             handshake"
-        ))),
+        (None, _) => Err(Error::Auth(AuthFailure::ServerHasNoToken {
+            software: software.to_owned(),
+        })),
+        (Some(_), _) => Err(Error::Auth(AuthFailure::BadServerProof {
+            software: software.to_owned(),
+        })),
     }
 }
 

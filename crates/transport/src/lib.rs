@@ -41,7 +41,7 @@ pub mod tls;
 mod transport;
 mod ws;
 
-pub use auth::{Token, TokenError};
+pub use auth::{AuthFailure, Token, TokenError};
 pub use client::{open_control, open_data, Client, ClientConfig};
 pub use endpoint::{Endpoint, Scheme};
 pub use error::{Error, Result};

@@ -46,14 +46,9 @@ impl Sniffed {
 impl fmt::Display for Sniffed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Sniffed::Http => {
-                "it sent HTTP: a WebSocket client must talk to a server started with --ws"
-            }
+            Sniffed::Http => "it sent HTTP",
             Sniffed::Tls => "it sent a TLS handshake: this server does not use TLS",
-            Sniffed::QemuMigration => {
-                "it sent a raw QEMU migration stream: point QEMU at tunnel-client, not \
-                 tunnel-server"
-            }
+            Sniffed::QemuMigration => "it sent a raw QEMU migration stream",
             Sniffed::Ssh => "it sent SSH",
             Sniffed::WebSocketText => "it sent a WebSocket text message",
             Sniffed::Unknown => "unknown bytes",

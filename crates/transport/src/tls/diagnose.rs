@@ -153,62 +153,39 @@ impl fmt::Display for TlsFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use TlsFailure as F;
         if let F::Certificate { of, problem } = self {
-            write!(f, "the {of} certificate verification failed: {problem}")?;
-            return match of {
-                Peer::Client => f.write_str(
-                    ": the client's certificate must be signed by this server's --tls-client-ca",
-                ),
-                Peer::Server => f.write_str(
-                    ": pass the CA that signed the server's certificate with --tls-ca, or pin \
-                     the certificate with --tls-fingerprint (the server logs its fingerprint at \
-                     start)",
-                ),
-            };
+            return write!(f, "the {of} certificate verification failed: {problem}");
         }
         f.write_str("TLS handshake failed: ")?;
         match self {
             F::Certificate { .. } => Ok(()),
-            F::NoClientCertificate => f.write_str(
-                "the client presented no certificate, and this server requires one \
-                 (--tls-client-ca): give the client --tls-cert and --tls-key",
-            ),
+            F::NoClientCertificate => {
+                f.write_str("the client presented no certificate, and this server requires one")
+            }
             F::ClientCertificateRequired => write!(
                 f,
                 "the peer refused the connection (TLS alert {:?}): the server requires a client \
-                 certificate; give this client --tls-cert and --tls-key, signed by the CA of the \
-                 server's --tls-client-ca",
+                 certificate",
                 AlertDescription::CertificateRequired
             ),
             F::CertificateRefused { by, alert } => match by {
                 Side::Server => write!(
                     f,
-                    "the client did not accept this server's certificate (TLS alert {alert:?}): \
-                     give the client the CA that signed it (--tls-ca), or its fingerprint \
-                     (--tls-fingerprint; logged at this server's start)"
+                    "the client did not accept this server's certificate (TLS alert {alert:?})"
                 ),
                 Side::Client => write!(
                     f,
-                    "the server did not accept this client's certificate (TLS alert {alert:?}): \
-                     it must be signed by the CA of the server's --tls-client-ca"
+                    "the server did not accept this client's certificate (TLS alert {alert:?})"
                 ),
                 Side::Either => write!(
                     f,
-                    "the peer did not accept this side's certificate (TLS alert {alert:?}): a \
-                     server with --tls-client-ca accepts only client certificates signed by \
-                     that CA"
+                    "the peer did not accept this side's certificate (TLS alert {alert:?})"
                 ),
             },
             F::Alert(alert) => write!(f, "the peer ended the handshake (TLS alert {alert:?})"),
-            F::ServerNotTls(e) => write!(
-                f,
-                "the server does not speak TLS ({e}): is it a plain tcp:// or ws:// \
-                 tunnel-server? TLS needs tunnel-server --tls-cert and --tls-key"
-            ),
+            F::ServerNotTls(e) => write!(f, "the server does not speak TLS ({e})"),
             F::ServerClosed { detail } => write!(
                 f,
-                "the server closed the connection during the TLS handshake ({detail}): is it a \
-                 plain tcp:// or ws:// tunnel-server? TLS needs tunnel-server --tls-cert and \
-                 --tls-key"
+                "the server closed the connection during the TLS handshake ({detail})"
             ),
             F::ClientClosed { detail } => write!(
                 f,
@@ -232,7 +209,7 @@ impl fmt::Display for CertProblem {
             CertProblem::CaAsEndEntity { detail } => write!(
                 f,
                 "it is a CA certificate (CA:TRUE), which is no server certificate unless it is \
-                 itself the --tls-ca file ({detail})"
+                 itself the client's CA file ({detail})"
             ),
             CertProblem::PinMismatch { pinned, presented } => write!(
                 f,
@@ -295,8 +272,8 @@ fn cert_problem(cert: &CertificateError) -> CertProblem {
         CertificateError::Other(other) => {
             if let Some(pin) = other.0.downcast_ref::<FingerprintMismatch>() {
                 return CertProblem::PinMismatch {
-                    pinned: pin.pinned,
-                    presented: pin.presented,
+                    pinned: Fingerprint::from_bytes(pin.pinned),
+                    presented: Fingerprint::from_bytes(pin.presented),
                 };
             }
             match other.to_string() {

@@ -21,8 +21,8 @@ use crate::error::{Error, Result};
 use crate::protocol;
 use crate::sniff;
 
-mod config;
-mod diagnose;
+pub(crate) mod config;
+pub(crate) mod diagnose;
 mod handshake;
 mod record;
 mod stream;
@@ -30,11 +30,13 @@ mod verify;
 
 pub use crate::sniff::PlainClient;
 pub use config::{
-    read_certificates, read_private_key, CertificateDer, ClientTls, Fingerprint, PrivateKeyDer,
-    ServerCheck, ServerTls, TlsError, MAKE_CERT,
+    read_certificates, read_private_key, CertificateDer, ClientTls, Fingerprint, Mismatch,
+    PrivateKeyDer, ServerCheck, ServerTls, TlsError, MAKE_CERT,
 };
 use diagnose::{diagnose, diagnose_io};
 pub use diagnose::{CertProblem, Peer, Side, TlsFailure};
+/// The TLS alerts a [`TlsFailure`] names.
+pub use rustls::AlertDescription;
 pub use stream::{TlsReader, TlsStream, TlsWriter, VectoredRead};
 
 /// The client side of the TLS handshake on a fresh TCP connection to `to`.
