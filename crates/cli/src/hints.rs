@@ -168,6 +168,7 @@ mod tests {
     use std::path::PathBuf;
 
     use qmigrate_transport::tls::{AlertDescription, Fingerprint};
+    use qmigrate_transport::DestinationFailure;
 
     use super::*;
 
@@ -193,7 +194,7 @@ mod tests {
         );
         let dest = Error::Destination {
             path: PathBuf::from("/run/dest.sock"),
-            why: "did not appear within 10s".into(),
+            why: DestinationFailure::NeverAppeared(std::time::Duration::from_secs(10)),
         };
         assert_eq!(
             said(dest),

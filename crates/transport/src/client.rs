@@ -14,7 +14,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::auth::{self, AuthFailure, Token};
 use crate::endpoint::Endpoint;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UnixSocketFailure};
 use crate::protocol::{self, Auth, Hello, Reply};
 use crate::relay::relay;
 use crate::report::{Report, Tally};
@@ -86,7 +86,7 @@ impl Client {
     /// a TLS address without TLS settings or the other way round.
     pub fn bind(path: &Path, config: ClientConfig) -> Result<Client> {
         transport_for(&config)?;
-        let bad = |why: String| Error::UnixSocket {
+        let bad = |why: UnixSocketFailure| Error::UnixSocket {
             path: path.to_owned(),
             why,
         };
@@ -95,31 +95,23 @@ impl Client {
                 // Connecting to our own listening socket is harmless (unlike the destination
                 // socket, where any connection is migration data).
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(bad(
-                        "another process is listening on it (a tunnel-client already running?)"
-                            .into(),
-                    ));
+                    return Err(bad(UnixSocketFailure::InUse));
                 }
-                std::fs::remove_file(path)
-                    .map_err(|e| bad(format!("cannot remove the stale socket: {e}")))?;
+                std::fs::remove_file(path).map_err(|e| bad(UnixSocketFailure::RemoveStale(e)))?;
                 debug!("removed stale socket {}", path.display());
             }
-            Ok(_) => {
-                return Err(bad(
-                    "the path exists and is not a socket; refusing to replace it".into(),
-                ))
-            }
+            Ok(_) => return Err(bad(UnixSocketFailure::NotASocket)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(bad(e.to_string())),
+            Err(e) => return Err(bad(UnixSocketFailure::Io(e))),
         }
         let listener = UnixListener::bind(path).map_err(|e| {
             bad(match e.kind() {
-                std::io::ErrorKind::NotFound => "its directory does not exist".into(),
-                _ => e.to_string(),
+                std::io::ErrorKind::NotFound => UnixSocketFailure::NoDirectory,
+                _ => UnixSocketFailure::Io(e),
             })
         })?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| bad(format!("cannot make it private (chmod 600): {e}")))?;
+            .map_err(|e| bad(UnixSocketFailure::Chmod(e)))?;
         Ok(Client {
             listener,
             path: path.to_owned(),

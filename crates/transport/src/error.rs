@@ -38,8 +38,8 @@ pub enum Error {
     UnixSocket {
         /// The socket path.
         path: PathBuf,
-        /// What is wrong, and what to do.
-        why: String,
+        /// What is wrong.
+        why: UnixSocketFailure,
     },
     /// The tunnel server could not be reached.
     #[error("cannot reach the tunnel server at {url}: {source} (is `qmigrate tunnel-server` running there, and is the port open?)")]
@@ -108,7 +108,7 @@ pub enum Error {
         /// The socket path.
         path: PathBuf,
         /// What happened, including how long the server kept retrying.
-        why: String,
+        why: DestinationFailure,
     },
     /// A step took longer than allowed.
     #[error("timed out after {}s {what}", after.as_secs_f32())]
@@ -150,6 +150,43 @@ fn bind_hint(e: &io::Error) -> &'static str {
         io::ErrorKind::AddrNotAvailable => " (that IP address is not on this host)",
         _ => "",
     }
+}
+
+/// Why the client's Unix socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UnixSocketFailure {
+    /// A live socket is there: another client listens on it.
+    #[error("another process is listening on it (a tunnel-client already running?)")]
+    InUse,
+    /// A stale socket is there and could not be removed.
+    #[error("cannot remove the stale socket: {0}")]
+    RemoveStale(io::Error),
+    /// Something that is not a socket is there.
+    #[error("the path exists and is not a socket; refusing to replace it")]
+    NotASocket,
+    /// The socket's directory does not exist.
+    #[error("its directory does not exist")]
+    NoDirectory,
+    /// The socket could not be made private to its owner.
+    #[error("cannot make it private (chmod 600): {0}")]
+    Chmod(io::Error),
+    /// Looking at the path or binding the socket failed otherwise.
+    #[error("{0}")]
+    Io(io::Error),
+}
+
+/// Why the destination migration socket could not be connected.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationFailure {
+    /// The socket did not exist until the deadline.
+    #[error("did not appear within {}s", .0.as_secs())]
+    NeverAppeared(Duration),
+    /// The socket existed but refused connections until the deadline.
+    #[error("nobody listened on it within {}s", .0.as_secs())]
+    NobodyListened(Duration),
+    /// Connecting failed otherwise (permissions, not a socket, ...).
+    #[error("cannot connect: {0}")]
+    Connect(io::Error),
 }
 
 /// This crate's results.

@@ -44,7 +44,7 @@ mod ws;
 pub use auth::{AuthFailure, Token, TokenError};
 pub use client::{open_control, open_data, Client, ClientConfig};
 pub use endpoint::{Endpoint, Scheme};
-pub use error::{Error, Result};
+pub use error::{DestinationFailure, Error, Result, UnixSocketFailure};
 pub use frame::DecodeError;
 pub use relay::{relay, RelayStats};
 pub use report::Report;
