@@ -51,7 +51,7 @@ pub use report::Report;
 pub use server::{Controller, Server, ServerConfig, SessionMap};
 #[doc(hidden)]
 pub use stream::fuzzing;
-pub use stream::{Frames, TlsTcp, TunnelReader, TunnelStream, TunnelWriter};
+pub use stream::{FrameReader, TunnelReader, TunnelStream, TunnelWriter};
 pub use tls::{ClientTls, Fingerprint, ServerCheck, ServerTls, TlsError};
 pub use transport::{AnyTransport, Tcp, Tls, Transport, WebSocket};
 pub use ws::{FrameError, WsReader, WsStream, WsWriter, WS_MESSAGE};
