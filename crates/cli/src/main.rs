@@ -6,6 +6,7 @@
 mod args;
 mod cmd;
 mod exit;
+mod hints;
 mod logging;
 mod output;
 mod signals;
@@ -65,7 +66,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("qmigrate: error: {err:#}");
+            eprintln!("qmigrate: error: {}", hints::report(&err));
             ExitCode::from(exit::code_of(&err))
         }
     }

@@ -180,6 +180,27 @@ pub enum TokenError {
     },
 }
 
+/// Why a client refused to go on with a server's handshake: the proofs of [`Token`] did not
+/// work out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthFailure {
+    /// The server asked for a token and this client has none.
+    #[error("the tunnel server requires a token and this client has none")]
+    NoToken,
+    /// The server accepted without a challenge: it has no token, and this client has one.
+    #[error("the tunnel server ({software}) accepted without asking for a token: it runs without one. Give tunnel-server the same token (or, for a server meant to run without one on 127.0.0.1, give this client none)")]
+    ServerHasNoToken {
+        /// The server's software and version.
+        software: String,
+    },
+    /// The server's proof did not match this client's token.
+    #[error("the tunnel server ({software}) could not prove that it knows the token: its token differs from this client's, or something between the hosts altered the handshake")]
+    BadServerProof {
+        /// The server's software and version.
+        software: String,
+    },
+}
+
 /// A fresh nonce from the kernel's random number generator. There is no fallback: a
 /// predictable nonce would let a recorded handshake be replayed.
 pub fn nonce() -> io::Result<Nonce> {

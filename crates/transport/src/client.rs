@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::auth::{self, Token};
+use crate::auth::{self, AuthFailure, Token};
 use crate::endpoint::Endpoint;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UnixSocketFailure};
 use crate::protocol::{self, Auth, Hello, Reply};
 use crate::relay::relay;
 use crate::report::{Report, Tally};
@@ -86,7 +86,7 @@ impl Client {
     /// a TLS address without TLS settings or the other way round.
     pub fn bind(path: &Path, config: ClientConfig) -> Result<Client> {
         transport_for(&config)?;
-        let bad = |why: String| Error::UnixSocket {
+        let bad = |why: UnixSocketFailure| Error::UnixSocket {
             path: path.to_owned(),
             why,
         };
@@ -95,31 +95,23 @@ impl Client {
                 // Connecting to our own listening socket is harmless (unlike the destination
                 // socket, where any connection is migration data).
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(bad(
-                        "another process is listening on it (a tunnel-client already running?)"
-                            .into(),
-                    ));
+                    return Err(bad(UnixSocketFailure::InUse));
                 }
-                std::fs::remove_file(path)
-                    .map_err(|e| bad(format!("cannot remove the stale socket: {e}")))?;
+                std::fs::remove_file(path).map_err(|e| bad(UnixSocketFailure::RemoveStale(e)))?;
                 debug!("removed stale socket {}", path.display());
             }
-            Ok(_) => {
-                return Err(bad(
-                    "the path exists and is not a socket; refusing to replace it".into(),
-                ))
-            }
+            Ok(_) => return Err(bad(UnixSocketFailure::NotASocket)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(bad(e.to_string())),
+            Err(e) => return Err(bad(UnixSocketFailure::Io(e))),
         }
         let listener = UnixListener::bind(path).map_err(|e| {
             bad(match e.kind() {
-                std::io::ErrorKind::NotFound => "its directory does not exist".into(),
-                _ => e.to_string(),
+                std::io::ErrorKind::NotFound => UnixSocketFailure::NoDirectory,
+                _ => UnixSocketFailure::Io(e),
             })
         })?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| bad(format!("cannot make it private (chmod 600): {e}")))?;
+            .map_err(|e| bad(UnixSocketFailure::Chmod(e)))?;
         Ok(Client {
             listener,
             path: path.to_owned(),
@@ -328,11 +320,7 @@ async fn open(
         stream.send_msg(&Auth { mac }).await?;
         reply = recv_reply(&mut stream, config).await?;
         if !have_token && !matches!(reply, Reply::Accept { .. }) {
-            return Err(Error::Auth(
-                "the tunnel server requires a token and this client has none: give it the \
-                 server's token with --token-file PATH or QMIGRATE_TOKEN"
-                    .into(),
-            ));
+            return Err(Error::Auth(AuthFailure::NoToken));
         }
         server_nonce = Some(nonce);
     }
@@ -384,16 +372,12 @@ fn check_server(
 ) -> Result<()> {
     match (nonce, mac) {
         (Some(nonce), Some(mac)) if token.check_server_proof(&nonce, hello, mac) => Ok(()),
-        (None, _) => Err(Error::Auth(format!(
-            "the tunnel server ({software}) accepted without asking for a token: it runs \
-             without one. Give tunnel-server the same token (or, for a server meant to run \
-             without one on 127.0.0.1, give this client none)"
-        ))),
-        (Some(_), _) => Err(Error::Auth(format!(
-            "the tunnel server ({software}) could not prove that it knows the token: its \
-             token differs from this client's, or something between the hosts altered the \
-             handshake"
-        ))),
+        (None, _) => Err(Error::Auth(AuthFailure::ServerHasNoToken {
+            software: software.to_owned(),
+        })),
+        (Some(_), _) => Err(Error::Auth(AuthFailure::BadServerProof {
+            software: software.to_owned(),
+        })),
     }
 }
 

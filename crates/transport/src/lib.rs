@@ -11,6 +11,20 @@
 //! server's certificate against a CA or a pinned fingerprint, and a server may require client
 //! certificates. `docs/PROTOCOL.md` describes the wire format.
 //!
+//! # Layout
+//!
+//! - `protocol`, `auth`: the handshake's messages and the token's proofs.
+//! - `frame`: the length-prefixed data framing of `tcp://` and `tls://`, without I/O.
+//! - `sniff`: what a peer speaks when it is not this protocol, and how a TLS server refuses a
+//!   plain client.
+//! - `ws/`: WebSocket (the upgrade, RFC 6455 frames, the two directions); `tls/`: settings,
+//!   verifiers, handshake diagnosis, the record layer.
+//! - `transport`, `stream`: connecting and accepting per scheme, and one tunnel connection
+//!   whatever it runs on; `relay`, `report`: copying and counting.
+//! - `client`, `server`: the two ends.
+//! - `error`: [`Error`], built from the leaf modules' errors. Error messages say what went wrong,
+//!   never which command-line flag fixes it: that is the front end's to add.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), qmigrate_transport::Error> {
 //! use qmigrate_transport::{Endpoint, Scheme, Server, ServerConfig};
@@ -35,22 +49,23 @@ pub mod protocol;
 mod relay;
 mod report;
 mod server;
+mod sniff;
 mod stream;
 pub mod tls;
 mod transport;
 mod ws;
 
-pub use auth::{Token, TokenError};
+pub use auth::{AuthFailure, Token, TokenError};
 pub use client::{open_control, open_data, Client, ClientConfig};
 pub use endpoint::{Endpoint, Scheme};
-pub use error::{Error, Result};
+pub use error::{DestinationFailure, Error, Result, UnixSocketFailure};
 pub use frame::DecodeError;
 pub use relay::{relay, RelayStats};
 pub use report::Report;
 pub use server::{Controller, Server, ServerConfig, SessionMap};
 #[doc(hidden)]
 pub use stream::fuzzing;
-pub use stream::{Frames, TlsTcp, TunnelReader, TunnelStream, TunnelWriter};
+pub use stream::{FrameReader, TunnelReader, TunnelStream, TunnelWriter};
 pub use tls::{ClientTls, Fingerprint, ServerCheck, ServerTls, TlsError};
 pub use transport::{AnyTransport, Tcp, Tls, Transport, WebSocket};
 pub use ws::{FrameError, WsReader, WsStream, WsWriter, WS_MESSAGE};

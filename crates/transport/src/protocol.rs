@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::sniff::Sniffed;
+
 /// First eight bytes of every handshake envelope.
 pub const MAGIC: &[u8; 8] = b"QMTUNL\r\n";
 
@@ -230,9 +232,9 @@ pub fn envelope(body: &[u8]) -> Vec<u8> {
 /// What is wrong with bytes that should have been an envelope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvelopeError {
-    /// The first bytes are not our magic; the string guesses what the peer speaks.
+    /// The first bytes are not our magic; what the peer seems to speak instead.
     #[error("the peer does not speak the qmigrate tunnel protocol ({0})")]
-    NotOurProtocol(&'static str),
+    NotOurProtocol(Sniffed),
     /// The length field is larger than [`MAX_HANDSHAKE_LEN`].
     #[error("handshake message of {0} bytes is larger than the {MAX_HANDSHAKE_LEN}-byte limit")]
     TooLarge(u32),
@@ -247,7 +249,7 @@ pub enum EnvelopeError {
 /// Checks an envelope header (the first 12 bytes) and returns the body length.
 pub fn parse_header(header: &[u8; 12]) -> Result<u32, EnvelopeError> {
     if &header[..8] != MAGIC {
-        return Err(EnvelopeError::NotOurProtocol(guess_protocol(header)));
+        return Err(EnvelopeError::NotOurProtocol(Sniffed::of(header)));
     }
     let len = u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
     if len > MAX_HANDSHAKE_LEN {
@@ -270,7 +272,7 @@ pub fn unwrap_envelope(bytes: &[u8]) -> Result<&[u8], EnvelopeError> {
             if bytes.len() >= 8 && &bytes[..8] != MAGIC {
                 let mut h = [0u8; 12];
                 h[..bytes.len().min(12)].copy_from_slice(&bytes[..bytes.len().min(12)]);
-                EnvelopeError::NotOurProtocol(guess_protocol(&h))
+                EnvelopeError::NotOurProtocol(Sniffed::of(&h))
             } else {
                 EnvelopeError::Truncated
             }
@@ -286,22 +288,6 @@ pub fn unwrap_envelope(bytes: &[u8]) -> Result<&[u8], EnvelopeError> {
 /// Decodes an envelope body.
 pub fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, EnvelopeError> {
     serde_json::from_slice(body).map_err(|e| EnvelopeError::Json(e.to_string()))
-}
-
-/// A guess at what a peer that did not send our magic speaks, for the log line.
-fn guess_protocol(first: &[u8]) -> &'static str {
-    const HTTP: [&[u8]; 6] = [b"GET ", b"POST", b"PUT ", b"HEAD", b"OPTI", b"HTTP"];
-    if HTTP.iter().any(|m| first.starts_with(m)) {
-        "it sent HTTP: a WebSocket client must talk to a server started with --ws"
-    } else if first.first() == Some(&0x16) {
-        "it sent a TLS handshake: this server does not use TLS"
-    } else if first.starts_with(b"QEVM") {
-        "it sent a raw QEMU migration stream: point QEMU at tunnel-client, not tunnel-server"
-    } else if first.starts_with(b"SSH-") {
-        "it sent SSH"
-    } else {
-        "unknown bytes"
-    }
 }
 
 #[cfg(test)]
@@ -400,7 +386,7 @@ mod tests {
         h.copy_from_slice(b"GET / HTTP/1");
         assert!(matches!(
             parse_header(&h),
-            Err(EnvelopeError::NotOurProtocol(s)) if s.contains("--ws")
+            Err(EnvelopeError::NotOurProtocol(Sniffed::Http))
         ));
         let mut big = [0u8; 12];
         big[..8].copy_from_slice(MAGIC);
@@ -412,7 +398,7 @@ mod tests {
         );
         assert!(matches!(
             decode::<Hello>(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\x00"),
-            Err(EnvelopeError::NotOurProtocol(s)) if s.contains("TLS")
+            Err(EnvelopeError::NotOurProtocol(Sniffed::Tls))
         ));
     }
 }

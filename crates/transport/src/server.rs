@@ -17,7 +17,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::auth::{self, Token};
 use crate::endpoint::Endpoint;
-use crate::error::{Error, Result};
+use crate::error::{DestinationFailure, Error, Result};
 use crate::protocol::{self, Auth, Hello, Purpose, RejectReason, Reply};
 use crate::relay::relay;
 use crate::report::{Report, Tally};
@@ -647,9 +647,9 @@ async fn connect_dest(
                     return Err(Error::Destination {
                         path: path.to_owned(),
                         why: if e.kind() == std::io::ErrorKind::NotFound {
-                            format!("did not appear within {}s", timeout.as_secs())
+                            DestinationFailure::NeverAppeared(timeout)
                         } else {
-                            format!("nobody listened on it within {}s", timeout.as_secs())
+                            DestinationFailure::NobodyListened(timeout)
                         },
                     });
                 }
@@ -666,7 +666,7 @@ async fn connect_dest(
             Err(e) => {
                 return Err(Error::Destination {
                     path: path.to_owned(),
-                    why: format!("cannot connect: {e}"),
+                    why: DestinationFailure::Connect(e),
                 })
             }
         }

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use crate::error::{Error, Result};
 use crate::frame::{self, Expect, FrameDecoder};
 use crate::protocol::{self, EnvelopeError, MAX_FRAME};
-use crate::tls::{TlsReader, TlsWriter, VectoredRead};
+use crate::tls::{TlsReader, TlsStream, TlsWriter, VectoredRead};
 use crate::ws::{self, FrameError, RecvError, WsReader, WsStream, WsWriter};
 
 #[doc(hidden)]
@@ -29,9 +29,6 @@ pub mod fuzzing;
 
 /// How long a finished WebSocket connection waits for the peer's close frame.
 const WS_CLOSE_WAIT: Duration = Duration::from_secs(5);
-
-/// TLS over TCP, either end: what `tls://` carries its frames in, and `wss://` its WebSocket.
-pub type TlsTcp = crate::tls::TlsStream;
 
 /// One established tunnel connection (after the TCP connect, TLS handshake or WebSocket
 /// upgrade, before or after the tunnel handshake).
@@ -41,11 +38,11 @@ pub enum TunnelStream {
     /// QEMU as it is.
     Tcp(TcpStream),
     /// TLS over TCP, the same frames inside. Never handed to QEMU, which would see ciphertext.
-    Tls(Box<TlsTcp>),
+    Tls(Box<TlsStream>),
     /// WebSocket binary messages.
     Ws(Box<WsStream<TcpStream>>),
     /// WebSocket binary messages over TLS.
-    Wss(Box<WsStream<TlsTcp>>),
+    Wss(Box<WsStream<TlsStream>>),
 }
 
 impl TunnelStream {
@@ -89,12 +86,12 @@ impl TunnelStream {
         match self {
             TunnelStream::Tcp(s) => {
                 let (r, w) = s.into_split();
-                (TunnelReader::Tcp(Frames::new(r)), TunnelWriter::Tcp(w))
+                (TunnelReader::Tcp(FrameReader::new(r)), TunnelWriter::Tcp(w))
             }
             TunnelStream::Tls(s) => {
                 let (r, w) = s.into_split();
                 (
-                    TunnelReader::Tls(Box::new(Frames::new(r))),
+                    TunnelReader::Tls(Box::new(FrameReader::new(r))),
                     TunnelWriter::Tls(Box::new(w)),
                 )
             }
@@ -103,7 +100,7 @@ impl TunnelStream {
                 (TunnelReader::Ws(r), TunnelWriter::Ws(w))
             }
             TunnelStream::Wss(ws) => {
-                let (r, w) = ws.split(TlsTcp::into_split);
+                let (r, w) = ws.split(TlsStream::into_split);
                 (
                     TunnelReader::Wss(Box::new(r)),
                     TunnelWriter::Wss(Box::new(w)),
@@ -147,7 +144,7 @@ async fn recv_ws_envelope<S: AsyncRead + AsyncWrite + Unpin>(
     match ws.recv_message().await {
         Ok(message) => Ok(protocol::unwrap_envelope(&message)?.to_vec()),
         Err(RecvError::Frame(FrameError::Text)) => {
-            Err(EnvelopeError::NotOurProtocol("it sent a WebSocket text message").into())
+            Err(EnvelopeError::NotOurProtocol(protocol::Sniffed::WebSocketText).into())
         }
         Err(RecvError::Frame(e)) => Err(e.into()),
         Err(RecvError::Closed) => Err(Error::ConnectionLost(
@@ -175,9 +172,9 @@ async fn read_exact_or_lost<R: AsyncRead + Unpin>(
 #[derive(Debug)]
 pub enum TunnelReader {
     /// TCP: length-prefixed frames.
-    Tcp(Frames<OwnedReadHalf>),
+    Tcp(FrameReader<OwnedReadHalf>),
     /// TLS: length-prefixed frames inside.
-    Tls(Box<Frames<TlsReader>>),
+    Tls(Box<FrameReader<TlsReader>>),
     /// WebSocket: binary messages.
     Ws(WsReader<OwnedReadHalf>),
     /// WebSocket over TLS: binary messages.
@@ -186,7 +183,7 @@ pub enum TunnelReader {
 
 /// Reads length-prefixed frames: the byte stream and the frame decoder's state.
 #[derive(Debug)]
-pub struct Frames<R> {
+pub struct FrameReader<R> {
     rd: R,
     dec: FrameDecoder,
 }
@@ -224,9 +221,9 @@ impl TunnelReader {
     }
 }
 
-impl<R: AsyncRead + Unpin> Frames<R> {
+impl<R: AsyncRead + Unpin> FrameReader<R> {
     fn new(rd: R) -> Self {
-        Frames {
+        FrameReader {
             rd,
             dec: FrameDecoder::new(),
         }

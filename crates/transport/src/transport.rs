@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use crate::endpoint::{Endpoint, Scheme};
 use crate::error::{Error, Result};
 use crate::stream::TunnelStream;
-use crate::tls::{self, ClientTls, ServerTls, TlsError};
+use crate::tls::{self, ClientTls, Mismatch, ServerTls, TlsError};
 use crate::ws::{ws_accept, ws_connect};
 
 /// A way to carry tunnel connections.
@@ -103,16 +103,8 @@ impl AnyTransport {
                 tls.clone(),
             ))),
             (false, None) => Ok(Self::for_scheme(scheme)),
-            (true, None) => Err(TlsError::Mismatch(
-                "a tls:// or wss:// address needs TLS settings: how to check the server \
-                 (--tls-ca or --tls-fingerprint)",
-            )
-            .into()),
-            (false, Some(_)) => Err(TlsError::Mismatch(
-                "TLS settings (--tls-ca, --tls-fingerprint, --tls-cert) need a tls:// or \
-                 wss:// address",
-            )
-            .into()),
+            (true, None) => Err(TlsError::Mismatch(Mismatch::ClientWithoutSettings).into()),
+            (false, Some(_)) => Err(TlsError::Mismatch(Mismatch::ClientWithoutTls).into()),
         }
     }
 
@@ -124,15 +116,8 @@ impl AnyTransport {
                 tls.clone(),
             ))),
             (false, None) => Ok(Self::for_scheme(scheme)),
-            (true, None) => Err(TlsError::Mismatch(
-                "listening on tls:// or wss:// needs the server's certificate and key \
-                 (--tls-cert, --tls-key)",
-            )
-            .into()),
-            (false, Some(_)) => Err(TlsError::Mismatch(
-                "a certificate (--tls-cert) needs a tls:// or wss:// address to listen on",
-            )
-            .into()),
+            (true, None) => Err(TlsError::Mismatch(Mismatch::ServerWithoutSettings).into()),
+            (false, Some(_)) => Err(TlsError::Mismatch(Mismatch::ServerWithoutTls).into()),
         }
     }
 }
@@ -197,10 +182,7 @@ impl Transport for Tls {
 
     async fn connect(&self, to: &Endpoint) -> Result<TunnelStream> {
         let Some(TlsRole::Client(settings)) = &self.role else {
-            return Err(TlsError::Mismatch(
-                "this transport has no client TLS settings (how to check the server)",
-            )
-            .into());
+            return Err(TlsError::Mismatch(Mismatch::NotAClient).into());
         };
         let tcp = tcp_connect(to).await?;
         let tls = tls::connect(settings, to, tcp).await?;
@@ -213,10 +195,7 @@ impl Transport for Tls {
 
     async fn accept(&self, tcp: TcpStream) -> Result<TunnelStream> {
         let Some(TlsRole::Server(settings)) = &self.role else {
-            return Err(TlsError::Mismatch(
-                "this transport has no server TLS settings (certificate and key)",
-            )
-            .into());
+            return Err(TlsError::Mismatch(Mismatch::NotAServer).into());
         };
         tune(&tcp)?;
         let tls = tls::accept(settings, tcp).await?;

@@ -50,14 +50,40 @@ pub enum TlsError {
         source: rustls::Error,
     },
     /// The client has nothing to check the server's certificate against.
-    #[error("no CA certificates found on this system ({why}): pass the CA that signed the server's certificate with --tls-ca PATH, or pin the server's certificate with --tls-fingerprint sha256:HEX")]
+    #[error("no CA certificates found on this system ({why})")]
     NoSystemRoots {
         /// What the system store lookup said.
         why: String,
     },
     /// A TLS address (`tls://`, `wss://`) without TLS settings, or the other way round.
     #[error("{0}")]
-    Mismatch(&'static str),
+    Mismatch(Mismatch),
+}
+
+/// TLS settings and an address that do not go together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Mismatch {
+    /// A client for a `tls://` or `wss://` address without a way to check the server.
+    #[error("a tls:// or wss:// address needs TLS settings: how to check the server")]
+    ClientWithoutSettings,
+    /// Client TLS settings for an address without TLS.
+    #[error("TLS settings need a tls:// or wss:// address")]
+    ClientWithoutTls,
+    /// A server on a `tls://` or `wss://` address without a certificate and key.
+    #[error("listening on tls:// or wss:// needs the server's certificate and key")]
+    ServerWithoutSettings,
+    /// A server certificate for an address without TLS.
+    #[error("a certificate needs a tls:// or wss:// address to listen on")]
+    ServerWithoutTls,
+    /// A server's TLS transport asked to connect.
+    #[error("this transport has no client TLS settings (how to check the server)")]
+    NotAClient,
+    /// A client's TLS transport asked to accept.
+    #[error("this transport has no server TLS settings (certificate and key)")]
+    NotAServer,
+    /// A server's certificate chain without a certificate.
+    #[error("the server's certificate chain is empty")]
+    EmptyChain,
 }
 
 fn rustls_hint(e: &rustls::Error) -> &'static str {
@@ -82,6 +108,11 @@ impl Fingerprint {
     /// The fingerprint of `cert`.
     pub fn of(cert: &CertificateDer<'_>) -> Fingerprint {
         Fingerprint(Sha256::digest(cert.as_ref()).into())
+    }
+
+    /// The fingerprint whose SHA-256 is `bytes` (as the verifier keeps it).
+    pub(super) fn from_bytes(bytes: [u8; 32]) -> Fingerprint {
+        Fingerprint(bytes)
     }
 
     /// Parses `sha256:HEX`, where HEX is 64 hex digits in either case, with or without colons
@@ -250,9 +281,7 @@ impl ServerTls {
         let fingerprint = chain
             .first()
             .map(Fingerprint::of)
-            .ok_or(TlsError::Mismatch(
-                "the server's certificate chain is empty",
-            ))?;
+            .ok_or(TlsError::Mismatch(Mismatch::EmptyChain))?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| TlsError::Rustls {
@@ -397,7 +426,7 @@ impl ClientTls {
             }
             ServerCheck::Fingerprint(pin) => {
                 let verifier = Pinned {
-                    pin,
+                    pin: pin.0,
                     algorithms: provider().signature_verification_algorithms,
                 };
                 (

@@ -10,6 +10,7 @@ use rustls::{AlertDescription, CertificateError};
 
 use super::config::Fingerprint;
 use super::verify::FingerprintMismatch;
+use crate::sniff::PlainClient;
 
 /// Which end of a TLS connection saw an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,17 +84,6 @@ pub enum CertProblem {
     },
 }
 
-/// What a client that does not speak TLS sent a TLS server, and so what it was told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PlainClient {
-    /// A plain `tcp://` qmigrate client: it was told, in the tunnel protocol, to use `tls://`.
-    Tunnel,
-    /// Plain HTTP, a `ws://` client most likely: it was told, in HTTP, to use `wss://`.
-    Http,
-    /// Neither TLS nor anything qmigrate speaks: it was told nothing.
-    Unknown,
-}
-
 /// Why a TLS handshake failed, or why the peer ended an established TLS session.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TlsFailure {
@@ -163,76 +153,45 @@ impl fmt::Display for TlsFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use TlsFailure as F;
         if let F::Certificate { of, problem } = self {
-            write!(f, "the {of} certificate verification failed: {problem}")?;
-            return match of {
-                Peer::Client => f.write_str(
-                    ": the client's certificate must be signed by this server's --tls-client-ca",
-                ),
-                Peer::Server => f.write_str(
-                    ": pass the CA that signed the server's certificate with --tls-ca, or pin \
-                     the certificate with --tls-fingerprint (the server logs its fingerprint at \
-                     start)",
-                ),
-            };
+            return write!(f, "the {of} certificate verification failed: {problem}");
         }
         f.write_str("TLS handshake failed: ")?;
         match self {
             F::Certificate { .. } => Ok(()),
-            F::NoClientCertificate => f.write_str(
-                "the client presented no certificate, and this server requires one \
-                 (--tls-client-ca): give the client --tls-cert and --tls-key",
-            ),
+            F::NoClientCertificate => {
+                f.write_str("the client presented no certificate, and this server requires one")
+            }
             F::ClientCertificateRequired => write!(
                 f,
                 "the peer refused the connection (TLS alert {:?}): the server requires a client \
-                 certificate; give this client --tls-cert and --tls-key, signed by the CA of the \
-                 server's --tls-client-ca",
+                 certificate",
                 AlertDescription::CertificateRequired
             ),
             F::CertificateRefused { by, alert } => match by {
                 Side::Server => write!(
                     f,
-                    "the client did not accept this server's certificate (TLS alert {alert:?}): \
-                     give the client the CA that signed it (--tls-ca), or its fingerprint \
-                     (--tls-fingerprint; logged at this server's start)"
+                    "the client did not accept this server's certificate (TLS alert {alert:?})"
                 ),
                 Side::Client => write!(
                     f,
-                    "the server did not accept this client's certificate (TLS alert {alert:?}): \
-                     it must be signed by the CA of the server's --tls-client-ca"
+                    "the server did not accept this client's certificate (TLS alert {alert:?})"
                 ),
                 Side::Either => write!(
                     f,
-                    "the peer did not accept this side's certificate (TLS alert {alert:?}): a \
-                     server with --tls-client-ca accepts only client certificates signed by \
-                     that CA"
+                    "the peer did not accept this side's certificate (TLS alert {alert:?})"
                 ),
             },
             F::Alert(alert) => write!(f, "the peer ended the handshake (TLS alert {alert:?})"),
-            F::ServerNotTls(e) => write!(
-                f,
-                "the server does not speak TLS ({e}): is it a plain tcp:// or ws:// \
-                 tunnel-server? TLS needs tunnel-server --tls-cert and --tls-key"
-            ),
+            F::ServerNotTls(e) => write!(f, "the server does not speak TLS ({e})"),
             F::ServerClosed { detail } => write!(
                 f,
-                "the server closed the connection during the TLS handshake ({detail}): is it a \
-                 plain tcp:// or ws:// tunnel-server? TLS needs tunnel-server --tls-cert and \
-                 --tls-key"
+                "the server closed the connection during the TLS handshake ({detail})"
             ),
             F::ClientClosed { detail } => write!(
                 f,
                 "the client closed the connection during the TLS handshake ({detail})"
             ),
-            F::PlainClient(what) => write!(
-                f,
-                "the client does not speak TLS, it sent {}",
-                match what {
-                    PlainClient::Tunnel => "a plain tcp:// client: it was told to use tls://",
-                    PlainClient::Http => "plain HTTP (a ws:// client?): it was told to use wss://",
-                    PlainClient::Unknown => "bytes that are neither TLS nor qmigrate",
-                }
-            ),
+            F::PlainClient(what) => write!(f, "the client does not speak TLS, it sent {what}"),
             F::BadServerName(host) => {
                 write!(f, "{host:?} is neither a host name nor an IP address")
             }
@@ -250,7 +209,7 @@ impl fmt::Display for CertProblem {
             CertProblem::CaAsEndEntity { detail } => write!(
                 f,
                 "it is a CA certificate (CA:TRUE), which is no server certificate unless it is \
-                 itself the --tls-ca file ({detail})"
+                 itself the client's CA file ({detail})"
             ),
             CertProblem::PinMismatch { pinned, presented } => write!(
                 f,
@@ -313,8 +272,8 @@ fn cert_problem(cert: &CertificateError) -> CertProblem {
         CertificateError::Other(other) => {
             if let Some(pin) = other.0.downcast_ref::<FingerprintMismatch>() {
                 return CertProblem::PinMismatch {
-                    pinned: pin.pinned,
-                    presented: pin.presented,
+                    pinned: Fingerprint::from_bytes(pin.pinned),
+                    presented: Fingerprint::from_bytes(pin.presented),
                 };
             }
             match other.to_string() {

@@ -18,20 +18,25 @@ use tokio::net::TcpStream;
 
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
+use crate::protocol;
+use crate::sniff;
 
-mod config;
-mod diagnose;
+pub(crate) mod config;
+pub(crate) mod diagnose;
 mod handshake;
 mod record;
 mod stream;
 mod verify;
 
+pub use crate::sniff::PlainClient;
 pub use config::{
-    read_certificates, read_private_key, CertificateDer, ClientTls, Fingerprint, PrivateKeyDer,
-    ServerCheck, ServerTls, TlsError, MAKE_CERT,
+    read_certificates, read_private_key, CertificateDer, ClientTls, Fingerprint, Mismatch,
+    PrivateKeyDer, ServerCheck, ServerTls, TlsError, MAKE_CERT,
 };
 use diagnose::{diagnose, diagnose_io};
-pub use diagnose::{CertProblem, Peer, PlainClient, Side, TlsFailure};
+pub use diagnose::{CertProblem, Peer, Side, TlsFailure};
+/// The TLS alerts a [`TlsFailure`] names.
+pub use rustls::AlertDescription;
 pub use stream::{TlsReader, TlsStream, TlsWriter, VectoredRead};
 
 /// The client side of the TLS handshake on a fresh TCP connection to `to`.
@@ -53,13 +58,13 @@ pub(crate) async fn accept(tls: &ServerTls, tcp: TcpStream) -> Result<TlsStream>
     // 0x16: a TLS handshake record. Anything else is not a TLS client: wait a moment for
     // enough of its first bytes to tell what it speaks.
     for _ in 0..20 {
-        if n == 0 || n == first.len() || first[0] == 0x16 {
+        if n == 0 || n == first.len() || first[0] == sniff::TLS_HANDSHAKE {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         n = tcp.peek(&mut first).await.map_err(Error::lost_or_io)?;
     }
-    if n > 0 && first[0] != 0x16 {
+    if n > 0 && first[0] != sniff::TLS_HANDSHAKE {
         return Err(refuse_plain(tcp, &first[..n]).await);
     }
     match handshake::server(tls.config.clone(), tcp).await {
@@ -90,44 +95,25 @@ fn failed(failure: handshake::Failure, side: Side) -> Error {
 
 /// Answers a client that does not speak TLS in its own protocol, then closes.
 async fn refuse_plain(mut tcp: TcpStream, first: &[u8]) -> Error {
-    let magic = crate::protocol::MAGIC;
-    let (answer, plain) = if magic.starts_with(first) || first.starts_with(magic) {
-        let reject = crate::protocol::Reply::Reject {
-            reason: crate::protocol::RejectReason::BadRequest,
-            message: "this tunnel-server speaks TLS: connect with tls://HOST:PORT (checking its \
-                      certificate with --tls-ca or --tls-fingerprint)"
-                .into(),
-            software: crate::protocol::software(),
-            versions: None,
-        };
-        (
-            crate::protocol::envelope(&crate::protocol::encode_body(&reject)),
-            PlainClient::Tunnel,
-        )
-    } else if looks_like_http(first) {
-        let body = "this tunnel-server speaks TLS: connect with wss://HOST:PORT/PATH\n";
-        (
-            format!(
-                "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .into_bytes(),
-            PlainClient::Http,
-        )
-    } else {
-        (Vec::new(), PlainClient::Unknown)
+    let plain = PlainClient::of(first, protocol::MAGIC);
+    let answer = match (plain, plain.told()) {
+        (PlainClient::Tunnel, Some(message)) => {
+            let reject = protocol::Reply::Reject {
+                reason: protocol::RejectReason::BadRequest,
+                message: message.into(),
+                software: protocol::software(),
+                versions: None,
+            };
+            protocol::envelope(&protocol::encode_body(&reject))
+        }
+        (_, Some(body)) => sniff::http_refusal(body),
+        (_, None) => Vec::new(),
     };
     if !answer.is_empty() {
         let _ = tcp.write_all(&answer).await;
     }
     linger(tcp).await;
     TlsFailure::PlainClient(plain).into()
-}
-
-/// Whether the first bytes are an HTTP request line's start: a method (`GET`), then a space.
-fn looks_like_http(first: &[u8]) -> bool {
-    let method = first.iter().take_while(|b| b.is_ascii_uppercase()).count();
-    (3..first.len()).contains(&method) && first[method] == b' '
 }
 
 /// Ends a refused connection gently: FIN, then read (and drop) what the peer still sends for

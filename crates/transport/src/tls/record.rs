@@ -11,7 +11,7 @@
 //! [`rustls::kernel::KernelConnection`], the interface it offers for kernel TLS.
 
 use ring::aead;
-use rustls::{AlertDescription, ConnectionTrafficSecrets, Error as TlsErr};
+use rustls::{AlertDescription, ConnectionTrafficSecrets, Error as RustlsError};
 
 /// Record header: content type, legacy version, length.
 pub(crate) const HEADER: usize = 5;
@@ -52,7 +52,10 @@ impl std::fmt::Debug for RecordKey {
 
 impl RecordKey {
     /// The key for `secrets`, starting at record number `seq`.
-    pub(crate) fn new(seq: u64, secrets: &ConnectionTrafficSecrets) -> Result<RecordKey, TlsErr> {
+    pub(crate) fn new(
+        seq: u64,
+        secrets: &ConnectionTrafficSecrets,
+    ) -> Result<RecordKey, RustlsError> {
         let (alg, key, iv) = match secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
@@ -60,14 +63,14 @@ impl RecordKey {
                 (&aead::CHACHA20_POLY1305, key, iv)
             }
             #[allow(unreachable_patterns)] // rustls may add suites
-            _ => return Err(TlsErr::General("unsupported TLS cipher suite".into())),
+            _ => return Err(RustlsError::General("unsupported TLS cipher suite".into())),
         };
         let key = aead::UnboundKey::new(alg, key.as_ref())
-            .map_err(|_| TlsErr::General("bad TLS traffic key".into()))?;
+            .map_err(|_| RustlsError::General("bad TLS traffic key".into()))?;
         let iv = iv
             .as_ref()
             .try_into()
-            .map_err(|_| TlsErr::General("bad TLS traffic IV".into()))?;
+            .map_err(|_| RustlsError::General("bad TLS traffic IV".into()))?;
         Ok(RecordKey {
             key: aead::LessSafeKey::new(key),
             iv,
@@ -81,7 +84,7 @@ impl RecordKey {
     }
 
     /// The per-record nonce: the IV XOR the sequence number (RFC 8446 section 5.3).
-    fn next_nonce(&mut self) -> Result<aead::Nonce, TlsErr> {
+    fn next_nonce(&mut self) -> Result<aead::Nonce, RustlsError> {
         let mut nonce = self.iv;
         for (n, s) in nonce[aead::NONCE_LEN - 8..]
             .iter_mut()
@@ -90,14 +93,19 @@ impl RecordKey {
             *n ^= s;
         }
         // A sequence number may never wrap (section 5.3); key updates come long before.
-        self.seq = self.seq.checked_add(1).ok_or(TlsErr::EncryptError)?;
+        self.seq = self.seq.checked_add(1).ok_or(RustlsError::EncryptError)?;
         Ok(aead::Nonce::assume_unique_for_key(nonce))
     }
 
     /// Seals one record in place. `record` holds, from its start: room for the header, the
     /// `len` content bytes, and room for the type byte and the tag (`sealed_len(len)` bytes in
     /// all). Writes the header, type byte and tag around the content and encrypts it.
-    pub(crate) fn seal(&mut self, record: &mut [u8], len: usize, typ: u8) -> Result<(), TlsErr> {
+    pub(crate) fn seal(
+        &mut self,
+        record: &mut [u8],
+        len: usize,
+        typ: u8,
+    ) -> Result<(), RustlsError> {
         debug_assert!(len <= MAX_PLAINTEXT && record.len() >= sealed_len(len));
         let header = header(len + 1 + TAG);
         record[..HEADER].copy_from_slice(&header);
@@ -108,27 +116,31 @@ impl RecordKey {
         let tag = self
             .key
             .seal_in_place_separate_tag(nonce, aead::Aad::from(header), inner)
-            .map_err(|_| TlsErr::EncryptError)?;
+            .map_err(|_| RustlsError::EncryptError)?;
         tag_room.copy_from_slice(tag.as_ref());
         Ok(())
     }
 
     /// Opens one record in place: `body` is the record after its `header`, tag included.
     /// Returns the inner content type and the content's length (at the start of `body`).
-    pub(crate) fn open(&mut self, header: [u8; HEADER], body: &mut [u8]) -> Result<Opened, TlsErr> {
+    pub(crate) fn open(
+        &mut self,
+        header: [u8; HEADER],
+        body: &mut [u8],
+    ) -> Result<Opened, RustlsError> {
         let nonce = self.next_nonce()?;
         let plain = self
             .key
             .open_in_place(nonce, aead::Aad::from(header), body)
-            .map_err(|_| TlsErr::DecryptError)?;
+            .map_err(|_| RustlsError::DecryptError)?;
         // TLSInnerPlaintext: content, the real content type, then zero padding.
         let Some(end) = plain.iter().rposition(|&b| b != 0) else {
-            return Err(TlsErr::PeerMisbehaved(
+            return Err(RustlsError::PeerMisbehaved(
                 rustls::PeerMisbehaved::IllegalTlsInnerPlaintext,
             ));
         };
         if end > MAX_PLAINTEXT {
-            return Err(TlsErr::PeerSentOversizedRecord);
+            return Err(RustlsError::PeerSentOversizedRecord);
         }
         Ok(Opened {
             typ: plain[end],
@@ -158,26 +170,26 @@ fn header(body_len: usize) -> [u8; HEADER] {
 }
 
 /// Checks an incoming record's outer header; returns its body length.
-pub(crate) fn parse_header(h: &[u8; HEADER]) -> Result<usize, TlsErr> {
+pub(crate) fn parse_header(h: &[u8; HEADER]) -> Result<usize, RustlsError> {
     let len = u16::from_be_bytes([h[3], h[4]]) as usize;
     if h[0] != APPLICATION_DATA {
         // After the handshake everything is an encrypted record with the outer type
         // application_data; a plaintext alert here is the peer failing before it had keys.
         return Err(match (h[0], len) {
-            (ALERT, 2) => TlsErr::General("the peer sent an unencrypted alert".into()),
-            _ => TlsErr::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+            (ALERT, 2) => RustlsError::General("the peer sent an unencrypted alert".into()),
+            _ => RustlsError::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
         });
     }
     if h[1] != 3 {
-        return Err(TlsErr::InvalidMessage(
+        return Err(RustlsError::InvalidMessage(
             rustls::InvalidMessage::UnknownProtocolVersion,
         ));
     }
     if len > MAX_CIPHERTEXT {
-        return Err(TlsErr::PeerSentOversizedRecord);
+        return Err(RustlsError::PeerSentOversizedRecord);
     }
     if len < 1 + TAG {
-        return Err(TlsErr::DecryptError);
+        return Err(RustlsError::DecryptError);
     }
     Ok(len)
 }
@@ -192,13 +204,13 @@ pub(crate) enum Alert {
 }
 
 /// Parses the content of an alert record.
-pub(crate) fn parse_alert(content: &[u8]) -> Result<Alert, TlsErr> {
+pub(crate) fn parse_alert(content: &[u8]) -> Result<Alert, RustlsError> {
     match content {
         [_, 0] => Ok(Alert::CloseNotify),
         // user_canceled is followed by a close_notify; treat it as the end it announces.
         [_, 90] => Ok(Alert::CloseNotify),
         [_, desc] => Ok(Alert::Fatal(AlertDescription::from(*desc))),
-        _ => Err(TlsErr::InvalidMessage(
+        _ => Err(RustlsError::InvalidMessage(
             rustls::InvalidMessage::MessageTooShort,
         )),
     }
@@ -215,17 +227,17 @@ pub(crate) enum PostHandshake {
 
 /// Splits the content of a handshake record into messages. A message split across records is
 /// refused: the only post-handshake messages qmigrate expects are a few bytes long.
-pub(crate) fn parse_handshake(mut content: &[u8]) -> Result<Vec<PostHandshake>, TlsErr> {
+pub(crate) fn parse_handshake(mut content: &[u8]) -> Result<Vec<PostHandshake>, RustlsError> {
     let mut out = Vec::new();
     while !content.is_empty() {
         let &[typ, a, b, c, ref rest @ ..] = content else {
-            return Err(TlsErr::InvalidMessage(
+            return Err(RustlsError::InvalidMessage(
                 rustls::InvalidMessage::MessageTooShort,
             ));
         };
         let len = u32::from_be_bytes([0, a, b, c]) as usize;
         if rest.len() < len {
-            return Err(TlsErr::InvalidMessage(
+            return Err(RustlsError::InvalidMessage(
                 rustls::InvalidMessage::MessageTooShort,
             ));
         }
@@ -234,13 +246,13 @@ pub(crate) fn parse_handshake(mut content: &[u8]) -> Result<Vec<PostHandshake>, 
             (KEY_UPDATE, [0]) => PostHandshake::KeyUpdate { requested: false },
             (KEY_UPDATE, [1]) => PostHandshake::KeyUpdate { requested: true },
             (KEY_UPDATE, _) => {
-                return Err(TlsErr::InvalidMessage(
+                return Err(RustlsError::InvalidMessage(
                     rustls::InvalidMessage::InvalidKeyUpdate,
                 ))
             }
             (NEW_SESSION_TICKET, body) => PostHandshake::NewSessionTicket(body.to_vec()),
             (other, _) => {
-                return Err(TlsErr::InappropriateHandshakeMessage {
+                return Err(RustlsError::InappropriateHandshakeMessage {
                     expect_types: vec![
                         rustls::HandshakeType::KeyUpdate,
                         rustls::HandshakeType::NewSessionTicket,
@@ -300,7 +312,10 @@ mod tests {
         let mut wrong = b.clone();
         let h: [u8; HEADER] = wrong[..HEADER].try_into().expect("header");
         let mut rx2 = RecordKey::new(0, &secrets(7)).expect("key");
-        assert_eq!(rx2.open(h, &mut wrong[HEADER..]), Err(TlsErr::DecryptError));
+        assert_eq!(
+            rx2.open(h, &mut wrong[HEADER..]),
+            Err(RustlsError::DecryptError)
+        );
 
         for (rec, want) in [(a, &b"first"[..]), (b, &[9u8; MAX_PLAINTEXT][..])] {
             let mut rec = rec;

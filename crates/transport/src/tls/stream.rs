@@ -307,7 +307,7 @@ impl TlsReader {
         Poll::Ready(Ok(()))
     }
 
-    /// The relay's receiving side for `tls://`: reads our frames (see `crate::stream`) out of
+    /// The relay's receiving side for `tls://`: reads our frames (see `crate::frame`) out of
     /// the records and writes their payloads to `w`, many records per `writev`, until the
     /// end-of-stream frame. `dec` is the frame reader's state, so that this can take over
     /// from byte-wise reads.

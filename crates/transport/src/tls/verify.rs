@@ -10,7 +10,7 @@ use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
-use super::config::Fingerprint;
+use sha2::{Digest as _, Sha256};
 
 /// A CA file: the server's certificate must chain to one of its certificates, or be one of
 /// them itself. The latter is the self-signed pair of `openssl req -x509` ([`MAKE_CERT`]):
@@ -73,24 +73,23 @@ impl ServerCertVerifier for CaFile {
 /// certificate's private key passes.
 #[derive(Debug)]
 pub(super) struct Pinned {
-    pub(super) pin: Fingerprint,
+    /// The SHA-256 of the pinned certificate (a [`Fingerprint`](super::Fingerprint)).
+    pub(super) pin: [u8; 32],
     pub(super) algorithms: WebPkiSupportedAlgorithms,
 }
 
 /// The server presented another certificate than the pinned one.
 #[derive(Debug)]
 pub(super) struct FingerprintMismatch {
-    pub(super) pinned: Fingerprint,
-    pub(super) presented: Fingerprint,
+    pub(super) pinned: [u8; 32],
+    pub(super) presented: [u8; 32],
 }
 
+/// Only for rustls' `OtherError`: `diagnose.rs` turns it into a `CertProblem::PinMismatch`,
+/// which shows both fingerprints.
 impl fmt::Display for FingerprintMismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the server's certificate has the fingerprint {}, not the pinned {}",
-            self.presented, self.pinned
-        )
+        f.write_str("the server's certificate is not the pinned one")
     }
 }
 
@@ -105,7 +104,7 @@ impl ServerCertVerifier for Pinned {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let presented = Fingerprint::of(end_entity);
+        let presented: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
         if presented == self.pin {
             Ok(ServerCertVerified::assertion())
         } else {

@@ -12,11 +12,11 @@ pub(crate) const MAX_HEADER: usize = 14;
 /// Largest control frame payload (RFC 6455, 5.5).
 pub(super) const MAX_CONTROL: usize = 125;
 
-pub(super) const OP_CONTINUATION: u8 = 0x0;
-pub(super) const OP_TEXT: u8 = 0x1;
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
 pub(super) const OP_BINARY: u8 = 0x2;
 pub(super) const OP_CLOSE: u8 = 0x8;
-pub(super) const OP_PING: u8 = 0x9;
+const OP_PING: u8 = 0x9;
 pub(super) const OP_PONG: u8 = 0xa;
 
 /// Which end of the WebSocket connection this is: a client masks what it sends and requires
@@ -153,7 +153,7 @@ pub(crate) enum Item {
 
 /// Where the parser is in the byte stream.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum State {
+enum State {
     /// Before a frame header.
     Header,
     /// Inside a data frame's payload: bytes still to come, the masking key for the next one,
@@ -183,9 +183,9 @@ pub(super) struct Header {
 #[derive(Debug)]
 pub(crate) struct Parser {
     pub(super) role: Role,
-    pub(super) state: State,
+    state: State,
     /// Bytes of the data message in progress, if one is.
-    pub(super) message: Option<usize>,
+    message: Option<usize>,
     /// Largest message accepted.
     pub(super) max_message: usize,
 }

@@ -20,7 +20,7 @@
 //! of it is buffered), a control frame above 125 bytes or fragmented, an unmasked frame from a
 //! client or a masked one from a server.
 
-mod frame;
+pub(crate) mod frame;
 mod read;
 #[cfg(test)]
 mod tests;

@@ -18,16 +18,16 @@ use crate::error::{Error, Result};
 
 /// The reader's buffer during the handshake, where messages are a few hundred bytes: what an
 /// unauthenticated peer costs.
-pub(super) const HANDSHAKE_BUFFER: usize = 16 * 1024;
+const HANDSHAKE_BUFFER: usize = 16 * 1024;
 
 /// Most payload pieces handed to one vectored write (the kernel takes up to 1024).
-pub(super) const MAX_IOV: usize = 64;
+const MAX_IOV: usize = 64;
 
 /// Room below which the data path's reader stops reading on without waiting: a TLS record.
-pub(super) const MIN_ROOM: usize = 16 * 1024 + 256;
+const MIN_ROOM: usize = 16 * 1024 + 256;
 
 /// Why a peer's close frame ended the stream, in its own words when it gave some.
-pub(super) fn close_reason(payload: &[u8]) -> Option<String> {
+fn close_reason(payload: &[u8]) -> Option<String> {
     let reason = String::from_utf8_lossy(payload.get(2..)?);
     (!reason.is_empty()).then(|| reason.into_owned())
 }
@@ -41,16 +41,16 @@ pub(super) struct ReadState {
     pub(super) pos: usize,
     pub(super) end: usize,
     /// Unmasked payload not handed out yet (the byte-at-a-time [`WsReader::read`]).
-    pub(super) pending: Range<usize>,
+    pending: Range<usize>,
     /// The handshake message being collected, and whether it is complete (kept here so
     /// that a cancelled receive loses nothing).
     pub(super) message: Vec<u8>,
     pub(super) complete: bool,
-    pub(super) eos: bool,
+    eos: bool,
 }
 
 /// What one pass of the parser over the buffered bytes produced for the data path.
-pub(super) enum Parsed {
+enum Parsed {
     /// Some data, or nothing; the buffer has no complete item left.
     NeedMore,
     /// The batch of payload pieces is full; more items may be buffered.
@@ -95,7 +95,7 @@ impl ReadState {
     /// returns one record (at most 16 KiB): without this, every record would cost a write.
     /// Over TCP it costs nothing extra: tokio remembers that a short read emptied the socket.
     /// The end of the stream is left for the next [`fill`](Self::fill) to see.
-    pub(super) async fn fill_more<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> io::Result<()> {
+    async fn fill_more<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> io::Result<()> {
         std::future::poll_fn(|cx| {
             while self.buf.len() - self.end >= MIN_ROOM {
                 let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
@@ -138,7 +138,7 @@ impl ReadState {
     }
 
     /// The error for a close frame that came before the end of the stream.
-    pub(super) fn closed_early(&self, payload: Range<usize>) -> Error {
+    fn closed_early(&self, payload: Range<usize>) -> Error {
         Error::ConnectionLost(match close_reason(&self.buf[payload]) {
             Some(reason) => format!("the peer closed the WebSocket early: {reason}"),
             None => "the peer closed the WebSocket before ending the stream".into(),
@@ -147,11 +147,7 @@ impl ReadState {
 
     /// Parses what is buffered into payload pieces (at most [`MAX_IOV`]), handing pings'
     /// payloads to `pong`.
-    pub(super) fn parse_batch(
-        &mut self,
-        pieces: &mut Vec<Range<usize>>,
-        pong: &PongSlot,
-    ) -> Result<Parsed> {
+    fn parse_batch(&mut self, pieces: &mut Vec<Range<usize>>, pong: &PongSlot) -> Result<Parsed> {
         while pieces.len() < MAX_IOV {
             match self.next_item().map_err(data_error)? {
                 None => return Ok(Parsed::NeedMore),
@@ -168,7 +164,7 @@ impl ReadState {
 
 /// A frame error met in the data stream. A text message keeps the words it had with
 /// tungstenite.
-pub(super) fn data_error(e: FrameError) -> Error {
+fn data_error(e: FrameError) -> Error {
     match e {
         FrameError::Text => {
             Error::Protocol("the peer sent a text message inside the data stream".into())
@@ -178,7 +174,7 @@ pub(super) fn data_error(e: FrameError) -> Error {
 }
 
 /// A read error, or the end of the connection without a close.
-pub(super) fn read_result(n: io::Result<usize>) -> Result<()> {
+fn read_result(n: io::Result<usize>) -> Result<()> {
     match n {
         Ok(0) => Err(Error::ConnectionLost(
             "the connection closed without a WebSocket close".into(),
@@ -193,14 +189,14 @@ pub(super) fn read_result(n: io::Result<usize>) -> Result<()> {
 /// latest ping needs its pong (RFC 6455, 5.5.3).
 #[derive(Debug, Default)]
 pub(super) struct PongSlot {
-    pub(super) latest: Mutex<Option<ControlPayload>>,
+    latest: Mutex<Option<ControlPayload>>,
     pub(super) notify: Notify,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ControlPayload {
-    pub(super) bytes: [u8; MAX_CONTROL],
-    pub(super) len: usize,
+    bytes: [u8; MAX_CONTROL],
+    len: usize,
 }
 
 impl ControlPayload {
@@ -217,7 +213,7 @@ impl ControlPayload {
 }
 
 impl PongSlot {
-    pub(super) fn offer(&self, payload: &[u8]) {
+    fn offer(&self, payload: &[u8]) {
         let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
         *latest = Some(ControlPayload::new(payload));
         drop(latest);
@@ -326,7 +322,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
 
 /// Writes the payload pieces `buf[r]` for each `r` in `pieces` with as few vectored writes as
 /// `w` takes. Returns the bytes written.
-pub(super) async fn write_pieces<W: AsyncWrite + Unpin>(
+async fn write_pieces<W: AsyncWrite + Unpin>(
     w: &mut W,
     buf: &[u8],
     pieces: &[Range<usize>],

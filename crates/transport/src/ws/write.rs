@@ -16,21 +16,21 @@ use crate::error::{Error, Result};
 
 /// Masking keys for a client: fresh random ones, drawn from the kernel in batches (one
 /// `getrandom` per 64 frames instead of one per frame).
-pub(super) struct MaskKeys {
+struct MaskKeys {
     /// On the heap: the writer stays small next to the other transports' in `TunnelWriter`.
-    pub(super) batch: Box<[u8; 256]>,
-    pub(super) next: usize,
+    batch: Box<[u8; 256]>,
+    next: usize,
 }
 
 impl MaskKeys {
-    pub(super) fn new() -> Self {
+    fn new() -> Self {
         MaskKeys {
             batch: Box::new([0; 256]),
             next: 256,
         }
     }
 
-    pub(super) fn next(&mut self) -> io::Result<[u8; 4]> {
+    fn next(&mut self) -> io::Result<[u8; 4]> {
         if self.next == self.batch.len() {
             getrandom::fill(&mut self.batch[..]).map_err(|e| {
                 io::Error::other(format!(
@@ -51,9 +51,9 @@ impl MaskKeys {
 /// left half-written on the wire).
 pub(super) struct WriteState {
     pub(super) role: Role,
-    pub(super) keys: MaskKeys,
-    pub(super) out: Vec<u8>,
-    pub(super) sent: usize,
+    keys: MaskKeys,
+    out: Vec<u8>,
+    sent: usize,
 }
 
 impl WriteState {
@@ -67,7 +67,7 @@ impl WriteState {
     }
 
     /// A masking key for the next frame, if this end masks.
-    pub(super) fn key(&mut self) -> Result<Option<[u8; 4]>> {
+    fn key(&mut self) -> Result<Option<[u8; 4]>> {
         match self.role {
             Role::Client => Ok(Some(self.keys.next()?)),
             Role::Server => Ok(None),
@@ -129,7 +129,7 @@ impl<W> fmt::Debug for WsWriter<W> {
 impl<W: AsyncWrite + Unpin> WsWriter<W> {
     /// Frames the `n` payload bytes at `frame[MAX_HEADER..]` as one binary message, masking
     /// them in place, and writes header and payload with one write.
-    pub(super) async fn send_frame(&mut self, n: usize) -> Result<()> {
+    async fn send_frame(&mut self, n: usize) -> Result<()> {
         self.st.drain(&mut self.io).await?;
         let key = self.st.key()?;
         let h = header_len(n, key.is_some());

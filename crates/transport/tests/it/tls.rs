@@ -221,10 +221,7 @@ async fn wrong_ca_is_refused(scheme: Scheme) {
         ) && msg.contains("certificate verification failed"),
         "{msg}"
     );
-    assert!(
-        msg.contains("--tls-ca") && msg.contains("--tls-fingerprint"),
-        "{msg}"
-    );
+    assert!(msg.contains("not signed by a trusted CA"), "{msg}");
 
     // The right CA, but a certificate for another name than the address.
     let elsewhere = Ca::new("names");
@@ -354,7 +351,7 @@ async fn tls_client_at_a_plain_server_is_told_it_does_not_speak_tls(scheme: Sche
                 qmigrate_transport::tls::TlsFailure::ServerNotTls(_)
                     | qmigrate_transport::tls::TlsFailure::ServerClosed { .. }
             )
-        ) && msg.contains("--tls-cert"),
+        ) && msg.contains("TLS handshake failed"),
         "{msg}"
     );
     assert_no_connection(&dest, "a TLS client at a plain server").await;
@@ -379,10 +376,7 @@ async fn mutual_tls_with_and_without_a_client_certificate(scheme: Scheme) {
     )
     .await;
     let msg = err.to_string();
-    assert!(
-        msg.contains("client certificate") && msg.contains("--tls-cert"),
-        "{msg}"
-    );
+    assert!(msg.contains("client certificate"), "{msg}");
 
     let stranger = Ca::new("strangers").issue(&["source.example"]);
     let err = refused(
@@ -466,7 +460,7 @@ async fn tls_alone_is_not_client_authentication() {
             .await
             .expect_err("a server certificate without client authentication");
         assert!(matches!(err, Error::Unauthenticated { .. }), "{err}");
-        assert!(err.to_string().contains("--tls-client-ca"), "{err}");
+        assert!(err.to_string().contains("without authentication"), "{err}");
 
         let ok = Server::bind(&everywhere, config(&mtls))
             .await
@@ -496,7 +490,12 @@ async fn tls_settings_and_schemes_must_agree() {
         .await
         .expect_err("tls:// without a certificate");
     assert!(
-        matches!(err, Error::TlsSetup(_)) && err.to_string().contains("--tls-cert"),
+        matches!(
+            err,
+            Error::TlsSetup(qmigrate_transport::TlsError::Mismatch(
+                qmigrate_transport::tls::Mismatch::ServerWithoutSettings
+            ))
+        ),
         "{err}"
     );
     let err = Server::bind(
@@ -516,7 +515,15 @@ async fn tls_settings_and_schemes_must_agree() {
         ClientConfig::new(tls_url.clone()),
     )
     .expect_err("tls:// without a way to check the server");
-    assert!(err.to_string().contains("--tls-fingerprint"), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::TlsSetup(qmigrate_transport::TlsError::Mismatch(
+                qmigrate_transport::tls::Mismatch::ClientWithoutSettings
+            ))
+        ),
+        "{err}"
+    );
     let err = qmigrate_transport::Client::bind(
         &dir.path().join("b.sock"),
         ClientConfig {

@@ -747,7 +747,13 @@ async fn client_socket_rules(scheme: Scheme) {
     let listener = UnixListener::bind(&live).expect("bind");
     let err = bind(&live).expect_err("a live socket is refused");
     assert!(
-        matches!(&err, Error::UnixSocket { why, .. } if why.contains("listening")),
+        matches!(
+            &err,
+            Error::UnixSocket {
+                why: qmigrate_transport::UnixSocketFailure::InUse,
+                ..
+            }
+        ),
         "{err}"
     );
     let _conn = UnixStream::connect(&live)
@@ -765,7 +771,13 @@ async fn client_socket_rules(scheme: Scheme) {
     std::fs::write(&file, "keep me").expect("write");
     let err = bind(&file).expect_err("a regular file is refused");
     assert!(
-        matches!(&err, Error::UnixSocket { why, .. } if why.contains("not a socket")),
+        matches!(
+            &err,
+            Error::UnixSocket {
+                why: qmigrate_transport::UnixSocketFailure::NotASocket,
+                ..
+            }
+        ),
         "{err}"
     );
     assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
@@ -773,7 +785,13 @@ async fn client_socket_rules(scheme: Scheme) {
     let missing = dir.path().join("no-such-dir").join("x.sock");
     let err = bind(&missing).expect_err("a missing directory is an error");
     assert!(
-        matches!(&err, Error::UnixSocket { why, .. } if why.contains("does not exist")),
+        matches!(
+            &err,
+            Error::UnixSocket {
+                why: qmigrate_transport::UnixSocketFailure::NoDirectory,
+                ..
+            }
+        ),
         "{err}"
     );
 }
