@@ -247,20 +247,13 @@ impl Server {
                 });
             }
             warn!(
-                "listening on {} WITHOUT AUTHENTICATION (--insecure): anyone who can reach this \
+                "listening on {} WITHOUT AUTHENTICATION, as asked: anyone who can reach this \
                  port can write a migration stream into the destination VM and run code there",
                 listen.authority()
             );
         }
         let listener = TcpListener::bind(&addrs[..]).await.map_err(bind_err)?;
         let local = listen.with_bound(listener.local_addr()?);
-        if let Some(tls) = &config.tls {
-            info!(
-                client_certificates = client_certs,
-                "TLS: clients can pin this certificate with --tls-fingerprint {}",
-                tls.fingerprint()
-            );
-        }
         Ok(Server {
             listener,
             local,

@@ -99,13 +99,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .listen
         .unwrap_or_else(|| format!("0.0.0.0:{}", scheme.default_port()));
     let listen = Endpoint::parse(&listen, scheme).context(Exit::Usage)?;
+    let tls = args.tls.load()?;
+    // Logged once the server listens: the pin a client gives to trust this server.
+    let pin = tls
+        .as_ref()
+        .map(|t| (t.fingerprint(), t.requires_client_certificates()));
     let config = ServerConfig {
         connect_timeout: args.connect_timeout,
         handshake_timeout: args.handshake_timeout,
         once: args.once,
         token: args.token.load()?,
         insecure: args.insecure,
-        tls: args.tls.load()?,
+        tls,
         ..ServerConfig::new(&args.socket)
     };
     let mut server = match Server::bind(&listen, config).await {
@@ -114,6 +119,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         other => other?,
     };
+    if let Some((fingerprint, client_certificates)) = pin {
+        tracing::info!(
+            client_certificates,
+            "TLS: clients can pin this certificate with --tls-fingerprint {fingerprint}"
+        );
+    }
     let mut routes: BTreeMap<Option<String>, String> = args
         .routes
         .iter()
