@@ -12,7 +12,7 @@
 //!   through [`Progress`]; they never print or exit.
 //! - [`outcome`]: how a migration ended ([`Outcome`], [`Summary`]) and what a front end
 //!   implements to watch it ([`Progress`]).
-//! - [`statefile`]: saving to and restoring from files safely.
+//! - [`statefile`] and [`save`]: saving to and restoring from files safely.
 //! - [`direct`]: the one rule for the direct data path (the tunnel's socket handed to QEMU).
 //! - [`session`]: the control session of a one-command migration between `qmigrate migrate`
 //!   and `qmigrate tunnel-server --qmp`: its typed messages, the source's side and the
@@ -38,6 +38,7 @@ pub mod fit;
 pub mod monitor;
 pub mod outcome;
 pub mod plan;
+pub mod save;
 pub mod session;
 pub mod source;
 pub mod statefile;

@@ -150,6 +150,9 @@ pub enum PlanError {
          (or exec:), not with a live migration"
     )]
     CprRebootLive,
+    /// A restore with multifd channels needs a state saved with mapped-ram.
+    #[error("{0} was saved without mapped-ram (without --multifd): restore it without --multifd")]
+    MultifdWithoutMappedRam(String),
 }
 
 impl MigrationPlan {

@@ -12,7 +12,9 @@ use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+
+use crate::{MigrationPlan, PlanError};
 
 /// QEMU's `QEMU_VM_FILE_MAGIC`: every migration stream starts with it.
 const MAGIC: &[u8; 4] = b"QEVM";
@@ -345,6 +347,35 @@ fn remove_if_there(path: &Path) -> io::Result<bool> {
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(err) => Err(err),
     }
+}
+
+/// Restoring: the capabilities a state file was saved with are set to match it, whatever the
+/// flags said (QEMU cannot load a mapped-ram state without mapped-ram, and the other way round).
+/// A header without the configuration section (very old machine types) says nothing about
+/// capabilities; the plan stands then.
+pub fn fit_plan_to_state(
+    mut plan: MigrationPlan,
+    state: &StateFile,
+) -> Result<MigrationPlan, PlanError> {
+    if state.header.machine.is_none() {
+        return Ok(plan);
+    }
+    let shown = state.path.display();
+    let asked_ignore_shared = plan.ignore_shared;
+    plan.mapped_ram = state.header.has("mapped-ram");
+    plan.ignore_shared = state.header.has("x-ignore-shared");
+    match (plan.mapped_ram, plan.multifd) {
+        (false, Some(_)) => return Err(PlanError::MultifdWithoutMappedRam(shown.to_string())),
+        (true, None) => info!(
+            "{shown} was saved with mapped-ram: loading it with one channel (--multifd N \
+             loads it with N in parallel)"
+        ),
+        _ => {}
+    }
+    if plan.ignore_shared && !asked_ignore_shared {
+        info!("{shown} was saved with x-ignore-shared: setting it here too");
+    }
+    Ok(plan)
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@ use qmigrate_migration::destination::{follow_incoming, prepare_incoming};
 use qmigrate_migration::statefile::{self, StateFile};
 use qmigrate_migration::{monitor, MigrationPlan, Mode, QemuTarget, StreamKind};
 use qmigrate_qmp::MigrationStatus;
-use tracing::info;
 
 use crate::args::{CompressArg, ModeArg};
 use crate::exit::Exit;
@@ -102,29 +101,8 @@ impl Args {
             postcopy: self.postcopy,
             ..MigrationPlan::default()
         };
-        // A header without the configuration section (very old machine types) says nothing
-        // about capabilities; the flags stand then.
-        if let Some(state) = state.filter(|s| s.header.machine.is_some()) {
-            let shown = state.path.display();
-            plan.mapped_ram = state.header.has("mapped-ram");
-            plan.ignore_shared = state.header.has("x-ignore-shared");
-            match (plan.mapped_ram, plan.multifd) {
-                (false, Some(_)) => {
-                    return Err(anyhow!(
-                        "{shown} was saved without mapped-ram (without --multifd): restore it \
-                         without --multifd"
-                    )
-                    .context(Exit::Usage))
-                }
-                (true, None) => info!(
-                    "{shown} was saved with mapped-ram: loading it with one channel (--multifd N \
-                     loads it with N in parallel)"
-                ),
-                _ => {}
-            }
-            if plan.ignore_shared && mode != Mode::CprReboot {
-                info!("{shown} was saved with x-ignore-shared: setting it here too");
-            }
+        if let Some(state) = state {
+            plan = statefile::fit_plan_to_state(plan, state).context(Exit::Usage)?;
         }
         Ok(plan)
     }

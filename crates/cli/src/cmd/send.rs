@@ -4,11 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context as _};
+use qmigrate_migration::save::{self, Saved};
 use qmigrate_migration::source::{self, FollowOptions};
-use qmigrate_migration::statefile::{self, Partial};
-use qmigrate_migration::{
-    monitor, MigrationPlan, Mode, Outcome, Progress, QemuTarget, StreamKind, Summary,
-};
+use qmigrate_migration::{MigrationPlan, Mode, Outcome, Progress, QemuTarget, StreamKind, Summary};
 use qmigrate_qmp::{Error as QmpError, Quit};
 
 use crate::args::{ModeArg, SourceTuning};
@@ -103,20 +101,6 @@ impl Args {
     }
 }
 
-/// Where a completed save went, for the summary.
-#[derive(Debug)]
-enum Saved {
-    /// The state file, renamed into place.
-    File {
-        path: PathBuf,
-        size: u64,
-        /// Whether QEMU wrote its pages with O_DIRECT (mapped-ram with direct-io).
-        direct_io: bool,
-    },
-    /// The command that got the stream.
-    Command(String),
-}
-
 /// Runs `qmigrate send`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let endpoint = args.endpoint();
@@ -130,26 +114,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context(Exit::Usage));
     }
     // QEMU writes the state to PATH.partial; dropping `partial` without a commit removes it.
-    let (partial, endpoint) = match endpoint {
-        QemuTarget::File { path, offset } => {
-            let partial = Partial::new(&path, offset)?;
-            // With O_DIRECT the channels write straight to the disk while QEMU runs, instead of
-            // filling the page cache for commit's flush to write out afterwards: a 1 GiB save
-            // with 4 channels took 0.85-0.97 s here instead of 1.17-1.28 s (BENCHMARKS.md).
-            plan.direct_io = plan.mapped_ram
-                && statefile::can_write_direct(partial.partial().parent().unwrap_or(&path));
-            let qemu_side = QemuTarget::File {
-                path: partial.partial().to_path_buf(),
-                offset,
-            };
-            (Some(partial), qemu_side)
-        }
-        QemuTarget::Socket(path) => {
-            monitor::check_migration_socket(&path)?;
-            (None, QemuTarget::Socket(path))
-        }
-        other => (None, other),
-    };
+    let (partial, endpoint) = save::prepare(endpoint, &mut plan)?;
 
     let (qmp, source) = source::connect_source(&args.qmp, &plan, None).await?;
 
@@ -172,32 +137,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
 
-    let saved = match (&summary.outcome, partial, &endpoint) {
-        (Outcome::Completed, Some(partial), _) => {
-            let path = partial.path().to_path_buf();
-            match partial.commit() {
-                Ok(size) => Some(Saved::File {
-                    path,
-                    size,
-                    direct_io: plan.direct_io,
-                }),
-                Err(err) => {
-                    report(progress.as_mut(), args.json, &summary, None);
-                    if let Err(resume) =
-                        source::resume_source(&qmp, &source, progress.as_mut()).await
-                    {
-                        tracing::warn!("{resume:#}");
-                    }
-                    qmp.close().await;
-                    return Err(anyhow::Error::from(err).context(Exit::Failed));
-                }
-            }
+    let saved = match save::finish(
+        &qmp,
+        &plan,
+        &summary,
+        partial,
+        &endpoint,
+        &source,
+        progress.as_mut(),
+    )
+    .await
+    {
+        Ok(saved) => saved,
+        Err(err) => {
+            qmp.close().await;
+            return Err(err.into());
         }
-        (Outcome::Completed, None, QemuTarget::Exec(command)) => {
-            Some(Saved::Command(command.clone()))
-        }
-        // Not completed: dropping the partial file removes it.
-        _ => None,
     };
     report(progress.as_mut(), args.json, &summary, saved.as_ref());
     if args.quit && summary.outcome == Outcome::Completed {
