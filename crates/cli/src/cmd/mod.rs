@@ -1,5 +1,6 @@
 //! One module per subcommand: its `Args` and its `run`.
 
+mod common;
 pub mod migrate;
 pub mod receive;
 pub mod send;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use qmigrate_transport::{Client, ClientConfig, Endpoint, Scheme};
 use tokio_util::sync::CancellationToken;
 
-use super::tunnel_server::{finish, ready};
+use super::common::{finish, ready};
 use crate::exit::Exit;
 use crate::signals::Interrupts;
 use crate::tls::{default_scheme, ClientTlsArgs};

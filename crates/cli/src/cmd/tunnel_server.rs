@@ -1,21 +1,21 @@
 //! `qmigrate tunnel-server`: the destination end of the tunnel.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use qmigrate_migration::session::QmpController;
 use qmigrate_transport::{Endpoint, Error, Scheme, Server, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
+use super::common::{finish, ready};
 use crate::exit::Exit;
 use crate::signals::Interrupts;
 use crate::tls::{default_scheme, ServerTlsArgs};
 use crate::token::TokenArgs;
 use crate::units::parse_duration;
-use qmigrate_migration::session::QmpController;
 
 /// Arguments of `qmigrate tunnel-server`.
 #[derive(Debug, clap::Args)]
@@ -173,33 +173,4 @@ fn parse_route(value: &str) -> Result<(String, String), String> {
         ));
     }
     Ok((name.to_owned(), path.to_owned()))
-}
-
-/// Prints the ready line: exactly one line on stdout, flushed, since scripts wait for it.
-pub(crate) fn ready(line: &str) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}")
-        .and_then(|()| out.flush())
-        .context("cannot write the ready line to stdout")
-}
-
-/// The `--once` summary and exit status.
-pub(crate) fn finish(
-    once: bool,
-    who: &str,
-    report: &qmigrate_transport::Report,
-) -> anyhow::Result<()> {
-    if once {
-        println!("{who}: {report}");
-    }
-    tracing::info!("{who}: {report}");
-    if report.failed > 0 {
-        return Err(anyhow::anyhow!(
-            "{} of {} tunnel connections failed (see the log above)",
-            report.failed,
-            report.connections
-        ))
-        .context(Exit::Failed);
-    }
-    Ok(())
 }
