@@ -10,6 +10,7 @@ use std::error::Error as StdError;
 use std::fmt::Write as _;
 use std::io;
 
+use qmigrate_migration::PlanError;
 use qmigrate_transport::auth::MAKE_TOKEN;
 use qmigrate_transport::protocol::{EnvelopeError, Sniffed};
 use qmigrate_transport::tls::{CertProblem, Mismatch, Peer, Side, TlsError, TlsFailure};
@@ -35,6 +36,9 @@ pub fn report(err: &anyhow::Error) -> String {
 
 /// The text of one error of the chain with its advice, when it has some.
 fn advised(cause: &(dyn StdError + 'static)) -> Option<String> {
+    if let Some(e) = cause.downcast_ref::<PlanError>() {
+        return Some(plan(e));
+    }
     if let Some(e) = cause.downcast_ref::<Error>() {
         return transport(e);
     }
@@ -42,6 +46,40 @@ fn advised(cause: &(dyn StdError + 'static)) -> Option<String> {
         return tls_setup(e);
     }
     None
+}
+
+/// A plan error in the words of this command line's flags.
+fn plan(e: &PlanError) -> String {
+    match e {
+        PlanError::MultifdChannels(n) => format!("--multifd must be between 1 and 255, not {n}"),
+        PlanError::CompressionWithoutMultifd => {
+            "--compress needs --multifd N: QEMU compresses multifd channels only".into()
+        }
+        PlanError::DowntimeLimit(ms) => {
+            format!("--downtime-limit must be between 0 and 2000000 ms, not {ms}")
+        }
+        PlanError::MultifdWithPipe => "--multifd cannot be used with exec: multifd channels to \
+             or from a file use mapped-ram, which puts every page at its own offset in a seekable \
+             file, and a command's stdin or stdout is a pipe; use file:PATH for parallel \
+             channels, or drop --multifd"
+            .into(),
+        PlanError::CompressionToFile => "--compress cannot be used with file: multifd channels \
+             to a file use mapped-ram, which stores raw pages at fixed offsets; compress with \
+             exec:'zstd -q -o PATH' instead"
+            .into(),
+        PlanError::PostcopyToFile => "--postcopy needs a running destination QEMU that asks for \
+             pages; a save to file: or exec: is precopy only"
+            .into(),
+        PlanError::CprRebootLive => "--mode cpr-reboot restarts QEMU on this host from a saved \
+             state: use it with file:PATH (or exec:), not with a live migration"
+            .into(),
+        PlanError::MultifdWithoutMappedRam(file) => format!(
+            "{file} was saved without mapped-ram (without --multifd): restore it without --multifd"
+        ),
+        // A newer engine's plan error, in its own words.
+        #[allow(unreachable_patterns)]
+        other => other.to_string(),
+    }
 }
 
 fn transport(e: &Error) -> Option<String> {
@@ -361,5 +399,28 @@ mod tests {
     fn other_errors_are_printed_as_they_are() {
         let err = anyhow::Error::from(Error::ConnectionLost("reset".into())).context("sending");
         assert_eq!(report(&err), format!("{err:#}"));
+    }
+
+    /// Plan errors read in flags, wherever the engine wrapped them: checked before the session
+    /// starts (`migrate`) or by the CLI itself (`send`, `receive`).
+    #[test]
+    fn plan_errors_name_the_flags() {
+        let from_engine = anyhow::Error::from(qmigrate_migration::Error::from(
+            PlanError::DowntimeLimit(3_000_000),
+        ));
+        assert_eq!(
+            report(&from_engine),
+            "invalid usage: --downtime-limit must be between 0 and 2000000 ms, not 3000000"
+        );
+        let from_cli = anyhow::Error::from(PlanError::CompressionWithoutMultifd)
+            .context(crate::exit::Exit::Usage);
+        assert_eq!(
+            report(&from_cli),
+            "invalid usage: --compress needs --multifd N: QEMU compresses multifd channels only"
+        );
+        assert_eq!(
+            said(PlanError::MultifdWithoutMappedRam("/s".into())),
+            "/s was saved without mapped-ram (without --multifd): restore it without --multifd"
+        );
     }
 }

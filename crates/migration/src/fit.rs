@@ -22,7 +22,9 @@ pub(crate) fn fit_capabilities(
             fitted.push(want);
         } else if want.state {
             let since = match want.capability {
-                MigrationCapability::MappedRam => " (QEMU 9.0+; needed for --multifd with file:)",
+                MigrationCapability::MappedRam => {
+                    " (QEMU 9.0+; needed for multifd channels to or from a file)"
+                }
                 _ => "",
             };
             bail!(

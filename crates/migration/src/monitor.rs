@@ -72,6 +72,7 @@ pub fn check_migration_socket(path: &Path) -> crate::Result<()> {
         Ok(_) => bail!("migration socket {shown} is not a socket"),
     }
 }
+
 /// The QEMU version from the greeting, for messages.
 pub(crate) fn qemu_version(qmp: &Qmp) -> String {
     qmp.greeting().version.qemu.to_string()

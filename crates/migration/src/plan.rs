@@ -113,45 +113,47 @@ pub struct MigrationPlan {
     pub downtime_limit: Option<u64>,
 }
 
-/// A combination of flags that cannot work; reported as a usage error before anything starts.
+/// A plan that cannot work; reported as a usage error before anything starts. The messages
+/// speak of QEMU's settings; a front end that knows its flags words them its own way (the
+/// `qmigrate` CLI: `crates/cli/src/hints.rs`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    /// `--multifd 0` or more than QEMU's 255 channels.
-    #[error("--multifd must be between 1 and 255, not {0}")]
+    /// No multifd channels, or more than QEMU's 255.
+    #[error("multifd channels must be between 1 and 255, not {0}")]
     MultifdChannels(u32),
     /// Compression only exists for multifd channels.
-    #[error("--compress needs --multifd N: QEMU compresses multifd channels only")]
+    #[error("compression needs multifd channels: QEMU compresses multifd channels only")]
     CompressionWithoutMultifd,
     /// QEMU rejects a downtime limit above 2000 s.
-    #[error("--downtime-limit must be between 0 and 2000000 ms, not {0}")]
+    #[error("the downtime limit must be between 0 and 2000000 ms, not {0}")]
     DowntimeLimit(u64),
     /// Multifd to a file means mapped-ram, which writes each page at its own offset.
     #[error(
-        "--multifd cannot be used with exec: multifd channels to or from a file use mapped-ram, \
-         which puts every page at its own offset in a seekable file, and a command's stdin or \
-         stdout is a pipe; use file:PATH for parallel channels, or drop --multifd"
+        "multifd channels cannot be used with exec: multifd channels to or from a file use \
+         mapped-ram, which puts every page at its own offset in a seekable file, and a \
+         command's stdin or stdout is a pipe"
     )]
     MultifdWithPipe,
     /// mapped-ram stores raw pages at fixed offsets.
     #[error(
-        "--compress cannot be used with file: multifd channels to a file use mapped-ram, which \
-         stores raw pages at fixed offsets; compress with exec:'zstd -q -o PATH' instead"
+        "compression cannot be used with file: multifd channels to a file use mapped-ram, which \
+         stores raw pages at fixed offsets"
     )]
     CompressionToFile,
     /// Postcopy needs a running destination asking for pages.
     #[error(
-        "--postcopy needs a running destination QEMU that asks for pages; a save to file: or \
+        "postcopy needs a running destination QEMU that asks for pages; a save to file: or \
          exec: is precopy only"
     )]
     PostcopyToFile,
     /// cpr-reboot keeps RAM on this host.
     #[error(
-        "--mode cpr-reboot restarts QEMU on this host from a saved state: use it with file:PATH \
-         (or exec:), not with a live migration"
+        "mode cpr-reboot restarts QEMU on this host from a saved state: it takes file:PATH (or \
+         exec:), not a live migration"
     )]
     CprRebootLive,
     /// A restore with multifd channels needs a state saved with mapped-ram.
-    #[error("{0} was saved without mapped-ram (without --multifd): restore it without --multifd")]
+    #[error("{0} was saved without mapped-ram: it loads over one channel only")]
     MultifdWithoutMappedRam(String),
 }
 

@@ -367,8 +367,8 @@ pub fn fit_plan_to_state(
     match (plan.mapped_ram, plan.multifd) {
         (false, Some(_)) => return Err(PlanError::MultifdWithoutMappedRam(shown.to_string())),
         (true, None) => info!(
-            "{shown} was saved with mapped-ram: loading it with one channel (--multifd N \
-             loads it with N in parallel)"
+            "{shown} was saved with mapped-ram: loading it with one channel (N multifd \
+             channels would load it in parallel)"
         ),
         _ => {}
     }

@@ -267,7 +267,8 @@ mod tests {
         let err = args
             .plan(StreamKind::File, Some(&state(&[])))
             .expect_err("multifd for a plain file");
-        assert!(format!("{err:#}").contains("without --multifd"), "{err:#}");
+        let said = crate::hints::report(&err);
+        assert!(said.contains("without --multifd"), "{said}");
 
         let args = parse(&["--uri", "file:/s"]);
         let plan = args
