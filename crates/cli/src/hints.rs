@@ -10,11 +10,12 @@ use std::error::Error as StdError;
 use std::fmt::Write as _;
 use std::io;
 
+use qmigrate_migration::monitor::MissingSocket;
 use qmigrate_migration::PlanError;
 use qmigrate_transport::auth::MAKE_TOKEN;
 use qmigrate_transport::protocol::{EnvelopeError, Sniffed};
 use qmigrate_transport::tls::{CertProblem, Mismatch, Peer, Side, TlsError, TlsFailure};
-use qmigrate_transport::{AuthFailure, Error};
+use qmigrate_transport::{AuthFailure, Error, Refusal};
 
 /// `err` as `{err:#}` prints it (each cause after a `: `), with the advice for the
 /// transport's errors in the chain.
@@ -36,6 +37,17 @@ pub fn report(err: &anyhow::Error) -> String {
 
 /// The text of one error of the chain with its advice, when it has some.
 fn advised(cause: &(dyn StdError + 'static)) -> Option<String> {
+    // The engine's error shows its head's message and hides the head's type behind its own.
+    if let Some(e) = cause.downcast_ref::<qmigrate_migration::Error>() {
+        if let Some(missing) = e.downcast_ref::<MissingSocket>() {
+            if missing.to_string() == e.to_string() {
+                return Some(missing_socket(missing));
+            }
+        }
+    }
+    if let Some(e) = cause.downcast_ref::<MissingSocket>() {
+        return Some(missing_socket(e));
+    }
     if let Some(e) = cause.downcast_ref::<PlanError>() {
         return Some(plan(e));
     }
@@ -46,6 +58,26 @@ fn advised(cause: &(dyn StdError + 'static)) -> Option<String> {
         return tls_setup(e);
     }
     None
+}
+
+/// A migration socket nobody listens on, with the command that would listen there.
+fn missing_socket(e: &MissingSocket) -> String {
+    let shown = e.0.display();
+    format!("migration socket {shown} does not exist: start `qmigrate tunnel-client --socket {shown}` first")
+}
+
+/// The tunnel-server's refusals that say how it was started, in the words of its flags (what
+/// a client's operator reads, so they name what to change on the server).
+pub fn refusal(r: Refusal) -> String {
+    match r {
+        Refusal::NoController => "this tunnel-server has no --qmp, so it cannot prepare the \
+                                  destination QEMU: start it with --qmp PATH (or --route \
+                                  NAME=PATH), or run `qmigrate receive` on the destination and \
+                                  `qmigrate send` here"
+            .into(),
+        Refusal::UnpreparedSession => "with --qmp, migrations start with `qmigrate migrate`".into(),
+        other => other.default_text(),
+    }
 }
 
 /// A plan error in the words of this command line's flags.
@@ -212,6 +244,37 @@ mod tests {
 
     fn said(e: impl Into<anyhow::Error>) -> String {
         report(&e.into())
+    }
+
+    /// A missing migration socket names the command that listens there, whether the engine's
+    /// error is the head of the report or wrapped in context.
+    #[test]
+    fn a_missing_socket_names_the_tunnel_client() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mig.sock");
+        let err = qmigrate_migration::monitor::check_migration_socket(&path)
+            .expect_err("no socket there");
+        let want = format!(
+            "migration socket {0} does not exist: start `qmigrate tunnel-client --socket {0}` \
+             first",
+            path.display()
+        );
+        let bare = anyhow::Error::from(err);
+        assert_eq!(report(&bare), want);
+        assert_eq!(report(&bare.context("send")), format!("send: {want}"));
+    }
+
+    /// The tunnel-server's refusals name its flags; the library's name none.
+    #[test]
+    fn refusals_name_flags_here_and_not_in_the_library() {
+        for r in [Refusal::NoController, Refusal::UnpreparedSession] {
+            assert!(refusal(r).contains("--qmp"), "{r:?}: {}", refusal(r));
+            assert!(
+                !r.default_text().contains("--"),
+                "{r:?}: {}",
+                r.default_text()
+            );
+        }
     }
 
     /// The advice is where the library's messages had it, word for word.

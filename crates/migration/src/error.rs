@@ -61,6 +61,15 @@ impl Error {
             .map_or(ErrorKind::Failed, Error::kind)
     }
 
+    /// The outermost error of type `E` in the chain (typed errors a front end words in its
+    /// own terms, such as [`crate::PlanError`]), looking through context layers.
+    pub fn downcast_ref<E>(&self) -> Option<&E>
+    where
+        E: fmt::Display + fmt::Debug + Send + Sync + 'static,
+    {
+        self.0.downcast_ref::<E>()
+    }
+
     /// The chain of messages, for a front end that adds its own context.
     pub fn into_anyhow(self) -> anyhow::Error {
         self.0

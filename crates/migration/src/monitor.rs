@@ -58,15 +58,22 @@ fn check_qmp_path(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// The Unix socket a migration was to be handed to does not exist: whatever should listen
+/// there (a tunnel client) is not running.
+#[derive(Debug, thiserror::Error)]
+#[error("migration socket {} does not exist: start what listens there (the tunnel client) first", .0.display())]
+pub struct MissingSocket(pub std::path::PathBuf);
+
 /// Checks that a Unix socket we are about to hand to QEMU exists, so that a tunnel client
-/// that is not running is reported by us and not as a connect error deep in QEMU.
+/// that is not running is reported by us ([`MissingSocket`]) and not as a connect error deep
+/// in QEMU.
 pub fn check_migration_socket(path: &Path) -> crate::Result<()> {
     use std::os::unix::fs::FileTypeExt as _;
     let shown = path.display();
     match std::fs::metadata(path) {
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => bail!(
-            "migration socket {shown} does not exist: start `qmigrate tunnel-client --socket {shown}` first"
-        ),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            Err(anyhow::Error::new(MissingSocket(path.to_path_buf())).into())
+        }
         Err(err) => bail!("migration socket {shown}: {err}"),
         Ok(meta) if meta.file_type().is_socket() => Ok(()),
         Ok(_) => bail!("migration socket {shown} is not a socket"),

@@ -62,7 +62,7 @@ pub use error::{DestinationFailure, Error, Result, UnixSocketFailure};
 pub use frame::DecodeError;
 pub use relay::{relay, RelayStats};
 pub use report::Report;
-pub use server::{Controller, Server, ServerConfig, SessionMap};
+pub use server::{Controller, Refusal, Server, ServerConfig, SessionMap};
 #[doc(hidden)]
 pub use stream::fuzzing;
 pub use stream::{FrameReader, TunnelReader, TunnelStream, TunnelWriter};

@@ -52,6 +52,40 @@ pub struct ServerConfig {
     /// one beyond this drops the oldest, so a flood of idle connections neither grows without
     /// bound nor locks out a client that authenticates within a round trip.
     pub max_unauthenticated: usize,
+    /// The words of the refusals that tell a client how this server is set up. The library's
+    /// own ([`Refusal::default_text`]) name no flags; a binary that knows its command line
+    /// passes wording that does (`tunnel-server` names `--qmp`).
+    pub refusal_text: fn(Refusal) -> String,
+}
+
+/// A refusal caused by how the server was started rather than by what the client sent: the
+/// operator on the client's side reads its text, so it says what to change on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// A control connection (`qmigrate migrate`) to a server that has no destination QMP
+    /// socket, so it cannot prepare the destination QEMU.
+    NoController,
+    /// A data connection naming a session no control connection prepared, on a server that
+    /// prepares its destinations itself.
+    UnpreparedSession,
+}
+
+impl Refusal {
+    /// The library's wording, naming no command-line flags.
+    pub fn default_text(self) -> String {
+        match self {
+            Refusal::NoController => "this tunnel-server has no destination QMP socket, so it \
+                                      cannot prepare the destination QEMU: give it one, or run \
+                                      `qmigrate receive` on the destination and `qmigrate send` \
+                                      here"
+                .into(),
+            Refusal::UnpreparedSession => "this server prepares its destination QEMUs itself, \
+                                           so migrations through it start with `qmigrate \
+                                           migrate`"
+                .into(),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -66,6 +100,7 @@ impl ServerConfig {
             insecure: false,
             tls: None,
             max_unauthenticated: 64,
+            refusal_text: Refusal::default_text,
         }
     }
 }
@@ -408,10 +443,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
             return;
         }
         (Purpose::Control, None) => {
-            let message = "this tunnel-server has no --qmp, so it cannot prepare the destination \
-                           QEMU: start it with --qmp PATH (or --route NAME=PATH), or run \
-                           `qmigrate receive` on the destination and `qmigrate send` here"
-                .to_owned();
+            let message = (shared.config.refusal_text)(Refusal::NoController);
             reject(&mut stream, RejectReason::BadRequest, message).await;
             return;
         }
@@ -603,9 +635,9 @@ async fn connect_in_order(shared: &Shared, hello: &Hello) -> Result<UnixStream> 
                     .into(),
             )),
             None => Err(Error::Protocol(format!(
-                "no migration session {} was prepared on this server: with --qmp, migrations \
-                 start with `qmigrate migrate`",
-                hello.session
+                "no migration session {} was prepared on this server: {}",
+                hello.session,
+                (config.refusal_text)(Refusal::UnpreparedSession)
             ))),
         },
     };

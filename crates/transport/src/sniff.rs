@@ -88,8 +88,8 @@ impl PlainClient {
     pub(crate) fn told(self) -> Option<&'static str> {
         match self {
             PlainClient::Tunnel => Some(
-                "this tunnel-server speaks TLS: connect with tls://HOST:PORT (checking its \
-                 certificate with --tls-ca or --tls-fingerprint)",
+                "this tunnel-server speaks TLS: connect with tls://HOST:PORT, checking its \
+                 certificate",
             ),
             PlainClient::Http => {
                 Some("this tunnel-server speaks TLS: connect with wss://HOST:PORT/PATH\n")

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::common::{finish, ready};
 use crate::exit::Exit;
+use crate::hints;
 use crate::signals::Interrupts;
 use crate::tls::{default_scheme, ServerTlsArgs};
 use crate::token::TokenArgs;
@@ -111,6 +112,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         token: args.token.load()?,
         insecure: args.insecure,
         tls,
+        refusal_text: hints::refusal,
         ..ServerConfig::new(&args.socket)
     };
     let mut server = match Server::bind(&listen, config).await {

@@ -192,6 +192,31 @@ async fn unknown_route_is_refused() {
     srv.kill().await;
 }
 
+/// `migrate` to a tunnel-server started without `--qmp`: refused with the tunnel-server's
+/// flags in the words (the library's own wording names none), the source untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_without_qmp_names_the_flag() {
+    let Some(bin) = qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pair(&bin);
+    let socket = dir.path().join("unused.sock");
+    let (mut srv, url) = server(dir.path(), &["--socket".into(), path(&socket)]).await;
+    let out = migrate(&p, &url, &[]).await;
+    out.expect_code(1);
+    let err = out.error_line();
+    assert!(
+        err.contains("has no --qmp") && err.contains("start it with --qmp PATH"),
+        "{err}"
+    );
+    let src = support::qmp(&p.src.qmp_path).await;
+    assert_eq!(support::vm_state(&src).await.0, RunState::Running);
+    assert_eq!(
+        support::migration_status(&src).await.0,
+        MigrationStatus::None
+    );
+    srv.kill().await;
+}
+
 /// A destination QEMU that was not started with `-incoming defer`: the destination's own
 /// explanation reaches the source, which keeps running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
