@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use qmigrate_migration::source::FollowOptions;
+use qmigrate_migration::watch::WatchPolicy;
 use qmigrate_migration::{Compression, MigrationPlan, Mode};
 
 use crate::units;
@@ -43,9 +45,35 @@ pub struct SourceTuning {
     /// Cancel the migration if it has not ended after DUR (30s, 10m, 1h); exits with 4.
     #[arg(long, value_name = "DUR", value_parser = units::parse_duration)]
     pub timeout: Option<Duration>,
+
+    /// When precopy has not converged for DUR (the guest dirties memory as fast as the link
+    /// moves it), switch to postcopy with --postcopy, keep throttling with --auto-converge
+    /// while the throttle still rises, else cancel and exit 1 (the source keeps running).
+    /// Default: 30s per GiB of guest RAM, at least 30s; `off` only reports it.
+    #[arg(long, value_name = "DUR", value_parser = units::parse_duration_or_off)]
+    pub converge_timeout: Option<Duration>,
+
+    /// Cancel a precopy migration that has moved nothing for DUR (a dead network or
+    /// destination) and exit 1; the source keeps running. `off` never does.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = units::parse_duration_or_off)]
+    pub stall_timeout: Duration,
 }
 
 impl SourceTuning {
+    /// How the source follows the migration: the postcopy switch, the convergence and
+    /// stall policy.
+    pub fn follow(&self) -> FollowOptions {
+        FollowOptions {
+            postcopy_after: self.postcopy,
+            detach: false,
+            watch: WatchPolicy {
+                converge_timeout: self.converge_timeout,
+                stall_timeout: self.stall_timeout,
+                ..WatchPolicy::default()
+            },
+        }
+    }
+
     /// The plan of a live migration with `multifd` channels and these settings; a save fills
     /// in the rest.
     pub fn plan(&self, multifd: Option<u32>) -> MigrationPlan {

@@ -8,6 +8,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use qmigrate_migration::watch::Convergence;
 use qmigrate_migration::{Outcome, Progress, Snapshot, Summary};
 use qmigrate_qmp::MigrationStatus;
 use serde::Serialize;
@@ -32,14 +33,24 @@ pub enum JsonEvent {
         total: u64,
         /// Bytes still to send in this pass.
         remaining: u64,
-        /// Current throughput in bytes per second.
+        /// The rate RAM moved at over the last few seconds, in bytes per second (measured
+        /// between ticks, so it falls to 0 when nothing moves).
         throughput_bps: u64,
         /// Pages the guest dirties per second.
         dirty_pages_rate: u64,
+        /// The guest's dirty rate in bytes per second, to set against `throughput_bps`.
+        dirty_rate_bps: u64,
         /// Precopy pass (QEMU's dirty-sync count).
         pass: u64,
-        /// A rough time to go for this pass, in milliseconds.
+        /// A rough time to go for this pass, in milliseconds (null while stalled or not
+        /// converging).
         eta_ms: Option<u64>,
+        /// Whether precopy still converges: null until a few passes tell.
+        converging: Option<bool>,
+        /// How long nothing has moved, in milliseconds (null while data moves).
+        stalled_ms: Option<u64>,
+        /// auto-converge's CPU throttle in percent (null while QEMU does not throttle).
+        throttle_percent: Option<u64>,
     },
     /// Something the operator should know now (switching to postcopy, cancelling).
     Note {
@@ -146,10 +157,18 @@ impl JsonEvent {
             transferred: s.transferred,
             total: s.total,
             remaining: s.remaining,
-            throughput_bps: s.throughput.round() as u64,
+            throughput_bps: s.rate.round() as u64,
             dirty_pages_rate: s.dirty_pages_rate,
+            dirty_rate_bps: s.dirty_rate().round() as u64,
             pass: s.pass,
             eta_ms: s.eta().map(|d| d.as_millis() as u64),
+            converging: match s.convergence {
+                Convergence::Unknown => None,
+                Convergence::Converging => Some(true),
+                Convergence::NotConverging => Some(false),
+            },
+            stalled_ms: s.stalled_for.map(|d| d.as_millis() as u64),
+            throttle_percent: s.throttle,
         }
     }
 
@@ -200,21 +219,39 @@ impl SourceSummary {
     }
 }
 
-/// The fields of a snapshot after the status, for human output.
+/// The fields of a snapshot after the status, for human output: what moved, at what rate
+/// against the guest's dirty rate, and what is wrong if something is.
 fn snapshot_line(s: &Snapshot) -> String {
     let mut line = format!(
         "{} / {}, {}, {} left, dirtying {}, pass {}",
         format_bytes(s.transferred),
         format_bytes(s.total),
-        format_rate(s.throughput),
+        format_rate(s.rate),
         format_bytes(s.remaining),
         format_rate(s.dirty_rate()),
         s.pass,
     );
-    if let Some(eta) = s.eta() {
+    if let Some(trouble) = trouble(s) {
+        line.push_str(&format!(", {trouble}"));
+    } else if let Some(eta) = s.eta() {
         line.push_str(&format!(", ETA {}", format_duration(eta)));
     }
     line
+}
+
+/// What is wrong with a running migration, in a few words: nothing moves, or precopy does not
+/// converge (and whether auto-converge is throttling).
+fn trouble(s: &Snapshot) -> Option<String> {
+    if let Some(stalled) = s.stalled_for {
+        return Some(format!("stalled for {} s", stalled.as_secs()));
+    }
+    if s.convergence == Convergence::NotConverging {
+        return Some(match s.throttle {
+            Some(t) => format!("not converging (guest throttled to {t}%)"),
+            None => "not converging".to_owned(),
+        });
+    }
+    None
 }
 
 /// The summary as operators read it, one line per fact.
@@ -291,12 +328,14 @@ impl Progress for Bar {
             "{}/{} {} left {} dirty {} pass {}",
             format_bytes(s.transferred),
             format_bytes(s.total),
-            format_rate(s.throughput),
+            format_rate(s.rate),
             format_bytes(s.remaining),
             format_rate(s.dirty_rate()),
             s.pass
         );
-        if let Some(eta) = s.eta() {
+        if let Some(trouble) = trouble(s) {
+            msg.push_str(&format!(" {trouble}"));
+        } else if let Some(eta) = s.eta() {
             msg.push_str(&format!(" ETA {}", format_duration(eta)));
         }
         self.bar.set_message(msg);
@@ -448,14 +487,49 @@ mod tests {
             }
         }))
         .expect("a valid query-migrate reply");
-        let s = Snapshot::new(&info, Duration::from_secs(1));
+        let mut s = Snapshot::new(&info, Duration::from_secs(1));
         assert_eq!(s.throughput, 10_000_000.0);
+        s.rate = 10_000_000.0;
         assert_eq!(s.eta(), Some(Duration::from_secs(8)));
         assert_eq!(s.dirty_rate(), 40960.0);
         let v = json(JsonEvent::progress(&s));
         assert_eq!(v["status"], "active");
         assert_eq!(v["eta_ms"], 8000);
         assert_eq!(v["pass"], 1);
+        assert_eq!(v["throughput_bps"], 10_000_000);
+        assert_eq!(v["dirty_rate_bps"], 40960);
+        assert_eq!(v["converging"], serde_json::Value::Null);
+        assert!(
+            snapshot_line(&s).ends_with("ETA 8.0s"),
+            "{}",
+            snapshot_line(&s)
+        );
+
+        // Nothing moves: no ETA (it would be a lie), and the line says so.
+        s.rate = 0.0;
+        s.stalled_for = Some(Duration::from_secs(12));
+        let v = json(JsonEvent::progress(&s));
+        assert_eq!(v["stalled_ms"], 12_000);
+        assert_eq!(v["eta_ms"], serde_json::Value::Null);
+        assert!(
+            snapshot_line(&s).ends_with("stalled for 12 s"),
+            "{}",
+            snapshot_line(&s)
+        );
+
+        s.rate = 10_000_000.0;
+        s.stalled_for = None;
+        s.convergence = Convergence::NotConverging;
+        s.throttle = Some(40);
+        let v = json(JsonEvent::progress(&s));
+        assert_eq!(v["converging"], false);
+        assert_eq!(v["throttle_percent"], 40);
+        assert_eq!(v["eta_ms"], serde_json::Value::Null);
+        assert!(
+            snapshot_line(&s).ends_with("not converging (guest throttled to 40%)"),
+            "{}",
+            snapshot_line(&s)
+        );
     }
 
     /// docs/JSON.md shows every event with exactly the keys this type prints.

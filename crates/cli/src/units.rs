@@ -113,6 +113,14 @@ pub fn parse_duration(value: &str) -> Result<Duration, UnitError> {
     Ok(duration)
 }
 
+/// A duration as [`parse_duration`] reads it, or `off` for never (zero).
+pub fn parse_duration_or_off(value: &str) -> Result<Duration, UnitError> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(value)
+}
+
 /// Formats a byte count with a binary unit: `0 B`, `512 B`, `1.50 MiB`, `12.3 GiB`.
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -219,6 +227,12 @@ mod tests {
             Err(UnitError::UnknownUnit { .. })
         ));
         assert!(matches!(parse_duration("0s"), Err(UnitError::Zero(_))));
+        assert_eq!(parse_duration_or_off("off"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_off("45s"), Ok(Duration::from_secs(45)));
+        assert!(matches!(
+            parse_duration_or_off("0"),
+            Err(UnitError::Zero(_))
+        ));
         assert!(matches!(
             parse_duration("soon"),
             Err(UnitError::NotANumber(_))

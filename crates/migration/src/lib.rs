@@ -43,6 +43,7 @@ pub mod session;
 pub mod source;
 pub mod statefile;
 pub mod target;
+pub mod watch;
 
 use std::time::Duration;
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use qmigrate_qmp::{MigrationInfo, MigrationStatus};
 
+use crate::watch::Convergence;
+
 /// Guest page size used to turn QEMU's dirty-pages rate into bytes; QEMU reports pages of the
 /// target page size, 4 KiB on x86.
 const PAGE_SIZE: u64 = 4096;
@@ -27,7 +29,8 @@ pub enum Outcome {
     Detached(MigrationStatus),
 }
 
-/// One look at a running migration, taken from `query-migrate`.
+/// One look at a running migration, taken from `query-migrate`, with what
+/// [`crate::watch::Watch`] measured between looks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     /// QEMU's status.
@@ -40,8 +43,18 @@ pub struct Snapshot {
     pub total: u64,
     /// Bytes still to send in this pass.
     pub remaining: u64,
-    /// Current throughput in bytes per second.
+    /// QEMU's own throughput figure in bytes per second (of its last bandwidth period: it
+    /// keeps the last value when the link dies).
     pub throughput: f64,
+    /// The rate RAM actually moved at over the last few seconds, in bytes per second
+    /// (measured between looks).
+    pub rate: f64,
+    /// How long nothing has moved, from a second on (while the migration should be moving).
+    pub stalled_for: Option<Duration>,
+    /// Whether precopy still gets anywhere.
+    pub convergence: Convergence,
+    /// auto-converge's CPU throttle, in percent, once QEMU throttles.
+    pub throttle: Option<u64>,
     /// Pages the guest dirties per second.
     pub dirty_pages_rate: u64,
     /// Precopy pass (QEMU's dirty-sync count).
@@ -63,18 +76,33 @@ impl Snapshot {
             throughput: ram.and_then(|r| r.mbps).unwrap_or(0.0) * 1e6 / 8.0,
             dirty_pages_rate: ram.and_then(|r| r.dirty_pages_rate).unwrap_or(0),
             pass: ram.and_then(|r| r.dirty_sync_count).unwrap_or(0),
+            rate: 0.0,
+            stalled_for: None,
+            convergence: Convergence::Unknown,
+            throttle: info.cpu_throttle_percentage.filter(|t| *t > 0),
         }
     }
 
-    /// A rough time to go: what is left of this pass at the current throughput.
+    /// A rough time to go: what is left of this pass at the measured rate. None while nothing
+    /// moves, or while precopy does not converge (the pass's end is not the migration's).
     pub fn eta(&self) -> Option<Duration> {
-        (self.throughput > 0.0 && self.remaining > 0)
-            .then(|| Duration::from_secs_f64(self.remaining as f64 / self.throughput))
+        (self.rate > 0.0
+            && self.remaining > 0
+            && self.stalled_for.is_none()
+            && self.convergence != Convergence::NotConverging)
+            .then(|| Duration::from_secs_f64(self.remaining as f64 / self.rate))
     }
 
     /// The dirty-page rate in bytes per second.
     pub fn dirty_rate(&self) -> f64 {
         (self.dirty_pages_rate * PAGE_SIZE) as f64
+    }
+}
+
+impl Default for Snapshot {
+    /// A migration that has not started.
+    fn default() -> Self {
+        Snapshot::new(&MigrationInfo::default(), Duration::ZERO)
     }
 }
 

@@ -20,6 +20,7 @@ use crate::monitor::connect_qmp;
 use crate::monitor::{qemu_version, query_migrate, query_status, status_of};
 use crate::outcome::{Outcome, Progress, Snapshot, Summary};
 use crate::plan::cap;
+use crate::watch::{Action, Watch, WatchPolicy};
 use crate::{direct, Direction, Error, ErrorKind, MigrationPlan, Mode, QemuTarget, POLL_INTERVAL};
 
 /// How long a cancelled migration may take to reach `cancelled` before we stop waiting.
@@ -95,14 +96,10 @@ pub fn outcome_result(outcome: &Outcome, source: &SourceState) -> crate::Result<
     match outcome {
         Outcome::Completed | Outcome::Detached(_) => Ok(()),
         Outcome::Failed(reason) => Err(Error::new(ErrorKind::Failed, anyhow!("{reason}"))),
-        Outcome::Cancelled(reason) => {
-            let vm = if source.was_running {
-                "the source VM is running"
-            } else {
-                "the source VM stays paused as it was"
-            };
-            Err(Error::new(ErrorKind::Cancelled, anyhow!("{reason}; {vm}")))
-        }
+        Outcome::Cancelled(reason) => Err(Error::new(
+            ErrorKind::Cancelled,
+            anyhow!("{reason}; {}", left_as(source)),
+        )),
         Outcome::PostcopyPaused(reason) => Err(Error::new(
             ErrorKind::Failed,
             anyhow!(
@@ -111,6 +108,15 @@ pub fn outcome_result(outcome: &Outcome, source: &SourceState) -> crate::Result<
                  (resume: true) / migrate-recover"
             ),
         )),
+    }
+}
+
+/// What became of the source VM after a migration that did not complete.
+fn left_as(source: &SourceState) -> &'static str {
+    if source.was_running {
+        "the source VM is running"
+    } else {
+        "the source VM stays paused as it was"
     }
 }
 
@@ -131,6 +137,9 @@ pub struct FollowOptions {
     pub postcopy_after: Option<u64>,
     /// Return as soon as QEMU reports `setup`/`active`, without following.
     pub detach: bool,
+    /// What to do about a migration that does not converge or does not move; its `postcopy`
+    /// and `auto_converge` are taken from the plan.
+    pub watch: WatchPolicy,
 }
 
 /// Runs a migration on the source whose state [`preflight_source`] checked: sets the plan's
@@ -326,6 +335,11 @@ async fn migrate_and_follow(
 
     let mut cancel = pin!(cancel);
     let mut cancelling = Cancelling::No;
+    let mut watch = Watch::new(WatchPolicy {
+        postcopy: plan.postcopy,
+        auto_converge: plan.auto_converge,
+        ..opts.watch.clone()
+    });
     let mut postcopy_requested = false;
     let mut last_status = MigrationStatus::None;
     let mut poll = tokio::time::interval(POLL_INTERVAL);
@@ -337,7 +351,7 @@ async fn migrate_and_follow(
     let mut info = loop {
         tokio::select! {
             reason = &mut cancel, if cancelling == Cancelling::No => {
-                cancelling = cancel_migration(qmp, &last_status, reason, progress).await;
+                cancelling = cancel_migration(qmp, &last_status, reason, false, progress).await;
             }
             event = events.recv(), if events_alive => match event {
                 Ok(event) => debug!(event = %event.event, data = %event.data, "QMP event"),
@@ -358,7 +372,27 @@ async fn migrate_and_follow(
             debug!(status = %status, "migration status");
             last_status = status;
         }
-        progress.tick(&Snapshot::new(&info, started.elapsed()));
+        let mut snapshot = Snapshot::new(&info, started.elapsed());
+        let action = watch.observe(&mut snapshot);
+        progress.tick(&snapshot);
+        match action {
+            Action::Continue => {}
+            Action::Note(message) => progress.note(&message),
+            Action::StartPostcopy(message) => {
+                if !postcopy_requested && cancelling == Cancelling::No {
+                    progress.note(&message);
+                    qmp.execute(&MigrateStartPostcopy)
+                        .await
+                        .context("migrate-start-postcopy failed")?;
+                    postcopy_requested = true;
+                }
+            }
+            Action::Cancel(reason) => {
+                if cancelling == Cancelling::No {
+                    cancelling = cancel_migration(qmp, &status, reason, true, progress).await;
+                }
+            }
+        }
         if info.ram.is_some() {
             last_ram.clone_from(&info.ram);
         }
@@ -428,6 +462,26 @@ async fn migrate_and_follow(
         .unwrap_or_else(|| format!("QEMU reports {}", status));
     let outcome = match (status, cancelling) {
         (MigrationStatus::Completed, _) => Outcome::Completed,
+        // The policy gave up on it: a failure to migrate, not an operator's cancel.
+        (
+            MigrationStatus::Cancelled,
+            Cancelling::Requested {
+                reason,
+                failure: true,
+                ..
+            },
+        ) => Outcome::Failed(format!("{reason}; cancelled, {}", left_as(source))),
+        (
+            _,
+            Cancelling::Requested {
+                reason,
+                failure: true,
+                ..
+            },
+        ) => Outcome::Failed(format!(
+            "{reason}; cancelled (QEMU ended it as {status}: {error}), {}",
+            left_as(source)
+        )),
         (MigrationStatus::Cancelled, Cancelling::Requested { reason, .. }) => {
             Outcome::Cancelled(reason)
         }
@@ -453,7 +507,12 @@ enum Cancelling {
     /// Nobody asked.
     No,
     /// `migrate_cancel` was sent for this reason; QEMU should reach `cancelled` by `deadline`.
-    Requested { reason: String, deadline: Instant },
+    /// A `failure` is the policy's (the migration could not end), not a request.
+    Requested {
+        reason: String,
+        deadline: Instant,
+        failure: bool,
+    },
     /// It was asked for during postcopy, where there is nothing left to cancel to.
     Refused,
 }
@@ -464,6 +523,7 @@ async fn cancel_migration(
     qmp: &Qmp,
     status: &MigrationStatus,
     reason: String,
+    failure: bool,
     progress: &mut dyn Progress,
 ) -> Cancelling {
     if *status == MigrationStatus::PostcopyActive {
@@ -481,6 +541,7 @@ async fn cancel_migration(
     Cancelling::Requested {
         reason,
         deadline: Instant::now() + CANCEL_GRACE,
+        failure,
     }
 }
 

@@ -103,7 +103,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let opts = SessionOptions {
         qmp: args.qmp,
         plan,
-        postcopy_after: args.tuning.postcopy,
+        follow: args.tuning.follow(),
         tunnel,
         relay: args.relay,
         no_start: args.no_start,

@@ -122,8 +122,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let cancel =
         signals::cancellation(args.tuning.timeout).context("cannot install signal handlers")?;
     let opts = FollowOptions {
-        postcopy_after: args.tuning.postcopy,
         detach: args.detach,
+        ..args.tuning.follow()
     };
     let mut progress = output::for_send(args.json);
     let summary = source::run_migration(

@@ -217,6 +217,49 @@ async fn server_without_qmp_names_the_flag() {
     srv.kill().await;
 }
 
+/// The relay stops taking data (the tunnel-server frozen with SIGSTOP, as a dead peer looks
+/// from the source): `migrate` says it stalled, cancels after `--stall-timeout`, exits 1, and
+/// the source VM runs on with its QMP socket free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_migration_is_cancelled() {
+    let Some(bin) = qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pair(&bin);
+    let (mut srv, url) = server(dir.path(), &["--qmp".into(), path(&p.dst.qmp_path)]).await;
+    let mut args = vec![
+        "migrate".to_owned(),
+        "--qmp".into(),
+        path(&p.src.qmp_path),
+        "--to".into(),
+        url,
+        "--relay".into(),
+        // 128 MiB at 4 MiB/s: still running when the server freezes.
+        "--max-bandwidth".into(),
+        "4MiB".into(),
+        "--stall-timeout".into(),
+        "3s".into(),
+    ];
+    let mut mig = Proc::spawn("migrate", dir.path(), std::mem::take(&mut args));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    srv.signal(libc::SIGSTOP);
+    let started = std::time::Instant::now();
+    let (status, _) = mig.wait(Duration::from_secs(90)).await;
+    let waited = started.elapsed();
+    srv.signal(libc::SIGCONT);
+    let err = mig.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("stalled for"), "no stall shown: {err}");
+    assert!(err.contains("nothing moved for 3 s"), "{err}");
+    assert!(waited < Duration::from_secs(60), "took {waited:?}: {err}");
+    let src = support::qmp(&p.src.qmp_path).await;
+    assert_eq!(support::vm_state(&src).await.0, RunState::Running);
+    assert_eq!(
+        support::migration_status(&src).await.0,
+        MigrationStatus::Cancelled
+    );
+    srv.kill().await;
+}
+
 /// A destination QEMU that was not started with `-incoming defer`: the destination's own
 /// explanation reaches the source, which keeps running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the destination may take to report its verdict after the source has ended.
 const DONE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long the destination's verdict may take after a migration that did not complete.
+const ABORTED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the tunnel's connections may take to close once the migration has ended.
+const TUNNEL_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A one-command migration from the source host.
 #[derive(Debug)]
 pub struct SessionOptions {
@@ -30,8 +36,9 @@ pub struct SessionOptions {
     pub qmp: String,
     /// The plan, validated by [`run`] before anything is touched.
     pub plan: MigrationPlan,
-    /// With postcopy: switch after this many completed precopy passes (0: at once).
-    pub postcopy_after: Option<u64>,
+    /// How the source job follows the migration (postcopy switch, convergence and stall
+    /// policy); `detach` is ignored: a session follows its migration to the end.
+    pub follow: FollowOptions,
     /// How to reach the tunnel-server (its URL, token, TLS).
     pub tunnel: ClientConfig,
     /// Keep qmigrate in the data path even where the direct one would do.
@@ -192,8 +199,8 @@ pub async fn run(
         None => QemuTarget::Socket(socket),
     };
     let follow = FollowOptions {
-        postcopy_after: opts.postcopy_after,
         detach: false,
+        ..opts.follow.clone()
     };
     let result = async {
         let (qmp, state) = source::connect_source(&opts.qmp, &opts.plan, pass_fd.as_ref()).await?;
@@ -213,11 +220,19 @@ pub async fn run(
     };
     let verdict = destination_verdict(&mut control, outcome).await;
     stop.cancel();
-    if let Some(Ok(report)) = match tunnel {
-        Some(t) => Some(t.await),
-        None => None,
-    } {
-        tracing::info!("tunnel: {report}");
+    if let Some(mut task) = tunnel {
+        // Connections stuck writing to a silent server do not end by themselves: bounded.
+        match tokio::time::timeout(TUNNEL_STOP_TIMEOUT, &mut task).await {
+            Ok(Ok(report)) => tracing::info!("tunnel: {report}"),
+            Ok(Err(e)) => tracing::warn!("tunnel task: {e}"),
+            Err(_) => {
+                task.abort();
+                tracing::warn!(
+                    "the tunnel's connections did not close within {}s; dropped",
+                    TUNNEL_STOP_TIMEOUT.as_secs()
+                );
+            }
+        }
     }
     drop(dir);
 
@@ -254,8 +269,16 @@ async fn destination_verdict(
 ) -> anyhow::Result<Verdict> {
     // The server may already have sent its verdict (the destination finished first) and
     // closed: a failed send is not yet an error.
-    let _ = control.send_msg(&Control::Finished { outcome }).await;
-    match tokio::time::timeout(DONE_TIMEOUT, control.recv_msg::<Control>()).await {
+    // A destination that loads a completed migration may take a while to finish; one whose
+    // migration did not complete has nothing to finish, and a server that went silent (the
+    // reason, often, that it did not) must not hold the source's report for long.
+    let limit = match outcome {
+        SourceEnd::Completed => DONE_TIMEOUT,
+        _ => ABORTED_TIMEOUT,
+    };
+    let finished = Control::Finished { outcome };
+    let _ = tokio::time::timeout(limit, control.send_msg(&finished)).await;
+    match tokio::time::timeout(limit, control.recv_msg::<Control>()).await {
         Ok(Ok(Control::Done {
             status,
             vm,
@@ -272,7 +295,7 @@ async fn destination_verdict(
         Ok(Err(e)) => Err(anyhow!(e).context("the tunnel server closed the session")),
         Err(_) => Err(anyhow!(
             "no verdict from the destination within {}s",
-            DONE_TIMEOUT.as_secs()
+            limit.as_secs()
         )),
     }
 }
