@@ -7,6 +7,7 @@ use std::time::Duration;
 use qmigrate_migration::source::FollowOptions;
 use qmigrate_migration::watch::WatchPolicy;
 use qmigrate_migration::{Compression, MigrationPlan, Mode};
+use qmigrate_transport::DeadPeer;
 
 use crate::units;
 
@@ -85,6 +86,26 @@ impl SourceTuning {
             max_bandwidth: self.max_bandwidth,
             downtime_limit: self.downtime_limit,
             ..MigrationPlan::default()
+        }
+    }
+}
+
+/// `--dead-peer-timeout`: how soon a tunnel connection whose peer vanished without a word (a
+/// pulled cable, a host that died) fails, for every command that opens tunnel connections.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeadPeerArgs {
+    /// A tunnel connection whose peer has not answered for DUR fails (TCP keepalive probes
+    /// idle connections; data unacknowledged for DUR is an error, also on the direct data
+    /// path's socket in QEMU's hands). `off` leaves the system's defaults (hours).
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = units::parse_duration_or_off)]
+    pub dead_peer_timeout: Duration,
+}
+
+impl DeadPeerArgs {
+    /// The transport's setting.
+    pub fn dead_peer(&self) -> DeadPeer {
+        DeadPeer {
+            timeout: self.dead_peer_timeout,
         }
     }
 }

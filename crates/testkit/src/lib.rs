@@ -14,6 +14,7 @@
 
 pub mod check;
 pub mod child;
+pub mod netns;
 pub mod qemu;
 pub mod ram;
 

@@ -41,7 +41,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         let session = session.clone();
         tokio::spawn(async move {
             let result = async {
-                let mut tunnel = WebSocket.connect(&server).await?;
+                let mut tunnel = WebSocket::default().connect(&server).await?;
                 tunnel.send_msg(&Hello::data(&session, seq)).await?;
                 match tunnel.recv_msg::<Reply>().await? {
                     Reply::Accept { .. } => {}

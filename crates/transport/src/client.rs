@@ -15,6 +15,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use crate::auth::{self, AuthFailure, Token};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result, UnixSocketFailure};
+use crate::keepalive::DeadPeer;
 use crate::protocol::{self, Auth, Hello, Reply};
 use crate::relay::relay;
 use crate::report::{Report, Tally};
@@ -43,6 +44,8 @@ pub struct ClientConfig {
     /// How to check a `tls://` or `wss://` server, and the client certificate if it wants
     /// one (required for those schemes, refused for the plain ones).
     pub tls: Option<ClientTls>,
+    /// How soon a connection whose server vanished fails (keepalive, `TCP_USER_TIMEOUT`).
+    pub dead_peer: DeadPeer,
 }
 
 impl ClientConfig {
@@ -56,6 +59,7 @@ impl ClientConfig {
             session: None,
             token: None,
             tls: None,
+            dead_peer: DeadPeer::default(),
         }
     }
 }
@@ -279,6 +283,7 @@ pub async fn open_data(config: &ClientConfig, session: &str, seq: u64) -> Result
 /// The transport for the server's scheme, with the TLS settings it needs.
 fn transport_for(config: &ClientConfig) -> Result<AnyTransport> {
     AnyTransport::client(config.server.scheme, config.tls.as_ref())
+        .map(|t| t.with_dead_peer(config.dead_peer))
 }
 
 /// Connects to the server and runs the handshake for one connection.

@@ -18,6 +18,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use crate::auth::{self, Token};
 use crate::endpoint::Endpoint;
 use crate::error::{DestinationFailure, Error, Result};
+use crate::keepalive::DeadPeer;
 use crate::protocol::{self, Auth, Hello, Purpose, RejectReason, Reply};
 use crate::relay::relay;
 use crate::report::{Report, Tally};
@@ -56,6 +57,8 @@ pub struct ServerConfig {
     /// own ([`Refusal::default_text`]) name no flags; a binary that knows its command line
     /// passes wording that does (`tunnel-server` names `--qmp`).
     pub refusal_text: fn(Refusal) -> String,
+    /// How soon a connection whose client vanished fails (keepalive, `TCP_USER_TIMEOUT`).
+    pub dead_peer: DeadPeer,
 }
 
 /// A refusal caused by how the server was started rather than by what the client sent: the
@@ -101,6 +104,7 @@ impl ServerConfig {
             tls: None,
             max_unauthenticated: 64,
             refusal_text: Refusal::default_text,
+            dead_peer: DeadPeer::default(),
         }
     }
 }
@@ -261,7 +265,8 @@ impl Server {
     /// is refused with [`Error::Unauthenticated`], unless `config.insecure` is set, which logs
     /// a warning instead. A server certificate alone authenticates the server, not clients.
     pub async fn bind(listen: &Endpoint, config: ServerConfig) -> Result<Server> {
-        let transport = AnyTransport::server(listen.scheme, config.tls.as_ref())?;
+        let transport = AnyTransport::server(listen.scheme, config.tls.as_ref())?
+            .with_dead_peer(config.dead_peer);
         let bind_err = |source| Error::Bind {
             addr: listen.authority(),
             source,

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::endpoint::{Endpoint, Scheme};
 use crate::error::{Error, Result};
+use crate::keepalive::DeadPeer;
 use crate::stream::TunnelStream;
 use crate::tls::{self, ClientTls, Mismatch, ServerTls, TlsError};
 use crate::ws::{ws_accept, ws_connect};
@@ -31,11 +32,15 @@ pub trait Transport: Send + Sync {
 
 /// Plain TCP.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Tcp;
+pub struct Tcp {
+    dead_peer: DeadPeer,
+}
 
 /// WebSocket over TCP: binary messages, no per-message compression.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct WebSocket;
+pub struct WebSocket {
+    dead_peer: DeadPeer,
+}
 
 /// TLS over TCP (`tls://`) or, with `websocket`, WebSocket over TLS (`wss://`), for one end
 /// of the connection: a client's settings connect, a server's accept.
@@ -43,6 +48,7 @@ pub struct WebSocket;
 pub struct Tls {
     websocket: bool,
     role: Option<TlsRole>,
+    dead_peer: DeadPeer,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +63,7 @@ impl Tls {
         Tls {
             websocket,
             role: Some(TlsRole::Client(settings)),
+            dead_peer: DeadPeer::default(),
         }
     }
 
@@ -65,6 +72,7 @@ impl Tls {
         Tls {
             websocket,
             role: Some(TlsRole::Server(settings)),
+            dead_peer: DeadPeer::default(),
         }
     }
 }
@@ -86,13 +94,25 @@ impl AnyTransport {
     /// [`AnyTransport::server`].
     pub fn for_scheme(scheme: Scheme) -> Self {
         match scheme {
-            Scheme::Tcp => AnyTransport::Tcp(Tcp),
-            Scheme::Ws => AnyTransport::Ws(WebSocket),
+            Scheme::Tcp => AnyTransport::Tcp(Tcp::default()),
+            Scheme::Ws => AnyTransport::Ws(WebSocket::default()),
             Scheme::Tls | Scheme::Wss => AnyTransport::Tls(Tls {
                 websocket: scheme == Scheme::Wss,
                 role: None,
+                dead_peer: DeadPeer::default(),
             }),
         }
+    }
+
+    /// The same transport, noticing dead peers as `dead_peer` says (default:
+    /// [`crate::keepalive::DEFAULT_DEAD_PEER_TIMEOUT`]) on every socket it opens or accepts.
+    pub fn with_dead_peer(mut self, dead_peer: DeadPeer) -> Self {
+        match &mut self {
+            AnyTransport::Tcp(t) => t.dead_peer = dead_peer,
+            AnyTransport::Ws(t) => t.dead_peer = dead_peer,
+            AnyTransport::Tls(t) => t.dead_peer = dead_peer,
+        }
+        self
     }
 
     /// A client's transport for `scheme`: TLS settings exactly when the scheme is TLS.
@@ -122,21 +142,23 @@ impl AnyTransport {
     }
 }
 
-/// Socket options for both transports: migration streams are bulk data, but the handshake
-/// and QEMU's return path are small messages that must not wait for Nagle.
-fn tune(tcp: &TcpStream) -> Result<()> {
+/// Socket options for every transport: migration streams are bulk data, but the handshake
+/// and QEMU's return path are small messages that must not wait for Nagle; and a peer that
+/// vanished without a word is noticed ([`DeadPeer`]).
+fn tune(tcp: &TcpStream, dead_peer: &DeadPeer) -> Result<()> {
     tcp.set_nodelay(true)?;
+    dead_peer.apply(tcp)?;
     Ok(())
 }
 
-async fn tcp_connect(to: &Endpoint) -> Result<TcpStream> {
+async fn tcp_connect(to: &Endpoint, dead_peer: &DeadPeer) -> Result<TcpStream> {
     let tcp = TcpStream::connect(to.authority())
         .await
         .map_err(|source| Error::Connect {
             url: to.to_string(),
             source,
         })?;
-    tune(&tcp)?;
+    tune(&tcp, dead_peer)?;
     Ok(tcp)
 }
 
@@ -146,11 +168,11 @@ impl Transport for Tcp {
     }
 
     async fn connect(&self, to: &Endpoint) -> Result<TunnelStream> {
-        Ok(TunnelStream::Tcp(tcp_connect(to).await?))
+        Ok(TunnelStream::Tcp(tcp_connect(to, &self.dead_peer).await?))
     }
 
     async fn accept(&self, tcp: TcpStream) -> Result<TunnelStream> {
-        tune(&tcp)?;
+        tune(&tcp, &self.dead_peer)?;
         Ok(TunnelStream::Tcp(tcp))
     }
 }
@@ -161,12 +183,12 @@ impl Transport for WebSocket {
     }
 
     async fn connect(&self, to: &Endpoint) -> Result<TunnelStream> {
-        let tcp = tcp_connect(to).await?;
+        let tcp = tcp_connect(to, &self.dead_peer).await?;
         Ok(TunnelStream::Ws(Box::new(ws_connect(to, tcp).await?)))
     }
 
     async fn accept(&self, tcp: TcpStream) -> Result<TunnelStream> {
-        tune(&tcp)?;
+        tune(&tcp, &self.dead_peer)?;
         Ok(TunnelStream::Ws(Box::new(ws_accept(tcp).await?)))
     }
 }
@@ -184,7 +206,7 @@ impl Transport for Tls {
         let Some(TlsRole::Client(settings)) = &self.role else {
             return Err(TlsError::Mismatch(Mismatch::NotAClient).into());
         };
-        let tcp = tcp_connect(to).await?;
+        let tcp = tcp_connect(to, &self.dead_peer).await?;
         let tls = tls::connect(settings, to, tcp).await?;
         if self.websocket {
             Ok(TunnelStream::Wss(Box::new(ws_connect(to, tls).await?)))
@@ -197,7 +219,7 @@ impl Transport for Tls {
         let Some(TlsRole::Server(settings)) = &self.role else {
             return Err(TlsError::Mismatch(Mismatch::NotAServer).into());
         };
-        tune(&tcp)?;
+        tune(&tcp, &self.dead_peer)?;
         let tls = tls::accept(settings, tcp).await?;
         if self.websocket {
             Ok(TunnelStream::Wss(Box::new(ws_accept(tls).await?)))

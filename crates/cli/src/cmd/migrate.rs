@@ -10,6 +10,7 @@ use qmigrate_migration::session;
 use qmigrate_migration::session::source::{SessionEvent, SessionOptions};
 use qmigrate_transport::{ClientConfig, Endpoint, Scheme};
 
+use crate::args::DeadPeerArgs;
 use crate::args::SourceTuning;
 use crate::exit::Exit;
 use crate::output::{self, JsonEvent};
@@ -83,6 +84,9 @@ pub struct Args {
 
     #[command(flatten)]
     pub tls: ClientTlsArgs,
+
+    #[command(flatten)]
+    pub dead_peer: DeadPeerArgs,
 }
 
 /// Runs `qmigrate migrate`.
@@ -96,6 +100,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let tls = args.tls.load(server.scheme)?;
     let tunnel = ClientConfig {
         connect_timeout: args.connect_timeout,
+        dead_peer: args.dead_peer.dead_peer(),
         token: args.token.load()?,
         tls,
         ..ClientConfig::new(server)

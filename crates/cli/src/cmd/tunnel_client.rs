@@ -8,6 +8,7 @@ use qmigrate_transport::{Client, ClientConfig, Endpoint, Scheme};
 use tokio_util::sync::CancellationToken;
 
 use super::common::{finish, ready};
+use crate::args::DeadPeerArgs;
 use crate::exit::Exit;
 use crate::signals::Interrupts;
 use crate::tls::{default_scheme, ClientTlsArgs};
@@ -60,6 +61,9 @@ pub struct Args {
 
     #[command(flatten)]
     pub tls: ClientTlsArgs,
+
+    #[command(flatten)]
+    pub dead_peer: DeadPeerArgs,
 }
 
 /// Runs `qmigrate tunnel-client`.
@@ -72,6 +76,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let server = Endpoint::parse(&connect, scheme).context(Exit::Usage)?;
     let config = ClientConfig {
         connect_timeout: args.connect_timeout,
+        dead_peer: args.dead_peer.dead_peer(),
         once: args.once,
         token: args.token.load()?,
         tls: args.tls.load(server.scheme)?,

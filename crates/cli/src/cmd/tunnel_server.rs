@@ -11,6 +11,7 @@ use qmigrate_transport::{Endpoint, Error, Scheme, Server, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::common::{finish, ready};
+use crate::args::DeadPeerArgs;
 use crate::exit::Exit;
 use crate::hints;
 use crate::signals::Interrupts;
@@ -85,6 +86,9 @@ pub struct Args {
     #[command(flatten)]
     pub tls: ServerTlsArgs,
 
+    #[command(flatten)]
+    pub dead_peer: DeadPeerArgs,
+
     /// Listen on a non-loopback address without a token or TLS client certificates: anyone
     /// who can reach the port can then write a migration stream into the destination VM.
     /// Only for a trusted network.
@@ -113,6 +117,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         insecure: args.insecure,
         tls,
         refusal_text: hints::refusal,
+        dead_peer: args.dead_peer.dead_peer(),
         ..ServerConfig::new(&args.socket)
     };
     let mut server = match Server::bind(&listen, config).await {

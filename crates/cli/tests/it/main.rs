@@ -6,4 +6,5 @@ mod support;
 mod e2e;
 mod endurance;
 mod file;
+mod network;
 mod one_command;

@@ -129,10 +129,31 @@ impl Proc {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        Self::spawn_command(name, dir, qmigrate(args))
+    }
+
+    /// Starts `PREFIX... qmigrate ARGS` (e.g. `ip netns exec NS`, which execs the binary, so
+    /// that the child is still qmigrate itself).
+    pub fn spawn_wrapped<I, S>(name: &str, dir: &Path, prefix: &[String], args: I) -> Proc
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let (program, rest) = prefix.split_first().expect("a prefix command");
+        let mut cmd = Command::new(program);
+        cmd.args(rest)
+            .arg(qmigrate_bin())
+            .args(args)
+            .kill_on_drop(true)
+            .stdin(Stdio::null());
+        Self::spawn_command(name, dir, cmd)
+    }
+
+    fn spawn_command(name: &str, dir: &Path, mut cmd: Command) -> Proc {
         let stderr_path = dir.join(format!("{name}.stderr"));
         let stderr = std::fs::File::create(&stderr_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
-        let mut child = qmigrate(args)
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
