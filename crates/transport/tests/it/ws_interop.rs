@@ -196,7 +196,7 @@ async fn their_client_our_server(up: u64, down: u64) {
     let url = Endpoint::parse(&format!("ws://{addr}/interop"), Scheme::Ws).expect("url");
     let ours = async {
         let (tcp, _) = listener.accept().await.expect("accept");
-        WebSocket.accept(tcp).await.expect("our upgrade")
+        WebSocket::default().accept(tcp).await.expect("our upgrade")
     };
     let theirs = async {
         let tcp = TcpStream::connect(addr).await.expect("connect");
@@ -222,7 +222,8 @@ async fn our_client_their_server(up: u64, down: u64) {
             .await
             .expect("their upgrade")
     };
-    let (ours, theirs) = tokio::join!(WebSocket.connect(&url), theirs);
+    let ws = WebSocket::default();
+    let (ours, theirs) = tokio::join!(ws.connect(&url), theirs);
     let ours = ours.expect("our upgrade");
     within(TEST, "the exchange", exchange(ours, theirs, up, down)).await;
 }
