@@ -26,7 +26,8 @@ pub struct SourceTuning {
     )]
     pub postcopy: Option<u64>,
 
-    /// Bandwidth cap in bytes per second (100M, 1G, 512MiB; binary units). Default: unlimited
+    /// Bandwidth cap in bytes per second, in precopy and postcopy (100M, 1G, 512MiB; binary
+    /// units). Default: unlimited
     /// (QEMU's own default of 128 MiB/s would throttle every migration).
     #[arg(long, value_name = "RATE", value_parser = units::parse_rate)]
     pub max_bandwidth: Option<u64>,

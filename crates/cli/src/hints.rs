@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 use std::io;
 
 use qmigrate_migration::monitor::MissingSocket;
+use qmigrate_migration::source::PostcopyPaused;
 use qmigrate_migration::PlanError;
 use qmigrate_transport::auth::MAKE_TOKEN;
 use qmigrate_transport::protocol::{EnvelopeError, Sniffed};
@@ -47,6 +48,14 @@ fn advised(cause: &(dyn StdError + 'static)) -> Option<String> {
     }
     if let Some(e) = cause.downcast_ref::<MissingSocket>() {
         return Some(missing_socket(e));
+    }
+    if let Some(e) = cause.downcast_ref::<PostcopyPaused>() {
+        return Some(format!(
+            "postcopy paused: {}; the guest's memory is split between both hosts, so neither \
+             can run it alone: both QEMUs are left paused (not killed). Once the network is \
+             back, run `qmigrate recover --qmp SRC --to URL` (the same URL) to resume it",
+            e.0
+        ));
     }
     if let Some(e) = cause.downcast_ref::<PlanError>() {
         return Some(plan(e));

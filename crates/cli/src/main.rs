@@ -48,6 +48,9 @@ enum Command {
     /// Source, in one command: tunnel to a `tunnel-server --qmp`, which prepares the
     /// destination, then migrate and follow it to the end on both sides.
     Migrate(cmd::migrate::Args),
+    /// Source: resume a postcopy migration left paused by a broken network, against the
+    /// destination's `tunnel-server --qmp`.
+    Recover(cmd::recover::Args),
 }
 
 fn main() -> ExitCode {
@@ -79,5 +82,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Receive(args) => cmd::receive::run(args).await,
         Command::Send(args) => cmd::send::run(args).await,
         Command::Migrate(args) => cmd::migrate::run(args).await,
+        Command::Recover(args) => cmd::recover::run(args).await,
     }
 }

@@ -253,8 +253,9 @@ impl MigrationPlan {
         params.downtime_limit = self.downtime_limit;
         if self.postcopy {
             // 0 is "unlimited" here (unlike max-bandwidth): once the guest runs on the
-            // destination, every missing page stalls it.
-            params.max_postcopy_bandwidth = Some(0);
+            // destination, every missing page stalls it. A cap the operator set holds in
+            // postcopy too: it is there to spare the link.
+            params.max_postcopy_bandwidth = Some(self.max_bandwidth.unwrap_or(0));
         }
         params
     }

@@ -102,14 +102,19 @@ pub fn outcome_result(outcome: &Outcome, source: &SourceState) -> crate::Result<
         )),
         Outcome::PostcopyPaused(reason) => Err(Error::new(
             ErrorKind::Failed,
-            anyhow!(
-                "postcopy paused: {reason}; the guest's memory is split between both hosts, so \
-                 neither can run it alone: fix the connection and recover with QMP migrate \
-                 (resume: true) / migrate-recover"
-            ),
+            PostcopyPaused(reason.clone()),
         )),
     }
 }
+
+/// A postcopy migration left paused: the front end says how to recover it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "postcopy paused: {0}; the guest's memory is split between both hosts, so neither can run \
+     it alone: both QEMUs are left paused (not killed) for a recovery (QMP migrate-recover on \
+     the destination, then migrate with resume: true on the source)"
+)]
+pub struct PostcopyPaused(pub String);
 
 /// What became of the source VM after a migration that did not complete.
 fn left_as(source: &SourceState) -> &'static str {
@@ -221,7 +226,7 @@ pub async fn run_migration(
         qmp,
         plan,
         endpoint,
-        target,
+        Start::Migrate(target),
         source,
         opts,
         progress,
@@ -314,12 +319,59 @@ async fn wait_for_cleanup(qmp: &Qmp) {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // the one caller passes its own arguments on
+/// Resumes a postcopy migration that [`run_migration`] left `postcopy-paused` (its
+/// [`Outcome::PostcopyPaused`]), once the destination listens again (`migrate-recover`): sends
+/// `migrate` with `resume` to `endpoint` and follows the migration as [`run_migration`] does.
+/// A resume that cannot connect ends `postcopy-paused` again, and may be retried.
+///
+/// The capabilities the migration set stay set (the source's settings are not restored after
+/// a recovered migration).
+pub async fn resume_migration(
+    qmp: &Qmp,
+    plan: &MigrationPlan,
+    endpoint: &QemuTarget,
+    source: &SourceState,
+    opts: &FollowOptions,
+    progress: &mut dyn Progress,
+    cancel: impl Future<Output = String>,
+) -> crate::Result<Summary> {
+    let support = probe::migration_support(qmp)
+        .await
+        .context("cannot ask QEMU which migration arguments it supports")?;
+    let target = endpoint.target_for(qmp, &support, Direction::Outgoing)?;
+    let summary = migrate_and_follow(
+        qmp,
+        plan,
+        endpoint,
+        Start::Resume(target),
+        source,
+        opts,
+        progress,
+        RESUME_GRACE,
+        cancel,
+    )
+    .await?;
+    Ok(summary)
+}
+
+/// How [`migrate_and_follow`] starts.
+enum Start {
+    /// A new migration.
+    Migrate(MigrationTarget),
+    /// The resume of a paused postcopy migration.
+    Resume(MigrationTarget),
+}
+
+/// How long a resumed migration may still report `postcopy-paused` before that counts as the
+/// resume having failed (QEMU before 9.1 leaves the state only once its thread runs).
+const RESUME_START: Duration = Duration::from_secs(3);
+
+#[allow(clippy::too_many_arguments)] // the callers pass their own arguments on
 async fn migrate_and_follow(
     qmp: &Qmp,
     plan: &MigrationPlan,
     endpoint: &QemuTarget,
-    target: MigrationTarget,
+    start: Start,
     source: &SourceState,
     opts: &FollowOptions,
     progress: &mut dyn Progress,
@@ -328,10 +380,20 @@ async fn migrate_and_follow(
 ) -> anyhow::Result<Summary> {
     let mut events = qmp.events();
     let started = Instant::now();
-    qmp.execute(&Migrate::new(target))
-        .await
-        .with_context(|| format!("QEMU refused to start the migration to {endpoint}"))?;
-    debug!(%endpoint, plan = %plan.describe(), "migration started");
+    let resuming = matches!(start, Start::Resume(_));
+    match start {
+        Start::Migrate(target) => qmp
+            .execute(&Migrate::new(target))
+            .await
+            .with_context(|| format!("QEMU refused to start the migration to {endpoint}"))?,
+        Start::Resume(target) => qmp
+            .execute(&Migrate::new(target).resume(true))
+            .await
+            .with_context(|| format!("QEMU refused to resume the migration to {endpoint}"))?,
+    };
+    debug!(%endpoint, plan = %plan.describe(), resuming, "migration started");
+    // Until QEMU has left `postcopy-paused` after a resume, that state is the old one.
+    let mut left_pause = !resuming;
 
     let mut cancel = pin!(cancel);
     let mut cancelling = Cancelling::No;
@@ -340,7 +402,7 @@ async fn migrate_and_follow(
         auto_converge: plan.auto_converge,
         ..opts.watch.clone()
     });
-    let mut postcopy_requested = false;
+    let mut postcopy_requested = resuming;
     let mut last_status = MigrationStatus::None;
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     let mut events_alive = true;
@@ -424,7 +486,12 @@ async fn migrate_and_follow(
                 postcopy_requested = true;
             }
         }
-        if status == MigrationStatus::PostcopyPaused {
+        if status != MigrationStatus::PostcopyPaused {
+            left_pause = true;
+        }
+        if status == MigrationStatus::PostcopyPaused
+            && (left_pause || started.elapsed() > RESUME_START)
+        {
             let reason = info
                 .error_desc
                 .clone()

@@ -202,6 +202,16 @@ command!(MigrateCancel, "migrate_cancel", Empty);
 pub struct MigrateStartPostcopy;
 command!(MigrateStartPostcopy, "migrate-start-postcopy", Empty);
 
+/// `migrate-recover`: on a destination whose postcopy migration is paused
+/// (`postcopy-paused`), listen again at `uri` for the source's `migrate` with `resume`. It
+/// takes a URI only (no `channels`, QEMU 10).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrateRecover {
+    /// Where to listen (`unix:PATH`, `fd:NAME`, ...).
+    pub uri: String,
+}
+command!(MigrateRecover, "migrate-recover", Empty);
+
 /// `cont`: resume the vCPUs.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Cont;

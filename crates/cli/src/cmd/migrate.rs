@@ -27,7 +27,8 @@ use crate::units;
          (default 1; 0 switches at once)"
     )),
     mut_arg("max_bandwidth", |a| a.help(
-        "Bandwidth cap in bytes per second (100M, 1G, 512MiB). Default: unlimited"
+        "Bandwidth cap in bytes per second, in precopy and postcopy (100M, 1G, 512MiB). Default: \
+         unlimited"
     )),
     mut_arg("compress", |a| a.help("Compress multifd channels (needs --multifd; set on both QEMUs)"))
 )]
@@ -74,6 +75,12 @@ pub struct Args {
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = units::parse_duration)]
     pub connect_timeout: Duration,
 
+    /// When the network breaks during postcopy (both QEMUs pause: the guest's memory is split
+    /// between the hosts), keep reconnecting and resume the migration for up to DUR, with
+    /// backoff; then exit 1 and leave both paused for `qmigrate recover`. `off`: do not try.
+    #[arg(long, value_name = "DUR", default_value = "10m", value_parser = units::parse_duration_or_off)]
+    pub recover_timeout: Duration,
+
     /// One JSON object per line on stdout: progress ticks, the summary, then the destination's
     /// verdict (`"type": "destination"`).
     #[arg(long)]
@@ -112,6 +119,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tunnel,
         relay: args.relay,
         no_start: args.no_start,
+        recover_timeout: args.recover_timeout,
     };
 
     let json = args.json;
@@ -127,7 +135,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 /// What the session shows besides the migration's progress: the destination's readiness and
 /// its verdict.
-fn show(event: SessionEvent<'_>, json: bool) {
+pub(crate) fn show(event: SessionEvent<'_>, json: bool) {
     match event {
         SessionEvent::Ready {
             qemu,

@@ -3,6 +3,7 @@
 mod common;
 pub mod migrate;
 pub mod receive;
+pub mod recover;
 pub mod send;
 pub mod tunnel_client;
 pub mod tunnel_server;

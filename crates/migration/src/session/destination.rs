@@ -15,14 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use qmigrate_qmp::{MigrationStatus, QueryVersion};
+use qmigrate_qmp::{MigrateRecover, MigrationStatus, QueryVersion};
 use qmigrate_transport::protocol::Hello;
 use qmigrate_transport::{Controller, SessionMap, TunnelStream};
 use tracing::{info, warn};
 
 use super::{Control, MigrationSettings, Named, SourceEnd};
 use crate::destination::{check_waiting_for_incoming, follow_incoming, prepare_incoming};
-use crate::monitor::connect_qmp;
+use crate::monitor::{connect_qmp, query_migrate, status_of};
 use crate::{direct, MigrationPlan, QemuTarget};
 
 /// How long the source may take to send its settings after the control connection opened.
@@ -98,21 +98,23 @@ impl Drop for Busy<'_> {
 }
 
 async fn serve(inner: Arc<Inner>, hello: Hello, mut stream: TunnelStream, sessions: SessionMap) {
-    let settings = match tokio::time::timeout(PREPARE_TIMEOUT, stream.recv_msg::<Control>()).await {
-        Ok(Ok(Control::Prepare { settings })) => settings,
-        Ok(Ok(other)) => {
-            warn!("control connection: expected prepare, got {other:?}");
-            return;
-        }
-        Ok(Err(e)) => {
-            warn!("control connection: {e}");
-            return;
-        }
-        Err(_) => {
-            warn!("control connection: no settings within {PREPARE_TIMEOUT:?}");
-            return;
-        }
-    };
+    let (settings, recover) =
+        match tokio::time::timeout(PREPARE_TIMEOUT, stream.recv_msg::<Control>()).await {
+            Ok(Ok(Control::Prepare { settings })) => (settings, false),
+            Ok(Ok(Control::Recover { settings })) => (settings, true),
+            Ok(Ok(other)) => {
+                warn!("control connection: expected prepare, got {other:?}");
+                return;
+            }
+            Ok(Err(e)) => {
+                warn!("control connection: {e}");
+                return;
+            }
+            Err(_) => {
+                warn!("control connection: no settings within {PREPARE_TIMEOUT:?}");
+                return;
+            }
+        };
     let route = hello.route.clone();
     let Some(qmp_path) = inner.routes.get(&route).cloned() else {
         let known: Vec<String> = inner
@@ -152,10 +154,15 @@ async fn serve(inner: Arc<Inner>, hello: Hello, mut stream: TunnelStream, sessio
         return;
     }
     let socket = inner.dir.path().join(format!("{}.sock", hello.session));
-    info!(qmp = %qmp_path, socket = %socket.display(), ?settings, "preparing the destination");
+    if recover {
+        info!(qmp = %qmp_path, socket = %socket.display(), ?settings, "recovering a paused postcopy migration");
+    } else {
+        info!(qmp = %qmp_path, socket = %socket.display(), ?settings, "preparing the destination");
+    }
     match run_session(
         &qmp_path,
         &settings,
+        recover,
         &socket,
         &hello.session,
         &mut stream,
@@ -171,6 +178,17 @@ async fn serve(inner: Arc<Inner>, hello: Hello, mut stream: TunnelStream, sessio
     }
     sessions.remove(&hello.session);
     let _ = std::fs::remove_file(&socket);
+}
+
+/// `migrate-recover`: the paused destination listens again at `target` for the resume.
+async fn listen_again(qmp: &qmigrate_qmp::Qmp, target: &QemuTarget) -> anyhow::Result<()> {
+    qmp.execute(&MigrateRecover {
+        uri: target.to_string(),
+    })
+    .await
+    .with_context(|| format!("the destination QEMU refused to listen again at {target}"))?;
+    info!(endpoint = %target, "destination listens again for the recovery");
+    Ok(())
 }
 
 async fn fail(stream: &mut TunnelStream, message: String) {
@@ -196,11 +214,13 @@ fn plan_for(settings: &MigrationSettings) -> anyhow::Result<MigrationPlan> {
     Ok(plan)
 }
 
-/// Prepares, answers ready, follows the destination to its verdict and reports it. An error
-/// before `Ready` is sent back as `Failed`.
+/// Prepares (or, with `recover`, makes a paused postcopy migration listen again), answers
+/// ready, follows the destination to its verdict and reports it. An error before `Ready` is
+/// sent back as `Failed`.
 async fn run_session(
     qmp_path: &str,
     settings: &MigrationSettings,
+    recover: bool,
     socket: &std::path::Path,
     session: &str,
     stream: &mut TunnelStream,
@@ -210,6 +230,15 @@ async fn run_session(
     let qmp = connect_qmp(qmp_path)
         .await
         .with_context(|| format!("destination QMP {qmp_path}"))?;
+    if recover {
+        let status = status_of(&query_migrate(&qmp).await?);
+        if status != MigrationStatus::PostcopyPaused {
+            bail!(
+                "there is no paused postcopy migration to recover on the destination QEMU \
+                 (its migration status is {status})"
+            );
+        }
+    }
     let version = qmp
         .execute(&QueryVersion)
         .await
@@ -219,7 +248,9 @@ async fn run_session(
     let direct = settings.direct && direct::allowed_on(stream, settings.multifd);
     if direct {
         // Checked now: the socket arrives only after `ready`.
-        check_waiting_for_incoming(&qmp).await?;
+        if !recover {
+            check_waiting_for_incoming(&qmp).await?;
+        }
         let mut handed = sessions.hand_over(session);
         stream
             .send_msg(&Control::Ready {
@@ -237,15 +268,23 @@ async fn run_session(
         let fd = direct::into_fd(TunnelStream::Tcp(tcp))?
             .context("the direct data path needs plain TCP")?;
         direct::hand_to_qemu(&qmp, &fd, "destination").await?;
-        let incoming = prepare_incoming(&qmp, &plan, &direct::target(), true).await?;
+        if recover {
+            listen_again(&qmp, &direct::target()).await?;
+        } else {
+            let incoming = prepare_incoming(&qmp, &plan, &direct::target(), true).await?;
+            info!(endpoint = %incoming.endpoint, "destination ready, direct data path");
+        }
         // QEMU holds its own descriptor now; ours only closes.
         drop(fd);
-        info!(endpoint = %incoming.endpoint, "destination ready, direct data path");
     } else {
         let target = QemuTarget::Socket(socket.to_owned());
-        let incoming = prepare_incoming(&qmp, &plan, &target, true).await?;
+        if recover {
+            listen_again(&qmp, &target).await?;
+        } else {
+            let incoming = prepare_incoming(&qmp, &plan, &target, true).await?;
+            info!(endpoint = %incoming.endpoint, "destination ready");
+        }
         sessions.insert(session, socket.to_owned());
-        info!(endpoint = %incoming.endpoint, "destination ready");
         stream
             .send_msg(&Control::Ready {
                 qemu: version,
@@ -274,6 +313,10 @@ async fn run_session(
                     source_ended = true;
                     match msg {
                         Ok(Control::Finished { outcome: SourceEnd::Completed }) => {}
+                        Ok(Control::Finished { outcome: SourceEnd::PostcopyPaused }) => {
+                            info!("the source gave up reconnecting: the destination stays postcopy-paused for a recovery");
+                            deadline = Some(tokio::time::Instant::now());
+                        }
                         Ok(Control::Finished { outcome }) => {
                             info!("the source reports the migration {}", outcome.name());
                             deadline = Some(tokio::time::Instant::now() + AFTER_SOURCE_FAILED);
@@ -313,6 +356,15 @@ async fn run_session(
             started: false,
         },
     };
+    if let Ok(info) = query_migrate(&qmp).await {
+        if status_of(&info) == MigrationStatus::PostcopyPaused {
+            // The guest's memory is split between the hosts: never reset or kill this QEMU.
+            warn!(
+                "the destination QEMU is postcopy-paused: left as it is, waiting for the source \
+                 to recover the migration"
+            );
+        }
+    }
     info!(?done, "migration session over");
     qmp.close().await;
     let _ = stream.send_msg(&done).await;

@@ -42,6 +42,15 @@ pub enum Control {
         /// What must match on both sides.
         settings: MigrationSettings,
     },
+    /// Client: recover the postcopy migration paused on this route's destination QEMU: listen
+    /// again (`migrate-recover`) for the source's resume, on this session's data connections.
+    /// The server answers [`Control::Ready`] or [`Control::Failed`], then follows the migration
+    /// as after a `prepare`. An older server does not know it and closes the connection.
+    Recover {
+        /// How the resumed stream is carried (`direct`, `no_start`; the rest is already set on
+        /// both QEMUs).
+        settings: MigrationSettings,
+    },
     /// Server: the destination QEMU listens; the data connections of this session go there.
     Ready {
         /// The destination QEMU's version, for the operator.
@@ -87,6 +96,9 @@ pub enum SourceEnd {
     Failed,
     /// The source cancelled it (a signal, `--timeout`).
     Cancelled,
+    /// Postcopy is paused (the connection broke) and the source gave up reconnecting: both
+    /// QEMUs wait for a recovery, which a new session may bring.
+    PostcopyPaused,
     /// Anything a newer peer may send; treated as not completed.
     #[serde(other)]
     Other,
@@ -99,6 +111,7 @@ impl SourceEnd {
             SourceEnd::Completed => "completed",
             SourceEnd::Failed => "failed",
             SourceEnd::Cancelled => "cancelled",
+            SourceEnd::PostcopyPaused => "postcopy-paused",
             SourceEnd::Other => "other",
         }
     }
@@ -224,6 +237,22 @@ mod tests {
                     },
                 },
                 r#"{"type":"prepare","settings":{"multifd":4,"compression":"zstd","postcopy":true,"no_start":true,"direct":true}}"#,
+            ),
+            (
+                Control::Recover {
+                    settings: MigrationSettings {
+                        postcopy: true,
+                        direct: true,
+                        ..MigrationSettings::default()
+                    },
+                },
+                r#"{"type":"recover","settings":{"postcopy":true,"no_start":false,"direct":true}}"#,
+            ),
+            (
+                Control::Finished {
+                    outcome: SourceEnd::PostcopyPaused,
+                },
+                r#"{"type":"finished","outcome":"postcopy-paused"}"#,
             ),
             (
                 Control::Ready {

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::os::fd::OwnedFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use qmigrate_qmp::{MigrationStatus, RunState};
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Control, MigrationSettings, Named, SourceEnd};
 use crate::monitor::connect_qmp;
-use crate::outcome::Progress;
+use crate::outcome::{Outcome, Progress};
 use crate::source::{self, FollowOptions};
 use crate::{direct, Error, ErrorKind, MigrationPlan, QemuTarget};
 
@@ -28,6 +28,14 @@ const ABORTED_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the tunnel's connections may take to close once the migration has ended.
 const TUNNEL_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The first wait between attempts to recover a paused postcopy migration; it doubles up to
+/// [`RECOVER_BACKOFF_MAX`].
+const RECOVER_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const RECOVER_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How long a paused postcopy migration is recovered for unless told otherwise.
+pub const DEFAULT_RECOVER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A one-command migration from the source host.
 #[derive(Debug)]
@@ -45,6 +53,9 @@ pub struct SessionOptions {
     pub relay: bool,
     /// Leave the destination VM paused after a completed migration (no `cont`).
     pub no_start: bool,
+    /// How long to keep reconnecting when postcopy is paused by a broken connection (zero:
+    /// not at all; both QEMUs are then left paused for `qmigrate recover`).
+    pub recover_timeout: Duration,
 }
 
 /// What the source side of a session shows the operator besides the migration's progress.
@@ -109,12 +120,292 @@ pub async fn run(
         qmp.close().await;
     }
 
+    let route = open_route(
+        &opts,
+        Control::Prepare {
+            settings: settings.clone(),
+        },
+        events,
+    )
+    .await?;
+    let mut cancel = Latch::new(cancel);
+    let mut route = Some(route);
+    let result = follow_source(
+        &opts,
+        &settings,
+        Begin::Migrate,
+        &mut route,
+        progress,
+        events,
+        &mut cancel,
+    )
+    .await;
+    finish(result, route, events).await
+}
+
+/// Resumes a postcopy migration left paused on the source (`qmigrate recover`): checks that
+/// the source QEMU is `postcopy-paused`, asks the tunnel-server to make the route's destination
+/// listen again ([`Control::Recover`]), resumes the source, and follows the migration to its
+/// end as [`run`] does, reconnecting for [`SessionOptions::recover_timeout`] while the
+/// network is still down.
+pub async fn recover(
+    opts: SessionOptions,
+    progress: &mut (dyn Progress + Send),
+    events: &mut (dyn FnMut(SessionEvent<'_>) + Send),
+    cancel: impl Future<Output = String>,
+) -> crate::Result<()> {
+    let server = opts.tunnel.server.clone();
+    let settings = MigrationSettings {
+        multifd: None,
+        compression: None,
+        postcopy: true,
+        no_start: opts.no_start,
+        direct: direct::allowed(server.scheme, None, opts.relay),
+    };
+    {
+        let qmp = connect_qmp(&opts.qmp).await?;
+        let status = crate::monitor::status_of(&crate::monitor::query_migrate(&qmp).await?);
+        qmp.close().await;
+        if status != MigrationStatus::PostcopyPaused {
+            return Err(Error::new(
+                ErrorKind::Usage,
+                anyhow!(
+                    "there is no paused postcopy migration on the source QEMU (its migration \
+                     status is {status}): nothing to recover"
+                ),
+            ));
+        }
+    }
+    let mut cancel = Latch::new(cancel);
+    let mut route = None;
+    let result = follow_source(
+        &opts,
+        &settings,
+        Begin::Resume,
+        &mut route,
+        progress,
+        events,
+        &mut cancel,
+    )
+    .await;
+    finish(result, route, events).await
+}
+
+/// How [`follow_source`] begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Begin {
+    /// A new migration over the route already open.
+    Migrate,
+    /// The recovery of a migration paused before this process started.
+    Resume,
+}
+
+/// Runs the source job (or resumes it) over `route`, and recovers it over new routes while
+/// postcopy is paused. The route in use at the end is left in `route`.
+async fn follow_source<F: Future<Output = String>>(
+    opts: &SessionOptions,
+    settings: &MigrationSettings,
+    begin: Begin,
+    route: &mut Option<Route>,
+    progress: &mut (dyn Progress + Send),
+    events: &mut (dyn FnMut(SessionEvent<'_>) + Send),
+    cancel: &mut Latch<F>,
+) -> crate::Result<()> {
+    let follow = FollowOptions {
+        detach: false,
+        ..opts.follow.clone()
+    };
+    let pass_fd = route.as_ref().and_then(|r| r.direct_fd.as_ref());
+    let (qmp, state) = match begin {
+        Begin::Migrate => source::connect_source(&opts.qmp, &opts.plan, pass_fd).await?,
+        Begin::Resume => {
+            let qmp = connect_qmp(&opts.qmp).await?;
+            let state = source::SourceState {
+                was_running: false,
+                qemu: crate::monitor::qemu_version(&qmp),
+            };
+            (qmp, state)
+        }
+    };
+    let mut summary = match (begin, route.as_ref()) {
+        (Begin::Migrate, Some(r)) => {
+            source::run_migration(
+                &qmp,
+                &opts.plan,
+                &r.target,
+                &state,
+                &follow,
+                progress,
+                cancel.wait(),
+            )
+            .await?
+        }
+        _ => crate::outcome::Summary::from_info(
+            &qmigrate_qmp::MigrationInfo::default(),
+            Outcome::PostcopyPaused("paused before this recovery".into()),
+            true,
+        ),
+    };
+
+    // Postcopy paused: the guest's memory is split between the hosts, so giving up would lose
+    // it. Reconnect (new control and data connections) until the destination listens again,
+    // then resume; with backoff, for as long as the operator allows.
+    let deadline = Instant::now() + opts.recover_timeout;
+    let mut backoff = RECOVER_BACKOFF_FIRST;
+    let server = opts.tunnel.server.to_string();
+    while let Outcome::PostcopyPaused(reason) = &summary.outcome {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        progress.note(&format!(
+            "postcopy paused ({reason}): reconnecting to {server} (for up to {} s more)",
+            left.as_secs()
+        ));
+        if let Some(old) = route.take() {
+            old.close().await;
+        }
+        let attempt = tokio::select! {
+            r = open_route(opts, Control::Recover { settings: settings.clone() }, events) => r,
+            reason = cancel.wait() => {
+                progress.note(&format!("{reason}: the recovery stops; both QEMUs stay paused"));
+                break;
+            }
+        };
+        match attempt {
+            Ok(new) => {
+                if let Some(fd) = &new.direct_fd {
+                    direct::hand_to_qemu(&qmp, fd, "source").await?;
+                }
+                progress.note("the destination listens again: resuming the migration");
+                let target = new.target.clone();
+                *route = Some(new);
+                summary = source::resume_migration(
+                    &qmp,
+                    &opts.plan,
+                    &target,
+                    &state,
+                    &follow,
+                    progress,
+                    cancel.wait(),
+                )
+                .await?;
+                backoff = RECOVER_BACKOFF_FIRST;
+            }
+            Err(err) => {
+                let wait = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                progress.note(&format!(
+                    "cannot recover yet: {err:#}; trying again in {} s",
+                    wait.as_secs()
+                ));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    reason = cancel.wait() => {
+                        progress.note(&format!("{reason}: the recovery stops; both QEMUs stay paused"));
+                        break;
+                    }
+                }
+                backoff = (backoff * 2).min(RECOVER_BACKOFF_MAX);
+            }
+        }
+    }
+    progress.finish(&summary);
+    qmp.close().await;
+    source::outcome_result(&summary.outcome, &state)
+}
+
+/// Reports the source's end to the destination, waits for its verdict over the route in use,
+/// closes the route, and makes the command's result of both sides' ends.
+async fn finish(
+    result: crate::Result<()>,
+    route: Option<Route>,
+    events: &mut (dyn FnMut(SessionEvent<'_>) + Send),
+) -> crate::Result<()> {
+    let outcome = match &result {
+        Ok(()) => SourceEnd::Completed,
+        Err(e) if e.downcast_ref::<source::PostcopyPaused>().is_some() => SourceEnd::PostcopyPaused,
+        Err(e) if e.kind() == ErrorKind::Cancelled => SourceEnd::Cancelled,
+        Err(_) => SourceEnd::Failed,
+    };
+    let Some(mut route) = route else {
+        // Never reached the server (a recovery that found the network down throughout).
+        return result;
+    };
+    let verdict = destination_verdict(&mut route.control, outcome).await;
+    route.close().await;
+
+    let verdict = match verdict {
+        Ok(v) => v,
+        Err(e) => {
+            events(SessionEvent::VerdictLost(&e));
+            return result.and(Err(Error::new(ErrorKind::Failed, e)));
+        }
+    };
+    events(SessionEvent::Verdict(&verdict));
+    result?;
+    if verdict.status.is(&MigrationStatus::Completed) {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Failed,
+        anyhow!(
+            "the source completed but the destination reports {}{}",
+            verdict.status,
+            verdict
+                .error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ),
+    ))
+}
+
+/// One session's way to the destination: its control connection and how the data goes (the
+/// direct data path's socket, or an in-process tunnel client on a private socket).
+struct Route {
+    control: TunnelStream,
+    direct_fd: Option<OwnedFd>,
+    target: QemuTarget,
+    tunnel: Option<tokio::task::JoinHandle<qmigrate_transport::Report>>,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Route {
+    /// Stops the tunnel client, bounded: connections stuck writing to a silent server do not
+    /// end by themselves.
+    async fn close(self) {
+        self.stop.cancel();
+        if let Some(mut task) = self.tunnel {
+            match tokio::time::timeout(TUNNEL_STOP_TIMEOUT, &mut task).await {
+                Ok(Ok(report)) => tracing::info!("tunnel: {report}"),
+                Ok(Err(e)) => tracing::warn!("tunnel task: {e}"),
+                Err(_) => {
+                    task.abort();
+                    tracing::warn!(
+                        "the tunnel's connections did not close within {}s; dropped",
+                        TUNNEL_STOP_TIMEOUT.as_secs()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Opens a session with the tunnel-server: the control connection, `first` (prepare or
+/// recover), the destination's answer, then the data path.
+async fn open_route(
+    opts: &SessionOptions,
+    first: Control,
+    events: &mut (dyn FnMut(SessionEvent<'_>) + Send),
+) -> crate::Result<Route> {
+    let server = opts.tunnel.server.clone();
     let (mut control, session) = open_control(&opts.tunnel)
         .await
         .map_err(|e| anyhow!(e))
         .with_context(|| format!("cannot start the migration session with {server}"))?;
     control
-        .send_msg(&Control::Prepare { settings })
+        .send_msg(&first)
         .await
         .context("the tunnel server went away")?;
     let direct = match tokio::time::timeout(READY_TIMEOUT, control.recv_msg::<Control>()).await {
@@ -159,13 +450,13 @@ pub async fn run(
     };
 
     // The direct data path: one tunnel connection, handed to the source QEMU as it is.
-    let mut pass_fd: Option<OwnedFd> = None;
+    let mut direct_fd: Option<OwnedFd> = None;
     if direct {
         let stream = open_data(&opts.tunnel, &session, 0)
             .await
             .map_err(|e| anyhow!(e))
             .context("cannot open the data connection")?;
-        pass_fd = Some(direct::into_fd(stream)?.ok_or_else(|| {
+        direct_fd = Some(direct::into_fd(stream)?.ok_or_else(|| {
             Error::new(
                 ErrorKind::Failed,
                 anyhow!("the direct data path needs plain TCP"),
@@ -187,79 +478,49 @@ pub async fn run(
             &socket,
             ClientConfig {
                 session: Some(session),
-                ..opts.tunnel
+                ..opts.tunnel.clone()
             },
         )
         .map_err(|e| anyhow!(e))?;
         Some(tokio::spawn(client.serve(stop.clone())))
     };
-
-    let target = match pass_fd {
+    let target = match direct_fd {
         Some(_) => direct::target(),
         None => QemuTarget::Socket(socket),
     };
-    let follow = FollowOptions {
-        detach: false,
-        ..opts.follow.clone()
-    };
-    let result = async {
-        let (qmp, state) = source::connect_source(&opts.qmp, &opts.plan, pass_fd.as_ref()).await?;
-        let summary =
-            source::run_migration(&qmp, &opts.plan, &target, &state, &follow, progress, cancel)
-                .await?;
-        progress.finish(&summary);
-        qmp.close().await;
-        source::outcome_result(&summary.outcome, &state)
-    }
-    .await;
+    Ok(Route {
+        control,
+        direct_fd,
+        target,
+        tunnel,
+        stop,
+        _dir: dir,
+    })
+}
 
-    let outcome = match &result {
-        Ok(()) => SourceEnd::Completed,
-        Err(e) if e.kind() == ErrorKind::Cancelled => SourceEnd::Cancelled,
-        Err(_) => SourceEnd::Failed,
-    };
-    let verdict = destination_verdict(&mut control, outcome).await;
-    stop.cancel();
-    if let Some(mut task) = tunnel {
-        // Connections stuck writing to a silent server do not end by themselves: bounded.
-        match tokio::time::timeout(TUNNEL_STOP_TIMEOUT, &mut task).await {
-            Ok(Ok(report)) => tracing::info!("tunnel: {report}"),
-            Ok(Err(e)) => tracing::warn!("tunnel task: {e}"),
-            Err(_) => {
-                task.abort();
-                tracing::warn!(
-                    "the tunnel's connections did not close within {}s; dropped",
-                    TUNNEL_STOP_TIMEOUT.as_secs()
-                );
-            }
+/// A cancellation future that can be awaited again after it resolved (it then gives the same
+/// reason at once): the source job is followed more than once when postcopy is recovered.
+struct Latch<F> {
+    fut: std::pin::Pin<Box<F>>,
+    reason: Option<String>,
+}
+
+impl<F: Future<Output = String>> Latch<F> {
+    fn new(fut: F) -> Self {
+        Latch {
+            fut: Box::pin(fut),
+            reason: None,
         }
     }
-    drop(dir);
 
-    let verdict = match verdict {
-        Ok(v) => v,
-        Err(e) => {
-            events(SessionEvent::VerdictLost(&e));
-            return result.and(Err(Error::new(ErrorKind::Failed, e)));
+    async fn wait(&mut self) -> String {
+        if let Some(reason) = &self.reason {
+            return reason.clone();
         }
-    };
-    events(SessionEvent::Verdict(&verdict));
-    result?;
-    if verdict.status.is(&MigrationStatus::Completed) {
-        return Ok(());
+        let reason = self.fut.as_mut().await;
+        self.reason = Some(reason.clone());
+        reason
     }
-    Err(Error::new(
-        ErrorKind::Failed,
-        anyhow!(
-            "the source completed but the destination reports {}{}",
-            verdict.status,
-            verdict
-                .error
-                .as_ref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
-        ),
-    ))
 }
 
 /// Tells the server how the source ended and waits for the destination's verdict.
