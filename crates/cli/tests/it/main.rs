@@ -7,3 +7,4 @@ mod e2e;
 mod endurance;
 mod file;
 mod one_command;
+mod running_guest;
