@@ -253,9 +253,12 @@ fn build(out: &Path) -> Result<(), Unavailable> {
     for d in [&debs, &root.join("bin"), &root.join("lib/modules")] {
         std::fs::create_dir_all(d).map_err(failed(d.display().to_string()))?;
     }
-    // apt runs downloads as the unprivileged `_apt` user, which must be able to write here.
-    std::fs::set_permissions(&debs, std::fs::Permissions::from_mode(0o777))
-        .map_err(failed("chmod the download dir".into()))?;
+    // apt downloads as the unprivileged `_apt` user, which must reach and write the download
+    // dir (else it warns and downloads as root).
+    for (d, mode) in [(out, 0o755), (&work, 0o755), (&debs, 0o777)] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))
+            .map_err(failed(format!("chmod {}", d.display())))?;
+    }
 
     let kpkg = kernel_package()?;
     download(&debs, &[&kpkg, "busybox-static"])?;
@@ -302,7 +305,13 @@ fn build(out: &Path) -> Result<(), Unavailable> {
     run(Command::new("gcc")
         .args(["-O2", "-static", "-Wall", "-o"])
         .arg(root.join("bin/workload"))
-        .arg(&src))?;
+        .arg(&src))
+    .map_err(|e| match e {
+        Unavailable::Failed(why) if why.contains("cannot find -lc") => {
+            Unavailable::Missing(format!("static glibc (libc6-dev): {why}"))
+        }
+        other => other,
+    })?;
     copy(&bb.join("bin/busybox"), &root.join("bin/busybox"))?;
     let init = root.join("init");
     write(&init, INIT)?;
