@@ -54,8 +54,12 @@ pub struct SerialLog {
     pub lines: Vec<String>,
     /// The heartbeats, in order.
     pub heartbeats: Vec<Heartbeat>,
-    /// Lines that start like a heartbeat but do not parse (cut at a switch-over).
-    pub garbled: usize,
+    /// The text after the last newline (a line still being written, or the source's last line
+    /// cut by the switch-over: the destination prints the rest).
+    pub partial: String,
+    /// The text before the first newline (on a destination, maybe the rest of the source's
+    /// cut line).
+    pub first_line: String,
     /// How many times the init said `GUEST-READY` (a boot).
     pub ready: usize,
     /// How many times the workload started (`WORKLOAD start`).
@@ -71,16 +75,16 @@ impl SerialLog {
     /// Parses a serial log's text.
     pub fn parse(text: &str) -> SerialLog {
         let mut log = SerialLog::default();
-        let complete = match text.rfind('\n') {
-            Some(end) => &text[..end],
-            None => "",
+        let (complete, partial) = match text.rfind('\n') {
+            Some(end) => (&text[..end], &text[end + 1..]),
+            None => ("", text),
         };
+        log.partial = partial.to_owned();
+        log.first_line = text.split('\n').next().unwrap_or_default().to_owned();
         for raw in complete.split('\n') {
             let line = raw.trim_end_matches('\r');
             if let Some(hb) = Heartbeat::parse(line) {
                 log.heartbeats.push(hb);
-            } else if line.contains("HB ") {
-                log.garbled += 1;
             }
             if line.starts_with("GUEST-READY") {
                 log.ready += 1;
@@ -201,9 +205,12 @@ pub fn judge(src: &SerialLog, dst: &SerialLog, expect: Expect) -> Verdict {
             last.n + 2
         ));
     }
-    if first.n == last.n + 2 && dst.garbled == 0 && src.garbled == 0 {
+    // The serial port's bytes carry on where the source stopped: a line cut there is the
+    // source's partial line followed by the destination's first.
+    let cut = Heartbeat::parse((src.partial.clone() + &dst.first_line).trim_end_matches('\r'));
+    if first.n == last.n + 2 && cut.map(|hb| hb.n) != Some(last.n + 1) {
         return Broken(format!(
-            "heartbeat {} is missing: neither log has it, not even cut",
+            "heartbeat {} is missing: neither log has it, not even cut between them",
             last.n + 1
         ));
     }
@@ -297,13 +304,24 @@ mod tests {
         for n in 0..=20 {
             text += &hb(n, 2, n, 0);
         }
-        text += "HB 21 t=2100 su";
-        let src = SerialLog::parse(&(text + "\n"));
-        let dst =
-            SerialLog::parse(&("m=00000000deadbeef dirtied=3\n".to_owned() + &dest(22, 40, 4)));
+        let line = hb(21, 2, 21, 0);
+        for cut in [1, 2, 15, line.len() - 2, line.len() - 1] {
+            let src = SerialLog::parse(&(text.clone() + &line[..cut]));
+            let dst = SerialLog::parse(&(line[cut..].to_owned() + &dest(22, 40, 4)));
+            assert!(
+                matches!(
+                    judge(&src, &dst, Expect::default()),
+                    Verdict::Continued { .. }
+                ),
+                "cut at {cut}"
+            );
+        }
+        // The same logs without heartbeat 21 at all.
+        let src = SerialLog::parse(&text);
+        let dst = SerialLog::parse(&dest(22, 40, 4));
         assert!(matches!(
             judge(&src, &dst, Expect::default()),
-            Verdict::Continued { .. }
+            Verdict::Broken(_)
         ));
     }
 
