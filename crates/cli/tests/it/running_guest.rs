@@ -48,9 +48,9 @@ fn report(name: &str, pair: &GuestPair, started: Instant, migration: Duration, v
     );
 }
 
-/// `receive --start` on the destination through a tunnel's server side, `send` on the source
-/// through its client side; both must succeed.
-async fn send_receive(pair: &GuestPair, tunnel: &Tunnel) {
+/// `receive --start` on the destination through a tunnel's server side, `send SEND_EXTRA` on
+/// the source through its client side; both must succeed.
+async fn send_receive(pair: &GuestPair, tunnel: &Tunnel, send_extra: &[&str]) {
     let mut receive = Proc::spawn(
         "receive",
         pair.dir(),
@@ -65,17 +65,15 @@ async fn send_receive(pair: &GuestPair, tunnel: &Tunnel) {
     );
     let ready = receive.next_line(RUN).await;
     assert!(ready.starts_with("ready: "), "{ready}");
-    let out = run(
-        [
-            "send",
-            "--qmp",
-            &path(pair.src.qmp_path()),
-            "--socket",
-            &path(&tunnel.source_socket),
-        ],
-        RUN,
-    )
-    .await;
+    let mut args = vec![
+        "send",
+        "--qmp",
+        pair.src.qmp_path().to_str().expect("a UTF-8 temp path"),
+        "--socket",
+        tunnel.source_socket.to_str().expect("a UTF-8 temp path"),
+    ];
+    args.extend(send_extra);
+    let out = run(&args, RUN).await;
     assert!(
         out.status.success(),
         "send: {:?}\n{}\n{}\n{}",
@@ -93,7 +91,7 @@ async fn send_receive(pair: &GuestPair, tunnel: &Tunnel) {
     );
 }
 
-async fn through_tunnel(name: &str, transport: Transport, cfg: GuestConfig) {
+async fn through_tunnel(name: &str, transport: Transport, cfg: GuestConfig, send_extra: &[&str]) {
     let Some((bin, img)) = prerequisites() else {
         return;
     };
@@ -101,7 +99,7 @@ async fn through_tunnel(name: &str, transport: Transport, cfg: GuestConfig) {
     let pair = GuestPair::start(&bin, &img, &cfg).await;
     let tunnel = Tunnel::start(pair.dir(), transport).await;
     let t = Instant::now();
-    send_receive(&pair, &tunnel).await;
+    send_receive(&pair, &tunnel, send_extra).await;
     let migration = t.elapsed();
     let verdict = pair.assert_continued(Expect::default(), CONTINUE).await;
     report(name, &pair, started, migration, &verdict);
@@ -110,17 +108,18 @@ async fn through_tunnel(name: &str, transport: Transport, cfg: GuestConfig) {
 /// The TCP relay: `tunnel-client` and `tunnel-server` carry the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_relay() {
-    through_tunnel("tcp_relay", Transport::Tcp, config()).await;
+    through_tunnel("tcp_relay", Transport::Tcp, config(), &[]).await;
 }
 
-/// The WebSocket relay. The test binary's debug build of qmigrate masks WebSocket payloads at
-/// 25-100 MiB/s (beside two TCG guests on two cores), so the guest dirties 4 MiB/s here: at
-/// 8 MiB/s and 10 MiB/s of bandwidth precopy would not converge.
+/// The WebSocket relay. The test binary's debug build of qmigrate relays WebSocket at 10-25
+/// MiB/s here (beside two TCG guests on two cores), so the guest dirties 4 MiB/s, and
+/// `--auto-converge` throttles it if the relay is slower still on a busier machine: at 8 MiB/s
+/// against 10 MiB/s of bandwidth precopy would not converge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_relay() {
     let mut cfg = config();
     cfg.workload.rate_mib_s = 4;
-    through_tunnel("ws_relay", Transport::Ws, cfg).await;
+    through_tunnel("ws_relay", Transport::Ws, cfg, &["--auto-converge"]).await;
 }
 
 /// `migrate --to URL EXTRA` against a `tunnel-server --qmp` of the destination with
