@@ -185,31 +185,39 @@ fn kernel_package() -> Result<String, Unavailable> {
         .find(|p| p.starts_with("linux-image-"))
         .map(str::to_owned)
         .ok_or_else(|| {
-            Unavailable::Missing(format!(
+            Unavailable::Failed(format!(
                 "apt-cache knows no linux-image-cloud-amd64 dependency: {out}"
             ))
         })
 }
 
-/// `apt-get download PACKAGES` into `dir`; after a failure, `apt-get update` once and again.
+/// `apt-get download PACKAGES` into `dir`.
 fn download(dir: &Path, packages: &[&str]) -> Result<(), Unavailable> {
-    let fetch = || {
-        run(Command::new("apt-get")
-            .arg("download")
-            .arg("-q")
-            .args(packages)
-            .current_dir(dir))
+    run(Command::new("apt-get")
+        .arg("download")
+        .arg("-q")
+        .args(packages)
+        .current_dir(dir))
+    .map(drop)
+}
+
+/// Resolves the kernel's package and downloads it and busybox-static into `dir`; when that
+/// fails (no package lists yet, or stale ones naming a kernel the mirror no longer has), runs
+/// `apt-get update` once and tries again. Returns the kernel's package name.
+fn fetch(dir: &Path) -> Result<String, Unavailable> {
+    let attempt = || -> Result<String, Unavailable> {
+        let kpkg = kernel_package()?;
+        download(dir, &[&kpkg, "busybox-static"])?;
+        Ok(kpkg)
     };
-    match fetch() {
-        Ok(_) => Ok(()),
+    match attempt() {
         Err(Unavailable::Failed(first)) => {
-            eprintln!("apt-get download failed; running apt-get update once: {first}");
+            eprintln!("fetching the guest's packages failed; running apt-get update once: {first}");
             run(Command::new("apt-get").args(["update", "-q"]))
                 .map_err(|e| Unavailable::Missing(format!("apt-get update: {e}")))?;
-            fetch().map_err(|e| Unavailable::Missing(format!("after apt-get update: {e}")))?;
-            Ok(())
+            attempt().map_err(|e| Unavailable::Missing(format!("after apt-get update: {e}")))
         }
-        Err(missing) => Err(missing),
+        other => other,
     }
 }
 
@@ -260,8 +268,7 @@ fn build(out: &Path) -> Result<(), Unavailable> {
             .map_err(failed(format!("chmod {}", d.display())))?;
     }
 
-    let kpkg = kernel_package()?;
-    download(&debs, &[&kpkg, "busybox-static"])?;
+    let kpkg = fetch(&debs)?;
     let (kdeb, bdeb) = (deb(&debs, &kpkg)?, deb(&debs, "busybox-static")?);
     let version = |deb: &Path| run(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Version"));
     let manifest = format!(
