@@ -18,9 +18,9 @@
 //! other jobs keep both cores busy). The workload's reachable dirty rate depends on the CPU it
 //! gets: measured with a 32 MiB buffer, about 1000 MiB/s with its page checks on (`check_pages`)
 //! and 2200 MiB/s without on a lightly loaded machine (load 4), 200 and 460 MiB/s with the
-//! machine's load at 10. A rate the CPU cannot reach is dirtied as fast as it can, with
-//! heartbeats on time (their `dirtied=` shows what was reached); convergence tests that need
-//! 200 MiB/s should turn the checks off and look at `dirtied=`.
+//! machine's load at 10. A rate the CPU cannot reach is dirtied as fast as it can, and the
+//! heartbeats keep coming (the dirtying yields to them; `dirtied=` shows what was reached);
+//! convergence tests that need 200 MiB/s should turn the checks off and look at `dirtied=`.
 
 pub mod image;
 pub mod serial;
