@@ -49,7 +49,27 @@ if ! qemu_ok; then
     --no-install-recommends qemu-system-x86 >&2
 fi
 
+# The real-guest tests (crates/testkit/src/guest/) make their disk with qemu-img (a Recommends of
+# qemu-system-x86, which --no-install-recommends leaves out), build the static workload with gcc
+# and static glibc, and fetch Debian's cloud kernel and busybox-static with `apt-get download`,
+# which needs package lists that know them.
+if ! command -v qemu-img >/dev/null; then
+  apt_update
+  from=()
+  if grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    from=(-t bookworm-backports)
+  fi
+  say "installing qemu-utils (qemu-img)"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${from[@]}" \
+    qemu-utils >&2
+fi
+if ! apt-cache show linux-image-cloud-amd64 busybox-static >/dev/null 2>&1; then
+  apt_update
+fi
+
 missing=()
+command -v gcc >/dev/null || missing+=(gcc)
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 command -v socat >/dev/null || missing+=(socat)
 # The relay benchmark's tls and wss variants make their certificate with openssl.
 command -v openssl >/dev/null || missing+=(openssl)

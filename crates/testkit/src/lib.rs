@@ -9,11 +9,15 @@
 //! - [`check`]: QMP connections and the state and migration status of a VM, for assertions.
 //! - [`child`]: child processes killed on drop, with their CPU time and peak memory (`wait4`)
 //!   and live `/proc` figures; waits for sockets to listen without connecting to them.
+//! - [`guest`]: real Linux guests (a Debian cloud kernel, busybox and a self-checking
+//!   workload, built at test time and cached in `target/guest/`), booted under TCG, their
+//!   serial heartbeats judged after a migration; a gate that runs them one at a time.
 //! - [`within`] and [`per_scheme!`]: a deadline for a test step, and one test per tunnel
 //!   scheme for each scenario.
 
 pub mod check;
 pub mod child;
+pub mod guest;
 pub mod netns;
 pub mod qemu;
 pub mod ram;

@@ -112,6 +112,27 @@ pub fn require(bin: Option<QemuBinary>, what: &str) -> Option<QemuBinary> {
     bin
 }
 
+/// What a test VM boots.
+#[derive(Debug, Clone, Default)]
+pub enum Boot {
+    /// The halting firmware of [`write_firmware`], under KVM where it works, else TCG: the
+    /// vCPU never runs guest code, so guest RAM stays as it was written.
+    #[default]
+    HaltingFirmware,
+    /// A Linux kernel and initrd (`-kernel`, `-initrd`, `-append`), under TCG only: KVM on
+    /// this kind of host (a nested VM without `vmx`) stops in the kernel's decompressor with
+    /// an emulation failure. The serial console goes to `serial.log` in the VM's directory
+    /// ([`Vm::serial_path`]) and a guest that panics or reboots ends QEMU (`-no-reboot`).
+    Linux {
+        /// The kernel image.
+        kernel: PathBuf,
+        /// The initramfs.
+        initrd: PathBuf,
+        /// The kernel command line.
+        append: String,
+    },
+}
+
 /// How to start a test VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -134,6 +155,8 @@ pub struct VmConfig {
     /// path outlives the VM: the next VM started there takes it over, as a tunnel-server's
     /// `--route` expects.
     pub qmp_path: Option<PathBuf>,
+    /// What it boots (`random_ram` applies to the halting firmware only).
+    pub boot: Boot,
 }
 
 impl Default for VmConfig {
@@ -147,6 +170,7 @@ impl Default for VmConfig {
             ram_file: None,
             temp_in: None,
             qmp_path: None,
+            boot: Boot::HaltingFirmware,
         }
     }
 }
@@ -211,8 +235,6 @@ impl Vm {
             None => tmp.tempdir()?,
         };
         let dir = tmp.path().to_path_buf();
-        let fw = dir.join("fw.bin");
-        write_firmware(&fw)?;
         let qmp_path = cfg.qmp_path.clone().unwrap_or_else(|| dir.join("qmp.sock"));
         let log_path = dir.join("qemu.log");
         let log = File::create(&log_path)?;
@@ -221,17 +243,28 @@ impl Vm {
         if let Some(d) = &bin.data_dir {
             cmd.arg("-L").arg(d);
         }
-        cmd.args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-accel",
-            "kvm",
-            "-accel",
-            "tcg",
-        ]);
-        cmd.arg("-bios").arg(&fw);
-        if cfg.random_ram {
+        cmd.args(["-nodefaults", "-display", "none"]);
+        match &cfg.boot {
+            Boot::HaltingFirmware => {
+                let fw = dir.join("fw.bin");
+                write_firmware(&fw)?;
+                cmd.args(["-accel", "kvm", "-accel", "tcg"]);
+                cmd.arg("-bios").arg(&fw);
+            }
+            Boot::Linux {
+                kernel,
+                initrd,
+                append,
+            } => {
+                cmd.args(["-accel", "tcg", "-no-user-config", "-no-reboot"]);
+                cmd.arg("-kernel").arg(kernel);
+                cmd.arg("-initrd").arg(initrd);
+                cmd.arg("-append").arg(append);
+                cmd.arg("-serial")
+                    .arg(format!("file:{}", dir.join("serial.log").display()));
+            }
+        }
+        if cfg.random_ram && matches!(cfg.boot, Boot::HaltingFirmware) {
             let ram = match &cfg.ram_file {
                 Some(file) => file.clone(),
                 None => {
@@ -288,6 +321,12 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(vm)
+    }
+
+    /// Where the serial console goes with [`Boot::Linux`] (`serial.log` in the VM's
+    /// directory; QEMU creates it at start, and it stays empty until the guest prints).
+    pub fn serial_path(&self) -> PathBuf {
+        self.dir.join("serial.log")
     }
 
     /// The QEMU process id.

@@ -8,3 +8,4 @@ mod endurance;
 mod file;
 mod network;
 mod one_command;
+mod running_guest;

@@ -7,12 +7,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use qmigrate_qmp::{MigrationStatus, RunState};
-use support::proc::{run, Output, Proc};
+use support::proc::{run, Output};
 use support::qemu::{self, QemuBinary, Vm, VmConfig};
+use support::tunnel::server;
 
 const MEM_MIB: u64 = 128;
 const RUN: Duration = Duration::from_secs(120);
-const READY: Duration = Duration::from_secs(10);
 
 fn qemu10() -> Option<QemuBinary> {
     qemu::require(qemu::qemu10(), "QEMU 10")
@@ -38,24 +38,6 @@ fn pair(bin: &QemuBinary) -> Pair {
 
 fn path(p: &Path) -> String {
     p.display().to_string()
-}
-
-/// Starts `tunnel-server ARGS --listen 127.0.0.1:0` and returns it with its URL.
-async fn server(dir: &Path, args: &[String]) -> (Proc, String) {
-    let mut all = vec![
-        "tunnel-server".to_owned(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-    ];
-    all.extend(args.iter().cloned());
-    let mut server = Proc::spawn("tunnel-server", dir, &all);
-    let line = server.next_line(READY).await;
-    let url = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
-        .trim()
-        .to_owned();
-    (server, url)
 }
 
 async fn migrate(pair: &Pair, to: &str, extra: &[&str]) -> Output {

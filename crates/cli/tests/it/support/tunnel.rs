@@ -133,3 +133,22 @@ async fn start_client(dir: &Path, name: &str, url: &str, socket: &Path, extra: &
     );
     client
 }
+
+/// Starts `tunnel-server --listen 127.0.0.1:0 ARGS` (`--qmp PATH` or `--route`s: the server of
+/// `qmigrate migrate`) and returns it with the URL of its ready line.
+pub async fn server(dir: &Path, args: &[String]) -> (Proc, String) {
+    let mut all = vec![
+        "tunnel-server".to_owned(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    all.extend(args.iter().cloned());
+    let mut server = Proc::spawn("tunnel-server", dir, &all);
+    let line = server.next_line(READY).await;
+    let url = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected tunnel-server ready line {line:?}"))
+        .trim()
+        .to_owned();
+    (server, url)
+}

@@ -1,0 +1,445 @@
+//! Real Linux guests for migration tests: a Debian cloud kernel booting a busybox initramfs
+//! whose init runs the workload (`crates/testkit/guest/workload.c`), which dirties memory,
+//! writes checksummed records to a virtio-blk disk, verifies both, and prints heartbeats on the
+//! serial console.
+//!
+//! - [`image`]: the kernel and initramfs, built from Debian packages at test time and cached in
+//!   `target/guest/<key>/` ([`require`] skips or fails like [`crate::qemu::require`]).
+//! - [`serial`]: the serial log parsed, and [`serial::judge`], which decides from the two logs
+//!   whether the guest continued on the destination.
+//! - [`GuestPair`]: a source guest booted to its first heartbeats and a destination waiting
+//!   with `-incoming defer`, both on one qcow2 image (shared storage), and
+//!   [`GuestPair::assert_continued`] after the migration.
+//! - [`gate`]: running guests cost CPU (TCG), so guest tests take one of
+//!   `$QMIGRATE_GUEST_SLOTS` (default 1) slots, a file lock under `target/guest/` that holds
+//!   across threads and test binaries.
+//!
+//! Under TCG on the 2-core CI machine a guest boots to its first heartbeats in 4-7 s (more when
+//! other jobs keep both cores busy). The workload's reachable dirty rate depends on the CPU it
+//! gets: measured with a 32 MiB buffer, about 1000 MiB/s with its page checks on (`check_pages`)
+//! and 2200 MiB/s without on a lightly loaded machine (load 4), 200 and 460 MiB/s with the
+//! machine's load at 10. A rate the CPU cannot reach is dirtied as fast as it can, and the
+//! heartbeats keep coming (the dirtying yields to them; `dirtied=` shows what was reached);
+//! convergence tests that need 200 MiB/s should turn the checks off and look at `dirtied=`.
+
+pub mod image;
+pub mod serial;
+
+mod flock;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use qmigrate_qmp::{MigrationStatus, RunState};
+
+use crate::check;
+use crate::qemu::{Boot, QemuBinary, Vm, VmConfig};
+pub use image::{require, GuestImage};
+pub use serial::{Expect, Heartbeat, SerialLog, Verdict};
+
+/// The workload's parameters (its `wl.*` kernel command line words).
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// The buffer it dirties and verifies, in MiB.
+    pub buf_mib: u64,
+    /// MiB of pages rewritten per second (0: none; above what the CPU does, as fast as it can).
+    pub rate_mib_s: u64,
+    /// Milliseconds between heartbeats (each one also writes and verifies a disk record).
+    pub heartbeat_ms: u64,
+    /// Milliseconds for one complete scrub of the buffer.
+    pub sweep_ms: u64,
+    /// Verify each page before rewriting it (halves the reachable rate).
+    pub check_pages: bool,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            buf_mib: 32,
+            rate_mib_s: 8,
+            heartbeat_ms: 100,
+            sweep_ms: 1000,
+            check_pages: true,
+        }
+    }
+}
+
+impl Workload {
+    /// The kernel command line words.
+    pub fn cmdline(&self) -> String {
+        format!(
+            "wl.buf={} wl.rate={} wl.hb={} wl.sweep={} wl.check={} wl.disk=/dev/vda",
+            self.buf_mib,
+            self.rate_mib_s,
+            self.heartbeat_ms,
+            self.sweep_ms,
+            u8::from(self.check_pages)
+        )
+    }
+}
+
+/// How to start a guest pair.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// What the workload does.
+    pub workload: Workload,
+    /// The shared disk's size in MiB (the workload uses up to 16 MiB of it).
+    pub disk_mib: u64,
+    /// Start the destination with `-S`, so that it runs only after a `cont` (without it, QEMU
+    /// starts the guest itself when the migration completes, or when postcopy begins).
+    pub destination_paused: bool,
+    /// The longest wait for the source to boot and print its first heartbeats.
+    pub boot_limit: Duration,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            mem_mib: 128,
+            workload: Workload::default(),
+            disk_mib: 16,
+            destination_paused: true,
+            boot_limit: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A slot of the guest gate (see the module doc); released on drop.
+#[derive(Debug)]
+pub struct Gate {
+    _file: File,
+    /// Which slot.
+    pub slot: usize,
+    /// How long it took to get it.
+    pub waited: Duration,
+}
+
+/// Takes a slot of the guest gate, waiting (at most 20 min) for one to be free.
+pub async fn gate() -> Gate {
+    let slots: usize = std::env::var("QMIGRATE_GUEST_SLOTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1);
+    let root = image::cache_root();
+    std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("{}: {e}", root.display()));
+    let files: Vec<File> = (0..slots)
+        .map(|i| {
+            let path = root.join(format!("gate-{i}.lock"));
+            File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .collect();
+    let start = Instant::now();
+    let limit = Duration::from_secs(20 * 60);
+    loop {
+        for (slot, file) in files.iter().enumerate() {
+            match flock::try_lock_exclusive(file) {
+                Ok(true) => {
+                    let file = file.try_clone().expect("dup the gate's lock file");
+                    return Gate {
+                        _file: file,
+                        slot,
+                        waited: start.elapsed(),
+                    };
+                }
+                Ok(false) => {}
+                Err(e) => panic!("locking the guest gate: {e}"),
+            }
+        }
+        assert!(
+            start.elapsed() < limit,
+            "no guest slot free after {limit:?} (QMIGRATE_GUEST_SLOTS={slots})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A guest's QEMU: a [`Vm`] booting the guest image, its serial console in a file.
+#[derive(Debug)]
+pub struct GuestVm {
+    /// The QEMU (killed on drop).
+    pub vm: Vm,
+    /// "source" or "destination", for messages.
+    pub name: &'static str,
+}
+
+impl GuestVm {
+    /// Starts QEMU on `img` with `disk` as its virtio-blk disk (`-incoming defer` when
+    /// `incoming`, and then `-S` with `cfg.destination_paused`). Returns once QMP listens; a
+    /// source still boots (see [`GuestVm::wait_ready`]).
+    pub fn start(
+        bin: &QemuBinary,
+        img: &GuestImage,
+        cfg: &GuestConfig,
+        disk: &Path,
+        incoming: bool,
+    ) -> std::io::Result<GuestVm> {
+        let mut extra = vec![
+            "-smp".to_owned(),
+            "1".into(),
+            "-blockdev".into(),
+            format!("driver=file,filename={},node-name=file0", disk.display()),
+            "-blockdev".into(),
+            "driver=qcow2,file=file0,node-name=disk0".into(),
+            "-device".into(),
+            "virtio-blk-pci,drive=disk0,id=vblk0".into(),
+        ];
+        if incoming && cfg.destination_paused {
+            extra.push("-S".into());
+        }
+        let vm = Vm::start(
+            bin,
+            &VmConfig {
+                mem_mib: cfg.mem_mib,
+                random_ram: false,
+                incoming_defer: incoming,
+                extra_args: extra,
+                boot: Boot::Linux {
+                    kernel: img.kernel.clone(),
+                    initrd: img.initrd.clone(),
+                    append: format!("console=ttyS0 panic=-1 quiet {}", cfg.workload.cmdline()),
+                },
+                ..VmConfig::default()
+            },
+        )?;
+        Ok(GuestVm {
+            vm,
+            name: if incoming { "destination" } else { "source" },
+        })
+    }
+
+    /// The QMP socket.
+    pub fn qmp_path(&self) -> &Path {
+        &self.vm.qmp_path
+    }
+
+    /// The serial console's file.
+    pub fn serial_path(&self) -> PathBuf {
+        self.vm.serial_path()
+    }
+
+    /// The serial console so far, parsed.
+    pub fn serial(&self) -> SerialLog {
+        SerialLog::read(&self.serial_path())
+    }
+
+    /// The serial log's tail and QEMU's own output, for failure messages.
+    pub fn report(&self) -> String {
+        format!(
+            "--- {0} serial (last lines)\n{1}\n--- {0} QEMU log\n{2}",
+            self.name,
+            self.serial().tail(15),
+            self.vm.log()
+        )
+    }
+
+    /// Waits (at most `limit`) for `GUEST-READY` and `heartbeats` heartbeats; an error says
+    /// why (QEMU exited, the guest reported a failure, or the time ran out) with the logs.
+    pub async fn wait_ready(&mut self, limit: Duration, heartbeats: usize) -> Result<(), String> {
+        let until = Instant::now() + limit;
+        loop {
+            let log = self.serial();
+            if let Some(line) = log.failures.first() {
+                return Err(format!("the guest reported: {line}\n{}", self.report()));
+            }
+            if log.ready > 0 && log.heartbeats.len() >= heartbeats {
+                return Ok(());
+            }
+            if !self.vm.is_alive() {
+                return Err(format!("QEMU exited while booting\n{}", self.report()));
+            }
+            if Instant::now() > until {
+                return Err(format!(
+                    "no GUEST-READY and {heartbeats} heartbeats within {limit:?}\n{}",
+                    self.report()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A qcow2 image of `mib` MiB made with `qemu-img create` (panics with its output).
+pub fn create_disk(path: &Path, mib: u64) {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(format!("{mib}M"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-img: {e}"));
+    assert!(
+        out.status.success(),
+        "qemu-img create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A running source guest and a destination waiting for it (`-incoming defer`), on one disk
+/// image (shared storage: the destination opens it inactive and takes its lock only when the
+/// migration hands the guest over). Holds a slot of the [`gate`]; both QEMUs die on drop.
+#[derive(Debug)]
+pub struct GuestPair {
+    /// The source, running the workload.
+    pub src: GuestVm,
+    /// The destination, `-incoming defer` (and `-S` as configured).
+    pub dst: GuestVm,
+    /// The shared qcow2 image.
+    pub disk: PathBuf,
+    /// How long the source took from start to its first heartbeats.
+    pub boot_time: Duration,
+    dir: tempfile::TempDir,
+    _gate: Gate,
+}
+
+impl GuestPair {
+    /// Takes a gate slot, makes the disk, boots the source to its third heartbeat and starts
+    /// the destination; panics with the logs when any of it fails.
+    pub async fn start(bin: &QemuBinary, img: &GuestImage, cfg: &GuestConfig) -> GuestPair {
+        let gate = gate().await;
+        let dir = tempfile::Builder::new()
+            .prefix("qmigrate-guest-")
+            .tempdir()
+            .expect("tempdir");
+        let disk = dir.path().join("disk.qcow2");
+        create_disk(&disk, cfg.disk_mib);
+        let started = Instant::now();
+        let mut src = GuestVm::start(bin, img, cfg, &disk, false).expect("start the source guest");
+        if let Err(why) = src.wait_ready(cfg.boot_limit, 3).await {
+            panic!("the source guest did not come up: {why}");
+        }
+        let boot_time = started.elapsed();
+        let dst =
+            GuestVm::start(bin, img, cfg, &disk, true).expect("start the destination guest's QEMU");
+        GuestPair {
+            src,
+            dst,
+            disk,
+            boot_time,
+            dir,
+            _gate: gate,
+        }
+    }
+
+    /// The pair's temp dir (for sockets, logs, certificates).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Both serial tails and QEMU logs.
+    pub fn report(&self) -> String {
+        format!("{}\n{}", self.src.report(), self.dst.report())
+    }
+
+    /// After a migration (no qmigrate holding either QMP socket): the source is paused in
+    /// `postmigrate`, the destination's migration completed and its guest runs, and within
+    /// `limit` the destination's serial log shows the guest continued (see
+    /// [`serial::judge`] with `expect`). Panics with both logs otherwise.
+    pub async fn assert_continued(&self, expect: Expect, limit: Duration) -> Verdict {
+        let fail = |why: String| -> ! { panic!("{why}\n{}", self.report()) };
+        let src = check::try_qmp(self.src.qmp_path())
+            .await
+            .unwrap_or_else(|e| fail(format!("source: {e}")));
+        let (state, _) = check::vm_state(&src).await;
+        if state != RunState::Postmigrate {
+            fail(format!("the source is {state:?}, not postmigrate"));
+        }
+        drop(src);
+        let dst = check::try_qmp(self.dst.qmp_path())
+            .await
+            .unwrap_or_else(|e| fail(format!("destination: {e}")));
+        let status = check::wait_for_migration(&dst, Duration::from_secs(60)).await;
+        if status != MigrationStatus::Completed {
+            fail(format!("the destination's migration is {status:?}"));
+        }
+        let (state, running) = check::vm_state(&dst).await;
+        if !running {
+            fail(format!(
+                "the destination guest does not run: {state:?} (was it started with cont?)"
+            ));
+        }
+        drop(dst);
+        let until = Instant::now() + limit;
+        loop {
+            let verdict = serial::judge(&self.src.serial(), &self.dst.serial(), expect);
+            match verdict {
+                Verdict::Continued { .. } => return verdict,
+                Verdict::Broken(why) => fail(format!("the guest did not continue: {why}")),
+                Verdict::Pending(why) if Instant::now() > until => {
+                    fail(format!("after {limit:?}: {why}"))
+                }
+                Verdict::Pending(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds the workload for this host (as the image does, warnings as errors) and runs it
+    /// for a second against a file as its disk; `None` when gcc or static glibc is not there.
+    fn run_on_host(args: &[&str]) -> Option<SerialLog> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src, bin, disk) = (
+            dir.path().join("workload.c"),
+            dir.path().join("workload"),
+            dir.path().join("disk"),
+        );
+        std::fs::write(&src, image::WORKLOAD_C).expect("write workload.c");
+        let built = Command::new("gcc")
+            .args(["-O2", "-static", "-Wall", "-Werror", "-o"])
+            .arg(&bin)
+            .arg(&src)
+            .output();
+        let built = match built {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("skipping: no gcc");
+                return None;
+            }
+            Err(e) => panic!("cannot run gcc: {e}"),
+        };
+        let errors = String::from_utf8_lossy(&built.stderr);
+        if errors.contains("cannot find -lc") {
+            eprintln!("skipping: no static glibc (libc6-dev)");
+            return None;
+        }
+        assert!(built.status.success(), "gcc: {errors}");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk file");
+        let out = Command::new(&bin)
+            .arg(format!("wl.disk={}", disk.display()))
+            .args(["wl.buf=4", "wl.rate=64", "wl.sweep=200", "wl.run=1"])
+            .args(args)
+            .output()
+            .expect("run the workload");
+        Some(SerialLog::parse(&String::from_utf8_lossy(&out.stdout)))
+    }
+
+    #[test]
+    fn the_workload_runs_clean_and_catches_damage() {
+        let Some(clean) = run_on_host(&[]) else {
+            return;
+        };
+        assert!(clean.failures.is_empty(), "{:?}", clean.failures);
+        let last = clean.last().expect("heartbeats");
+        assert!(
+            last.n >= 8 && last.sweeps >= 3 && last.records >= 8,
+            "{last:?}"
+        );
+        assert!(last.dirtied_mib >= 32, "64 MiB/s for 1 s: {last:?}");
+
+        let Some(damaged) = run_on_host(&["wl.inject=300"]) else {
+            return;
+        };
+        let fails = damaged.failures.join("\n");
+        assert!(
+            fails.contains("FAIL buffer") && fails.contains("FAIL disk: record"),
+            "{fails}"
+        );
+    }
+}
