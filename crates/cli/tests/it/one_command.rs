@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use qmigrate_qmp::{MigrationStatus, RunState};
-use support::proc::{run, Output};
+use support::proc::{run, Output, Proc};
 use support::qemu::{self, QemuBinary, Vm, VmConfig};
 use support::tunnel::server;
 
