@@ -151,7 +151,10 @@ pub(crate) fn show(event: SessionEvent<'_>, json: bool) {
                 eprintln!("destination ready (QEMU {qemu}) at {server}, {path}");
             }
         }
-        SessionEvent::VerdictLost(e) => eprintln!("destination: {e:#}"),
+        SessionEvent::VerdictLost(e) => eprintln!(
+            "destination: no verdict ({e:#}); if the source completed, the guest is on the \
+             destination: check it there (QMP query-status; `cont` if it is paused)"
+        ),
         SessionEvent::Verdict(verdict) => {
             if json {
                 JsonEvent::Destination {

@@ -208,3 +208,310 @@ async fn link_down_tls() {
 async fn link_down_wss() {
     link_down_mid_precopy("wss", false).await;
 }
+
+/// A halting guest's migration in postcopy through a server in `ns`: the server, with the
+/// short dead-peer timeout these tests use so that a cut kills the connections quickly.
+struct PostcopyRig {
+    _dir: tempfile::TempDir,
+    src: Vm,
+    dst: Vm,
+    srv: Proc,
+    url: String,
+    client: Vec<String>,
+    d: std::path::PathBuf,
+}
+
+/// The dead-peer timeout of the postcopy tests: the link stays down well beyond it, so that
+/// the connections die and both QEMUs pause (a short outage is absorbed by TCP).
+const DEAD_PEER: &str = "5s";
+
+async fn postcopy_rig(bin: &QemuBinary, ns: &NetNs, scheme: &'static str) -> PostcopyRig {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_owned();
+    let src = Vm::start(
+        bin,
+        &VmConfig {
+            mem_mib: MEM_MIB,
+            ..VmConfig::default()
+        },
+    )
+    .expect("start the source QEMU");
+    let dst_qmp = d.join("dst.qmp");
+    let dst = destination(bin, &dst_qmp);
+    let s = setup(&d, scheme, ns.addr());
+    let mut args = vec![
+        "tunnel-server".to_owned(),
+        "--listen".into(),
+        format!("{scheme}://{}:0", ns.addr()),
+        "--qmp".into(),
+        path(&dst_qmp),
+        "--dead-peer-timeout".into(),
+        DEAD_PEER.into(),
+    ];
+    args.extend(s.server.iter().cloned());
+    let mut srv = Proc::spawn_wrapped("tunnel-server", &d, &ns.command("env"), &args);
+    let line = srv.next_line(READY).await;
+    let url = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
+        .trim()
+        .to_owned();
+    let mut client = s.client.clone();
+    client.extend(["--dead-peer-timeout".into(), DEAD_PEER.into()]);
+    PostcopyRig {
+        _dir: dir,
+        src,
+        dst,
+        srv,
+        url,
+        client,
+        d,
+    }
+}
+
+impl PostcopyRig {
+    /// `migrate --postcopy=0` capped at [`BANDWIDTH`] (which holds in postcopy too), started.
+    fn start(&self, recover_timeout: &str) -> Proc {
+        let mut args = vec![
+            "migrate".to_owned(),
+            "--qmp".into(),
+            path(&self.src.qmp_path),
+            "--to".into(),
+            self.url.clone(),
+            "--postcopy=0".into(),
+            "--max-bandwidth".into(),
+            BANDWIDTH.into(),
+            "--recover-timeout".into(),
+            recover_timeout.into(),
+        ];
+        args.extend(self.client.iter().cloned());
+        Proc::spawn("migrate", &self.d, &args)
+    }
+
+    /// Both completed, the source in postmigrate, and the destination's RAM the source's.
+    async fn verify(&self) {
+        let src = support::qmp(&self.src.qmp_path).await;
+        let dst = support::qmp(&self.dst.qmp_path).await;
+        assert_eq!(
+            support::migration_status(&src).await.0,
+            MigrationStatus::Completed
+        );
+        assert_eq!(
+            support::migration_status(&dst).await.0,
+            MigrationStatus::Completed
+        );
+        assert_eq!(support::vm_state(&src).await.0, RunState::Postmigrate);
+        let a = support::ram_sha256(&src, MEM_MIB, &self.d.join("src.ram")).await;
+        let b = support::ram_sha256(&dst, MEM_MIB, &self.d.join("dst.ram")).await;
+        assert_eq!(a, b, "destination RAM differs from the source's");
+    }
+}
+
+/// Waits until `path`'s QEMU reports `want` (the QMP socket may still be held for a moment by
+/// the tunnel-server's session).
+async fn wait_status(path: &Path, want: MigrationStatus, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(qmp) = support::try_qmp(path).await {
+            let status = support::migration_status(&qmp).await.0;
+            if status == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "status {status:?}, not {want:?}");
+        }
+        assert!(Instant::now() < deadline, "QMP {} busy", path.display());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Postcopy, the link down for three dead-peer timeouts: both QEMUs pause, `migrate`
+/// reconnects once the link is back, resumes, and the destination's RAM is the source's.
+async fn postcopy_recovers(scheme: &'static str) {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let rig = postcopy_rig(&bin, &ns, scheme).await;
+    let mut mig = rig.start("3m");
+    // At 8 MiB/s the 256 MiB take half a minute; postcopy starts after the first pass is
+    // under way.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ns.link_down();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    ns.link_up();
+    let (status, _) = mig.wait(Duration::from_secs(240)).await;
+    let err = mig.stderr();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{err}\nserver:\n{}",
+        rig.srv.stderr()
+    );
+    assert!(err.contains("postcopy paused"), "no pause seen:\n{err}");
+    assert!(err.contains("resuming the migration"), "{err}");
+    rig.verify().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_recovers_direct() {
+    postcopy_recovers("tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_recovers_ws() {
+    postcopy_recovers("ws").await;
+}
+
+/// Postcopy with the link down longer than `--recover-timeout`: `migrate` exits 1 and says
+/// to run `qmigrate recover`, both QEMUs are left paused (not killed); once the link is back,
+/// `qmigrate recover` completes the migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_given_up_then_recover_command() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let mut mig = rig.start("5s");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ns.link_down();
+    let (status, _) = mig.wait(Duration::from_secs(120)).await;
+    let err = mig.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("qmigrate recover"), "{err}");
+    wait_status(
+        &rig.src.qmp_path,
+        MigrationStatus::PostcopyPaused,
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_status(
+        &rig.dst.qmp_path,
+        MigrationStatus::PostcopyPaused,
+        Duration::from_secs(60),
+    )
+    .await;
+    ns.link_up();
+
+    let mut args = vec![
+        "recover".to_owned(),
+        "--qmp".into(),
+        path(&rig.src.qmp_path),
+        "--to".into(),
+        rig.url.clone(),
+    ];
+    args.extend(rig.client.iter().cloned());
+    let out = run(&args, Duration::from_secs(240)).await;
+    assert!(
+        out.status.success(),
+        "recover:\n{}\nserver:\n{}",
+        out.stderr,
+        rig.srv.stderr()
+    );
+    rig.verify().await;
+
+    // Nothing left to recover: a usage error, and nothing touched.
+    let again = run(&args, Duration::from_secs(60)).await;
+    assert_eq!(again.status.code(), Some(2), "{}", again.stderr);
+    assert!(
+        again.stderr.contains("nothing to recover"),
+        "{}",
+        again.stderr
+    );
+}
+
+/// Restarts the rig's tunnel-server on the same address (a crash and a restart by systemd).
+async fn restart_server(rig: &mut PostcopyRig, ns: &NetNs) {
+    rig.srv.kill().await;
+    let listen = rig.url.trim_end_matches('/').to_owned();
+    let s = setup(&rig.d, "tcp", ns.addr());
+    let mut args = vec![
+        "tunnel-server".to_owned(),
+        "--listen".into(),
+        listen,
+        "--qmp".into(),
+        path(&rig.dst.qmp_path),
+        "--dead-peer-timeout".into(),
+        DEAD_PEER.into(),
+    ];
+    args.extend(s.server.iter().cloned());
+    rig.srv = Proc::spawn_wrapped("tunnel-server-2", &rig.d, &ns.command("env"), &args);
+    let line = rig.srv.next_line(READY).await;
+    assert!(line.starts_with("listening on "), "{line}");
+}
+
+/// The tunnel-server killed during postcopy and started again: the migration (relayed: on the
+/// direct data path the QEMUs hold the connection and a server's death does not touch it)
+/// recovers through the new process and completes, RAM identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restarted_during_postcopy() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let mut rig = postcopy_rig(&bin, &ns, "tcp").await;
+    rig.client.push("--relay".into());
+    let mut mig = rig.start("3m");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    restart_server(&mut rig, &ns).await;
+    let (status, _) = mig.wait(Duration::from_secs(240)).await;
+    let err = mig.stderr();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{err}\nserver:\n{}",
+        rig.srv.stderr()
+    );
+    assert!(err.contains("postcopy paused"), "no pause seen:\n{err}");
+    rig.verify().await;
+}
+
+/// The tunnel-server killed mid-precopy (relayed): `migrate` fails at once (the connections
+/// are reset), the source runs on, and after a restart the next migration to a fresh
+/// destination works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_precopy() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let mut rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let mut args = vec![
+        "migrate".to_owned(),
+        "--qmp".into(),
+        path(&rig.src.qmp_path),
+        "--to".into(),
+        rig.url.clone(),
+        "--max-bandwidth".into(),
+        BANDWIDTH.into(),
+        "--relay".into(),
+    ];
+    args.extend(rig.client.iter().cloned());
+    let mut mig = Proc::spawn("migrate", &rig.d, &args);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    rig.srv.kill().await;
+    let killed = Instant::now();
+    let (status, _) = mig.wait(GIVE_UP + Duration::from_secs(30)).await;
+    let err = mig.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(killed.elapsed() < GIVE_UP, "{:?}:\n{err}", killed.elapsed());
+    let qmp = support::qmp(&rig.src.qmp_path).await;
+    assert_eq!(support::vm_state(&qmp).await.0, RunState::Running, "{err}");
+    drop(qmp);
+
+    drop(std::mem::replace(
+        &mut rig.dst,
+        destination(&bin, &rig.d.join("dst.qmp")),
+    ));
+    restart_server(&mut rig, &ns).await;
+    args.retain(|a| a != BANDWIDTH && a != "--max-bandwidth");
+    let out = run(&args, Duration::from_secs(120)).await;
+    assert!(
+        out.status.success(),
+        "{}\nserver:\n{}",
+        out.stderr,
+        rig.srv.stderr()
+    );
+    let qmp = support::qmp(&rig.src.qmp_path).await;
+    assert_eq!(support::vm_state(&qmp).await.0, RunState::Postmigrate);
+}
