@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::dirtying::{write_dirtying_firmware, DirtyConfig};
+
 /// A QEMU binary and what it needs to run.
 #[derive(Debug, Clone)]
 pub struct QemuBinary {
@@ -134,6 +136,10 @@ pub struct VmConfig {
     /// path outlives the VM: the next VM started there takes it over, as a tunnel-server's
     /// `--route` expects.
     pub qmp_path: Option<PathBuf>,
+    /// Boot the dirtying firmware ([`crate::dirtying`]) instead of the halting one.
+    pub dirtying: Option<DirtyConfig>,
+    /// The accelerator (`kvm`, `tcg`); default: KVM where it works, else TCG.
+    pub accel: Option<String>,
 }
 
 impl Default for VmConfig {
@@ -147,6 +153,8 @@ impl Default for VmConfig {
             ram_file: None,
             temp_in: None,
             qmp_path: None,
+            dirtying: None,
+            accel: None,
         }
     }
 }
@@ -212,7 +220,10 @@ impl Vm {
         };
         let dir = tmp.path().to_path_buf();
         let fw = dir.join("fw.bin");
-        write_firmware(&fw)?;
+        match &cfg.dirtying {
+            Some(d) => write_dirtying_firmware(&fw, d)?,
+            None => write_firmware(&fw)?,
+        }
         let qmp_path = cfg.qmp_path.clone().unwrap_or_else(|| dir.join("qmp.sock"));
         let log_path = dir.join("qemu.log");
         let log = File::create(&log_path)?;
@@ -221,15 +232,11 @@ impl Vm {
         if let Some(d) = &bin.data_dir {
             cmd.arg("-L").arg(d);
         }
-        cmd.args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-accel",
-            "kvm",
-            "-accel",
-            "tcg",
-        ]);
+        cmd.args(["-nodefaults", "-display", "none"]);
+        match &cfg.accel {
+            Some(accel) => cmd.arg("-accel").arg(accel),
+            None => cmd.args(["-accel", "kvm", "-accel", "tcg"]),
+        };
         cmd.arg("-bios").arg(&fw);
         if cfg.random_ram {
             let ram = match &cfg.ram_file {
