@@ -14,7 +14,9 @@
 //!   `migrate-start-postcopy` once the first pass is done (`dirty-sync-count` > 1).
 //! - **qmigrate**: a `tunnel-server --once --qmp` for the destination and `qmigrate migrate
 //!   --to tcp://... --max-bandwidth ... --timeout LIMIT` with `--auto-converge`,
-//!   `--postcopy=1` or `--multifd 4`.
+//!   `--postcopy=1` or `--multifd 4`. With one channel that is the direct data path (both
+//!   QEMUs take the tunnel connection over; `--relay` relays it instead); multifd's channels
+//!   always go through qmigrate's relay.
 //!
 //! A migration that has not ended after `--limit` is cancelled (`migrate_cancel`, or
 //! qmigrate's own `--timeout`) and counts as not completed. Every figure comes from the source
@@ -76,6 +78,11 @@ pub struct Args {
     /// Give up on a migration after this many seconds: cancel it and record "not completed".
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     limit: u64,
+
+    /// qmigrate runs relay the stream (`migrate --relay`) even where the direct data path
+    /// would do (single-channel TCP: both QEMUs take the tunnel connection over).
+    #[arg(long)]
+    relay: bool,
 
     /// The accelerator (kvm, tcg); default: KVM where it works, else TCG.
     #[arg(long, value_name = "ACCEL")]
@@ -180,6 +187,7 @@ struct Env<'a> {
     max_bandwidth: u64,
     limit: Duration,
     accel: Option<&'a str>,
+    relay: bool,
 }
 
 const POLL: Duration = Duration::from_millis(100);
@@ -225,6 +233,7 @@ pub fn run(mut args: Args) -> anyhow::Result<bool> {
         max_bandwidth: args.max_bandwidth,
         limit: Duration::from_secs(args.limit),
         accel: args.accel.as_deref(),
+        relay: args.relay,
     };
 
     let mut cells = Vec::new();
@@ -555,6 +564,9 @@ fn through_qmigrate(
         Strategy::Postcopy => a.push("--postcopy=1".into()),
         Strategy::Multifd4 => a.extend(["--multifd".into(), "4".into()]),
     }
+    if env.relay {
+        a.push("--relay".into());
+    }
     let mut migrate = Proc::spawn("migrate", dir, env.qmigrate, &a)?;
     let mut sample = Sample::default();
     let mut summary = None;
@@ -737,13 +749,18 @@ fn report(args: &Args, env: &Env<'_>, cells: &[Cell], samples: &[Vec<Sample>]) {
          MiB/s, limit {} s, QEMU {}; medians of {} runs (range in brackets); total s and \
          downtime over the completed runs; passes = dirty-sync-count, moved = ram.transferred, \
          wall = from the first QMP command or the start of qmigrate to the end, dirty = the \
-         highest dirty-pages-rate QEMU reported\n",
+         highest dirty-pages-rate QEMU reported{}\n",
         env.mib,
         env.region_mib,
         env.max_bandwidth >> 20,
         env.limit.as_secs(),
         qemu_version(&args.qemu),
-        args.common.reps
+        args.common.reps,
+        if env.relay {
+            "; qmigrate with --relay"
+        } else {
+            ""
+        }
     );
     print!("{}", t.render());
     verdict(cells, samples);
