@@ -21,8 +21,10 @@
 //! A migration that has not ended after `--limit` is cancelled (`migrate_cancel`, or
 //! qmigrate's own `--timeout`) and counts as not completed. Every figure comes from the source
 //! QEMU's `query-migrate` (qmigrate's `--json` summary carries the same): total time,
-//! downtime, passes (`dirty-sync-count`), bytes moved (`ram.transferred`), the highest
-//! `dirty-pages-rate` it reported. After a completed migration the destination's pass counter
+//! downtime, passes (`dirty-sync-count`), bytes moved (`ram.transferred`). A second QMP
+//! monitor on the source is polled every 100 ms the same way for both drivers: the highest
+//! `dirty-pages-rate` and `cpu-throttle-percentage`, and `remaining`, `mbps` and
+//! `expected-downtime` in the last poll before the switch-over. After a completed migration the destination's pass counter
 //! must advance: the guest runs there.
 
 use std::path::{Path, PathBuf};
@@ -161,10 +163,24 @@ struct Sample {
     transferred: u64,
     /// The highest `dirty-pages-rate` QEMU reported, in MiB/s.
     dirty_mib_s: f64,
-    /// The highest `cpu-throttle-percentage` (QEMU alone only; qmigrate does not report it).
+    /// The highest `cpu-throttle-percentage`.
     throttle: Option<u64>,
+    /// The last precopy `query-migrate` before the switch-over (postcopy's or the final one).
+    last_active: Option<LastActive>,
     /// The guest's pass counter advanced on the destination (only checked when completed).
     dest_ran: bool,
+}
+
+/// What QEMU reported in the last poll of the `active` (precopy) state: where it stood when it
+/// decided to switch over.
+#[derive(Debug, Clone, Copy, Default)]
+struct LastActive {
+    /// `ram.remaining`, bytes.
+    remaining: u64,
+    /// `ram.mbps`, QEMU's throughput estimate in megabits per second.
+    mbps: f64,
+    /// `expected-downtime`, ms.
+    expected_downtime: u64,
 }
 
 /// One cell of the table: a rate, a strategy, a driver.
@@ -280,7 +296,13 @@ pub fn run(mut args: Args) -> anyhow::Result<bool> {
                         s.passes,
                         s.transferred >> 20,
                         s.dirty_mib_s,
-                        s.throttle.map_or(String::new(), |t| format!("  throttle {t}%")),
+                        s.throttle.map_or(String::new(), |t| format!("  throttle {t}%"))
+                            + &s.last_active.map_or(String::new(), |l| format!(
+                                "  at switch-over: {:.1} MiB left, {:.0} Mbit/s, expected {} ms",
+                                l.remaining as f64 / 1048576.0,
+                                l.mbps,
+                                l.expected_downtime
+                            )),
                         match (s.completed, s.dest_ran) {
                             (true, false) => "  GUEST NOT RUNNING ON THE DESTINATION",
                             _ => "",
@@ -301,7 +323,12 @@ pub fn run(mut args: Args) -> anyhow::Result<bool> {
     Ok(all_ok)
 }
 
-/// Starts the source (random RAM, dirtying at `rate`) and the destination (`-incoming defer`,
+/// The source's second QMP monitor, for [`Watch`].
+fn watch_path(dir: &Path) -> PathBuf {
+    dir.join("source-watch.qmp")
+}
+
+/// Starts the source (random RAM, dirtying at `rate`, a second QMP monitor for the watch) and the destination (`-incoming defer`,
 /// anonymous RAM, the same firmware and accelerator), QMP sockets in `dir`.
 fn start_pair(env: &Env<'_>, dir: &Path, rate: f64) -> anyhow::Result<(Vm, Vm)> {
     let dirty = DirtyConfig {
@@ -319,6 +346,10 @@ fn start_pair(env: &Env<'_>, dir: &Path, rate: f64) -> anyhow::Result<(Vm, Vm)> 
         VmConfig {
             mem_mib: env.mib,
             ram_file: Some(env.ram.to_owned()),
+            extra_args: vec![
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", watch_path(dir).display()),
+            ],
             ..VmConfig::default()
         },
         "source",
@@ -338,11 +369,13 @@ fn run_once(
     let (src, dst) = start_pair(env, dir, cell.rate)?;
     // Let the guest get going (and its clock settle) before the migration starts.
     std::thread::sleep(Duration::from_millis(500));
-    let mut sample = match cell.via {
+    let watch = Watch::start(watch_path(dir));
+    let sample = match cell.via {
         Via::Qemu => rt.block_on(qemu_alone(cell.strategy, env, &src.qmp_path, &dst.qmp_path)),
         Via::Qmigrate => through_qmigrate(cell.strategy, env, dir, &src.qmp_path, &dst.qmp_path),
-    }
-    .with_context(|| format!("destination QEMU's log:\n{}", dst.log()))?;
+    };
+    let mut sample = sample.with_context(|| format!("destination QEMU's log:\n{}", dst.log()))?;
+    watch.finish(&mut sample)?;
     if sample.completed {
         sample.dest_ran = rt.block_on(guest_runs(&dst.qmp_path))?;
     }
@@ -443,7 +476,6 @@ async fn qemu_alone(
         tokio::time::sleep(POLL).await;
         let info = src.execute(&QueryMigrate).await.context("query-migrate")?;
         let status = info.status.unwrap_or(MigrationStatus::None);
-        observe(&mut sample, &info);
         if postcopy
             && !postcopy_requested
             && status == MigrationStatus::Active
@@ -505,13 +537,67 @@ async fn qemu_alone(
     Ok(sample)
 }
 
-/// Keeps the highest dirty rate and throttle `query-migrate` reported.
+/// Keeps the highest dirty rate and throttle `query-migrate` reported, and the last precopy
+/// figures.
 fn observe(sample: &mut Sample, info: &MigrationInfo) {
     if let Some(rate) = info.ram.as_ref().and_then(|r| r.dirty_pages_rate) {
         sample.dirty_mib_s = sample.dirty_mib_s.max(pages_to_mib(rate));
     }
     if let Some(pct) = info.cpu_throttle_percentage {
         sample.throttle = Some(sample.throttle.unwrap_or(0).max(pct));
+    }
+    if let (Some(MigrationStatus::Active), Some(ram)) = (info.status, &info.ram) {
+        sample.last_active = Some(LastActive {
+            remaining: ram.remaining.unwrap_or(0),
+            mbps: ram.mbps.unwrap_or(0.0),
+            expected_downtime: info.expected_downtime.unwrap_or(0),
+        });
+    }
+}
+
+/// Polls the source's second QMP monitor every [`POLL`] for [`observe`], in a thread of its
+/// own, until told to stop: the same watch whoever drives the migration on the first monitor.
+struct Watch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<Sample>>,
+}
+
+impl Watch {
+    fn start(path: PathBuf) -> Watch {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let q = connect(&path).await?;
+                let mut seen = Sample::default();
+                while !flag.load(Ordering::Relaxed) {
+                    if let Ok(info) = q.execute(&QueryMigrate).await {
+                        observe(&mut seen, &info);
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+                q.close().await;
+                Ok(seen)
+            })
+        });
+        Watch { stop, thread }
+    }
+
+    /// Stops the watch and puts what it saw into `sample`.
+    fn finish(self, sample: &mut Sample) -> anyhow::Result<()> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let seen = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the watch thread panicked"))??;
+        sample.dirty_mib_s = seen.dirty_mib_s;
+        sample.throttle = seen.throttle;
+        sample.last_active = seen.last_active;
+        Ok(())
     }
 }
 
@@ -574,14 +660,8 @@ fn through_qmigrate(
         let Ok(v) = serde_json::from_str::<Value>(&line) else {
             continue;
         };
-        match v["type"].as_str() {
-            Some("progress") => {
-                if let Some(rate) = v["dirty_pages_rate"].as_u64() {
-                    sample.dirty_mib_s = sample.dirty_mib_s.max(pages_to_mib(rate));
-                }
-            }
-            Some("summary") => summary = Some(v),
-            _ => {}
+        if v["type"] == "summary" {
+            summary = Some(v);
         }
     }
     let usage = migrate.wait(env.limit + Duration::from_secs(60))?;
@@ -687,6 +767,11 @@ fn report(args: &Args, env: &Env<'_>, cells: &[Cell], samples: &[Vec<Sample>]) {
                         "transferred": s.transferred,
                         "dirty_mib_s": s.dirty_mib_s,
                         "throttle_pct": s.throttle,
+                        "last_active": s.last_active.map(|l| json!({
+                            "remaining": l.remaining,
+                            "mbps": l.mbps,
+                            "expected_downtime_ms": l.expected_downtime,
+                        })),
                         "dest_ran": s.dest_ran,
                     })).collect::<Vec<_>>(),
                 })
