@@ -19,10 +19,15 @@
 //! multifd) through `qmigrate send` and `receive`, next to the disk's own sequential speed
 //! measured with `dd` in the same run, and verifies the restored RAM.
 //!
+//! `converge` migrates a guest that dirties its RAM at a paced rate (0 to above the link's
+//! `max-bandwidth`) with precopy, auto-converge, postcopy and multifd, through QEMU alone and
+//! through `qmigrate migrate`, and tells which complete, in how long, with what downtime.
+//!
 //! Exit codes: 0 every run delivered intact data, 1 a run failed or delivered wrong data,
 //! 2 usage error.
 
 mod common;
+mod converge;
 mod endurance;
 mod migrate;
 mod relay;
@@ -54,6 +59,9 @@ enum Command {
     /// Save to a file and restore (plain and mapped-ram): GB/s next to the disk's own speed
     /// (dd with O_DIRECT), restored RAM verified identical.
     Save(save::Args),
+    /// A guest dirtying its RAM at set rates against the link: precopy, auto-converge,
+    /// postcopy and multifd 4, through QEMU alone and through qmigrate.
+    Converge(converge::Args),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +71,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate::run(args),
         Command::Save(args) => save::run(args),
         Command::Endurance(args) => endurance::run(args),
+        Command::Converge(args) => converge::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -5,6 +5,8 @@
 //! - [`qemu`]: find QEMU (10 and the old 7.2), with the `CI=true` rule that turns a missing
 //!   QEMU into a failure instead of a skip; [`qemu::Vm`], a QEMU with a QMP socket in its own
 //!   temp dir, killed on drop; the halting firmware and random guest RAM it boots with.
+//! - [`dirtying`]: a firmware that dirties a region of guest RAM at a paced rate and counts
+//!   its passes, for convergence tests and the `converge` benchmark.
 //! - [`ram`]: the guest's RAM dumped with `pmemsave` and compared, byte for byte or by SHA-256.
 //! - [`check`]: QMP connections and the state and migration status of a VM, for assertions.
 //! - [`child`]: child processes killed on drop, with their CPU time and peak memory (`wait4`)
@@ -17,6 +19,7 @@
 
 pub mod check;
 pub mod child;
+pub mod dirtying;
 pub mod guest;
 pub mod netns;
 pub mod qemu;

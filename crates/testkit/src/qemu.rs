@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::dirtying::{write_dirtying_firmware, DirtyConfig};
+
 /// A QEMU binary and what it needs to run.
 #[derive(Debug, Clone)]
 pub struct QemuBinary {
@@ -155,8 +157,14 @@ pub struct VmConfig {
     /// path outlives the VM: the next VM started there takes it over, as a tunnel-server's
     /// `--route` expects.
     pub qmp_path: Option<PathBuf>,
-    /// What it boots (`random_ram` applies to the halting firmware only).
+    /// What it boots (`random_ram` applies to the firmwares only).
     pub boot: Boot,
+    /// With [`Boot::HaltingFirmware`]: boot the dirtying firmware ([`crate::dirtying`])
+    /// instead of the halting one.
+    pub dirtying: Option<DirtyConfig>,
+    /// The accelerator of the firmwares (`kvm`, `tcg`); default: KVM where it works, else
+    /// TCG. Linux guests always run under TCG (KVM cannot boot them here).
+    pub accel: Option<String>,
 }
 
 impl Default for VmConfig {
@@ -171,6 +179,8 @@ impl Default for VmConfig {
             temp_in: None,
             qmp_path: None,
             boot: Boot::HaltingFirmware,
+            dirtying: None,
+            accel: None,
         }
     }
 }
@@ -247,8 +257,14 @@ impl Vm {
         match &cfg.boot {
             Boot::HaltingFirmware => {
                 let fw = dir.join("fw.bin");
-                write_firmware(&fw)?;
-                cmd.args(["-accel", "kvm", "-accel", "tcg"]);
+                match &cfg.dirtying {
+                    Some(d) => write_dirtying_firmware(&fw, d)?,
+                    None => write_firmware(&fw)?,
+                }
+                match &cfg.accel {
+                    Some(accel) => cmd.arg("-accel").arg(accel),
+                    None => cmd.args(["-accel", "kvm", "-accel", "tcg"]),
+                };
                 cmd.arg("-bios").arg(&fw);
             }
             Boot::Linux {
