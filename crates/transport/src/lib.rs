@@ -21,7 +21,8 @@
 //!   verifiers, handshake diagnosis, the record layer.
 //! - `transport`, `stream`: connecting and accepting per scheme, and one tunnel connection
 //!   whatever it runs on; `relay`, `report`: copying and counting.
-//! - `client`, `server`: the two ends.
+//! - `client`, `server`: the two ends; `observe`: the typed events a server reports to an
+//!   observer (a front end's metrics).
 //! - `error`: [`Error`], built from the leaf modules' errors. Error messages say what went wrong,
 //!   never which command-line flag fixes it: that is the front end's to add.
 //!
@@ -45,6 +46,7 @@ mod client;
 mod endpoint;
 mod error;
 mod frame;
+mod observe;
 pub mod protocol;
 mod relay;
 mod report;
@@ -60,6 +62,7 @@ pub use client::{open_control, open_data, Client, ClientConfig};
 pub use endpoint::{Endpoint, Scheme};
 pub use error::{DestinationFailure, Error, Result, UnixSocketFailure};
 pub use frame::DecodeError;
+pub use observe::{Direction, Refusal, ServerEvent, ServerObserver};
 pub use relay::{relay, RelayStats};
 pub use report::Report;
 pub use server::{Controller, Server, ServerConfig, SessionMap};

@@ -18,8 +18,8 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use crate::auth::{self, Token};
 use crate::endpoint::Endpoint;
 use crate::error::{DestinationFailure, Error, Result};
+use crate::observe::{Hook, Refusal, ServerObserver};
 use crate::protocol::{self, Auth, Hello, Purpose, RejectReason, Reply};
-use crate::relay::relay;
 use crate::report::{Report, Tally};
 use crate::stream::TunnelStream;
 use crate::tls::ServerTls;
@@ -78,6 +78,7 @@ pub struct Server {
     transport: AnyTransport,
     config: ServerConfig,
     controller: Option<Arc<dyn Controller>>,
+    observer: Option<Arc<dyn ServerObserver>>,
 }
 
 /// The destination side of control connections (`tunnel-server --qmp`): prepares the
@@ -157,6 +158,7 @@ struct Shared {
     transport: AnyTransport,
     config: ServerConfig,
     controller: Option<Arc<dyn Controller>>,
+    hook: Hook,
     prepared: SessionMap,
     sessions: Mutex<HashMap<String, Session>>,
     activity: watch::Sender<Activity>,
@@ -260,7 +262,15 @@ impl Server {
             transport,
             config,
             controller: None,
+            observer: None,
         })
+    }
+
+    /// Reports connections, relayed bytes and refusals to `observer` (see
+    /// [`ServerEvent`](crate::ServerEvent)).
+    pub fn with_observer(mut self, observer: Arc<dyn ServerObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Serves control connections with `controller` (see [`Controller`]).
@@ -277,8 +287,20 @@ impl Server {
     /// Serves until `shutdown` is cancelled (or, with `once`, until the first migration is
     /// over). Connections still open at shutdown are dropped.
     pub async fn serve(self, shutdown: CancellationToken) -> Report {
+        self.serve_until(shutdown.clone(), shutdown).await
+    }
+
+    /// Serves until `stop` is cancelled (or, with `once`, until the first migration is over),
+    /// then accepts no more connections and waits for the open ones to end, until `shutdown`
+    /// is cancelled too: connections still open then are dropped. Cancelling `shutdown`
+    /// alone does both at once.
+    pub async fn serve_until(self, stop: CancellationToken, shutdown: CancellationToken) -> Report {
         let (activity, mut activity_rx) = watch::channel(Activity::default());
         let shared = Arc::new(Shared {
+            hook: Hook {
+                observer: self.observer,
+                transport: self.local.scheme,
+            },
             transport: self.transport,
             config: self.config,
             controller: self.controller,
@@ -294,6 +316,7 @@ impl Server {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = stop.cancelled() => break,
                 _ = async { let _ = activity_rx.wait_for(|a| a.started > 0 && a.active == 0).await; }, if once => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
@@ -303,12 +326,15 @@ impl Server {
                         let dropped = shared.unauthenticated.admit(id, shared.config.max_unauthenticated);
                         let shared = shared.clone();
                         let cancel = shutdown.child_token();
+                        shared.hook.opened();
                         tracker.spawn(async move {
                             let waiting = Waiting { set: shared.unauthenticated.clone(), id, dropped };
+                            let hook = shared.hook.clone();
                             tokio::select! {
                                 _ = cancel.cancelled() => debug!("shutting down"),
                                 _ = handle(shared, tcp, waiting) => {}
                             }
+                            hook.closed();
                         }.instrument(span));
                     }
                     Err(e) => {
@@ -319,7 +345,12 @@ impl Server {
                 }
             }
         }
-        shutdown.cancel();
+        // Stopped but not shut down: the connections under way may end on their own (each
+        // task also ends when `shutdown` is cancelled); otherwise they are dropped now.
+        if !stop.is_cancelled() || shutdown.is_cancelled() {
+            shutdown.cancel();
+        }
+        drop(self.listener);
         tracker.close();
         tracker.wait().await;
         let report = shared.tally.lock().map(|t| t.report()).unwrap_or_default();
@@ -341,6 +372,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
     let started = Instant::now();
     let outcome = tokio::select! {
         _ = waiting.dropped.cancelled() => {
+            shared.hook.refused(Refusal::Flood);
             warn!(
                 "dropped after {:.1}s without a finished handshake: {} connections were waiting \
                  to authenticate and this was the oldest",
@@ -355,10 +387,12 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
         Ok(Ok(Some(ok))) => ok,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
+            shared.hook.refused(Refusal::of(&e));
             warn!("refused a connection: {e}");
             return;
         }
         Err(_) => {
+            shared.hook.refused(Refusal::Timeout);
             warn!(
                 "refused a connection: no finished handshake within {}s",
                 config.handshake_timeout.as_secs()
@@ -381,6 +415,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
             protocol::PROTOCOL_MIN,
             protocol::PROTOCOL_MAX
         );
+        shared.hook.refused(Refusal::Version);
         reject(&mut stream, RejectReason::Version, message).await;
         return;
     };
@@ -480,7 +515,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
     };
     debug!(version, client = %hello.software, "connected to the destination socket");
 
-    let (stats, result) = relay(dest, stream).await;
+    let (stats, result) = shared.hook.relay(dest, stream).await;
     match &result {
         Ok(()) => info!(
             received = stats.from_tunnel,
@@ -516,6 +551,7 @@ async fn handshake(
             let message = "the client has a token, but this server has none: give \
                            tunnel-server the same token"
                 .to_owned();
+            shared.hook.refused(Refusal::UnexpectedToken);
             reject(&mut stream, RejectReason::Auth, message).await;
             return Ok(None);
         }
@@ -529,7 +565,10 @@ async fn handshake(
         .await?;
     let answer: Auth = stream.recv_msg().await?;
     let failure = match &answer.mac {
-        None => "the client has no token, and this server requires one",
+        None => {
+            shared.hook.refused(Refusal::NoToken);
+            "the client has no token, and this server requires one"
+        }
         Some(mac) if token.check_client_proof(&nonce, &body, mac) => {
             debug!("the client proved it knows the token");
             return Ok(Some((
@@ -539,6 +578,7 @@ async fn handshake(
             )));
         }
         Some(_) => {
+            shared.hook.refused(Refusal::WrongToken);
             "the client's proof does not match this server's token (a wrong token, or a \
              replayed handshake)"
         }
