@@ -195,11 +195,13 @@ pub async fn run(
         postcopy_after: opts.postcopy_after,
         detach: false,
     };
+    let mut downtime = None;
     let result = async {
         let (qmp, state) = source::connect_source(&opts.qmp, &opts.plan, pass_fd.as_ref()).await?;
         let summary =
             source::run_migration(&qmp, &opts.plan, &target, &state, &follow, progress, cancel)
                 .await?;
+        downtime = summary.downtime;
         progress.finish(&summary);
         qmp.close().await;
         source::outcome_result(&summary.outcome, &state)
@@ -211,7 +213,8 @@ pub async fn run(
         Err(e) if e.kind() == ErrorKind::Cancelled => SourceEnd::Cancelled,
         Err(_) => SourceEnd::Failed,
     };
-    let verdict = destination_verdict(&mut control, outcome).await;
+    let downtime_ms = downtime.and_then(|d| u64::try_from(d.as_millis()).ok());
+    let verdict = destination_verdict(&mut control, outcome, downtime_ms).await;
     stop.cancel();
     if let Some(Ok(report)) = match tunnel {
         Some(t) => Some(t.await),
@@ -251,10 +254,16 @@ pub async fn run(
 async fn destination_verdict(
     control: &mut TunnelStream,
     outcome: SourceEnd,
+    downtime_ms: Option<u64>,
 ) -> anyhow::Result<Verdict> {
     // The server may already have sent its verdict (the destination finished first) and
     // closed: a failed send is not yet an error.
-    let _ = control.send_msg(&Control::Finished { outcome }).await;
+    let _ = control
+        .send_msg(&Control::Finished {
+            outcome,
+            downtime_ms,
+        })
+        .await;
     match tokio::time::timeout(DONE_TIMEOUT, control.recv_msg::<Control>()).await {
         Ok(Ok(Control::Done {
             status,
