@@ -159,6 +159,8 @@ struct Shared {
     config: ServerConfig,
     controller: Option<Arc<dyn Controller>>,
     hook: Hook,
+    /// Cancelled when the server drains: new control connections are refused.
+    draining: CancellationToken,
     prepared: SessionMap,
     sessions: Mutex<HashMap<String, Session>>,
     activity: watch::Sender<Activity>,
@@ -287,20 +289,25 @@ impl Server {
     /// Serves until `shutdown` is cancelled (or, with `once`, until the first migration is
     /// over). Connections still open at shutdown are dropped.
     pub async fn serve(self, shutdown: CancellationToken) -> Report {
-        self.serve_until(shutdown.clone(), shutdown).await
+        self.serve_until(CancellationToken::new(), shutdown).await
     }
 
-    /// Serves until `stop` is cancelled (or, with `once`, until the first migration is over),
-    /// then accepts no more connections and waits for the open ones to end, until `shutdown`
-    /// is cancelled too: connections still open then are dropped. Cancelling `shutdown`
-    /// alone does both at once.
-    pub async fn serve_until(self, stop: CancellationToken, shutdown: CancellationToken) -> Report {
+    /// Serves until `shutdown` is cancelled (or, with `once`, until the first migration is
+    /// over), draining from the moment `drain` is cancelled: new migration sessions (control
+    /// connections) are then refused as shutting down, while the sessions under way go on
+    /// (their data connections are still accepted: multifd and postcopy open some late).
+    pub async fn serve_until(
+        self,
+        drain: CancellationToken,
+        shutdown: CancellationToken,
+    ) -> Report {
         let (activity, mut activity_rx) = watch::channel(Activity::default());
         let shared = Arc::new(Shared {
             hook: Hook {
                 observer: self.observer,
                 transport: self.local.scheme,
             },
+            draining: drain,
             transport: self.transport,
             config: self.config,
             controller: self.controller,
@@ -316,7 +323,6 @@ impl Server {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = stop.cancelled() => break,
                 _ = async { let _ = activity_rx.wait_for(|a| a.started > 0 && a.active == 0).await; }, if once => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
@@ -345,12 +351,7 @@ impl Server {
                 }
             }
         }
-        // Stopped but not shut down: the connections under way may end on their own (each
-        // task also ends when `shutdown` is cancelled); otherwise they are dropped now.
-        if !stop.is_cancelled() || shutdown.is_cancelled() {
-            shutdown.cancel();
-        }
-        drop(self.listener);
+        shutdown.cancel();
         tracker.close();
         tracker.wait().await;
         let report = shared.tally.lock().map(|t| t.report()).unwrap_or_default();
@@ -421,6 +422,13 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
     };
     match (hello.purpose, &shared.controller) {
         (Purpose::Data, _) => {}
+        (Purpose::Control, Some(_)) if shared.draining.is_cancelled() => {
+            let message = "this tunnel-server is shutting down: it finishes the migrations under \
+                           way and starts no new one"
+                .to_owned();
+            reject(&mut stream, RejectReason::ShuttingDown, message).await;
+            return;
+        }
         (Purpose::Control, Some(controller)) => {
             shared.activity.send_modify(|a| {
                 a.started += 1;
