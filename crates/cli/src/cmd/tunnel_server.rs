@@ -330,17 +330,27 @@ fn check_config(args: &Args, listen: &Endpoint, token: bool, tls: bool) -> anyho
     if let Some(qmp) = &args.qmp {
         routes.insert(0, format!("/ -> {qmp}"));
     }
+    let on = |yes: bool| if yes { "yes" } else { "no" };
+    println!("configuration OK");
+    println!("listen: {listen}");
+    println!("token: {}", on(token));
+    println!("tls: {}", on(tls));
+    println!("insecure: {}", on(args.insecure));
+    if routes.is_empty() {
+        println!("forward to: {}", args.socket.display());
+    } else {
+        println!("routes: {}", routes.join(", "));
+    }
     println!(
-        "configuration OK: listen {listen}, token {}, TLS {}, {}, metrics {}",
-        if token { "yes" } else { "no" },
-        if tls { "yes" } else { "no" },
-        if routes.is_empty() {
-            format!("forwarding to {}", args.socket.display())
-        } else {
-            format!("routes {}", routes.join(", "))
-        },
+        "metrics: {}",
         args.metrics
             .map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics"))
+    );
+    println!(
+        "timeouts: connect {}, handshake {}, shutdown {}",
+        format_duration(args.connect_timeout),
+        format_duration(args.handshake_timeout),
+        format_duration(args.shutdown_timeout)
     );
     Ok(())
 }
@@ -365,7 +375,8 @@ async fn drain_on_signal(
     }
     let under_way = describe(&metrics.under_way());
     tracing::warn!(
-        "{signal}: accepting no more connections; waiting up to {} for {open} open tunnel          connection(s) to end ({under_way}); another SIGTERM or Ctrl-C cuts them off",
+        "{signal}: starting no new migration; waiting up to {} for {open} open tunnel \
+         connection(s) to end ({under_way}); another SIGTERM or Ctrl-C cuts them off",
         format_duration(grace)
     );
     let cut = tokio::select! {
@@ -419,4 +430,164 @@ fn parse_route(value: &str) -> Result<(String, String), String> {
         ));
     }
     Ok((name.to_owned(), path.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    /// The arguments of `tunnel-server --config FILE FLAGS...`, merged with FILE's `text`.
+    fn merged(text: &str, flags: &[&str]) -> (Args, Origins) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, text).expect("write");
+        let matches = Cli::command()
+            .try_get_matches_from(std::iter::once("x").chain(flags.iter().copied()))
+            .expect("flags");
+        let mut args = Cli::from_arg_matches(&matches).expect("args").args;
+        let loaded = config::load(&path).expect("valid file");
+        let origins = args.merge(&loaded, &Given::of(&matches));
+        (args, origins)
+    }
+
+    const FULL: &str = r#"
+listen = "127.0.0.1:7000"
+transport = "ws"
+socket = "/run/dest.sock"
+qmp = "/run/qemu/dest.qmp"
+token-file = "/etc/qmigrate/token"
+insecure = true
+metrics = "127.0.0.1:9187"
+
+[routes]
+web1 = "/run/qemu/web1.qmp"
+
+[tls]
+cert = "/etc/qmigrate/cert.pem"
+key = "/etc/qmigrate/key.pem"
+client-ca = "/etc/qmigrate/ca.pem"
+
+[timeouts]
+connect = "1m"
+handshake = "5s"
+shutdown = "7m"
+"#;
+
+    #[test]
+    fn every_key_of_the_file_is_honoured() {
+        let (args, origins) = merged(FULL, &[]);
+        assert_eq!(args.listen.as_deref(), Some("127.0.0.1:7000"));
+        assert!(args.ws);
+        assert_eq!(args.socket, PathBuf::from("/run/dest.sock"));
+        assert_eq!(args.qmp.as_deref(), Some("/run/qemu/dest.qmp"));
+        assert_eq!(
+            args.routes,
+            [("web1".to_owned(), "/run/qemu/web1.qmp".to_owned())]
+        );
+        assert_eq!(
+            args.token.token_file,
+            Some(PathBuf::from("/etc/qmigrate/token"))
+        );
+        assert!(args.insecure);
+        assert_eq!(args.metrics, Some("127.0.0.1:9187".parse().expect("addr")));
+        assert_eq!(
+            args.tls.tls_cert,
+            Some(PathBuf::from("/etc/qmigrate/cert.pem"))
+        );
+        assert_eq!(
+            args.tls.tls_key,
+            Some(PathBuf::from("/etc/qmigrate/key.pem"))
+        );
+        assert_eq!(
+            args.tls.tls_client_ca,
+            Some(PathBuf::from("/etc/qmigrate/ca.pem"))
+        );
+        assert_eq!(args.connect_timeout, Duration::from_secs(60));
+        assert_eq!(args.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(args.shutdown_timeout, Duration::from_secs(420));
+        assert_eq!(origins.token.map(|o| o.line), Some(6));
+        assert_eq!(origins.tls.map(|o| o.line), Some(13));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let (args, origins) = merged(
+            FULL,
+            &[
+                "--listen",
+                "127.0.0.1:7001",
+                "--socket",
+                "/tmp/other.sock",
+                "--route",
+                "db=/run/qemu/db.qmp",
+                "--token-file",
+                "/tmp/token",
+                "--metrics",
+                "127.0.0.1:1",
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+                "--connect-timeout",
+                "2s",
+                "--handshake-timeout",
+                "3s",
+                "--shutdown-timeout",
+                "4s",
+            ],
+        );
+        assert_eq!(args.listen.as_deref(), Some("127.0.0.1:7001"));
+        assert_eq!(args.socket, PathBuf::from("/tmp/other.sock"));
+        assert_eq!(
+            args.qmp, None,
+            "the command line's routes replace the file's"
+        );
+        assert_eq!(
+            args.routes,
+            [("db".to_owned(), "/run/qemu/db.qmp".to_owned())]
+        );
+        assert_eq!(args.token.token_file, Some(PathBuf::from("/tmp/token")));
+        assert!(origins.token.is_none() && origins.tls.is_none());
+        assert_eq!(args.metrics, Some("127.0.0.1:1".parse().expect("addr")));
+        assert_eq!(args.tls.tls_cert, Some(PathBuf::from("c.pem")));
+        assert_eq!(args.tls.tls_client_ca, None, "TLS comes from one place");
+        assert_eq!(args.connect_timeout, Duration::from_secs(2));
+        assert_eq!(args.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(args.shutdown_timeout, Duration::from_secs(4));
+        // A flag equal to the default still wins: it was given.
+        let (args, _) = merged(FULL, &["--connect-timeout", "30s"]);
+        assert_eq!(args.connect_timeout, Duration::from_secs(30));
+        // Without the file's values, the defaults.
+        let (args, _) = merged("", &[]);
+        assert_eq!(args.connect_timeout, Duration::from_secs(30));
+        assert_eq!(args.socket, PathBuf::from("/tmp/qemu_migration_dest.sock"));
+        assert!(!args.ws && !args.insecure && args.metrics.is_none());
+    }
+
+    #[test]
+    fn a_bad_file_named_by_the_config_is_reported_at_its_line() {
+        let err = at::<()>(
+            Err(anyhow::anyhow!("cannot read the token file /x: gone").context(Exit::Usage)),
+            &Some(config::Origin {
+                file: "/etc/qmigrate/tunnel-server.toml".into(),
+                line: 4,
+            }),
+            "token-file",
+        )
+        .expect_err("an error");
+        assert_eq!(crate::exit::code_of(&err), 2);
+        assert_eq!(
+            crate::hints::report(&err),
+            "invalid usage: /etc/qmigrate/tunnel-server.toml:4: token-file: cannot read the \
+             token file /x: gone"
+        );
+    }
 }
