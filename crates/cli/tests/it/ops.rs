@@ -588,3 +588,58 @@ async fn sigterm_lets_the_migration_under_way_end() {
         }
     }
 }
+
+/// `qmigrate completions SHELL` prints a script for each shell, and `qmigrate man --out DIR`
+/// writes a page per visible subcommand with the flags of its `--help`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_man_pages_come_from_the_flags() {
+    for (shell, marker) in [
+        ("bash", "complete -F _qmigrate"),
+        ("zsh", "#compdef qmigrate"),
+        ("fish", "complete -c qmigrate"),
+    ] {
+        let out = run(["completions", shell], QUICK).await;
+        out.expect_success();
+        assert!(
+            out.stdout.contains(marker),
+            "{shell}: {marker:?} in\n{}",
+            out.stdout
+        );
+        assert!(out.stdout.contains("tunnel-server"), "{shell}");
+        assert!(out.stdout.contains("check-config"), "{shell}");
+    }
+    run(["completions", "tcsh"], QUICK).await.expect_code(2);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(["man", "--out", &path(dir.path())], QUICK).await;
+    out.expect_success();
+    let mut pages: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("the pages")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    assert_eq!(
+        pages,
+        [
+            "qmigrate-completions.1",
+            "qmigrate-migrate.1",
+            "qmigrate-receive.1",
+            "qmigrate-send.1",
+            "qmigrate-tunnel-client.1",
+            "qmigrate-tunnel-server.1",
+            "qmigrate.1",
+        ],
+        "the hidden `man` has no page"
+    );
+    let page = std::fs::read_to_string(dir.path().join("qmigrate-tunnel-server.1")).expect("page");
+    let help = run(["tunnel-server", "--help"], QUICK).await;
+    for flag in help
+        .stdout
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+    {
+        // roff escapes the dashes.
+        let escaped = flag.replace('-', "\\-");
+        assert!(page.contains(&escaped), "{flag} is not in the man page");
+    }
+}
