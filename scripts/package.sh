@@ -18,7 +18,8 @@ say "building the release binary"
 cargo build --release --locked -p qmigrate --bin qmigrate >&2
 bin="$root/target/release/qmigrate"
 
-assets="$root/target/assets"
+# Under target/release/ so that cargo-deb maps them to the real target dir (CARGO_TARGET_DIR).
+assets="$root/target/release/package-assets"
 rm -rf "$assets"
 mkdir -p "$assets/man" "$assets/completions"
 "$bin" man --out "$assets/man" >/dev/null
@@ -29,7 +30,7 @@ gzip -9n "$assets"/man/*.1
 "$bin" completions fish >"$assets/completions/qmigrate.fish"
 
 say "cargo deb"
-cargo deb -p qmigrate --no-build --locked >&2
+cargo deb -p qmigrate --no-build --strip >&2
 version=$(cargo pkgid -p qmigrate | sed 's/.*[#@]//')
 deb="$root/target/debian/qmigrate_${version}_amd64.deb"
 [ -f "$deb" ] || { say "expected $deb, got: $(ls "$root"/target/debian/)"; exit 1; }
