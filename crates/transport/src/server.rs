@@ -573,10 +573,7 @@ async fn handshake(
         .await?;
     let answer: Auth = stream.recv_msg().await?;
     let failure = match &answer.mac {
-        None => {
-            shared.hook.refused(Refusal::NoToken);
-            "the client has no token, and this server requires one"
-        }
+        None => "the client has no token, and this server requires one",
         Some(mac) if token.check_client_proof(&nonce, &body, mac) => {
             debug!("the client proved it knows the token");
             return Ok(Some((
@@ -586,11 +583,14 @@ async fn handshake(
             )));
         }
         Some(_) => {
-            shared.hook.refused(Refusal::WrongToken);
             "the client's proof does not match this server's token (a wrong token, or a \
              replayed handshake)"
         }
     };
+    shared.hook.refused(match answer.mac {
+        None => Refusal::NoToken,
+        Some(_) => Refusal::WrongToken,
+    });
     reject(&mut stream, RejectReason::Auth, failure.to_owned()).await;
     Ok(None)
 }
