@@ -318,7 +318,7 @@ async fn metrics_follow_real_migrations() {
         "server.toml",
         &format!(
             "listen = \"127.0.0.1:0\"\ntransport = \"ws\"\ntoken-file = \"{}\"\nmetrics = \
-             \"127.0.0.1:0\"\n[routes]\na = \"{}\"\nb = \"{}\"\n",
+             \"127.0.0.1:0\"\n[routes]\na = \"{}\"\nb = \"{}\"\n[timeouts]\nhandshake = \"1s\"\n",
             path(&token),
             path(&a.dst.qmp_path),
             path(&b.dst.qmp_path)
@@ -379,6 +379,32 @@ async fn metrics_follow_real_migrations() {
         0.0
     );
 
+    // Garbage (SSH at the WebSocket port), and a peer that says nothing (the config's
+    // handshake timeout of 1s).
+    let server_addr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut ssh = tokio::net::TcpStream::connect(&server_addr)
+        .await
+        .expect("connect");
+    ssh.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        .await
+        .expect("write");
+    let silent = tokio::net::TcpStream::connect(&server_addr)
+        .await
+        .expect("connect");
+    let text = scrape_until(&addr, QUICK, "garbage and a timeout", |t| {
+        value(t, "qmigrate_handshake_refusals_total{reason=\"garbage\"}") == 1.0
+            && value(t, "qmigrate_handshake_refusals_total{reason=\"timeout\"}") == 1.0
+    })
+    .await;
+    assert_eq!(
+        value(&text, "qmigrate_handshake_refusals_total{reason=\"tls\"}"),
+        0.0
+    );
+    drop((ssh, silent));
+
     // Completed, slowed down so that it can be watched.
     let tok = path(&token);
     let running = {
@@ -389,27 +415,47 @@ async fn metrics_follow_real_migrations() {
             migrate(
                 a,
                 &to,
-                &["--token-file", &tok, "--no-start", "--max-bandwidth", "64M"],
+                &["--token-file", &tok, "--no-start", "--max-bandwidth", "32M"],
             )
             .await
         }
     };
-    let watch = async {
-        scrape_until(&addr, RUN, "the migration under way", |t| {
-            value(t, "qmigrate_migrations_in_progress{route=\"a\"}") == 1.0
-                && value(
-                    t,
-                    "qmigrate_relayed_bytes_total{transport=\"ws\",direction=\"received\"}",
-                ) > 0.0
-                && value(t, "qmigrate_tunnel_connections_active{transport=\"ws\"}") >= 2.0
-        })
-        .await
+    // Scraped while it runs: the highest values seen before it completed.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let running = async {
+        let out = running.await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        out
     };
-    let (out, during) = tokio::join!(running, watch);
+    let watch = async {
+        let (mut in_progress, mut received, mut active) = (0.0f64, 0.0f64, 0.0f64);
+        let mut during = String::new();
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let t = scrape(&addr).await;
+            if value(&t, "qmigrate_migrations_completed_total{route=\"a\"}") == 0.0 {
+                in_progress =
+                    in_progress.max(value(&t, "qmigrate_migrations_in_progress{route=\"a\"}"));
+                received = received.max(value(
+                    &t,
+                    "qmigrate_relayed_bytes_total{transport=\"ws\",direction=\"received\"}",
+                ));
+                active = active.max(value(
+                    &t,
+                    "qmigrate_tunnel_connections_active{transport=\"ws\"}",
+                ));
+                during = t;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (in_progress, received, active, during)
+    };
+    let (out, (in_progress, received, active, during)) = tokio::join!(running, watch);
     out.expect_success();
-    assert_eq!(
-        value(&during, "qmigrate_migrations_completed_total{route=\"a\"}"),
-        0.0
+    assert_eq!(in_progress, 1.0, "in progress while it ran:\n{during}");
+    assert!(received > 0.0, "bytes counted while it ran:\n{during}");
+    assert!(
+        active >= 2.0,
+        "control and data connections open:\n{during}"
     );
     promtool_accepts(&during);
     let after = scrape_until(&addr, QUICK, "the completed migration", |t| {
@@ -556,7 +602,7 @@ async fn sigterm_lets_the_migration_under_way_end() {
             .trim()
             .to_owned();
         let addr = metrics_addr(&server).await;
-        let running = migrate(&p, &url, &["--no-start", "--max-bandwidth", "64M"]);
+        let running = migrate(&p, &url, &["--no-start", "--max-bandwidth", "32M"]);
         let stop = async {
             scrape_until(&addr, RUN, "the migration under way", |t| {
                 value(t, "qmigrate_migrations_in_progress{route=\"/\"}") == 1.0
