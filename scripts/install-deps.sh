@@ -2,7 +2,8 @@
 # Installs what qmigrate's tests, demo and benchmark need on a Debian bookworm machine:
 # QEMU 10 from bookworm-backports (bookworm's own 7.2 has no `channels`), socat for the
 # benchmark, iproute2 for the demo's network namespace, and QEMU 7.2 unpacked into
-# target/qemu-7.2 for the uri-fallback tests. Idempotent; safe to run again.
+# target/qemu-7.2 for the uri-fallback tests, and promtool into target/prometheus for the metrics
+# tests. Idempotent; safe to run again.
 set -euo pipefail
 
 say() { echo "install-deps: $*" >&2; }
@@ -90,6 +91,19 @@ if [ "${QMIGRATE_SKIP_QEMU72:-0}" != 1 ] && [ ! -x "$old/usr/bin/qemu-system-x86
   (cd "$tmp" && apt-get download -q qemu-system-x86/bookworm qemu-system-data/bookworm >&2)
   mkdir -p "$old"
   for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$old"; done
+  rm -rf "$tmp"
+fi
+
+# promtool (Debian's prometheus package, unpacked into target/prometheus, never installed: no
+# service, no user) checks the metrics of `tunnel-server --metrics` in the tests.
+prom="$root/target/prometheus"
+if ! command -v promtool >/dev/null && [ ! -x "$prom/usr/bin/promtool" ]; then
+  apt_update
+  tmp=$(mktemp -d)
+  say "fetching promtool (prometheus) into $prom"
+  (cd "$tmp" && apt-get download -q prometheus >&2)
+  mkdir -p "$prom"
+  dpkg -x "$tmp"/prometheus_*.deb "$prom"
   rm -rf "$tmp"
 fi
 

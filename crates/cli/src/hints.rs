@@ -16,7 +16,7 @@ use qmigrate_migration::PlanError;
 use qmigrate_transport::auth::MAKE_TOKEN;
 use qmigrate_transport::protocol::{EnvelopeError, Sniffed};
 use qmigrate_transport::tls::{CertProblem, Mismatch, Peer, Side, TlsError, TlsFailure};
-use qmigrate_transport::{AuthFailure, Error, Refusal};
+use qmigrate_transport::{AuthFailure, Error, SetupRefusal};
 
 /// `err` as `{err:#}` prints it (each cause after a `: `), with the advice for the
 /// transport's errors in the chain.
@@ -77,14 +77,16 @@ fn missing_socket(e: &MissingSocket) -> String {
 
 /// The tunnel-server's refusals that say how it was started, in the words of its flags (what
 /// a client's operator reads, so they name what to change on the server).
-pub fn refusal(r: Refusal) -> String {
+pub fn refusal(r: SetupRefusal) -> String {
     match r {
-        Refusal::NoController => "this tunnel-server has no --qmp, so it cannot prepare the \
+        SetupRefusal::NoController => "this tunnel-server has no --qmp, so it cannot prepare the \
                                   destination QEMU: start it with --qmp PATH (or --route \
                                   NAME=PATH), or run `qmigrate receive` on the destination and \
                                   `qmigrate send` here"
             .into(),
-        Refusal::UnpreparedSession => "with --qmp, migrations start with `qmigrate migrate`".into(),
+        SetupRefusal::UnpreparedSession => {
+            "with --qmp, migrations start with `qmigrate migrate`".into()
+        }
         other => other.default_text(),
     }
 }
@@ -276,7 +278,7 @@ mod tests {
     /// The tunnel-server's refusals name its flags; the library's name none.
     #[test]
     fn refusals_name_flags_here_and_not_in_the_library() {
-        for r in [Refusal::NoController, Refusal::UnpreparedSession] {
+        for r in [SetupRefusal::NoController, SetupRefusal::UnpreparedSession] {
             assert!(refusal(r).contains("--qmp"), "{r:?}: {}", refusal(r));
             assert!(
                 !r.default_text().contains("--"),

@@ -5,9 +5,11 @@
 
 mod args;
 mod cmd;
+mod config;
 mod exit;
 mod hints;
 mod logging;
+mod metrics;
 mod output;
 mod signals;
 mod tls;
@@ -16,14 +18,14 @@ mod units;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Subcommand};
 
 /// Live-migrate QEMU virtual machines between hosts.
 ///
 /// In one command per host: `tunnel-server --qmp` on the destination, `migrate` on the source.
 /// Or step by step: `tunnel-server` and `receive` on the destination, `tunnel-client` and
 /// `send` on the source.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "qmigrate", version, about, long_about = None, after_help = exit::EXIT_CODES_HELP)]
 struct Cli {
     /// More log output on stderr (-v: info, -vv: debug incl. every QMP command, -vvv: trace).
@@ -51,10 +53,22 @@ enum Command {
     /// Source: resume a postcopy migration left paused by a broken network, against the
     /// destination's `tunnel-server --qmp`.
     Recover(cmd::recover::Args),
+    /// Print the shell completion script for SHELL (bash: `source <(qmigrate completions bash)`).
+    Completions(cmd::docs::CompletionsArgs),
+    /// Write the man pages (qmigrate.1, qmigrate-SUBCOMMAND.1) into a directory.
+    #[command(hide = true)]
+    Man(cmd::docs::ManArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli =
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
+    // Which flags were given on the command line: they win over a config file.
+    let given = matches
+        .subcommand()
+        .map(|(_, sub)| cmd::Given::of(sub))
+        .unwrap_or_default();
     logging::init(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -66,7 +80,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILED);
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, given)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("qmigrate: error: {}", hints::report(&err));
@@ -75,13 +89,25 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, given: cmd::Given) -> anyhow::Result<()> {
     match cli.command {
-        Command::TunnelServer(args) => cmd::tunnel_server::run(args).await,
+        Command::TunnelServer(args) => cmd::tunnel_server::run(args, &given).await,
         Command::TunnelClient(args) => cmd::tunnel_client::run(args).await,
         Command::Receive(args) => cmd::receive::run(args).await,
         Command::Send(args) => cmd::send::run(args).await,
         Command::Migrate(args) => cmd::migrate::run(args).await,
         Command::Recover(args) => cmd::recover::run(args).await,
+        Command::Completions(args) => cmd::docs::completions(&args, Cli::command()),
+        Command::Man(args) => cmd::docs::man(&args, Cli::command()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flags_are_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -21,7 +21,8 @@
 //!   verifiers, handshake diagnosis, the record layer.
 //! - `transport`, `stream`: connecting and accepting per scheme, and one tunnel connection
 //!   whatever it runs on; `relay`, `report`: copying and counting.
-//! - `client`, `server`: the two ends.
+//! - `client`, `server`: the two ends; `observe`: the typed events a server reports to an
+//!   observer (a front end's metrics).
 //! - `error`: [`Error`], built from the leaf modules' errors. Error messages say what went wrong,
 //!   never which command-line flag fixes it: that is the front end's to add.
 //!
@@ -46,6 +47,7 @@ mod endpoint;
 mod error;
 mod frame;
 mod keepalive;
+mod observe;
 pub mod protocol;
 mod relay;
 mod report;
@@ -62,9 +64,10 @@ pub use endpoint::{Endpoint, Scheme};
 pub use error::{DestinationFailure, Error, Result, UnixSocketFailure};
 pub use frame::DecodeError;
 pub use keepalive::{DeadPeer, DEFAULT_DEAD_PEER_TIMEOUT};
+pub use observe::{Direction, Refusal, ServerEvent, ServerObserver};
 pub use relay::{relay, RelayStats};
 pub use report::Report;
-pub use server::{Controller, Refusal, Server, ServerConfig, SessionMap};
+pub use server::{Controller, Server, ServerConfig, SessionMap, SetupRefusal};
 #[doc(hidden)]
 pub use stream::fuzzing;
 pub use stream::{FrameReader, TunnelReader, TunnelStream, TunnelWriter};

@@ -26,18 +26,29 @@ pub struct RelayStats {
 /// the other way); an error in either direction drops both sockets at once, so the tunnel
 /// peer sees a lost connection rather than an end marker and QEMU sees its stream cut
 /// short. The stats are returned in both cases.
-pub async fn relay(mut unix: UnixStream, tunnel: TunnelStream) -> (RelayStats, Result<()>) {
+pub async fn relay(unix: UnixStream, tunnel: TunnelStream) -> (RelayStats, Result<()>) {
+    let (to_tunnel, from_tunnel) = (AtomicU64::new(0), AtomicU64::new(0));
+    relay_counted(unix, tunnel, &to_tunnel, &from_tunnel).await
+}
+
+/// [`relay`], counting into `to_tunnel` and `from_tunnel` as the bytes go, so that another
+/// task can read them while the relay runs.
+pub(crate) async fn relay_counted(
+    mut unix: UnixStream,
+    tunnel: TunnelStream,
+    to_tunnel: &AtomicU64,
+    from_tunnel: &AtomicU64,
+) -> (RelayStats, Result<()>) {
     let start = Instant::now();
     widen_send_buffer(&unix);
-    let (to_tunnel, from_tunnel) = (AtomicU64::new(0), AtomicU64::new(0));
     // Borrowed halves: tokio's owned write half shuts the socket down when dropped, and that
     // half-close would reach QEMU as a clean EOF before the close that resets its connection.
     let (mut unix_rd, mut unix_wr) = unix.split();
     let (mut tun_rd, mut tun_wr) = tunnel.into_split();
 
     let result = tokio::try_join!(
-        tun_wr.pump_from(&mut unix_rd, &to_tunnel),
-        tun_rd.pump_to(&mut unix_wr, &from_tunnel),
+        tun_wr.pump_from(&mut unix_rd, to_tunnel),
+        tun_rd.pump_to(&mut unix_wr, from_tunnel),
     );
     if result.is_ok() {
         TunnelStream::finish(tun_rd, tun_wr).await;

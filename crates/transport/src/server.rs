@@ -19,8 +19,8 @@ use crate::auth::{self, Token};
 use crate::endpoint::Endpoint;
 use crate::error::{DestinationFailure, Error, Result};
 use crate::keepalive::DeadPeer;
+use crate::observe::{Hook, Refusal, ServerObserver};
 use crate::protocol::{self, Auth, Hello, Purpose, RejectReason, Reply};
-use crate::relay::relay;
 use crate::report::{Report, Tally};
 use crate::stream::TunnelStream;
 use crate::tls::ServerTls;
@@ -54,9 +54,9 @@ pub struct ServerConfig {
     /// bound nor locks out a client that authenticates within a round trip.
     pub max_unauthenticated: usize,
     /// The words of the refusals that tell a client how this server is set up. The library's
-    /// own ([`Refusal::default_text`]) name no flags; a binary that knows its command line
+    /// own ([`SetupRefusal::default_text`]) name no flags; a binary that knows its command line
     /// passes wording that does (`tunnel-server` names `--qmp`).
-    pub refusal_text: fn(Refusal) -> String,
+    pub refusal_text: fn(SetupRefusal) -> String,
     /// How soon a connection whose client vanished fails (keepalive, `TCP_USER_TIMEOUT`).
     pub dead_peer: DeadPeer,
 }
@@ -65,7 +65,7 @@ pub struct ServerConfig {
 /// operator on the client's side reads its text, so it says what to change on the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Refusal {
+pub enum SetupRefusal {
     /// A control connection (`qmigrate migrate`) to a server that has no destination QMP
     /// socket, so it cannot prepare the destination QEMU.
     NoController,
@@ -74,19 +74,23 @@ pub enum Refusal {
     UnpreparedSession,
 }
 
-impl Refusal {
+impl SetupRefusal {
     /// The library's wording, naming no command-line flags.
     pub fn default_text(self) -> String {
         match self {
-            Refusal::NoController => "this tunnel-server has no destination QMP socket, so it \
+            SetupRefusal::NoController => {
+                "this tunnel-server has no destination QMP socket, so it \
                                       cannot prepare the destination QEMU: give it one, or run \
                                       `qmigrate receive` on the destination and `qmigrate send` \
                                       here"
-                .into(),
-            Refusal::UnpreparedSession => "this server prepares its destination QEMUs itself, \
+                    .into()
+            }
+            SetupRefusal::UnpreparedSession => {
+                "this server prepares its destination QEMUs itself, \
                                            so migrations through it start with `qmigrate \
                                            migrate`"
-                .into(),
+                    .into()
+            }
         }
     }
 }
@@ -103,7 +107,7 @@ impl ServerConfig {
             insecure: false,
             tls: None,
             max_unauthenticated: 64,
-            refusal_text: Refusal::default_text,
+            refusal_text: SetupRefusal::default_text,
             dead_peer: DeadPeer::default(),
         }
     }
@@ -117,6 +121,7 @@ pub struct Server {
     transport: AnyTransport,
     config: ServerConfig,
     controller: Option<Arc<dyn Controller>>,
+    observer: Option<Arc<dyn ServerObserver>>,
 }
 
 /// The destination side of control connections (`tunnel-server --qmp`): prepares the
@@ -196,6 +201,9 @@ struct Shared {
     transport: AnyTransport,
     config: ServerConfig,
     controller: Option<Arc<dyn Controller>>,
+    hook: Hook,
+    /// Cancelled when the server drains: new control connections are refused.
+    draining: CancellationToken,
     prepared: SessionMap,
     sessions: Mutex<HashMap<String, Session>>,
     activity: watch::Sender<Activity>,
@@ -300,7 +308,15 @@ impl Server {
             transport,
             config,
             controller: None,
+            observer: None,
         })
+    }
+
+    /// Reports connections, relayed bytes and refusals to `observer` (see
+    /// [`ServerEvent`](crate::ServerEvent)).
+    pub fn with_observer(mut self, observer: Arc<dyn ServerObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Serves control connections with `controller` (see [`Controller`]).
@@ -317,8 +333,25 @@ impl Server {
     /// Serves until `shutdown` is cancelled (or, with `once`, until the first migration is
     /// over). Connections still open at shutdown are dropped.
     pub async fn serve(self, shutdown: CancellationToken) -> Report {
+        self.serve_until(CancellationToken::new(), shutdown).await
+    }
+
+    /// Serves until `shutdown` is cancelled (or, with `once`, until the first migration is
+    /// over), draining from the moment `drain` is cancelled: new migration sessions (control
+    /// connections) are then refused as shutting down, while the sessions under way go on
+    /// (their data connections are still accepted: multifd and postcopy open some late).
+    pub async fn serve_until(
+        self,
+        drain: CancellationToken,
+        shutdown: CancellationToken,
+    ) -> Report {
         let (activity, mut activity_rx) = watch::channel(Activity::default());
         let shared = Arc::new(Shared {
+            hook: Hook {
+                observer: self.observer,
+                transport: self.local.scheme,
+            },
+            draining: drain,
             transport: self.transport,
             config: self.config,
             controller: self.controller,
@@ -343,12 +376,15 @@ impl Server {
                         let dropped = shared.unauthenticated.admit(id, shared.config.max_unauthenticated);
                         let shared = shared.clone();
                         let cancel = shutdown.child_token();
+                        shared.hook.opened();
                         tracker.spawn(async move {
                             let waiting = Waiting { set: shared.unauthenticated.clone(), id, dropped };
+                            let hook = shared.hook.clone();
                             tokio::select! {
                                 _ = cancel.cancelled() => debug!("shutting down"),
                                 _ = handle(shared, tcp, waiting) => {}
                             }
+                            hook.closed();
                         }.instrument(span));
                     }
                     Err(e) => {
@@ -381,6 +417,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
     let started = Instant::now();
     let outcome = tokio::select! {
         _ = waiting.dropped.cancelled() => {
+            shared.hook.refused(Refusal::Flood);
             warn!(
                 "dropped after {:.1}s without a finished handshake: {} connections were waiting \
                  to authenticate and this was the oldest",
@@ -395,10 +432,12 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
         Ok(Ok(Some(ok))) => ok,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
+            shared.hook.refused(Refusal::of(&e));
             warn!("refused a connection: {e}");
             return;
         }
         Err(_) => {
+            shared.hook.refused(Refusal::Timeout);
             warn!(
                 "refused a connection: no finished handshake within {}s",
                 config.handshake_timeout.as_secs()
@@ -421,11 +460,19 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
             protocol::PROTOCOL_MIN,
             protocol::PROTOCOL_MAX
         );
+        shared.hook.refused(Refusal::Version);
         reject(&mut stream, RejectReason::Version, message).await;
         return;
     };
     match (hello.purpose, &shared.controller) {
         (Purpose::Data, _) => {}
+        (Purpose::Control, Some(_)) if shared.draining.is_cancelled() => {
+            let message = "this tunnel-server is shutting down: it finishes the migrations under \
+                           way and starts no new one"
+                .to_owned();
+            reject(&mut stream, RejectReason::ShuttingDown, message).await;
+            return;
+        }
         (Purpose::Control, Some(controller)) => {
             shared.activity.send_modify(|a| {
                 a.started += 1;
@@ -448,7 +495,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
             return;
         }
         (Purpose::Control, None) => {
-            let message = (shared.config.refusal_text)(Refusal::NoController);
+            let message = (shared.config.refusal_text)(SetupRefusal::NoController);
             reject(&mut stream, RejectReason::BadRequest, message).await;
             return;
         }
@@ -517,7 +564,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
     };
     debug!(version, client = %hello.software, "connected to the destination socket");
 
-    let (stats, result) = relay(dest, stream).await;
+    let (stats, result) = shared.hook.relay(dest, stream).await;
     match &result {
         Ok(()) => info!(
             received = stats.from_tunnel,
@@ -553,6 +600,7 @@ async fn handshake(
             let message = "the client has a token, but this server has none: give \
                            tunnel-server the same token"
                 .to_owned();
+            shared.hook.refused(Refusal::UnexpectedToken);
             reject(&mut stream, RejectReason::Auth, message).await;
             return Ok(None);
         }
@@ -580,6 +628,10 @@ async fn handshake(
              replayed handshake)"
         }
     };
+    shared.hook.refused(match answer.mac {
+        None => Refusal::NoToken,
+        Some(_) => Refusal::WrongToken,
+    });
     reject(&mut stream, RejectReason::Auth, failure.to_owned()).await;
     Ok(None)
 }
@@ -642,7 +694,7 @@ async fn connect_in_order(shared: &Shared, hello: &Hello) -> Result<UnixStream> 
             None => Err(Error::Protocol(format!(
                 "no migration session {} was prepared on this server: {}",
                 hello.session,
-                (config.refusal_text)(Refusal::UnpreparedSession)
+                (config.refusal_text)(SetupRefusal::UnpreparedSession)
             ))),
         },
     };

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use qmigrate_qmp::{MigrateRecover, MigrationStatus, QueryVersion};
@@ -28,6 +28,9 @@ use crate::{direct, MigrationPlan, QemuTarget};
 /// How long the source may take to send its settings after the control connection opened.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the destination waits for the source's end after its own, before it answers.
+const SOURCE_END_GRACE: Duration = Duration::from_secs(3);
+
 /// How long the destination may take to reach its verdict once the source has ended without
 /// completing (a destination QEMU waits for data that never comes otherwise).
 const AFTER_SOURCE_FAILED: Duration = Duration::from_secs(15);
@@ -35,6 +38,78 @@ const AFTER_SOURCE_FAILED: Duration = Duration::from_secs(15);
 /// Prepares destination QEMUs for control connections, one migration per route at a time.
 #[derive(Debug, Clone)]
 pub struct QmpController(Arc<Inner>);
+
+/// Receives a [`QmpController`]'s [`DestinationEvent`]s (a front end's metrics, its shutdown
+/// log). Called on the session's task: keep it quick.
+pub trait DestinationObserver: Send + Sync + std::fmt::Debug + 'static {
+    /// One event.
+    fn event(&self, event: &DestinationEvent);
+}
+
+/// A migration on one of the controller's routes began or ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DestinationEvent {
+    /// A migration to a known, free route began (the source's settings arrived).
+    Started {
+        /// The route (`None`: the URL path `/`).
+        route: Option<String>,
+    },
+    /// That migration ended (each `Started` has one, unless the server was stopped first).
+    Ended {
+        /// The route.
+        route: Option<String>,
+        /// How.
+        end: MigrationEnd,
+        /// From `Started` to the destination's verdict.
+        duration: Duration,
+        /// The guest's downtime as the source's QEMU measured it (completed migrations from
+        /// sources that report it).
+        downtime: Option<Duration>,
+    },
+}
+
+/// How a migration ended, as the destination sums it up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MigrationEnd {
+    /// The destination QEMU completed it.
+    Completed,
+    /// The source cancelled it (a signal, `--timeout`).
+    Cancelled,
+    /// Anything else: either side failed, or the destination could not be prepared.
+    Failed,
+}
+
+impl MigrationEnd {
+    /// The lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationEnd::Completed => "completed",
+            MigrationEnd::Cancelled => "cancelled",
+            MigrationEnd::Failed => "failed",
+        }
+    }
+}
+
+/// What one session learned of its end, filled in as it goes.
+#[derive(Debug, Default)]
+struct Ending {
+    source: Option<SourceEnd>,
+    downtime: Option<Duration>,
+    completed: bool,
+}
+
+impl Ending {
+    fn end(&self) -> MigrationEnd {
+        if self.source == Some(SourceEnd::Cancelled) {
+            MigrationEnd::Cancelled
+        } else if self.completed {
+            MigrationEnd::Completed
+        } else {
+            MigrationEnd::Failed
+        }
+    }
+}
 
 #[derive(Debug)]
 struct Inner {
@@ -44,11 +119,21 @@ struct Inner {
     dir: tempfile::TempDir,
     /// Routes with a migration under way.
     busy: Mutex<HashSet<Option<String>>>,
+    /// Told when migrations start and end.
+    observer: Option<Arc<dyn DestinationObserver>>,
 }
 
 impl QmpController {
     /// `routes` maps route names (`None` for the path `/`) to QMP sockets.
     pub fn new(routes: BTreeMap<Option<String>, String>) -> crate::Result<Self> {
+        Self::observed(routes, None)
+    }
+
+    /// [`QmpController::new`] that tells `observer` when migrations start and end.
+    pub fn observed(
+        routes: BTreeMap<Option<String>, String>,
+        observer: Option<Arc<dyn DestinationObserver>>,
+    ) -> crate::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("qmigrate-server-")
             .tempdir()
@@ -57,6 +142,7 @@ impl QmpController {
             routes,
             dir,
             busy: Mutex::new(HashSet::new()),
+            observer,
         })))
     }
 
@@ -159,6 +245,16 @@ async fn serve(inner: Arc<Inner>, hello: Hello, mut stream: TunnelStream, sessio
     } else {
         info!(qmp = %qmp_path, socket = %socket.display(), ?settings, "preparing the destination");
     }
+    let observe = |event: DestinationEvent| {
+        if let Some(observer) = &inner.observer {
+            observer.event(&event);
+        }
+    };
+    let began = Instant::now();
+    observe(DestinationEvent::Started {
+        route: route.clone(),
+    });
+    let mut ending = Ending::default();
     match run_session(
         &qmp_path,
         &settings,
@@ -167,6 +263,7 @@ async fn serve(inner: Arc<Inner>, hello: Hello, mut stream: TunnelStream, sessio
         &hello.session,
         &mut stream,
         &sessions,
+        &mut ending,
     )
     .await
     {
@@ -176,6 +273,12 @@ async fn serve(inner: Arc<Inner>, hello: Hello, mut stream: TunnelStream, sessio
             fail(&mut stream, format!("{err:#}")).await;
         }
     }
+    observe(DestinationEvent::Ended {
+        route,
+        end: ending.end(),
+        duration: began.elapsed(),
+        downtime: ending.downtime,
+    });
     sessions.remove(&hello.session);
     let _ = std::fs::remove_file(&socket);
 }
@@ -217,6 +320,7 @@ fn plan_for(settings: &MigrationSettings) -> anyhow::Result<MigrationPlan> {
 /// Prepares (or, with `recover`, makes a paused postcopy migration listen again), answers
 /// ready, follows the destination to its verdict and reports it. An error before `Ready` is
 /// sent back as `Failed`.
+#[allow(clippy::too_many_arguments)] // the one caller passes its session's parts on
 async fn run_session(
     qmp_path: &str,
     settings: &MigrationSettings,
@@ -225,6 +329,7 @@ async fn run_session(
     session: &str,
     stream: &mut TunnelStream,
     sessions: &SessionMap,
+    ending: &mut Ending,
 ) -> anyhow::Result<()> {
     let plan = plan_for(settings)?;
     let qmp = connect_qmp(qmp_path)
@@ -296,7 +401,7 @@ async fn run_session(
 
     // Follow the destination; meanwhile listen for the source's end. When the source ended
     // without completing, the destination gets a little while to notice, then we report.
-    let outcome = {
+    let (outcome, source_ended) = {
         let mut follow = pin!(follow_incoming(&qmp, !settings.no_start));
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut source_ended = false;
@@ -308,16 +413,20 @@ async fn run_session(
                 }
             };
             tokio::select! {
-                outcome = &mut follow => break Some(outcome),
+                outcome = &mut follow => break (Some(outcome), source_ended),
                 msg = stream.recv_msg::<Control>(), if !source_ended => {
                     source_ended = true;
+                    if let Ok(Control::Finished { outcome, downtime_ms }) = &msg {
+                        ending.source = Some(*outcome);
+                        ending.downtime = downtime_ms.map(Duration::from_millis);
+                    }
                     match msg {
-                        Ok(Control::Finished { outcome: SourceEnd::Completed }) => {}
-                        Ok(Control::Finished { outcome: SourceEnd::PostcopyPaused }) => {
+                        Ok(Control::Finished { outcome: SourceEnd::Completed, .. }) => {}
+                        Ok(Control::Finished { outcome: SourceEnd::PostcopyPaused, .. }) => {
                             info!("the source gave up reconnecting: the destination stays postcopy-paused for a recovery");
                             deadline = Some(tokio::time::Instant::now());
                         }
-                        Ok(Control::Finished { outcome }) => {
+                        Ok(Control::Finished { outcome, .. }) => {
                             info!("the source reports the migration {}", outcome.name());
                             deadline = Some(tokio::time::Instant::now() + AFTER_SOURCE_FAILED);
                         }
@@ -328,10 +437,23 @@ async fn run_session(
                         }
                     }
                 }
-                _ = wait => break None,
+                _ = wait => break (None, source_ended),
             }
         }
     };
+    // The destination usually finishes first; the source's end (and its downtime, for the
+    // metrics) follows within a poll of its QEMU.
+    if !source_ended {
+        if let Ok(Ok(Control::Finished {
+            outcome,
+            downtime_ms,
+        })) = tokio::time::timeout(SOURCE_END_GRACE, stream.recv_msg::<Control>()).await
+        {
+            ending.source = Some(outcome);
+            ending.downtime = downtime_ms.map(Duration::from_millis);
+        }
+    }
+    ending.completed = matches!(&outcome, Some(Ok(o)) if o.status == MigrationStatus::Completed);
     let done = match outcome {
         Some(Ok(o)) => Control::Done {
             status: Named::Known(o.status),

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::plan::Compression;
 
-pub use destination::QmpController;
+pub use destination::{DestinationEvent, DestinationObserver, MigrationEnd, QmpController};
 
 /// The messages of a control connection, after its `Reply::Accept`, in the order of the
 /// module's diagram.
@@ -70,6 +70,10 @@ pub enum Control {
     Finished {
         /// The source's outcome.
         outcome: SourceEnd,
+        /// QEMU's downtime on the source (completed migrations), in milliseconds, for the
+        /// destination's metrics; older sources leave it out.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        downtime_ms: Option<u64>,
     },
     /// Server: how the migration ended on the destination.
     Done {
@@ -251,6 +255,7 @@ mod tests {
             (
                 Control::Finished {
                     outcome: SourceEnd::PostcopyPaused,
+                    downtime_ms: None,
                 },
                 r#"{"type":"finished","outcome":"postcopy-paused"}"#,
             ),
@@ -270,18 +275,28 @@ mod tests {
             (
                 Control::Finished {
                     outcome: SourceEnd::Completed,
+                    downtime_ms: None,
                 },
                 r#"{"type":"finished","outcome":"completed"}"#,
             ),
             (
                 Control::Finished {
+                    outcome: SourceEnd::Completed,
+                    downtime_ms: Some(42),
+                },
+                r#"{"type":"finished","outcome":"completed","downtime_ms":42}"#,
+            ),
+            (
+                Control::Finished {
                     outcome: SourceEnd::Cancelled,
+                    downtime_ms: None,
                 },
                 r#"{"type":"finished","outcome":"cancelled"}"#,
             ),
             (
                 Control::Finished {
                     outcome: SourceEnd::Failed,
+                    downtime_ms: None,
                 },
                 r#"{"type":"finished","outcome":"failed"}"#,
             ),
@@ -343,7 +358,8 @@ mod tests {
         assert_eq!(
             decode_body::<Control>(json.as_bytes()).expect("newer outcome"),
             Control::Finished {
-                outcome: SourceEnd::Other
+                outcome: SourceEnd::Other,
+                downtime_ms: None,
             }
         );
         let json = r#"{"type":"prepare","settings":{"compression":"lz4","postcopy":false,"no_start":false,"direct":false}}"#;

@@ -130,6 +130,7 @@ pub async fn run(
     .await?;
     let mut cancel = Latch::new(cancel);
     let mut route = Some(route);
+    let mut downtime = None;
     let result = follow_source(
         &opts,
         &settings,
@@ -138,9 +139,10 @@ pub async fn run(
         progress,
         events,
         &mut cancel,
+        &mut downtime,
     )
     .await;
-    finish(result, route, events).await
+    finish(result, route, downtime, events).await
 }
 
 /// Resumes a postcopy migration left paused on the source (`qmigrate recover`): checks that
@@ -178,6 +180,7 @@ pub async fn recover(
     }
     let mut cancel = Latch::new(cancel);
     let mut route = None;
+    let mut downtime = None;
     let result = follow_source(
         &opts,
         &settings,
@@ -186,9 +189,10 @@ pub async fn recover(
         progress,
         events,
         &mut cancel,
+        &mut downtime,
     )
     .await;
-    finish(result, route, events).await
+    finish(result, route, downtime, events).await
 }
 
 /// How [`follow_source`] begins.
@@ -201,7 +205,9 @@ enum Begin {
 }
 
 /// Runs the source job (or resumes it) over `route`, and recovers it over new routes while
-/// postcopy is paused. The route in use at the end is left in `route`.
+/// postcopy is paused. The route in use at the end is left in `route`, the source's downtime
+/// in `downtime`.
+#[allow(clippy::too_many_arguments)] // run and recover pass their own on
 async fn follow_source<F: Future<Output = String>>(
     opts: &SessionOptions,
     settings: &MigrationSettings,
@@ -210,6 +216,7 @@ async fn follow_source<F: Future<Output = String>>(
     progress: &mut (dyn Progress + Send),
     events: &mut (dyn FnMut(SessionEvent<'_>) + Send),
     cancel: &mut Latch<F>,
+    downtime: &mut Option<Duration>,
 ) -> crate::Result<()> {
     let follow = FollowOptions {
         detach: false,
@@ -309,6 +316,7 @@ async fn follow_source<F: Future<Output = String>>(
             }
         }
     }
+    *downtime = summary.downtime;
     progress.finish(&summary);
     qmp.close().await;
     source::outcome_result(&summary.outcome, &state)
@@ -319,6 +327,7 @@ async fn follow_source<F: Future<Output = String>>(
 async fn finish(
     result: crate::Result<()>,
     route: Option<Route>,
+    downtime: Option<Duration>,
     events: &mut (dyn FnMut(SessionEvent<'_>) + Send),
 ) -> crate::Result<()> {
     let outcome = match &result {
@@ -331,7 +340,8 @@ async fn finish(
         // Never reached the server (a recovery that found the network down throughout).
         return result;
     };
-    let verdict = destination_verdict(&mut route.control, outcome).await;
+    let downtime_ms = downtime.and_then(|d| u64::try_from(d.as_millis()).ok());
+    let verdict = destination_verdict(&mut route.control, outcome, downtime_ms).await;
     route.close().await;
 
     let verdict = match verdict {
@@ -527,6 +537,7 @@ impl<F: Future<Output = String>> Latch<F> {
 async fn destination_verdict(
     control: &mut TunnelStream,
     outcome: SourceEnd,
+    downtime_ms: Option<u64>,
 ) -> anyhow::Result<Verdict> {
     // The server may already have sent its verdict (the destination finished first) and
     // closed: a failed send is not yet an error.
@@ -537,7 +548,10 @@ async fn destination_verdict(
         SourceEnd::Completed => DONE_TIMEOUT,
         _ => ABORTED_TIMEOUT,
     };
-    let finished = Control::Finished { outcome };
+    let finished = Control::Finished {
+        outcome,
+        downtime_ms,
+    };
     let _ = tokio::time::timeout(limit, control.send_msg(&finished)).await;
     match tokio::time::timeout(limit, control.recv_msg::<Control>()).await {
         Ok(Ok(Control::Done {
