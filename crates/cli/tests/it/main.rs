@@ -4,6 +4,7 @@
 
 mod support;
 
+mod converge;
 mod e2e;
 mod endurance;
 mod file;
