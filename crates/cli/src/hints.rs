@@ -53,7 +53,9 @@ fn advised(cause: &(dyn StdError + 'static)) -> Option<String> {
         return Some(format!(
             "postcopy paused: {}; the guest's memory is split between both hosts, so neither \
              can run it alone: both QEMUs are left paused (not killed). Once the network is \
-             back, run `qmigrate recover --qmp SRC --to URL` (the same URL) to resume it",
+             back, resume it with `qmigrate recover --qmp SRC --to URL` (the tunnel-server \
+             --qmp's URL), or step by step with `qmigrate recover --incoming --qmp DST --socket \
+             PATH` on the destination, then `qmigrate recover --qmp SRC --socket PATH` here",
             e.0
         ));
     }

@@ -130,6 +130,28 @@ pub struct IncomingOutcome {
     pub started: bool,
 }
 
+/// On a destination whose postcopy migration is paused: listens again at `target`
+/// (`migrate-recover`) for the source's resume. Errors unless the destination is
+/// `postcopy-paused`.
+pub async fn listen_for_recovery(qmp: &Qmp, target: &crate::QemuTarget) -> crate::Result<()> {
+    let status = status_of(&query_migrate(qmp).await?);
+    if status != MigrationStatus::PostcopyPaused {
+        return Err(crate::Error::new(
+            crate::ErrorKind::Usage,
+            anyhow!(
+                "there is no paused postcopy migration on the destination QEMU (its migration \
+                 status is {status}): nothing to recover"
+            ),
+        ));
+    }
+    qmp.execute(&qmigrate_qmp::MigrateRecover {
+        uri: target.to_string(),
+    })
+    .await
+    .with_context(|| format!("the destination QEMU refused to listen again at {target}"))?;
+    Ok(())
+}
+
 /// Follows an incoming migration prepared by [`prepare_incoming`] to its end; with `start`,
 /// sends `cont` afterwards when the destination VM is paused (QEMU started with `-S`).
 ///

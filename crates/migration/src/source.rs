@@ -354,6 +354,95 @@ pub async fn resume_migration(
     Ok(summary)
 }
 
+/// Resumes, from a new process, the postcopy migration this source QEMU was left paused in
+/// (`qmigrate recover`): checks that it is `postcopy-paused`, then [`resume_migration`] to
+/// `endpoint` with default follow options, again with backoff while the resume ends paused
+/// (the network not back yet), for up to `retry_for`. Returns the summary and the source's
+/// state for [`outcome_result`].
+pub async fn resume_paused(
+    qmp: &Qmp,
+    endpoint: &QemuTarget,
+    retry_for: Duration,
+    progress: &mut dyn Progress,
+    cancel: impl Future<Output = String>,
+) -> crate::Result<(Summary, SourceState)> {
+    let status = status_of(&query_migrate(qmp).await?);
+    if status != MigrationStatus::PostcopyPaused {
+        return Err(Error::new(
+            ErrorKind::Usage,
+            anyhow!(
+                "there is no paused postcopy migration on the source QEMU (its migration status \
+                 is {status}): nothing to recover"
+            ),
+        ));
+    }
+    let state = SourceState {
+        was_running: false,
+        qemu: qemu_version(qmp),
+    };
+    let plan = MigrationPlan {
+        postcopy: true,
+        ..MigrationPlan::default()
+    };
+    let deadline = Instant::now() + retry_for;
+    let mut cancel = Latch::new(cancel);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let summary = resume_migration(
+            qmp,
+            &plan,
+            endpoint,
+            &state,
+            &FollowOptions::default(),
+            progress,
+            cancel.wait(),
+        )
+        .await?;
+        let Outcome::PostcopyPaused(reason) = &summary.outcome else {
+            return Ok((summary, state));
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok((summary, state));
+        }
+        let wait = backoff.min(left);
+        progress.note(&format!(
+            "the resume did not get through ({reason}); trying again in {} s",
+            wait.as_secs()
+        ));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = cancel.wait() => return Ok((summary, state)),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// A cancellation future that can be awaited again after it resolved (it then gives the same
+/// reason at once): the source job is followed more than once when postcopy is recovered.
+pub(crate) struct Latch<F> {
+    fut: std::pin::Pin<Box<F>>,
+    reason: Option<String>,
+}
+
+impl<F: Future<Output = String>> Latch<F> {
+    pub(crate) fn new(fut: F) -> Self {
+        Latch {
+            fut: Box::pin(fut),
+            reason: None,
+        }
+    }
+
+    pub(crate) async fn wait(&mut self) -> String {
+        if let Some(reason) = &self.reason {
+            return reason.clone();
+        }
+        let reason = self.fut.as_mut().await;
+        self.reason = Some(reason.clone());
+        reason
+    }
+}
+
 /// How [`migrate_and_follow`] starts.
 enum Start {
     /// A new migration.

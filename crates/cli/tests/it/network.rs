@@ -515,3 +515,120 @@ async fn server_killed_mid_precopy() {
     let qmp = support::qmp(&rig.src.qmp_path).await;
     assert_eq!(support::vm_state(&qmp).await.0, RunState::Postmigrate);
 }
+
+/// Step by step (`receive`, `send` through tunnel-server and tunnel-client): postcopy paused
+/// by a pulled link, `send` exits 1 naming the recovery; once the link is back,
+/// `recover --incoming` on the destination and `recover --socket` on the source complete it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_by_step_postcopy_recovers() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let rig = postcopy_rig(&bin, &ns, "tcp").await;
+    // A plain tunnel-server (no --qmp) in the namespace, beside the rig's.
+    let d = rig.d.clone();
+    let dest_sock = d.join("dest.sock");
+    let src_sock = d.join("src.sock");
+    let s = setup(&d, "tcp", ns.addr());
+    let mut args = vec![
+        "tunnel-server".to_owned(),
+        "--listen".into(),
+        format!("tcp://{}:0", ns.addr()),
+        "--socket".into(),
+        path(&dest_sock),
+        "--dead-peer-timeout".into(),
+        DEAD_PEER.into(),
+    ];
+    args.extend(s.server.iter().cloned());
+    let mut srv = Proc::spawn_wrapped("plain-server", &d, &ns.command("env"), &args);
+    let line = srv.next_line(READY).await;
+    let url = line
+        .strip_prefix("listening on ")
+        .expect("ready")
+        .trim()
+        .to_owned();
+    let mut args = vec![
+        "tunnel-client".to_owned(),
+        "--connect".into(),
+        url,
+        "--socket".into(),
+        path(&src_sock),
+    ];
+    args.extend(rig.client.iter().cloned());
+    let mut client = Proc::spawn("tunnel-client", &d, &args);
+    let line = client.next_line(READY).await;
+    assert!(line.starts_with("listening on "), "{line}");
+
+    let dst_qmp = path(&rig.dst.qmp_path);
+    let src_qmp = path(&rig.src.qmp_path);
+    let out = run(
+        [
+            "receive",
+            "--qmp",
+            &dst_qmp,
+            "--socket",
+            &path(&dest_sock),
+            "--postcopy",
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(out.status.success(), "receive: {}", out.stderr);
+    let mut send = Proc::spawn(
+        "send",
+        &d,
+        [
+            "send",
+            "--qmp",
+            &src_qmp,
+            "--socket",
+            &path(&src_sock),
+            "--postcopy=0",
+            "--max-bandwidth",
+            BANDWIDTH,
+        ],
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ns.link_down();
+    let (status, _) = send.wait(Duration::from_secs(120)).await;
+    let err = send.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("recover --incoming"), "{err}");
+    wait_status(
+        &rig.dst.qmp_path,
+        MigrationStatus::PostcopyPaused,
+        Duration::from_secs(60),
+    )
+    .await;
+    ns.link_up();
+
+    let out = run(
+        [
+            "recover",
+            "--incoming",
+            "--qmp",
+            &dst_qmp,
+            "--socket",
+            &path(&dest_sock),
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(out.status.success(), "recover --incoming: {}", out.stderr);
+    let out = run(
+        ["recover", "--qmp", &src_qmp, "--socket", &path(&src_sock)],
+        Duration::from_secs(240),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "recover: {}\nserver:\n{}\nclient:\n{}",
+        out.stderr,
+        srv.stderr(),
+        client.stderr()
+    );
+    rig.verify().await;
+    srv.kill().await;
+    client.kill().await;
+}

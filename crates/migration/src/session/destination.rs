@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use qmigrate_qmp::{MigrateRecover, MigrationStatus, QueryVersion};
+use qmigrate_qmp::{MigrationStatus, QueryVersion};
 use qmigrate_transport::protocol::Hello;
 use qmigrate_transport::{Controller, SessionMap, TunnelStream};
 use tracing::{info, warn};
@@ -285,11 +285,7 @@ async fn serve(inner: Arc<Inner>, hello: Hello, mut stream: TunnelStream, sessio
 
 /// `migrate-recover`: the paused destination listens again at `target` for the resume.
 async fn listen_again(qmp: &qmigrate_qmp::Qmp, target: &QemuTarget) -> anyhow::Result<()> {
-    qmp.execute(&MigrateRecover {
-        uri: target.to_string(),
-    })
-    .await
-    .with_context(|| format!("the destination QEMU refused to listen again at {target}"))?;
+    crate::destination::listen_for_recovery(qmp, target).await?;
     info!(endpoint = %target, "destination listens again for the recovery");
     Ok(())
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Control, MigrationSettings, Named, SourceEnd};
 use crate::monitor::connect_qmp;
 use crate::outcome::{Outcome, Progress};
+use crate::source::Latch;
 use crate::source::{self, FollowOptions};
 use crate::{direct, Error, ErrorKind, MigrationPlan, QemuTarget};
 
@@ -506,31 +507,6 @@ async fn open_route(
         stop,
         _dir: dir,
     })
-}
-
-/// A cancellation future that can be awaited again after it resolved (it then gives the same
-/// reason at once): the source job is followed more than once when postcopy is recovered.
-struct Latch<F> {
-    fut: std::pin::Pin<Box<F>>,
-    reason: Option<String>,
-}
-
-impl<F: Future<Output = String>> Latch<F> {
-    fn new(fut: F) -> Self {
-        Latch {
-            fut: Box::pin(fut),
-            reason: None,
-        }
-    }
-
-    async fn wait(&mut self) -> String {
-        if let Some(reason) = &self.reason {
-            return reason.clone();
-        }
-        let reason = self.fut.as_mut().await;
-        self.reason = Some(reason.clone());
-        reason
-    }
 }
 
 /// Tells the server how the source ended and waits for the destination's verdict.
