@@ -191,10 +191,7 @@ pub async fn run_migration(
         .context("query-migrate-parameters failed")?;
     let params = fit_parameters(plan.source_parameters(), &before_params, &qemu)?;
     let restore_params = parameters_to_restore(&params, &before_params);
-    let support = probe::migration_support(qmp)
-        .await
-        .context("cannot ask QEMU which migration arguments it supports")?;
-    let target = endpoint.target_for(qmp, &support, Direction::Outgoing)?;
+    let target = qemu_target(qmp, endpoint).await?;
     set_capabilities(qmp, wanted).await?;
     let set_params = qmp
         .execute(&params)
@@ -335,10 +332,7 @@ pub async fn resume_migration(
     progress: &mut dyn Progress,
     cancel: impl Future<Output = String>,
 ) -> crate::Result<Summary> {
-    let support = probe::migration_support(qmp)
-        .await
-        .context("cannot ask QEMU which migration arguments it supports")?;
-    let target = endpoint.target_for(qmp, &support, Direction::Outgoing)?;
+    let target = qemu_target(qmp, endpoint).await?;
     let summary = migrate_and_follow(
         qmp,
         plan,
@@ -354,6 +348,30 @@ pub async fn resume_migration(
     Ok(summary)
 }
 
+/// Checks that this source QEMU has a postcopy migration paused to resume (a usage error
+/// otherwise: there is nothing to recover).
+pub async fn check_paused(qmp: &Qmp) -> crate::Result<()> {
+    let status = status_of(&query_migrate(qmp).await?);
+    if status != MigrationStatus::PostcopyPaused {
+        return Err(Error::new(
+            ErrorKind::Usage,
+            anyhow!(
+                "there is no paused postcopy migration on the source QEMU (its migration status \
+                 is {status}): nothing to recover"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The migration target QEMU understands for `endpoint` (its `channels` or the legacy `uri`).
+async fn qemu_target(qmp: &Qmp, endpoint: &QemuTarget) -> crate::Result<MigrationTarget> {
+    let support = probe::migration_support(qmp)
+        .await
+        .context("cannot ask QEMU which migration arguments it supports")?;
+    endpoint.target_for(qmp, &support, Direction::Outgoing)
+}
+
 /// Resumes, from a new process, the postcopy migration this source QEMU was left paused in
 /// (`qmigrate recover`): checks that it is `postcopy-paused`, then [`resume_migration`] to
 /// `endpoint` with default follow options, again with backoff while the resume ends paused
@@ -366,16 +384,7 @@ pub async fn resume_paused(
     progress: &mut dyn Progress,
     cancel: impl Future<Output = String>,
 ) -> crate::Result<(Summary, SourceState)> {
-    let status = status_of(&query_migrate(qmp).await?);
-    if status != MigrationStatus::PostcopyPaused {
-        return Err(Error::new(
-            ErrorKind::Usage,
-            anyhow!(
-                "there is no paused postcopy migration on the source QEMU (its migration status \
-                 is {status}): nothing to recover"
-            ),
-        ));
-    }
+    check_paused(qmp).await?;
     let state = SourceState {
         was_running: false,
         qemu: qemu_version(qmp),

@@ -129,21 +129,16 @@ pub async fn run(
         events,
     )
     .await?;
-    let mut cancel = Latch::new(cancel);
-    let mut route = Some(route);
-    let mut downtime = None;
-    let result = follow_source(
+    drive(
         &opts,
         &settings,
         Begin::Migrate,
-        &mut route,
+        Some(route),
         progress,
         events,
-        &mut cancel,
-        &mut downtime,
+        cancel,
     )
-    .await;
-    finish(result, route, downtime, events).await
+    .await
 }
 
 /// Resumes a postcopy migration left paused on the source (`qmigrate recover`): checks that
@@ -167,25 +162,39 @@ pub async fn recover(
     };
     {
         let qmp = connect_qmp(&opts.qmp).await?;
-        let status = crate::monitor::status_of(&crate::monitor::query_migrate(&qmp).await?);
+        let paused = source::check_paused(&qmp).await;
         qmp.close().await;
-        if status != MigrationStatus::PostcopyPaused {
-            return Err(Error::new(
-                ErrorKind::Usage,
-                anyhow!(
-                    "there is no paused postcopy migration on the source QEMU (its migration \
-                     status is {status}): nothing to recover"
-                ),
-            ));
-        }
+        paused?;
     }
-    let mut cancel = Latch::new(cancel);
-    let mut route = None;
-    let mut downtime = None;
-    let result = follow_source(
+    drive(
         &opts,
         &settings,
         Begin::Resume,
+        None,
+        progress,
+        events,
+        cancel,
+    )
+    .await
+}
+
+/// Follows the source job (over `route`, or over a route of its own for a resume) to its end,
+/// recovering it while postcopy is paused, and brings back the destination's verdict.
+async fn drive(
+    opts: &SessionOptions,
+    settings: &MigrationSettings,
+    begin: Begin,
+    mut route: Option<Route>,
+    progress: &mut (dyn Progress + Send),
+    events: &mut (dyn FnMut(SessionEvent<'_>) + Send),
+    cancel: impl Future<Output = String>,
+) -> crate::Result<()> {
+    let mut cancel = Latch::new(cancel);
+    let mut downtime = None;
+    let result = follow_source(
+        opts,
+        settings,
+        begin,
         &mut route,
         progress,
         events,
