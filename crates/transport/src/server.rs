@@ -512,7 +512,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
     };
     debug!(version, client = %hello.software, "connected to the destination socket");
 
-    let (stats, result) = relay(dest, stream).await;
+    let (stats, result) = relay(dest, stream, version).await;
     match &result {
         Ok(()) => info!(
             received = stats.from_tunnel,

@@ -27,8 +27,15 @@ use crate::ws::{self, FrameError, RecvError, WsReader, WsStream, WsWriter};
 #[doc(hidden)]
 pub mod fuzzing;
 
-/// How long a finished WebSocket connection waits for the peer's close frame.
+/// How long a finished WebSocket connection of protocol version 1 waits for the peer's close
+/// frame, which it does not require.
 const WS_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a finished connection of protocol version 2 waits for the peer's acknowledgement
+/// of its end of stream. The peer sends it once it has written all of our stream to its QEMU,
+/// so this covers the last socket buffers' worth of a destination that reads slowly; a peer
+/// that failed drops the connection, which ends the wait at once.
+pub(crate) const END_ACK_WAIT: Duration = Duration::from_secs(60);
 
 /// One established tunnel connection (after the TCP connect, TLS handshake or WebSocket
 /// upgrade, before or after the tunnel handshake).
@@ -109,16 +116,72 @@ impl TunnelStream {
         }
     }
 
-    /// Ends a connection whose both directions finished: the WebSocket close handshake, so
-    /// that neither side resets a connection with a close frame still unread.
-    pub async fn finish(reader: TunnelReader, writer: TunnelWriter) {
+    /// Ends a connection whose both directions finished (their end markers sent and
+    /// received), as the negotiated protocol `version` says.
+    ///
+    /// From version 2 ([`protocol::ACKNOWLEDGED_END`]) this is where each side learns that the
+    /// peer received its stream: on TCP and TLS each side sends a second empty frame (the
+    /// acknowledgement), then its FIN (TLS: `close_notify` and FIN), and waits for the
+    /// peer's; on WebSocket each side sends a close frame and waits for the peer's. A peer that
+    /// closes without it, or sends none within [`END_ACK_WAIT`], lost some of our stream: an
+    /// error. Version 1 peers send no acknowledgement on TCP and TLS, and their close frame
+    /// is waited for (so that neither side resets a connection with it unread) but not
+    /// required.
+    pub async fn finish(reader: TunnelReader, writer: TunnelWriter, version: u32) -> Result<()> {
+        let acked = version >= protocol::ACKNOWLEDGED_END;
+        let wait = if acked { END_ACK_WAIT } else { WS_CLOSE_WAIT };
         match (reader, writer) {
-            (TunnelReader::Ws(rd), TunnelWriter::Ws(wr)) => ws::close(rd, wr, WS_CLOSE_WAIT).await,
-            (TunnelReader::Wss(rd), TunnelWriter::Wss(wr)) => {
-                ws::close(*rd, *wr, WS_CLOSE_WAIT).await
+            (TunnelReader::Tcp(mut rd), TunnelWriter::Tcp(mut wr)) => {
+                frames_close(&mut rd, &mut wr, acked).await
             }
-            _ => {}
+            (TunnelReader::Tls(mut rd), TunnelWriter::Tls(mut wr)) => {
+                frames_close(&mut *rd, &mut *wr, acked).await
+            }
+            (TunnelReader::Ws(rd), TunnelWriter::Ws(wr)) => {
+                let closed = ws::close(rd, wr, wait).await;
+                if acked {
+                    closed
+                } else {
+                    Ok(())
+                }
+            }
+            (TunnelReader::Wss(rd), TunnelWriter::Wss(wr)) => {
+                let closed = ws::close(*rd, *wr, wait).await;
+                if acked {
+                    closed
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Err(Error::Protocol(
+                "the two directions of a connection belong to different transports".into(),
+            )),
         }
+    }
+}
+
+/// The end of a TCP or TLS connection after both end markers: in version 2 our
+/// acknowledgement of the peer's end, then FIN (TLS: `close_notify`), then the peer's
+/// acknowledgement of ours and its FIN.
+async fn frames_close<R, W>(rd: &mut FrameReader<R>, wr: &mut W, acked: bool) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if !acked {
+        return wr.shutdown().await.map_err(Error::lost_or_io);
+    }
+    rd.dec.expect_ack(true);
+    wr.write_all(&[0u8; frame::HEADER])
+        .await
+        .map_err(Error::lost_or_io)?;
+    wr.shutdown().await.map_err(Error::lost_or_io)?;
+    match tokio::time::timeout(END_ACK_WAIT, rd.until_ack()).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::ConnectionLost(format!(
+            "the peer did not acknowledge the end of the stream within {}s",
+            END_ACK_WAIT.as_secs()
+        ))),
     }
 }
 
@@ -189,6 +252,18 @@ pub struct FrameReader<R> {
 }
 
 impl TunnelReader {
+    /// Tells a TCP or TLS reader whether an acknowledgement follows the peer's end marker
+    /// (protocol version 2, [`protocol::ACKNOWLEDGED_END`]), so that it takes one that arrives
+    /// together with the end for what it is. WebSocket acknowledges with its close frame.
+    pub fn expect_acknowledged_end(&mut self, version: u32) {
+        let yes = version >= protocol::ACKNOWLEDGED_END;
+        match self {
+            TunnelReader::Tcp(r) => r.dec.expect_ack(yes),
+            TunnelReader::Tls(r) => r.dec.expect_ack(yes),
+            TunnelReader::Ws(_) | TunnelReader::Wss(_) => {}
+        }
+    }
+
     /// Reads the next bytes into `buf`; `Ok(0)` means the peer ended the stream cleanly.
     /// A connection that ends without the end marker is [`Error::ConnectionLost`].
     pub async fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
@@ -231,6 +306,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     async fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
         loop {
+            if self.dec.ended() {
+                return Ok(0);
+            }
             match self.dec.expect() {
                 Expect::End => return Ok(0),
                 Expect::Payload { left } => {
@@ -260,6 +338,34 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     self.dec.header(&header[..missing])?;
                 }
             }
+        }
+    }
+
+    /// After the peer's end marker: its acknowledgement of ours (unless it came with the end),
+    /// then the end of the connection (TLS: `close_notify`).
+    async fn until_ack(&mut self) -> Result<()> {
+        while let Expect::Header { missing } = self.dec.expect() {
+            let mut header = [0u8; frame::HEADER];
+            match self.rd.read_exact(&mut header[..missing]).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(Error::ConnectionLost(
+                        "the peer closed without acknowledging the end of the stream".into(),
+                    ))
+                }
+                Err(e) => return Err(Error::lost_or_io(e)),
+            }
+            self.dec.header(&header[..missing])?;
+        }
+        if !self.dec.acked() {
+            return Err(crate::frame::DecodeError::AfterEnd.into());
+        }
+        // Acknowledged: what follows can only be the end. Read it, so that our close does
+        // not reset a connection with bytes unread; a failure here loses nothing.
+        let mut byte = [0u8; 1];
+        match self.rd.read(&mut byte).await {
+            Ok(n) if n > 0 => Err(crate::frame::DecodeError::AfterEnd.into()),
+            _ => Ok(()),
         }
     }
 
@@ -304,7 +410,8 @@ impl TunnelWriter {
         }
     }
 
-    /// Ends this direction: the end marker, then (TCP) a FIN, (TLS) a close_notify and a FIN.
+    /// Ends this direction: the end marker. The FIN (TLS: `close_notify` and FIN) waits for
+    /// [`TunnelStream::finish`], which in protocol version 2 sends an acknowledgement first.
     /// The other direction stays open.
     pub async fn finish(&mut self) -> Result<()> {
         match self {
@@ -346,8 +453,10 @@ async fn frames_write_all<W: AsyncWrite + Unpin>(
 }
 
 async fn frames_finish<W: AsyncWrite + Unpin>(w: &mut W) -> Result<()> {
-    w.write_all(&[0u8; 4]).await.map_err(Error::lost_or_io)?;
-    w.shutdown().await.map_err(Error::lost_or_io)
+    w.write_all(&[0u8; frame::HEADER])
+        .await
+        .map_err(Error::lost_or_io)?;
+    w.flush().await.map_err(Error::lost_or_io)
 }
 
 async fn frames_pump_from<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(

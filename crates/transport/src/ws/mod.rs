@@ -59,23 +59,33 @@ const READ_CHUNK: usize = 1024 * 1024;
 const CLOSE_NORMAL: u16 = 1000;
 
 /// Ends a connection whose both directions finished: our close frame, the peer's (bounded
-/// by `wait`), then the write side's shutdown (TLS: close_notify). A peer that never answers
-/// is left after `wait`.
-pub(crate) async fn close<R, W>(mut rd: WsReader<R>, mut wr: WsWriter<W>, wait: std::time::Duration)
+/// by `wait`), then the write side's shutdown (TLS: close_notify). `Ok` once the peer's close
+/// frame (status 1000, or none) has arrived: the peer has received our whole stream, since it
+/// closes only after both directions ended. A peer that never answers is left after `wait`.
+pub(crate) async fn close<R, W>(
+    mut rd: WsReader<R>,
+    mut wr: WsWriter<W>,
+    wait: std::time::Duration,
+) -> Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let _ = tokio::time::timeout(wait, async {
-        let _ = wr.answer_ping().await;
-        if wr.st.queue(OP_CLOSE, &CLOSE_NORMAL.to_be_bytes()).is_ok()
-            && wr.st.drain(&mut wr.io).await.is_ok()
-        {
-            rd.until_close().await;
-        }
+    let closed = tokio::time::timeout(wait, async {
+        wr.answer_ping().await?;
+        wr.st.queue(OP_CLOSE, &CLOSE_NORMAL.to_be_bytes())?;
+        wr.st.drain(&mut wr.io).await?;
+        let peer = rd.until_close().await;
         let _ = wr.io.shutdown().await;
+        peer
     })
     .await;
+    closed.unwrap_or_else(|_| {
+        Err(Error::ConnectionLost(format!(
+            "the peer sent no WebSocket close within {}s after the end of the stream",
+            wait.as_secs()
+        )))
+    })
 }
 
 // ---------------------------------------------------------------------------------------
