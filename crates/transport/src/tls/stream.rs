@@ -498,12 +498,6 @@ impl TlsWriter {
             self.batch = vec![0u8; BATCH_RECORDS * FULL_RECORD];
         }
         loop {
-            if self.key_update_due(BATCH_RECORDS as u64) {
-                self.update_key().map_err(Error::lost_or_io)?;
-                poll_fn(|cx| self.poll_drain(cx))
-                    .await
-                    .map_err(Error::lost_or_io)?;
-            }
             let n = {
                 let mut iov: Vec<IoSliceMut<'_>> = self
                     .batch
@@ -516,6 +510,14 @@ impl TlsWriter {
             };
             if n == 0 {
                 return Ok(());
+            }
+            // Checked after the read, which may have waited long: a peer's request that
+            // arrived meanwhile is answered before these records (RFC 8446, 4.6.3).
+            if self.key_update_due(BATCH_RECORDS as u64) {
+                self.update_key().map_err(Error::lost_or_io)?;
+                poll_fn(|cx| self.poll_drain(cx))
+                    .await
+                    .map_err(Error::lost_or_io)?;
             }
             let mut wire = 0;
             let mut left = n;
@@ -820,6 +822,67 @@ mod tests {
         let mut rest = Vec::new();
         rd.read_to_end(&mut rest).await.expect("our end");
         assert!(rest.is_empty());
+    }
+
+    /// RFC 8446, 4.6.3: a peer's request for a key update is answered before the next
+    /// application data record. The relay's writer waits in its read of QEMU's socket while
+    /// the request arrives: the records it seals from that read must go out under the new
+    /// key, after the `key_update`.
+    #[tokio::test]
+    async fn a_requested_key_update_goes_out_before_the_next_record() {
+        let p = pair();
+        let (c, s) = tcp_pair().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(p.server.config.clone());
+        let (ours, theirs) = tokio::join!(
+            handshake::client(p.client.config.clone(), name(), c),
+            acceptor.accept(s)
+        );
+        let Ok(ours) = ours else {
+            panic!("our handshake")
+        };
+        let (mut rd, mut wr) = TlsStream::new(ours).expect("ours").into_split();
+        let mut theirs = theirs.expect("their handshake");
+        let (mut qemu, mut relay_src) = UnixStream::pair().expect("pair");
+        let data = pattern(1000, 8);
+        let count = AtomicU64::new(0);
+        let pump = async {
+            wr.pump_frames_from(&mut relay_src, &count)
+                .await
+                .expect("pump from");
+            wr
+        };
+        let drive = async {
+            // The writer is in its read of the Unix socket by now.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            theirs
+                .get_mut()
+                .1
+                .refresh_traffic_keys()
+                .expect("a key update request");
+            theirs.write_all(b"ping").await.expect("write");
+            theirs.flush().await.expect("flush");
+            let mut got = [0u8; 4];
+            rd.read_exact(&mut got).await.expect("read");
+            assert!(
+                rd.shared.answer_key_update.load(Ordering::Acquire),
+                "the request was read"
+            );
+            qemu.write_all(&data).await.expect("feed");
+            qemu.shutdown().await.expect("eof");
+        };
+        let (wr, ()) = tokio::join!(pump, drive);
+        let records = data.len().div_ceil(BATCH_PAYLOAD) as u64;
+        assert_eq!(
+            wr.key.seq(),
+            records,
+            "records under the new key: the others went out under the old one, after the \
+             peer's request was read"
+        );
+        let mut got = vec![0u8; data.len() + 4 * records as usize];
+        theirs
+            .read_exact(&mut got)
+            .await
+            .expect("rustls reads what we sealed");
     }
 
     #[tokio::test]
