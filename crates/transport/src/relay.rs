@@ -48,7 +48,10 @@ pub async fn relay(
         tun_rd.pump_to(&mut unix_wr, &from_tunnel),
     ) {
         Ok(_) => TunnelStream::finish(tun_rd, tun_wr, version).await,
-        Err(e) => Err(e),
+        Err(e) => {
+            tun_wr.abort(&e).await;
+            Err(e)
+        }
     };
     let stats = RelayStats {
         to_tunnel: to_tunnel.load(Relaxed),

@@ -541,7 +541,18 @@ async fn handshake(
 ) -> Result<Option<(TunnelStream, Hello, Option<String>)>> {
     let mut stream = shared.transport.accept(tcp).await?;
     let body = stream.recv_body().await?;
-    let hello: Hello = protocol::decode_body(&body)?;
+    let hello: Hello = match protocol::decode_body(&body) {
+        Ok(hello) => hello,
+        Err(e) => {
+            reject(
+                &mut stream,
+                RejectReason::BadRequest,
+                format!("not a hello: {e}"),
+            )
+            .await;
+            return Ok(None);
+        }
+    };
     let Some(token) = &shared.config.token else {
         if hello.nonce.is_some() {
             // It would refuse our accept, after the destination got a connection.
@@ -588,7 +599,9 @@ async fn reject(stream: &mut TunnelStream, reason: RejectReason, message: String
         versions: (reason == RejectReason::Version)
             .then_some((protocol::PROTOCOL_MIN, protocol::PROTOCOL_MAX)),
     };
-    let _ = stream.send_msg(&reply).await;
+    if stream.send_msg(&reply).await.is_ok() {
+        stream.close_refused(&reason.to_string()).await;
+    }
 }
 
 /// Waits until the connections the source opened before this one are connected, connects

@@ -88,6 +88,20 @@ impl TunnelStream {
         }
     }
 
+    /// Ends a connection this side refused, after the `reject` that says why: TCP a FIN, TLS
+    /// `close_notify` and FIN, WebSocket a close frame with status 1008 (policy violation)
+    /// and `reason`. Then, for at most a second, it reads what the peer still sends, so that
+    /// the answer is not destroyed by a reset (unread bytes at close make the kernel send
+    /// one).
+    pub async fn close_refused(&mut self, reason: &str) {
+        match self {
+            TunnelStream::Tcp(s) => linger(s).await,
+            TunnelStream::Tls(s) => linger(&mut **s).await,
+            TunnelStream::Ws(ws) => ws.close_with(ws::CLOSE_REFUSED, reason).await,
+            TunnelStream::Wss(ws) => ws.close_with(ws::CLOSE_REFUSED, reason).await,
+        }
+    }
+
     /// Splits the connection into its two directions, so both can run at once.
     pub fn into_split(self) -> (TunnelReader, TunnelWriter) {
         match self {
@@ -185,6 +199,17 @@ where
     }
 }
 
+/// Shuts the write side down (TLS: `close_notify`), then reads and drops what the peer still
+/// sends until it closes too, for at most [`ws::REFUSAL_WAIT`].
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+    let _ = tokio::time::timeout(ws::REFUSAL_WAIT, async {
+        let _ = s.shutdown().await;
+        let mut sink = [0u8; 4096];
+        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
 /// Writes all of `bytes` and flushes: TLS keeps what the socket did not take at once in its
 /// own buffer until the next write or flush.
 async fn write_flushed<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<()> {
@@ -201,10 +226,17 @@ async fn recv_envelope<R: AsyncRead + Unpin>(s: &mut R) -> Result<Vec<u8>> {
     Ok(body)
 }
 
+/// Receives one envelope as one binary message. A message this end refuses (text, above the
+/// limit, broken framing) is answered with a close frame that says why, and the connection is
+/// over.
 async fn recv_ws_envelope<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WsStream<S>,
 ) -> Result<Vec<u8>> {
-    match ws.recv_message().await {
+    let received = ws.recv_message().await;
+    if let Err(RecvError::Frame(e)) = &received {
+        ws.close_with(e.close_code(), &e.to_string()).await;
+    }
+    match received {
         Ok(message) => Ok(protocol::unwrap_envelope(&message)?.to_vec()),
         Err(RecvError::Frame(FrameError::Text)) => {
             Err(EnvelopeError::NotOurProtocol(protocol::Sniffed::WebSocketText).into())
@@ -420,6 +452,32 @@ impl TunnelWriter {
             TunnelWriter::Ws(w) => w.finish().await,
             TunnelWriter::Wss(w) => w.finish().await,
         }
+    }
+
+    /// After a failed connection, tells the peer why where the transport has a way to: TLS
+    /// sends the alert its reader owes (`bad_record_mac` for a record that did not decrypt,
+    /// ...), WebSocket a close frame with the status for a frame this side refused (1003 a
+    /// text message, 1009 one above the limit, 1002 a broken frame). Bounded by a second;
+    /// anything else just drops the connection, as before.
+    pub async fn abort(&mut self, why: &Error) {
+        let _ = tokio::time::timeout(ws::REFUSAL_WAIT, async {
+            match (self, why) {
+                (TunnelWriter::Tls(w), _) => {
+                    let _ = w.send_owed_alert().await;
+                }
+                (TunnelWriter::Wss(w), _) if w.io.owes_alert() => {
+                    let _ = w.io.send_owed_alert().await;
+                }
+                (TunnelWriter::Ws(w), Error::WebSocket(e)) => {
+                    let _ = w.close_with(e.close_code(), &e.to_string()).await;
+                }
+                (TunnelWriter::Wss(w), Error::WebSocket(e)) => {
+                    let _ = w.close_with(e.close_code(), &e.to_string()).await;
+                }
+                _ => {}
+            }
+        })
+        .await;
     }
 
     /// Copies everything from `r` to the peer until `r` ends, then sends the end marker.

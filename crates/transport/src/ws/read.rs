@@ -162,15 +162,10 @@ impl ReadState {
     }
 }
 
-/// A frame error met in the data stream. A text message keeps the words it had with
-/// tungstenite.
+/// A frame error met in the data stream, typed, so that the relay can tell the peer why in
+/// its close frame.
 fn data_error(e: FrameError) -> Error {
-    match e {
-        FrameError::Text => {
-            Error::Protocol("the peer sent a text message inside the data stream".into())
-        }
-        other => Error::WebSocket(other),
-    }
+    Error::WebSocket(e)
 }
 
 /// A read error, or the end of the connection without a close.

@@ -48,6 +48,7 @@ per_scheme!(
     a_cut_downstream_fails_at_both_ends,
     a_version_1_client_ends_as_before,
     a_version_1_server_ends_as_before,
+    a_hello_without_a_required_field_is_a_bad_request,
 );
 
 // The same data-path scenarios over TLS (`tls::*`) and WebSocket over TLS (`wss::*`), with a
@@ -1127,4 +1128,101 @@ async fn without_once_serves_until_cancelled(scheme: Scheme) {
         !t.source.exists(),
         "the client removes its socket when it returns"
     );
+}
+
+/// A hello without one of its required fields gets a `reject` with `bad-request` that names
+/// the field, not a bare close; nothing touches the destination.
+async fn a_hello_without_a_required_field_is_a_bad_request(scheme: Scheme) {
+    let t = Tunnel::start(scheme, Opts::default()).await;
+    let dest = t.dest_listener();
+    for field in [
+        "min_version",
+        "max_version",
+        "software",
+        "session",
+        "seq",
+        "purpose",
+    ] {
+        let mut hello = serde_json::to_value(Hello::data("00000000000000f1", 0)).expect("json");
+        hello.as_object_mut().expect("an object").remove(field);
+        let reply = raw_handshake(&t.url, &hello.to_string()).await;
+        assert_eq!(
+            (&reply["type"], &reply["reason"]),
+            (&"reject".into(), &"bad-request".into()),
+            "without {field}: {reply}"
+        );
+        let message = reply["message"].as_str().unwrap_or_default();
+        assert!(message.contains(field), "without {field}: {reply}");
+    }
+    assert_no_connection(&dest, "after hellos without a required field").await;
+}
+
+/// Reads what the server sends a tungstenite client until it closes: the binary messages,
+/// and the status of its close frame (`None`: the connection ended without one).
+async fn ws_until_close(peer: &mut Peer, what: &str) -> (Vec<Vec<u8>>, Option<u16>) {
+    let Peer::Ws(ws) = peer else {
+        panic!("{what}: not a WebSocket")
+    };
+    within(STEP, &format!("the server to close on {what}"), async {
+        let mut messages = Vec::new();
+        loop {
+            match ws.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => {
+                    return (messages, frame.map(|f| u16::from(f.code)))
+                }
+                Some(Ok(msg)) if msg.is_binary() => messages.push(msg.into_data().to_vec()),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return (messages, None),
+            }
+        }
+    })
+    .await
+}
+
+/// A WebSocket connection the server drops for a reason ends with a close frame whose status
+/// says which: 1003 for a text message (before and after the `accept`), 1009 for a message
+/// above the limit, 1008 after a `reject`.
+#[tokio::test]
+async fn ws_connections_dropped_for_a_reason_get_a_close_status() {
+    let t = Tunnel::start(Scheme::Ws, Opts::default()).await;
+    let dest = t.dest_listener();
+
+    let mut s = Peer::connect(&t.url).await;
+    s.send_text("hello").await.expect("send a text message");
+    let (_, code) = ws_until_close(&mut s, "a text message").await;
+    assert_eq!(code, Some(1003), "a text message");
+
+    let mut s = Peer::connect(&t.url).await;
+    let mut big = protocol::encode(&Hello::data("00000000000000f2", 0));
+    big.resize(2 << 20, b' ');
+    let _ = s.send_raw(big).await;
+    let (_, code) = ws_until_close(&mut s, "a 2 MiB message").await;
+    assert_eq!(code, Some(1009), "a 2 MiB message");
+
+    let mut s = Peer::connect(&t.url).await;
+    let hello = Hello {
+        min_version: 99,
+        max_version: 99,
+        ..Hello::data("00000000000000f3", 0)
+    };
+    s.send_msg(&hello).await.expect("hello");
+    let (messages, code) = ws_until_close(&mut s, "a refused hello").await;
+    assert_eq!(messages.len(), 1, "the reject, then the close");
+    let reply: Reply = protocol::decode(&messages[0]).expect("a reply");
+    assert!(matches!(reply, Reply::Reject { .. }), "{reply:?}");
+    assert_eq!(code, Some(1008), "after a reject");
+    assert_no_connection(&dest, "after refused connections").await;
+
+    let mut s = Peer::connect(&t.url).await;
+    s.send_msg(&Hello::data("00000000000000f4", 0))
+        .await
+        .expect("hello");
+    let _conn = accept(&dest).await;
+    let reply: Reply = within(STEP, "the accept", s.recv_msg())
+        .await
+        .expect("the accept");
+    assert!(matches!(reply, Reply::Accept { .. }), "{reply:?}");
+    s.send_text("data?").await.expect("send a text message");
+    let (_, code) = ws_until_close(&mut s, "a text message in the data stream").await;
+    assert_eq!(code, Some(1003), "a text message in the data stream");
 }
