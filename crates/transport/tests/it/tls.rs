@@ -711,3 +711,40 @@ async fn a_refused_client_gets_close_notify() {
     assert_eq!(reply["type"], "reject", "{reply}");
     assert!(matches!(got.1, Ended::CloseNotify), "{:?}", got.1);
 }
+
+/// The server picks the cipher suite by its own preference (AES-128-GCM), not the client's: a
+/// client that lists AES-256-GCM and ChaCha20 first still gets AES-128-GCM.
+#[tokio::test]
+async fn the_server_prefers_aes_128_gcm_whatever_the_client_lists() {
+    use rustls::CipherSuite::*;
+    use std::sync::Arc;
+    let (t, ca) = tls_tunnel().await;
+    let addr = t.url.authority();
+    let suite = tokio::task::spawn_blocking(move || {
+        let mut provider = rustls::crypto::ring::default_provider();
+        let rank = |s: rustls::CipherSuite| match s {
+            TLS13_AES_256_GCM_SHA384 => 0,
+            TLS13_CHACHA20_POLY1305_SHA256 => 1,
+            _ => 2,
+        };
+        provider.cipher_suites.sort_by_key(|s| rank(s.suite()));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).expect("the CA");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+        let mut sock = std::net::TcpStream::connect(addr).expect("connect");
+        sock.set_read_timeout(Some(STEP)).expect("timeout");
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock).expect("the handshake");
+        }
+        conn.negotiated_cipher_suite().map(|s| s.suite())
+    })
+    .await
+    .expect("the raw client");
+    assert_eq!(suite, Some(TLS13_AES_128_GCM_SHA256));
+}
