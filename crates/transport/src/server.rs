@@ -564,6 +564,19 @@ async fn handshake(
         }
         return Ok(Some((stream, hello, None)));
     };
+    if let Some(theirs) = hello
+        .nonce
+        .as_deref()
+        .filter(|n| auth::parse_nonce(n).is_none())
+    {
+        let message = format!(
+            "the hello's nonce must be {} bytes in hex ({} digits), not {theirs:?}",
+            auth::NONCE_LEN,
+            2 * auth::NONCE_LEN
+        );
+        reject(&mut stream, RejectReason::BadRequest, message).await;
+        return Ok(None);
+    }
     let nonce = auth::nonce()?;
     stream
         .send_msg(&Reply::Challenge {
