@@ -381,7 +381,9 @@ mod tests {
 
     #[test]
     fn negotiation_picks_the_highest_common_version() {
-        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 1), Some(1), "a version-1 peer");
+        assert_eq!(negotiate(1, 2), Some(2));
+        assert_eq!(negotiate(2, 2), Some(2));
         assert_eq!(negotiate(1, 5), Some(PROTOCOL_MAX));
         assert_eq!(negotiate(PROTOCOL_MAX + 1, PROTOCOL_MAX + 3), None);
         assert_eq!(negotiate(0, 0), None);
