@@ -582,11 +582,13 @@ enum Ended {
 /// A TLS client of rustls' own, driven by hand on a blocking socket to `addr`, trusting `ca`:
 /// it finishes the handshake, then sends each of `records` as one application data record,
 /// with the last bit of its tag flipped where it says `true`, and reads until the connection
-/// ends. Returns the plaintext it read and how the connection ended.
+/// ends. With `wait`, it reads the server's first answer (the `accept`) before it sends the
+/// records after the first. Returns the plaintext it read and how the connection ended.
 fn raw_tls_client(
     addr: String,
     ca: qmigrate_transport::tls::CertificateDer<'static>,
     records: Vec<(Vec<u8>, bool)>,
+    wait: bool,
 ) -> Result<(Vec<u8>, Ended), String> {
     use std::io::{Read as _, Write as _};
     use std::sync::Arc;
@@ -607,7 +609,15 @@ fn raw_tls_client(
     while conn.is_handshaking() || conn.wants_write() {
         conn.complete_io(&mut sock).map_err(|e| s(&e))?;
     }
-    for (record, corrupt) in records {
+    let mut plain = Vec::new();
+    for (i, (record, corrupt)) in records.into_iter().enumerate() {
+        if wait && i == 1 {
+            while plain.is_empty() {
+                conn.read_tls(&mut sock).map_err(|e| s(&e))?;
+                conn.process_new_packets().map_err(|e| s(&e))?;
+                let _ = conn.reader().read_to_end(&mut plain);
+            }
+        }
         conn.writer().write_all(&record).map_err(|e| s(&e))?;
         let mut wire = Vec::new();
         conn.write_tls(&mut wire).map_err(|e| s(&e))?;
@@ -615,9 +625,11 @@ fn raw_tls_client(
             let last = wire.len() - 1;
             wire[last] ^= 1;
         }
-        sock.write_all(&wire).map_err(|e| s(&e))?;
+        // The server may hang up while the rest is on its way: what it answered counts.
+        if sock.write_all(&wire).is_err() {
+            break;
+        }
     }
-    let mut plain = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         let eof = match conn.read_tls(&mut sock) {
@@ -648,6 +660,7 @@ async fn tls_tunnel() -> (Tunnel, qmigrate_transport::tls::CertificateDer<'stati
         Opts {
             server_tls: Some(server_tls(&cert, None)),
             client_tls: Some(client_tls(ServerCheck::Ca(vec![ca.der()]), None)),
+            once: false,
             ..Opts::default()
         },
     )
@@ -667,15 +680,32 @@ async fn a_record_that_fails_to_decrypt_gets_bad_record_mac() {
         0,
     ));
     let frame = [0u8, 0, 0, 4, 1, 2, 3, 4];
-    for (records, what) in [
-        (vec![(b"QMTUNL\r\n".to_vec(), true)], "in the handshake"),
+    let mut streaming = vec![(hello.clone(), false), (frame.to_vec(), true)];
+    streaming.extend((0..256).map(|_| (vec![7u8; 16 * 1024], false)));
+    for (records, wait, what) in [
+        (
+            vec![(b"QMTUNL\r\n".to_vec(), true)],
+            false,
+            "in the tunnel handshake",
+        ),
         (
             vec![(hello.clone(), false), (frame.to_vec(), true)],
+            true,
             "in the data stream",
+        ),
+        (
+            streaming.clone(),
+            true,
+            "in a data stream that goes on after the bad record",
+        ),
+        (
+            streaming,
+            false,
+            "right behind the TLS handshake, with more after it",
         ),
     ] {
         let (addr, ca) = (t.url.authority(), ca.clone());
-        let got = tokio::task::spawn_blocking(move || raw_tls_client(addr, ca, records))
+        let got = tokio::task::spawn_blocking(move || raw_tls_client(addr, ca, records, wait))
             .await
             .expect("the raw client");
         assert!(
@@ -701,11 +731,12 @@ async fn a_refused_client_gets_close_notify() {
     let addr = t.url.authority();
     let hello = br#"{"min_version":99,"max_version":99,"software":"raw","session":"00000000000000e1","seq":0,"purpose":"data"}"#;
     let envelope = qmigrate_transport::protocol::envelope(hello);
-    let got =
-        tokio::task::spawn_blocking(move || raw_tls_client(addr, ca, vec![(envelope, false)]))
-            .await
-            .expect("the raw client")
-            .expect("a TLS session");
+    let got = tokio::task::spawn_blocking(move || {
+        raw_tls_client(addr, ca, vec![(envelope, false)], false)
+    })
+    .await
+    .expect("the raw client")
+    .expect("a TLS session");
     let reply: serde_json::Value =
         qmigrate_transport::protocol::decode(&got.0).expect("the refusal");
     assert_eq!(reply["type"], "reject", "{reply}");
