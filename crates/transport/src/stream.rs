@@ -7,7 +7,10 @@
 //! that died or a network that dropped (tear everything down, never a clean EOF on a
 //! truncated migration stream). On TCP (and inside TLS) the data is framed as a big-endian
 //! `u32` length and that many bytes, a zero length marking the end; on WebSocket each binary
-//! message is data and an empty binary message is the end (the framing is in `ws/`).
+//! message is data and an empty binary message is the end (the framing is in `ws/`). From
+//! protocol version 2 each side also acknowledges the peer's end before either calls the
+//! connection complete ([`TunnelStream::finish`]), so that a direction cut after its end marker
+//! left is a failure at both ends.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
