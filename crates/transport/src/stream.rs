@@ -194,12 +194,19 @@ where
         .map_err(Error::lost_or_io)?;
     wr.shutdown().await.map_err(Error::lost_or_io)?;
     match tokio::time::timeout(END_ACK_WAIT, rd.until_ack()).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::ConnectionLost(format!(
-            "the peer did not acknowledge the end of the stream within {}s",
-            END_ACK_WAIT.as_secs()
-        ))),
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(Error::ConnectionLost(format!(
+                "the peer did not acknowledge the end of the stream within {}s",
+                END_ACK_WAIT.as_secs()
+            )))
+        }
     }
+    // Acknowledged: what follows can only be the end. Wait a moment for it, so that our
+    // close does not reset a connection with bytes unread; its absence loses nothing.
+    tokio::time::timeout(ws::REFUSAL_WAIT, rd.after_ack())
+        .await
+        .unwrap_or(Ok(()))
 }
 
 /// Shuts the write side down (TLS: `close_notify`), then reads and drops what the peer still
@@ -376,8 +383,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// After the peer's end marker: its acknowledgement of ours (unless it came with the end),
-    /// then the end of the connection (TLS: `close_notify`).
+    /// After the peer's end marker: its acknowledgement of ours (unless it came with the end).
     async fn until_ack(&mut self) -> Result<()> {
         while let Expect::Header { missing } = self.dec.expect() {
             let mut header = [0u8; frame::HEADER];
@@ -395,8 +401,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if !self.dec.acked() {
             return Err(crate::frame::DecodeError::AfterEnd.into());
         }
-        // Acknowledged: what follows can only be the end. Read it, so that our close does
-        // not reset a connection with bytes unread; a failure here loses nothing.
+        Ok(())
+    }
+
+    /// After the acknowledgement: the end of the connection (TLS: `close_notify`). More
+    /// bytes break the protocol; a connection that ends otherwise loses nothing.
+    async fn after_ack(&mut self) -> Result<()> {
         let mut byte = [0u8; 1];
         match self.rd.read(&mut byte).await {
             Ok(n) if n > 0 => Err(crate::frame::DecodeError::AfterEnd.into()),

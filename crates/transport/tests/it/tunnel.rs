@@ -1226,3 +1226,66 @@ async fn ws_connections_dropped_for_a_reason_get_a_close_status() {
     let (_, code) = ws_until_close(&mut s, "a text message in the data stream").await;
     assert_eq!(code, Some(1003), "a text message in the data stream");
 }
+
+/// A version-2 client by hand, as one written from PROTOCOL.md would be: its stream, the end
+/// marker and its acknowledgement in one write (it may send them together), and no FIN yet.
+/// The server answers with its stream, its end, its acknowledgement and its FIN, byte for
+/// byte as documented, and calls the connection complete at once: the client's FIN is not
+/// what it waits for.
+#[tokio::test]
+async fn a_version_2_client_by_hand() {
+    let mut t = Tunnel::start(Scheme::Tcp, Opts::default()).await;
+    let dest = t.dest_listener();
+    let mut peer = Peer::connect(&t.url).await;
+    peer.send_msg(&Hello::data("00000000000000d9", 0))
+        .await
+        .expect("hello");
+    let reply: Reply = within(STEP, "the accept", peer.recv_msg())
+        .await
+        .expect("the accept");
+    assert!(
+        matches!(reply, Reply::Accept { version: 2, .. }),
+        "{reply:?}"
+    );
+    let (up, down) = (
+        Pattern::new(1).bytes(0, 70_001),
+        Pattern::new(2).bytes(0, 50_001),
+    );
+    let frames = |data: &[u8]| {
+        let mut wire = (data.len() as u32).to_be_bytes().to_vec();
+        wire.extend_from_slice(data);
+        wire.extend_from_slice(&[0; 8]);
+        wire
+    };
+    let Peer::Tcp(tcp) = &mut peer else {
+        unreachable!("tcp")
+    };
+    tcp.write_all(&frames(&up))
+        .await
+        .expect("the client's stream");
+    let (mut dst_rd, mut dst_wr) = accept(&dest).await.into_split();
+    let (p1, p2) = (Pattern::new(1), Pattern::new(2));
+    let (at_dest, sent) = tokio::join!(
+        recv(&mut dst_rd, &p1),
+        send(&mut dst_wr, &p2, down.len() as u64),
+    );
+    sent.expect("the destination's stream");
+    at_dest.assert_exact(up.len() as u64, "at the destination");
+    let mut wire = Vec::new();
+    within(STEP, "the server's end", tcp.read_to_end(&mut wire))
+        .await
+        .expect("the server's stream and its end");
+    assert!(
+        wire == frames(&down),
+        "the server's stream, end marker, acknowledgement and FIN"
+    );
+    let started = std::time::Instant::now();
+    let server = t.server_report().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the server waited {:?} for the client's FIN",
+        started.elapsed()
+    );
+    assert_report(&server, "server", 1, 0, down.len() as u64, up.len() as u64);
+    drop(peer);
+}
