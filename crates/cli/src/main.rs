@@ -110,4 +110,31 @@ mod tests {
     fn the_flags_are_consistent() {
         Cli::command().debug_assert();
     }
+
+    /// What the token does not do must be said where the transports are chosen: on tcp://
+    /// and ws:// nothing checks the bytes, so the help of every command that opens a tunnel,
+    /// and the README, say so next to the advice to use TLS.
+    #[test]
+    fn help_says_plain_transports_do_not_protect_the_bytes() {
+        let mut cli = Cli::command();
+        for name in ["tunnel-server", "tunnel-client", "migrate"] {
+            let help = cli
+                .find_subcommand_mut(name)
+                .expect("the subcommand")
+                .render_long_help()
+                .to_string();
+            let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+            for words in ["a bit flipped on the wire", "use tls:// or wss://"] {
+                assert!(
+                    help.contains(words),
+                    "{name} --help lacks {words:?}:\n{help}"
+                );
+            }
+        }
+        let readme = include_str!("../../../README.md");
+        let readme = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+        for words in ["a bit flipped on the wire", "use `tls://` or `wss://`"] {
+            assert!(readme.contains(words), "the README lacks {words:?}");
+        }
+    }
 }

@@ -43,15 +43,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
             let result = async {
                 let mut tunnel = WebSocket::default().connect(&server).await?;
                 tunnel.send_msg(&Hello::data(&session, seq)).await?;
-                match tunnel.recv_msg::<Reply>().await? {
-                    Reply::Accept { .. } => {}
+                let version = match tunnel.recv_msg::<Reply>().await? {
+                    Reply::Accept { version, .. } => version,
                     Reply::Reject { message, .. } => return Err(message.into()),
                     // Authentication is left out here; `qmigrate tunnel-client` does it.
                     Reply::Challenge { .. } => {
                         return Err("the server requires a token; use qmigrate tunnel-client".into())
                     }
-                }
-                let (stats, result) = relay(unix, tunnel).await;
+                };
+                let (stats, result) = relay(unix, tunnel, version).await;
                 println!(
                     "connection {seq}: {} bytes out, {} bytes back",
                     stats.to_tunnel, stats.from_tunnel

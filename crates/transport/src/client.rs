@@ -227,8 +227,8 @@ async fn handle(
     }
     let mut hello = Hello::data(session, seq);
     hello.route = config.server.route();
-    let stream = match open(transport, config, &hello).await {
-        Ok(stream) => stream,
+    let (stream, version) = match open(transport, config, &hello).await {
+        Ok(opened) => opened,
         Err(e) => {
             error!("{e}");
             if let Ok(mut t) = tally.lock() {
@@ -237,7 +237,7 @@ async fn handle(
             return;
         }
     };
-    let (stats, result) = relay(unix, stream).await;
+    let (stats, result) = relay(unix, stream, version).await;
     match &result {
         Ok(()) => info!(
             sent = stats.to_tunnel,
@@ -266,7 +266,7 @@ pub async fn open_control(config: &ClientConfig) -> Result<(TunnelStream, String
     let session = new_session_id();
     let transport = transport_for(config)?;
     let hello = Hello::control(&session, config.server.route());
-    let stream = open(&transport, config, &hello).await?;
+    let (stream, _) = open(&transport, config, &hello).await?;
     Ok((stream, session))
 }
 
@@ -277,7 +277,7 @@ pub async fn open_data(config: &ClientConfig, session: &str, seq: u64) -> Result
     let transport = transport_for(config)?;
     let mut hello = Hello::data(session, seq);
     hello.route = config.server.route();
-    open(&transport, config, &hello).await
+    Ok(open(&transport, config, &hello).await?.0)
 }
 
 /// The transport for the server's scheme, with the TLS settings it needs.
@@ -286,12 +286,13 @@ fn transport_for(config: &ClientConfig) -> Result<AnyTransport> {
         .map(|t| t.with_dead_peer(config.dead_peer))
 }
 
-/// Connects to the server and runs the handshake for one connection.
+/// Connects to the server and runs the handshake for one connection; returns it with the
+/// protocol version the server chose.
 async fn open(
     transport: &AnyTransport,
     config: &ClientConfig,
     hello: &Hello,
-) -> Result<TunnelStream> {
+) -> Result<(TunnelStream, u32)> {
     let mut stream =
         tokio::time::timeout(config.connect_timeout, transport.connect(&config.server))
             .await
@@ -338,8 +339,15 @@ async fn open(
             if let Some(token) = &config.token {
                 check_server(token, server_nonce, &body, mac.as_deref(), &software)?;
             }
+            if !(hello.min_version..=hello.max_version).contains(&version) {
+                return Err(Error::Protocol(format!(
+                    "the server ({software}) chose protocol version {version}, which this \
+                     client did not offer ({}-{})",
+                    hello.min_version, hello.max_version
+                )));
+            }
             debug!(version, server = %software, "tunnel connection accepted");
-            Ok(stream)
+            Ok((stream, version))
         }
         Reply::Reject {
             reason,

@@ -1,5 +1,7 @@
 //! The data framing of `tcp://` and `tls://` tunnel connections, without I/O: a big-endian
-//! `u32` length and that many bytes, a zero length marking the end of the stream. The TCP
+//! `u32` length and that many bytes, a zero length marking the end of the stream. From protocol
+//! version 2 a second zero length follows the end, once the peer's own end has arrived: the
+//! acknowledgement that closes the connection (see `docs/PROTOCOL.md`). The TCP
 //! reader (`stream.rs`) and the TLS relay pump (`tls/stream.rs`) both decode with one
 //! [`FrameDecoder`], so a frame header split anywhere (between reads, between TLS records)
 //! is read the same way, and the limit is checked in one place.
@@ -35,18 +37,21 @@ pub(crate) enum Expect {
         /// Payload bytes still to come.
         left: usize,
     },
-    /// Nothing: the end-of-stream frame has arrived.
+    /// Nothing: the end-of-stream frame has arrived (and, when one is expected, the
+    /// acknowledgement after it).
     End,
 }
 
 /// The decoder's state between reads: a partial header, the payload left in the current
-/// frame, and whether the end marker arrived.
+/// frame, whether the end marker arrived and, when the version has one, its acknowledgement.
 #[derive(Debug, Default)]
 pub(crate) struct FrameDecoder {
     header: [u8; HEADER],
     have: usize,
     left: usize,
     eos: bool,
+    expect_ack: bool,
+    acked: bool,
 }
 
 impl FrameDecoder {
@@ -55,9 +60,15 @@ impl FrameDecoder {
         Self::default()
     }
 
+    /// Expect the acknowledgement (a second empty frame) after the end marker, as protocol
+    /// version 2 sends it.
+    pub(crate) fn expect_ack(&mut self, yes: bool) {
+        self.expect_ack = yes;
+    }
+
     /// What comes next in the stream.
     pub(crate) fn expect(&self) -> Expect {
-        if self.eos {
+        if self.eos && (self.acked || !self.expect_ack) {
             Expect::End
         } else if self.left > 0 {
             Expect::Payload { left: self.left }
@@ -68,9 +79,14 @@ impl FrameDecoder {
         }
     }
 
-    /// Whether the end-of-stream frame has arrived.
+    /// Whether the end-of-stream frame has arrived: the data is complete.
     pub(crate) fn ended(&self) -> bool {
         self.eos
+    }
+
+    /// Whether the acknowledgement after the end marker has arrived.
+    pub(crate) fn acked(&self) -> bool {
+        self.acked
     }
 
     /// Takes header bytes (at most what [`Expect::Header`] asked for); returns how many it
@@ -82,6 +98,8 @@ impl FrameDecoder {
         if self.have == HEADER {
             self.have = 0;
             match u32::from_be_bytes(self.header) as usize {
+                0 if self.eos => self.acked = true,
+                _ if self.eos => return Err(DecodeError::AfterEnd),
                 0 => self.eos = true,
                 n if n > MAX_FRAME => return Err(DecodeError::TooLarge(n)),
                 n => self.left = n,
@@ -97,8 +115,8 @@ impl FrameDecoder {
     }
 
     /// Decodes `buf[range]`, whatever it holds (payload, headers or parts of them), and hands
-    /// each run of payload to `out` as a range into `buf`. Bytes after the end marker are an
-    /// error.
+    /// each run of payload to `out` as a range into `buf`. Bytes after the end marker (and its
+    /// acknowledgement, when one is expected) are an error.
     pub(crate) fn decode(
         &mut self,
         buf: &[u8],
@@ -151,6 +169,49 @@ mod tests {
             assert_eq!(got, b"helloworld!", "{step} bytes at a time");
             assert!(dec.ended(), "{step} bytes at a time");
         }
+    }
+
+    #[test]
+    fn the_acknowledgement_follows_the_end_when_expected() {
+        let mut wire = frames(&[b"data"]);
+        wire.extend_from_slice(&[0; HEADER]);
+        for step in 1..=wire.len() {
+            let mut dec = FrameDecoder::new();
+            dec.expect_ack(true);
+            let mut got = Vec::new();
+            for start in (0..wire.len()).step_by(step) {
+                let end = (start + step).min(wire.len());
+                dec.decode(&wire, start..end, |r| got.extend_from_slice(&wire[r]))
+                    .expect("frames, end and acknowledgement");
+            }
+            assert_eq!(got, b"data");
+            assert!(dec.ended() && dec.acked(), "{step} bytes at a time");
+            assert_eq!(dec.expect(), Expect::End);
+        }
+        // Version 1 has no acknowledgement: a second end is a byte after the end.
+        let mut dec = FrameDecoder::new();
+        assert_eq!(
+            dec.decode(&wire, 0..wire.len(), |_| {}),
+            Err(DecodeError::AfterEnd)
+        );
+        // Anything but an empty frame after the end is refused, and so is anything after
+        // the acknowledgement.
+        let mut bad = frames(&[]);
+        bad.extend_from_slice(&1u32.to_be_bytes());
+        let mut dec = FrameDecoder::new();
+        dec.expect_ack(true);
+        assert_eq!(
+            dec.decode(&bad, 0..bad.len(), |_| {}),
+            Err(DecodeError::AfterEnd)
+        );
+        let mut more = wire.clone();
+        more.push(0);
+        let mut dec = FrameDecoder::new();
+        dec.expect_ack(true);
+        assert_eq!(
+            dec.decode(&more, 0..more.len(), |_| {}),
+            Err(DecodeError::AfterEnd)
+        );
     }
 
     #[test]

@@ -178,9 +178,10 @@ impl Hook {
         &self,
         unix: UnixStream,
         tunnel: TunnelStream,
+        version: u32,
     ) -> (RelayStats, Result<()>) {
         let Some(_) = &self.observer else {
-            return crate::relay::relay(unix, tunnel).await;
+            return crate::relay::relay(unix, tunnel, version).await;
         };
         let counts = [AtomicU64::new(0), AtomicU64::new(0)];
         let mut reported = [0u64; 2];
@@ -201,7 +202,8 @@ impl Hook {
             }
         };
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
-        let mut relay = std::pin::pin!(relay_counted(unix, tunnel, &counts[1], &counts[0]));
+        let mut relay =
+            std::pin::pin!(relay_counted(unix, tunnel, version, &counts[1], &counts[0]));
         let out = loop {
             tokio::select! {
                 out = &mut relay => break out,

@@ -20,7 +20,14 @@ pub const MAX_HANDSHAKE_LEN: u32 = 64 * 1024;
 /// The oldest protocol version this build speaks.
 pub const PROTOCOL_MIN: u32 = 1;
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_MAX: u32 = 1;
+pub const PROTOCOL_MAX: u32 = 2;
+
+/// The first version in which each side of a data connection acknowledges the peer's end of
+/// stream before either calls the connection complete: on `tcp://` and `tls://` a second empty
+/// frame after the end marker, on `ws://` and `wss://` a close frame that must arrive. Version
+/// 1 ends without it (and a side there cannot tell a direction cut after its end marker left
+/// from a complete one). Nothing else differs, so a version-1 peer still interoperates.
+pub const ACKNOWLEDGED_END: u32 = 2;
 
 /// Largest data frame on a TCP tunnel connection. Frames carry whatever one read from the
 /// Unix socket returned, so this is also the relay's buffer size.
@@ -374,7 +381,9 @@ mod tests {
 
     #[test]
     fn negotiation_picks_the_highest_common_version() {
-        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 1), Some(1), "a version-1 peer");
+        assert_eq!(negotiate(1, 2), Some(2));
+        assert_eq!(negotiate(2, 2), Some(2));
         assert_eq!(negotiate(1, 5), Some(PROTOCOL_MAX));
         assert_eq!(negotiate(PROTOCOL_MAX + 1, PROTOCOL_MAX + 3), None);
         assert_eq!(negotiate(0, 0), None);

@@ -20,15 +20,22 @@ pub struct RelayStats {
     pub elapsed: Duration,
 }
 
-/// Copies `unix` <-> `tunnel` until both directions end.
+/// Copies `unix` <-> `tunnel` until both directions end, then closes the tunnel connection as
+/// the negotiated protocol `version` says (see [`TunnelStream::finish`]).
 ///
 /// An end of one direction is forwarded as a half-close (QEMU's return path keeps flowing
 /// the other way); an error in either direction drops both sockets at once, so the tunnel
 /// peer sees a lost connection rather than an end marker and QEMU sees its stream cut
-/// short. The stats are returned in both cases.
-pub async fn relay(unix: UnixStream, tunnel: TunnelStream) -> (RelayStats, Result<()>) {
+/// short. From version 2 the connection is complete only once the peer has acknowledged our
+/// end of stream: a direction cut after our end marker left is an error too. The stats are
+/// returned in all cases.
+pub async fn relay(
+    unix: UnixStream,
+    tunnel: TunnelStream,
+    version: u32,
+) -> (RelayStats, Result<()>) {
     let (to_tunnel, from_tunnel) = (AtomicU64::new(0), AtomicU64::new(0));
-    relay_counted(unix, tunnel, &to_tunnel, &from_tunnel).await
+    relay_counted(unix, tunnel, version, &to_tunnel, &from_tunnel).await
 }
 
 /// [`relay`], counting into `to_tunnel` and `from_tunnel` as the bytes go, so that another
@@ -36,6 +43,7 @@ pub async fn relay(unix: UnixStream, tunnel: TunnelStream) -> (RelayStats, Resul
 pub(crate) async fn relay_counted(
     mut unix: UnixStream,
     tunnel: TunnelStream,
+    version: u32,
     to_tunnel: &AtomicU64,
     from_tunnel: &AtomicU64,
 ) -> (RelayStats, Result<()>) {
@@ -45,20 +53,24 @@ pub(crate) async fn relay_counted(
     // half-close would reach QEMU as a clean EOF before the close that resets its connection.
     let (mut unix_rd, mut unix_wr) = unix.split();
     let (mut tun_rd, mut tun_wr) = tunnel.into_split();
+    tun_rd.expect_acknowledged_end(version);
 
-    let result = tokio::try_join!(
+    let result = match tokio::try_join!(
         tun_wr.pump_from(&mut unix_rd, to_tunnel),
         tun_rd.pump_to(&mut unix_wr, from_tunnel),
-    );
-    if result.is_ok() {
-        TunnelStream::finish(tun_rd, tun_wr).await;
-    }
+    ) {
+        Ok(_) => TunnelStream::finish(tun_rd, tun_wr, version).await,
+        Err(e) => {
+            tun_wr.abort(&e).await;
+            Err(e)
+        }
+    };
     let stats = RelayStats {
         to_tunnel: to_tunnel.load(Relaxed),
         from_tunnel: from_tunnel.load(Relaxed),
         elapsed: start.elapsed(),
     };
-    (stats, result.map(|_| ()))
+    (stats, result)
 }
 
 /// What [`widen_send_buffer`] asks for: room for a few of our largest frames.

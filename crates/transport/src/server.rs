@@ -564,7 +564,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
     };
     debug!(version, client = %hello.software, "connected to the destination socket");
 
-    let (stats, result) = shared.hook.relay(dest, stream).await;
+    let (stats, result) = shared.hook.relay(dest, stream, version).await;
     match &result {
         Ok(()) => info!(
             received = stats.from_tunnel,
@@ -593,7 +593,18 @@ async fn handshake(
 ) -> Result<Option<(TunnelStream, Hello, Option<String>)>> {
     let mut stream = shared.transport.accept(tcp).await?;
     let body = stream.recv_body().await?;
-    let hello: Hello = protocol::decode_body(&body)?;
+    let hello: Hello = match protocol::decode_body(&body) {
+        Ok(hello) => hello,
+        Err(e) => {
+            reject(
+                &mut stream,
+                RejectReason::BadRequest,
+                format!("not a hello: {e}"),
+            )
+            .await;
+            return Ok(None);
+        }
+    };
     let Some(token) = &shared.config.token else {
         if hello.nonce.is_some() {
             // It would refuse our accept, after the destination got a connection.
@@ -606,6 +617,19 @@ async fn handshake(
         }
         return Ok(Some((stream, hello, None)));
     };
+    if let Some(theirs) = hello
+        .nonce
+        .as_deref()
+        .filter(|n| auth::parse_nonce(n).is_none())
+    {
+        let message = format!(
+            "the hello's nonce must be {} bytes in hex ({} digits), not {theirs:?}",
+            auth::NONCE_LEN,
+            2 * auth::NONCE_LEN
+        );
+        reject(&mut stream, RejectReason::BadRequest, message).await;
+        return Ok(None);
+    }
     let nonce = auth::nonce()?;
     stream
         .send_msg(&Reply::Challenge {
@@ -645,7 +669,9 @@ async fn reject(stream: &mut TunnelStream, reason: RejectReason, message: String
         versions: (reason == RejectReason::Version)
             .then_some((protocol::PROTOCOL_MIN, protocol::PROTOCOL_MAX)),
     };
-    let _ = stream.send_msg(&reply).await;
+    if stream.send_msg(&reply).await.is_ok() {
+        stream.close_refused(&reason.to_string()).await;
+    }
 }
 
 /// Waits until the connections the source opened before this one are connected, connects

@@ -7,7 +7,10 @@
 //! that died or a network that dropped (tear everything down, never a clean EOF on a
 //! truncated migration stream). On TCP (and inside TLS) the data is framed as a big-endian
 //! `u32` length and that many bytes, a zero length marking the end; on WebSocket each binary
-//! message is data and an empty binary message is the end (the framing is in `ws/`).
+//! message is data and an empty binary message is the end (the framing is in `ws/`). From
+//! protocol version 2 each side also acknowledges the peer's end before either calls the
+//! connection complete ([`TunnelStream::finish`]), so that a direction cut after its end marker
+//! left is a failure at both ends.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -27,8 +30,15 @@ use crate::ws::{self, FrameError, RecvError, WsReader, WsStream, WsWriter};
 #[doc(hidden)]
 pub mod fuzzing;
 
-/// How long a finished WebSocket connection waits for the peer's close frame.
+/// How long a finished WebSocket connection of protocol version 1 waits for the peer's close
+/// frame, which it does not require.
 const WS_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a finished connection of protocol version 2 waits for the peer's acknowledgement
+/// of its end of stream. The peer sends it once it has written all of our stream to its QEMU,
+/// so this covers the last socket buffers' worth of a destination that reads slowly; a peer
+/// that failed drops the connection, which ends the wait at once.
+pub(crate) const END_ACK_WAIT: Duration = Duration::from_secs(60);
 
 /// One established tunnel connection (after the TCP connect, TLS handshake or WebSocket
 /// upgrade, before or after the tunnel handshake).
@@ -81,6 +91,20 @@ impl TunnelStream {
         }
     }
 
+    /// Ends a connection this side refused, after the `reject` that says why: TCP a FIN, TLS
+    /// `close_notify` and FIN, WebSocket a close frame with status 1008 (policy violation)
+    /// and `reason`. Then, for at most a second, it reads what the peer still sends, so that
+    /// the answer is not destroyed by a reset (unread bytes at close make the kernel send
+    /// one).
+    pub async fn close_refused(&mut self, reason: &str) {
+        match self {
+            TunnelStream::Tcp(s) => linger(s).await,
+            TunnelStream::Tls(s) => linger(&mut **s).await,
+            TunnelStream::Ws(ws) => ws.close_with(ws::CLOSE_REFUSED, reason).await,
+            TunnelStream::Wss(ws) => ws.close_with(ws::CLOSE_REFUSED, reason).await,
+        }
+    }
+
     /// Splits the connection into its two directions, so both can run at once.
     pub fn into_split(self) -> (TunnelReader, TunnelWriter) {
         match self {
@@ -109,17 +133,91 @@ impl TunnelStream {
         }
     }
 
-    /// Ends a connection whose both directions finished: the WebSocket close handshake, so
-    /// that neither side resets a connection with a close frame still unread.
-    pub async fn finish(reader: TunnelReader, writer: TunnelWriter) {
+    /// Ends a connection whose both directions finished (their end markers sent and
+    /// received), as the negotiated protocol `version` says.
+    ///
+    /// From version 2 ([`protocol::ACKNOWLEDGED_END`]) this is where each side learns that the
+    /// peer received its stream: on TCP and TLS each side sends a second empty frame (the
+    /// acknowledgement), then its FIN (TLS: `close_notify` and FIN), and waits for the
+    /// peer's; on WebSocket each side sends a close frame and waits for the peer's. A peer that
+    /// closes without it, or sends none within [`END_ACK_WAIT`], lost some of our stream: an
+    /// error. Version 1 peers send no acknowledgement on TCP and TLS, and their close frame
+    /// is waited for (so that neither side resets a connection with it unread) but not
+    /// required.
+    pub async fn finish(reader: TunnelReader, writer: TunnelWriter, version: u32) -> Result<()> {
+        let acked = version >= protocol::ACKNOWLEDGED_END;
+        let wait = if acked { END_ACK_WAIT } else { WS_CLOSE_WAIT };
         match (reader, writer) {
-            (TunnelReader::Ws(rd), TunnelWriter::Ws(wr)) => ws::close(rd, wr, WS_CLOSE_WAIT).await,
-            (TunnelReader::Wss(rd), TunnelWriter::Wss(wr)) => {
-                ws::close(*rd, *wr, WS_CLOSE_WAIT).await
+            (TunnelReader::Tcp(mut rd), TunnelWriter::Tcp(mut wr)) => {
+                frames_close(&mut rd, &mut wr, acked).await
             }
-            _ => {}
+            (TunnelReader::Tls(mut rd), TunnelWriter::Tls(mut wr)) => {
+                frames_close(&mut *rd, &mut *wr, acked).await
+            }
+            (TunnelReader::Ws(rd), TunnelWriter::Ws(wr)) => {
+                let closed = ws::close(rd, wr, wait).await;
+                if acked {
+                    closed
+                } else {
+                    Ok(())
+                }
+            }
+            (TunnelReader::Wss(rd), TunnelWriter::Wss(wr)) => {
+                let closed = ws::close(*rd, *wr, wait).await;
+                if acked {
+                    closed
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Err(Error::Protocol(
+                "the two directions of a connection belong to different transports".into(),
+            )),
         }
     }
+}
+
+/// The end of a TCP or TLS connection after both end markers: in version 2 our
+/// acknowledgement of the peer's end, then FIN (TLS: `close_notify`), then the peer's
+/// acknowledgement of ours and its FIN.
+async fn frames_close<R, W>(rd: &mut FrameReader<R>, wr: &mut W, acked: bool) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if !acked {
+        return wr.shutdown().await.map_err(Error::lost_or_io);
+    }
+    rd.dec.expect_ack(true);
+    wr.write_all(&[0u8; frame::HEADER])
+        .await
+        .map_err(Error::lost_or_io)?;
+    wr.shutdown().await.map_err(Error::lost_or_io)?;
+    match tokio::time::timeout(END_ACK_WAIT, rd.until_ack()).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(Error::ConnectionLost(format!(
+                "the peer did not acknowledge the end of the stream within {}s",
+                END_ACK_WAIT.as_secs()
+            )))
+        }
+    }
+    // Acknowledged: what follows can only be the end. Wait a moment for it, so that our
+    // close does not reset a connection with bytes unread; its absence loses nothing.
+    tokio::time::timeout(ws::REFUSAL_WAIT, rd.after_ack())
+        .await
+        .unwrap_or(Ok(()))
+}
+
+/// Shuts the write side down (TLS: `close_notify`), then reads and drops what the peer still
+/// sends until it closes too, for at most [`ws::REFUSAL_WAIT`].
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+    let _ = tokio::time::timeout(ws::REFUSAL_WAIT, async {
+        let _ = s.shutdown().await;
+        let mut sink = [0u8; 4096];
+        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// Writes all of `bytes` and flushes: TLS keeps what the socket did not take at once in its
@@ -138,10 +236,17 @@ async fn recv_envelope<R: AsyncRead + Unpin>(s: &mut R) -> Result<Vec<u8>> {
     Ok(body)
 }
 
+/// Receives one envelope as one binary message. A message this end refuses (text, above the
+/// limit, broken framing) is answered with a close frame that says why, and the connection is
+/// over.
 async fn recv_ws_envelope<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WsStream<S>,
 ) -> Result<Vec<u8>> {
-    match ws.recv_message().await {
+    let received = ws.recv_message().await;
+    if let Err(RecvError::Frame(e)) = &received {
+        ws.close_with(e.close_code(), &e.to_string()).await;
+    }
+    match received {
         Ok(message) => Ok(protocol::unwrap_envelope(&message)?.to_vec()),
         Err(RecvError::Frame(FrameError::Text)) => {
             Err(EnvelopeError::NotOurProtocol(protocol::Sniffed::WebSocketText).into())
@@ -189,6 +294,18 @@ pub struct FrameReader<R> {
 }
 
 impl TunnelReader {
+    /// Tells a TCP or TLS reader whether an acknowledgement follows the peer's end marker
+    /// (protocol version 2, [`protocol::ACKNOWLEDGED_END`]), so that it takes one that arrives
+    /// together with the end for what it is. WebSocket acknowledges with its close frame.
+    pub fn expect_acknowledged_end(&mut self, version: u32) {
+        let yes = version >= protocol::ACKNOWLEDGED_END;
+        match self {
+            TunnelReader::Tcp(r) => r.dec.expect_ack(yes),
+            TunnelReader::Tls(r) => r.dec.expect_ack(yes),
+            TunnelReader::Ws(_) | TunnelReader::Wss(_) => {}
+        }
+    }
+
     /// Reads the next bytes into `buf`; `Ok(0)` means the peer ended the stream cleanly.
     /// A connection that ends without the end marker is [`Error::ConnectionLost`].
     pub async fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
@@ -231,6 +348,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     async fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
         loop {
+            if self.dec.ended() {
+                return Ok(0);
+            }
             match self.dec.expect() {
                 Expect::End => return Ok(0),
                 Expect::Payload { left } => {
@@ -260,6 +380,37 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     self.dec.header(&header[..missing])?;
                 }
             }
+        }
+    }
+
+    /// After the peer's end marker: its acknowledgement of ours (unless it came with the end).
+    async fn until_ack(&mut self) -> Result<()> {
+        while let Expect::Header { missing } = self.dec.expect() {
+            let mut header = [0u8; frame::HEADER];
+            match self.rd.read_exact(&mut header[..missing]).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(Error::ConnectionLost(
+                        "the peer closed without acknowledging the end of the stream".into(),
+                    ))
+                }
+                Err(e) => return Err(Error::lost_or_io(e)),
+            }
+            self.dec.header(&header[..missing])?;
+        }
+        if !self.dec.acked() {
+            return Err(crate::frame::DecodeError::AfterEnd.into());
+        }
+        Ok(())
+    }
+
+    /// After the acknowledgement: the end of the connection (TLS: `close_notify`). More
+    /// bytes break the protocol; a connection that ends otherwise loses nothing.
+    async fn after_ack(&mut self) -> Result<()> {
+        let mut byte = [0u8; 1];
+        match self.rd.read(&mut byte).await {
+            Ok(n) if n > 0 => Err(crate::frame::DecodeError::AfterEnd.into()),
+            _ => Ok(()),
         }
     }
 
@@ -304,7 +455,8 @@ impl TunnelWriter {
         }
     }
 
-    /// Ends this direction: the end marker, then (TCP) a FIN, (TLS) a close_notify and a FIN.
+    /// Ends this direction: the end marker. The FIN (TLS: `close_notify` and FIN) waits for
+    /// [`TunnelStream::finish`], which in protocol version 2 sends an acknowledgement first.
     /// The other direction stays open.
     pub async fn finish(&mut self) -> Result<()> {
         match self {
@@ -313,6 +465,32 @@ impl TunnelWriter {
             TunnelWriter::Ws(w) => w.finish().await,
             TunnelWriter::Wss(w) => w.finish().await,
         }
+    }
+
+    /// After a failed connection, tells the peer why where the transport has a way to: TLS
+    /// sends the alert its reader owes (`bad_record_mac` for a record that did not decrypt,
+    /// ...), WebSocket a close frame with the status for a frame this side refused (1003 a
+    /// text message, 1009 one above the limit, 1002 a broken frame). Bounded by a second;
+    /// anything else just drops the connection, as before.
+    pub async fn abort(&mut self, why: &Error) {
+        let _ = tokio::time::timeout(ws::REFUSAL_WAIT, async {
+            match (self, why) {
+                (TunnelWriter::Tls(w), _) => {
+                    let _ = w.send_owed_alert().await;
+                }
+                (TunnelWriter::Wss(w), _) if w.io.owes_alert() => {
+                    let _ = w.io.send_owed_alert().await;
+                }
+                (TunnelWriter::Ws(w), Error::WebSocket(e)) => {
+                    let _ = w.close_with(e.close_code(), &e.to_string()).await;
+                }
+                (TunnelWriter::Wss(w), Error::WebSocket(e)) => {
+                    let _ = w.close_with(e.close_code(), &e.to_string()).await;
+                }
+                _ => {}
+            }
+        })
+        .await;
     }
 
     /// Copies everything from `r` to the peer until `r` ends, then sends the end marker.
@@ -346,8 +524,10 @@ async fn frames_write_all<W: AsyncWrite + Unpin>(
 }
 
 async fn frames_finish<W: AsyncWrite + Unpin>(w: &mut W) -> Result<()> {
-    w.write_all(&[0u8; 4]).await.map_err(Error::lost_or_io)?;
-    w.shutdown().await.map_err(Error::lost_or_io)
+    w.write_all(&[0u8; frame::HEADER])
+        .await
+        .map_err(Error::lost_or_io)?;
+    w.flush().await.map_err(Error::lost_or_io)
 }
 
 async fn frames_pump_from<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(

@@ -37,6 +37,12 @@ The destination runs `qmigrate tunnel-server --qmp PATH` (or --route NAME=PATH f
 VMs); it sets the destination QEMU up when this command asks, so the capabilities always match. \
 The source QEMU sends to a private socket of this process: there is no socket to manage.
 
+On tcp:// and ws:// nothing protects the bytes themselves: the token authenticates the \
+connection, not the data, and the stream (the guest's memory) travels in the clear, so a bit \
+flipped on the wire (faulty hardware, or anyone on the path) reaches the destination QEMU \
+unnoticed. Across a network you do not trust, use tls:// or wss://: TLS encrypts every byte and \
+refuses any that was altered.
+
 Exit codes: 0 completed on both sides, 1 failed (here or on the destination), 2 usage, \
 3 QMP unreachable, 4 cancelled (Ctrl-C, SIGTERM, --timeout; the source VM keeps running).")]
 pub struct Args {

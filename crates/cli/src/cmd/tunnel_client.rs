@@ -27,7 +27,13 @@ client accepts only a server that proves the same.
 
 With tls:// or wss:// the client checks the server's certificate against --tls-ca, or pins it \
 with --tls-fingerprint (else the system's CAs); verification is never off. An address without \
-a scheme means TLS when a TLS flag is given.")]
+a scheme means TLS when a TLS flag is given.
+
+On tcp:// and ws:// nothing protects the bytes themselves: the token authenticates the \
+connection, not the data, and the stream (the guest's memory) travels in the clear, so a bit \
+flipped on the wire (faulty hardware, or anyone on the path) reaches the destination QEMU \
+unnoticed. Across a network you do not trust, use tls:// or wss://: TLS encrypts every byte and \
+refuses any that was altered.")]
 pub struct Args {
     /// Use WebSocket instead of plain TCP (and default to port 8765).
     #[arg(long)]

@@ -39,7 +39,13 @@ is given.
 With --tls-cert and --tls-key the server speaks TLS (an address without a scheme becomes \
 tls://, or wss:// with --ws) and logs its certificate's fingerprint, which clients can pin \
 with --tls-fingerprint. TLS never takes the direct data path: the stream stays encrypted \
-through qmigrate.")]
+through qmigrate.
+
+On tcp:// and ws:// nothing protects the bytes themselves: the token authenticates the \
+connection, not the data, and the stream (the guest's memory) travels in the clear, so a bit \
+flipped on the wire (faulty hardware, or anyone on the path) reaches the destination QEMU \
+unnoticed. Across a network you do not trust, use tls:// or wss://: TLS encrypts every byte and \
+refuses any that was altered.")]
 pub struct Args {
     /// Use WebSocket instead of plain TCP (and default to port 8765).
     #[arg(long)]

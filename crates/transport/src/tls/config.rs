@@ -315,6 +315,9 @@ impl ServerTls {
         // ticket would be one more message after the handshake for every client to parse.
         config.enable_secret_extraction = true;
         config.send_tls13_tickets = 0;
+        // Our suite order (AES-128-GCM first, see `provider`), not the client's: the
+        // preference must hold whoever the client is.
+        config.ignore_client_order = true;
         Ok(ServerTls {
             config: Arc::new(config),
             fingerprint,

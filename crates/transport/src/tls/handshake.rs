@@ -245,7 +245,17 @@ async fn drive<C: Unbuffered>(
                 }
             }
             Step::Fail(e) => {
-                send_alert(&mut conn, &mut incoming[..filled], &mut tcp, &mut outgoing).await;
+                // A record of application data right behind the peer's Finished that failed
+                // (did not decrypt, say): rustls queued its alert but left the record in the
+                // buffer, and shown it again it would refuse it again and queue a second alert
+                // (which a debug assertion of rustls refuses). With the handshake over, no
+                // handshake message of rustls' spans the buffer: show it none.
+                let shown = if conn.handshaking() {
+                    &mut incoming[..filled]
+                } else {
+                    &mut []
+                };
+                send_alert(&mut conn, shown, &mut tcp, &mut outgoing).await;
                 return Err((Failure::Tls(e), tcp));
             }
             Step::Traffic => {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
-use rustls::{CipherSuite, ProtocolVersion};
+use rustls::{AlertDescription, CipherSuite, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -40,11 +40,14 @@ const BATCH_PAYLOAD: usize = MAX_PLAINTEXT - 4;
 /// this much is still unsent.
 const TX_CHUNK: usize = 64 * 1024;
 
-/// What the two directions share: rustls' key schedule, and the peer's request that we
-/// update our sending key.
+/// What the two directions share: rustls' key schedule, the peer's request that we update
+/// our sending key, and the alert the reader owes the peer after refusing what it sent.
 struct Shared {
     kernel: Mutex<Kernel>,
     answer_key_update: AtomicBool,
+    /// Set by the reader when it refuses a record; sent by the writer (which owns the sending
+    /// key and the socket's write side), once.
+    alert: Mutex<Option<AlertDescription>>,
     /// Send a `key_update` before the sending key protects this many records: the suite's
     /// confidentiality limit, less room for one batch.
     key_update_at: u64,
@@ -100,6 +103,7 @@ impl TlsStream {
         let shared = Arc::new(Shared {
             kernel: Mutex::new(kernel),
             answer_key_update: AtomicBool::new(false),
+            alert: Mutex::new(None),
             key_update_at,
         });
         let (rx_seq, rx) = &secrets.rx;
@@ -129,6 +133,7 @@ impl TlsStream {
                 pos: 0,
                 closed: false,
                 batch: Vec::new(),
+                batch_out: 0..0,
             },
             suite: suite.suite(),
         })
@@ -146,12 +151,22 @@ impl TlsStream {
 }
 
 impl AsyncRead for TlsStream {
+    /// Reads as [`TlsReader`] does. A record it refuses is answered with its alert at once,
+    /// best effort, since the writer is at hand (before the split, during the handshake
+    /// messages, nobody else writes).
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().reader).poll_read(cx, buf)
+        let this = self.get_mut();
+        let result = ready!(Pin::new(&mut this.reader).poll_read(cx, buf));
+        if result.is_err() && matches!(this.writer.seal_owed_alert(), Ok(true)) {
+            if let Poll::Ready(Ok(())) = this.writer.poll_drain(cx) {
+                let _ = Pin::new(&mut this.writer.tcp).poll_shutdown(cx);
+            }
+        }
+        Poll::Ready(result)
     }
 }
 
@@ -210,21 +225,21 @@ impl TlsReader {
             }
             let mut header = [0u8; HEADER];
             header.copy_from_slice(&self.buf[self.start..self.start + HEADER]);
-            let body_len = record::parse_header(&header).map_err(record_error)?;
+            let body_len = record::parse_header(&header).map_err(|e| self.refuse(e))?;
             if avail < HEADER + body_len {
                 return Ok(Next::NeedMore);
             }
             let body = self.start + HEADER;
-            let opened = self
-                .key
-                .open(header, &mut self.buf[body..body + body_len])
-                .map_err(record_error)?;
+            let opened = match self.key.open(header, &mut self.buf[body..body + body_len]) {
+                Ok(opened) => opened,
+                Err(e) => return Err(self.refuse(e)),
+            };
             self.start = body + body_len;
             let content = body..body + opened.len;
             match opened.typ {
                 APPLICATION_DATA if opened.len == 0 => continue,
                 APPLICATION_DATA => return Ok(Next::Data(body, opened.len)),
-                ALERT => match parse_alert(&self.buf[content]).map_err(record_error)? {
+                ALERT => match parse_alert(&self.buf[content]).map_err(|e| self.refuse(e))? {
                     Alert::CloseNotify => {
                         self.closed = true;
                         return Ok(Next::Closed);
@@ -237,17 +252,34 @@ impl TlsReader {
                     }
                 },
                 HANDSHAKE => {
-                    let messages = parse_handshake(&self.buf[content]).map_err(record_error)?;
-                    self.post_handshake(messages).map_err(record_error)?;
+                    let messages =
+                        parse_handshake(&self.buf[content]).map_err(|e| self.refuse(e))?;
+                    self.post_handshake(messages).map_err(|e| self.refuse(e))?;
                 }
                 other => {
-                    return Err(record_error(rustls::Error::InappropriateMessage {
+                    return Err(self.refuse(rustls::Error::InappropriateMessage {
                         expect_types: vec![rustls::ContentType::ApplicationData],
                         got_type: rustls::ContentType::from(other),
                     }))
                 }
             }
         }
+    }
+
+    /// Refuses what the peer sent: notes the alert the writer owes it, and the error.
+    fn refuse(&self, e: rustls::Error) -> io::Error {
+        let alert = match &e {
+            rustls::Error::DecryptError => AlertDescription::BadRecordMac,
+            rustls::Error::PeerSentOversizedRecord => AlertDescription::RecordOverflow,
+            rustls::Error::InvalidMessage(_) => AlertDescription::DecodeError,
+            rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. }
+            | rustls::Error::PeerMisbehaved(_) => AlertDescription::UnexpectedMessage,
+            _ => AlertDescription::InternalError,
+        };
+        let mut owed = self.shared.alert.lock().unwrap_or_else(|e| e.into_inner());
+        owed.get_or_insert(alert);
+        record_error(e)
     }
 
     fn post_handshake(&mut self, messages: Vec<PostHandshake>) -> Result<(), rustls::Error> {
@@ -434,6 +466,9 @@ pub struct TlsWriter {
     closed: bool,
     /// The fast path's records, allocated on its first use.
     batch: Vec<u8>,
+    /// The part of `batch` being written: what a cancelled write left unsent, which must go
+    /// out before anything else (an alert) can follow it on the wire.
+    batch_out: std::ops::Range<usize>,
 }
 
 impl TlsWriter {
@@ -483,6 +518,67 @@ impl TlsWriter {
         Poll::Ready(Ok(()))
     }
 
+    /// Writes what is left of the batch, keeping track of it, so that a write cancelled half
+    /// way can be finished before an alert.
+    async fn write_batch(&mut self) -> Result<()> {
+        while !self.batch_out.is_empty() {
+            let n = self
+                .tcp
+                .write(&self.batch[self.batch_out.clone()])
+                .await
+                .map_err(Error::lost_or_io)?;
+            if n == 0 {
+                return Err(Error::lost_or_io(io::ErrorKind::WriteZero.into()));
+            }
+            self.batch_out.start += n;
+        }
+        Ok(())
+    }
+
+    /// Seals the fatal alert the reader owes the peer, if any (and nothing was closed yet),
+    /// into `out`; nothing may be sent after it.
+    fn seal_owed_alert(&mut self) -> io::Result<bool> {
+        let owed = self
+            .shared
+            .alert
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match owed {
+            Some(desc) if !self.closed => {
+                self.seal_into_out(&[2, u8::from(desc)], ALERT)?;
+                self.closed = true;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether the reader refused a record and the alert it owes is not sent yet.
+    pub(crate) fn owes_alert(&self) -> bool {
+        !self.closed
+            && self
+                .shared
+                .alert
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+    }
+
+    /// After the reader refused a record: sends the fatal alert it owes the peer (RFC 8446,
+    /// 6.2: `bad_record_mac` for one that does not decrypt, say), behind whatever a cancelled
+    /// write left half sent, then the FIN. Does nothing when no alert is owed.
+    pub(crate) async fn send_owed_alert(&mut self) -> Result<()> {
+        if !self.seal_owed_alert().map_err(Error::lost_or_io)? {
+            return Ok(());
+        }
+        self.write_batch().await?;
+        poll_fn(|cx| self.poll_drain(cx))
+            .await
+            .map_err(Error::lost_or_io)?;
+        self.tcp.shutdown().await.map_err(Error::lost_or_io)
+    }
+
     /// The relay's sending side for `tls://`: reads from `r` into the payload areas of up to
     /// 64 records at once, frames and seals each in place and sends them with one write, until
     /// `r` ends. The caller sends the end-of-stream frame and `close_notify` after.
@@ -498,12 +594,6 @@ impl TlsWriter {
             self.batch = vec![0u8; BATCH_RECORDS * FULL_RECORD];
         }
         loop {
-            if self.key_update_due(BATCH_RECORDS as u64) {
-                self.update_key().map_err(Error::lost_or_io)?;
-                poll_fn(|cx| self.poll_drain(cx))
-                    .await
-                    .map_err(Error::lost_or_io)?;
-            }
             let n = {
                 let mut iov: Vec<IoSliceMut<'_>> = self
                     .batch
@@ -516,6 +606,14 @@ impl TlsWriter {
             };
             if n == 0 {
                 return Ok(());
+            }
+            // Checked after the read, which may have waited long: a peer's request that
+            // arrived meanwhile is answered before these records (RFC 8446, 4.6.3).
+            if self.key_update_due(BATCH_RECORDS as u64) {
+                self.update_key().map_err(Error::lost_or_io)?;
+                poll_fn(|cx| self.poll_drain(cx))
+                    .await
+                    .map_err(Error::lost_or_io)?;
             }
             let mut wire = 0;
             let mut left = n;
@@ -531,10 +629,8 @@ impl TlsWriter {
                 wire += sealed_len(4 + m);
                 left -= m;
             }
-            self.tcp
-                .write_all(&self.batch[..wire])
-                .await
-                .map_err(Error::lost_or_io)?;
+            self.batch_out = 0..wire;
+            self.write_batch().await?;
             count.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
@@ -820,6 +916,67 @@ mod tests {
         let mut rest = Vec::new();
         rd.read_to_end(&mut rest).await.expect("our end");
         assert!(rest.is_empty());
+    }
+
+    /// RFC 8446, 4.6.3: a peer's request for a key update is answered before the next
+    /// application data record. The relay's writer waits in its read of QEMU's socket while
+    /// the request arrives: the records it seals from that read must go out under the new
+    /// key, after the `key_update`.
+    #[tokio::test]
+    async fn a_requested_key_update_goes_out_before_the_next_record() {
+        let p = pair();
+        let (c, s) = tcp_pair().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(p.server.config.clone());
+        let (ours, theirs) = tokio::join!(
+            handshake::client(p.client.config.clone(), name(), c),
+            acceptor.accept(s)
+        );
+        let Ok(ours) = ours else {
+            panic!("our handshake")
+        };
+        let (mut rd, mut wr) = TlsStream::new(ours).expect("ours").into_split();
+        let mut theirs = theirs.expect("their handshake");
+        let (mut qemu, mut relay_src) = UnixStream::pair().expect("pair");
+        let data = pattern(1000, 8);
+        let count = AtomicU64::new(0);
+        let pump = async {
+            wr.pump_frames_from(&mut relay_src, &count)
+                .await
+                .expect("pump from");
+            wr
+        };
+        let drive = async {
+            // The writer is in its read of the Unix socket by now.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            theirs
+                .get_mut()
+                .1
+                .refresh_traffic_keys()
+                .expect("a key update request");
+            theirs.write_all(b"ping").await.expect("write");
+            theirs.flush().await.expect("flush");
+            let mut got = [0u8; 4];
+            rd.read_exact(&mut got).await.expect("read");
+            assert!(
+                rd.shared.answer_key_update.load(Ordering::Acquire),
+                "the request was read"
+            );
+            qemu.write_all(&data).await.expect("feed");
+            qemu.shutdown().await.expect("eof");
+        };
+        let (wr, ()) = tokio::join!(pump, drive);
+        let records = data.len().div_ceil(BATCH_PAYLOAD) as u64;
+        assert_eq!(
+            wr.key.seq(),
+            records,
+            "records under the new key: the others went out under the old one, after the \
+             peer's request was read"
+        );
+        let mut got = vec![0u8; data.len() + 4 * records as usize];
+        theirs
+            .read_exact(&mut got)
+            .await
+            .expect("rustls reads what we sealed");
     }
 
     #[tokio::test]

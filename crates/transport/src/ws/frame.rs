@@ -68,6 +68,19 @@ pub enum FrameError {
     UnfinishedMessage,
 }
 
+impl FrameError {
+    /// The close status that tells the peer why (RFC 6455, 7.4.1): 1003 for a text message
+    /// (a kind of data this end does not accept), 1009 for a frame or message above the
+    /// limit, 1002 (protocol error) for the rest.
+    pub(crate) fn close_code(&self) -> u16 {
+        match self {
+            FrameError::Text => 1003,
+            FrameError::FrameTooLarge(_) | FrameError::MessageTooLarge { .. } => 1009,
+            _ => 1002,
+        }
+    }
+}
+
 /// XORs `buf` with the masking key, byte `i` with `key[i % 4]`.
 ///
 /// 32 bytes at a time against the key repeated eight times: the fixed-size inner loop

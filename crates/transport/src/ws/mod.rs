@@ -58,24 +58,53 @@ const READ_CHUNK: usize = 1024 * 1024;
 /// The status code of a normal close.
 const CLOSE_NORMAL: u16 = 1000;
 
+/// The status code of a refused connection (RFC 6455, 7.4.1: policy violation).
+pub(crate) const CLOSE_REFUSED: u16 = 1008;
+
+/// How long a connection that is dropped for a reason waits to tell the peer why: its close
+/// frame, the peer's answer, the end of the connection.
+pub(crate) const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A close frame's payload: the status code, then as much of `reason` as fits in a control
+/// frame (123 bytes), cut at a character boundary.
+fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(frame::MAX_CONTROL - 2);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    payload
+}
+
 /// Ends a connection whose both directions finished: our close frame, the peer's (bounded
-/// by `wait`), then the write side's shutdown (TLS: close_notify). A peer that never answers
-/// is left after `wait`.
-pub(crate) async fn close<R, W>(mut rd: WsReader<R>, mut wr: WsWriter<W>, wait: std::time::Duration)
+/// by `wait`), then the write side's shutdown (TLS: close_notify). `Ok` once the peer's close
+/// frame (status 1000, or none) has arrived: the peer has received our whole stream, since it
+/// closes only after both directions ended. A peer that never answers is left after `wait`.
+pub(crate) async fn close<R, W>(
+    mut rd: WsReader<R>,
+    mut wr: WsWriter<W>,
+    wait: std::time::Duration,
+) -> Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let _ = tokio::time::timeout(wait, async {
-        let _ = wr.answer_ping().await;
-        if wr.st.queue(OP_CLOSE, &CLOSE_NORMAL.to_be_bytes()).is_ok()
-            && wr.st.drain(&mut wr.io).await.is_ok()
-        {
-            rd.until_close().await;
-        }
+    let closed = tokio::time::timeout(wait, async {
+        wr.answer_ping().await?;
+        wr.st.queue(OP_CLOSE, &CLOSE_NORMAL.to_be_bytes())?;
+        wr.st.drain(&mut wr.io).await?;
+        let peer = rd.until_close().await;
         let _ = wr.io.shutdown().await;
+        peer
     })
     .await;
+    closed.unwrap_or_else(|_| {
+        Err(Error::ConnectionLost(format!(
+            "the peer sent no WebSocket close within {}s after the end of the stream",
+            wait.as_secs()
+        )))
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -115,6 +144,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     pub(crate) async fn send_message(&mut self, payload: &[u8]) -> Result<()> {
         self.wr.queue(OP_BINARY, payload)?;
         self.wr.drain(&mut self.io).await
+    }
+
+    /// Drops the connection for a reason the peer is told: a close frame with `code` and
+    /// `reason`, then (for at most [`REFUSAL_WAIT`]) the peer's close frame or the end of the
+    /// connection, so that the close frame is not lost to a reset, then the write side's
+    /// shutdown (TLS: `close_notify`).
+    pub(crate) async fn close_with(&mut self, code: u16, reason: &str) {
+        let _ = tokio::time::timeout(REFUSAL_WAIT, async {
+            if self
+                .wr
+                .queue(OP_CLOSE, &close_payload(code, reason))
+                .is_ok()
+                && self.wr.drain(&mut self.io).await.is_ok()
+            {
+                loop {
+                    match self.rd.next_item() {
+                        Ok(Some(Item::Close(_))) | Err(_) => break,
+                        Ok(Some(_)) => {}
+                        Ok(None) => {
+                            if !matches!(self.rd.fill(&mut self.io).await, Ok(n) if n > 0) {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            let _ = self.io.shutdown().await;
+        })
+        .await;
     }
 
     /// Receives the next binary message whole, answering pings meanwhile. Cancel-safe: a

@@ -162,15 +162,10 @@ impl ReadState {
     }
 }
 
-/// A frame error met in the data stream. A text message keeps the words it had with
-/// tungstenite.
+/// A frame error met in the data stream, typed, so that the relay can tell the peer why in
+/// its close frame.
 fn data_error(e: FrameError) -> Error {
-    match e {
-        FrameError::Text => {
-            Error::Protocol("the peer sent a text message inside the data stream".into())
-        }
-        other => Error::WebSocket(other),
-    }
+    Error::WebSocket(e)
 }
 
 /// A read error, or the end of the connection without a close.
@@ -303,20 +298,35 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         Ok(())
     }
 
-    /// Reads until the peer's close frame (or the end of the connection, or an error),
-    /// dropping whatever comes before it: the second half of the close handshake.
-    pub(super) async fn until_close(&mut self) {
+    /// Reads until the peer's close frame, dropping whatever comes before it: the second half
+    /// of the close handshake. `Ok` for a normal close (status 1000, or no status); the end of
+    /// the connection, an error or another status is an error.
+    pub(super) async fn until_close(&mut self) -> Result<()> {
         loop {
-            match self.st.next_item() {
-                Ok(Some(Item::Close(_))) | Err(_) => return,
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    if !matches!(self.st.fill(&mut self.io).await, Ok(n) if n > 0) {
-                        return;
-                    }
-                }
+            match self.st.next_item().map_err(data_error)? {
+                Some(Item::Close(r)) => return close_status(&self.st.buf[r]),
+                Some(_) => {}
+                None => read_result(self.st.fill(&mut self.io).await).map_err(|_| {
+                    Error::ConnectionLost(
+                        "the peer closed without a WebSocket close after the end of the stream"
+                            .into(),
+                    )
+                })?,
             }
         }
+    }
+}
+
+/// A close frame's payload after the end of the stream: a normal close, or the peer's reason
+/// for another.
+fn close_status(payload: &[u8]) -> Result<()> {
+    let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+    match code {
+        None | Some(super::CLOSE_NORMAL) => Ok(()),
+        Some(code) => Err(Error::ConnectionLost(match close_reason(payload) {
+            Some(reason) => format!("the peer closed the WebSocket with status {code}: {reason}"),
+            None => format!("the peer closed the WebSocket with status {code}"),
+        })),
     }
 }
 

@@ -111,7 +111,7 @@ impl WriteState {
 
 /// The sending direction of a WebSocket tunnel connection after the handshake.
 pub struct WsWriter<W> {
-    pub(super) io: W,
+    pub(crate) io: W,
     pub(super) st: WriteState,
     pub(super) pong: Arc<PongSlot>,
     /// One frame: header gap, then payload.
@@ -160,6 +160,15 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
             self.send_frame(chunk.len()).await?;
         }
         Ok(())
+    }
+
+    /// Drops the connection for a reason the peer is told: a close frame with `code` and
+    /// `reason` (after whatever frame was half sent), then the write side's shutdown.
+    pub(crate) async fn close_with(&mut self, code: u16, reason: &str) -> Result<()> {
+        self.st
+            .queue(super::frame::OP_CLOSE, &super::close_payload(code, reason))?;
+        self.st.drain(&mut self.io).await?;
+        self.io.shutdown().await.map_err(Error::lost_or_io)
     }
 
     /// Sends the end marker, an empty binary message.

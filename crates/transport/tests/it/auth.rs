@@ -45,6 +45,7 @@ per_scheme!(
     flood_of_idle_connections_does_not_lock_out_a_good_client,
     client_with_a_token_refuses_a_server_without_one,
     client_refuses_a_server_that_cannot_prove_the_token,
+    a_nonce_of_another_length_is_a_bad_request,
 );
 
 fn token(s: &str) -> Token {
@@ -909,4 +910,44 @@ async fn no_token_means_loopback_only() {
         "no warning for --insecure:\n{}",
         log_text()
     );
+}
+
+/// The client's nonce is 32 bytes in hex (64 digits, either case), as PROTOCOL.md says: a
+/// hello with a shorter or longer one, or one that is not hex, is a `bad-request` before any
+/// challenge; one in capitals is fine.
+async fn a_nonce_of_another_length_is_a_bad_request(scheme: Scheme) {
+    let t = Tunnel::start(scheme, opts()).await;
+    let dest = t.dest_listener();
+    let good = auth::hex(&auth::nonce().expect("nonce"));
+    for (nonce, what) in [
+        (good[..62].to_owned(), "31 bytes"),
+        (format!("{good}00"), "33 bytes"),
+        (String::new(), "empty"),
+        (good.replace(|c: char| c.is_ascii_digit(), "x"), "not hex"),
+    ] {
+        let mut hello = Hello::data("00000000000000a7", 0);
+        hello.nonce = Some(nonce);
+        let (mut s, _) = raw_connect(&t.url).await;
+        s.send_body(&protocol::encode_body(&hello))
+            .await
+            .expect("send the hello");
+        let reply: Reply = within(STEP, "the server's answer", s.recv_msg())
+            .await
+            .expect("an answer");
+        assert!(
+            matches!(
+                reply,
+                Reply::Reject {
+                    reason: RejectReason::BadRequest,
+                    ..
+                }
+            ),
+            "a nonce of {what}: {reply:?}"
+        );
+    }
+    let mut hello = Hello::data("00000000000000a8", 0);
+    hello.nonce = Some(good.to_uppercase());
+    let (mut s, _) = raw_connect(&t.url).await;
+    hello_and_challenge(&mut s, &protocol::encode_body(&hello)).await;
+    assert_no_connection(&dest, "after hellos with bad nonces").await;
 }

@@ -106,6 +106,8 @@ pub struct Opts {
     pub server_tls: Option<ServerTls>,
     /// The client's TLS settings (likewise).
     pub client_tls: Option<ClientTls>,
+    /// Put a [`CutProxy`] between the client and the server.
+    pub proxy: bool,
 }
 
 impl Default for Opts {
@@ -120,6 +122,7 @@ impl Default for Opts {
             client_token: None,
             server_tls: None,
             client_tls: None,
+            proxy: false,
         }
     }
 }
@@ -151,6 +154,8 @@ pub struct Tunnel {
     pub url: Endpoint,
     pub server_stop: CancellationToken,
     pub client_stop: CancellationToken,
+    /// The proxy the client connects through, with [`Opts::proxy`].
+    pub proxy: Option<CutProxy>,
     server: Option<JoinHandle<Report>>,
     client: Option<JoinHandle<Report>>,
 }
@@ -183,13 +188,24 @@ impl Tunnel {
         let url = server.local_endpoint().clone();
         assert_ne!(url.port, 0, "the server reports the port it bound");
         assert_eq!(url.scheme, scheme);
+        let proxy = match opts.proxy {
+            true => Some(CutProxy::start(&url).await),
+            false => None,
+        };
+        let client_url = match &proxy {
+            Some(p) => Endpoint {
+                port: p.port,
+                ..url.clone()
+            },
+            None => url.clone(),
+        };
         let client = Client::bind(
             &source,
             ClientConfig {
                 once: opts.once,
                 token: opts.client_token.clone(),
                 tls: client_tls,
-                ..ClientConfig::new(url.clone())
+                ..ClientConfig::new(client_url)
             },
         )
         .expect("client bind");
@@ -205,6 +221,7 @@ impl Tunnel {
             url,
             server_stop,
             client_stop,
+            proxy,
             server: Some(server),
             client: Some(client),
         }
@@ -265,6 +282,101 @@ impl Drop for Tunnel {
     fn drop(&mut self) {
         self.server_stop.cancel();
         self.client_stop.cancel();
+    }
+}
+
+/// Which direction of a connection a [`CutProxy`] cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to server.
+    Up,
+    /// Server to client.
+    Down,
+}
+
+/// A TCP proxy between a tunnel client and its server that forwards both directions byte for
+/// byte until told to cut one: from then on it drops what comes that way and ends it towards
+/// its receiver with a FIN, as a middlebox or a network that lost one direction would, while
+/// the other direction flows on to its end.
+#[derive(Debug)]
+pub struct CutProxy {
+    /// The port the client connects to.
+    pub port: u16,
+    cut: tokio::sync::watch::Sender<Option<Direction>>,
+    task: JoinHandle<()>,
+}
+
+impl CutProxy {
+    /// A proxy on `127.0.0.1:0` to `upstream`'s host and port.
+    pub async fn start(upstream: &Endpoint) -> CutProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (cut, cut_rx) = tokio::sync::watch::channel(None);
+        let to = upstream.authority();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&to).await else {
+                    continue;
+                };
+                let (c_rd, c_wr) = client.into_split();
+                let (s_rd, s_wr) = server.into_split();
+                tokio::spawn(forward(c_rd, s_wr, cut_rx.clone(), Direction::Up));
+                tokio::spawn(forward(s_rd, c_wr, cut_rx.clone(), Direction::Down));
+            }
+        });
+        CutProxy { port, cut, task }
+    }
+
+    /// Cuts `direction` of every connection, present and future.
+    pub fn cut(&self, direction: Direction) {
+        self.cut.send_replace(Some(direction));
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to` until `from` ends (then a FIN to `to`) or `way` is cut (a FIN to
+/// `to` at once, and whatever `from` still sends is read and dropped).
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: tokio::sync::watch::Receiver<Option<Direction>>,
+    way: Direction,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if *cut.borrow_and_update() == Some(way) {
+            let _ = to.shutdown().await;
+            while matches!(from.read(&mut buf).await, Ok(n) if n > 0) {}
+            return;
+        }
+        tokio::select! {
+            changed = cut.changed() => {
+                if changed.is_err() {
+                    // The proxy is gone: no cut will come.
+                    let _ = tokio::io::copy(&mut from, &mut to).await;
+                    let _ = to.shutdown().await;
+                    return;
+                }
+            }
+            n = from.read(&mut buf) => match n {
+                Ok(n) if n > 0 => {
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                _ => {
+                    let _ = to.shutdown().await;
+                    return;
+                }
+            },
+        }
     }
 }
 

@@ -566,3 +566,216 @@ fn bad_pem_files_are_named() {
     assert!(err.to_string().contains("certificate and key"), "{err}");
     ServerTls::from_pem_files(&c, &k, Some(&c)).expect("a self-signed cert as client CA");
 }
+
+/// How a [`raw_tls_client`]'s connection ended.
+#[derive(Debug)]
+enum Ended {
+    /// rustls refused what came, or the server sent this alert.
+    Alert(rustls::Error),
+    /// The server's `close_notify`: a clean end.
+    CloseNotify,
+    /// The connection ended without either: a truncation, or a reset (shown by `Debug`).
+    #[allow(dead_code)]
+    Truncated(String),
+}
+
+/// A TLS client of rustls' own, driven by hand on a blocking socket to `addr`, trusting `ca`:
+/// it finishes the handshake, then sends each of `records` as one application data record,
+/// with the last bit of its tag flipped where it says `true`, and reads until the connection
+/// ends. With `wait`, it reads the server's first answer (the `accept`) before it sends the
+/// records after the first. Returns the plaintext it read and how the connection ended.
+fn raw_tls_client(
+    addr: String,
+    ca: qmigrate_transport::tls::CertificateDer<'static>,
+    records: Vec<(Vec<u8>, bool)>,
+    wait: bool,
+) -> Result<(Vec<u8>, Ended), String> {
+    use std::io::{Read as _, Write as _};
+    use std::sync::Arc;
+    let s = |e: &dyn std::fmt::Display| e.to_string();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).map_err(|e| s(&e))?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| s(&e))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").map_err(|e| s(&e))?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| s(&e))?;
+    let mut sock = std::net::TcpStream::connect(addr).map_err(|e| s(&e))?;
+    sock.set_read_timeout(Some(STEP)).map_err(|e| s(&e))?;
+    while conn.is_handshaking() || conn.wants_write() {
+        conn.complete_io(&mut sock).map_err(|e| s(&e))?;
+    }
+    let mut plain = Vec::new();
+    for (i, (record, corrupt)) in records.into_iter().enumerate() {
+        if wait && i == 1 {
+            while plain.is_empty() {
+                conn.read_tls(&mut sock).map_err(|e| s(&e))?;
+                conn.process_new_packets().map_err(|e| s(&e))?;
+                let _ = conn.reader().read_to_end(&mut plain);
+            }
+        }
+        conn.writer().write_all(&record).map_err(|e| s(&e))?;
+        let mut wire = Vec::new();
+        conn.write_tls(&mut wire).map_err(|e| s(&e))?;
+        if corrupt {
+            let last = wire.len() - 1;
+            wire[last] ^= 1;
+        }
+        // The server may hang up while the rest is on its way: what it answered counts.
+        if sock.write_all(&wire).is_err() {
+            break;
+        }
+    }
+    let mut buf = [0u8; 4096];
+    loop {
+        let eof = match conn.read_tls(&mut sock) {
+            Ok(n) => n == 0,
+            Err(e) => return Ok((plain, Ended::Truncated(e.to_string()))),
+        };
+        if let Err(e) = conn.process_new_packets() {
+            return Ok((plain, Ended::Alert(e)));
+        }
+        loop {
+            match conn.reader().read(&mut buf) {
+                Ok(0) => return Ok((plain, Ended::CloseNotify)),
+                Ok(n) => plain.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !eof => break,
+                Err(e) => return Ok((plain, Ended::Truncated(e.to_string()))),
+            }
+        }
+    }
+}
+
+/// A tunnel over `tls://` whose server certificate `raw_tls_client` checks against the
+/// returned CA.
+async fn tls_tunnel() -> (Tunnel, qmigrate_transport::tls::CertificateDer<'static>) {
+    let ca = Ca::new("raw");
+    let cert = ca.issue(&["127.0.0.1"]);
+    let t = Tunnel::start(
+        Scheme::Tls,
+        Opts {
+            server_tls: Some(server_tls(&cert, None)),
+            client_tls: Some(client_tls(ServerCheck::Ca(vec![ca.der()]), None)),
+            once: false,
+            ..Opts::default()
+        },
+    )
+    .await;
+    (t, ca.der())
+}
+
+/// A record that fails to decrypt after the handshake is answered with a `bad_record_mac`
+/// alert (RFC 8446, 5.2), not with a bare close or reset: in the tunnel handshake, and in the
+/// data stream after the `accept`.
+#[tokio::test]
+async fn a_record_that_fails_to_decrypt_gets_bad_record_mac() {
+    let (t, ca) = tls_tunnel().await;
+    let _dest = t.dest_listener();
+    let hello = qmigrate_transport::protocol::encode(&qmigrate_transport::protocol::Hello::data(
+        "00000000000000e2",
+        0,
+    ));
+    let frame = [0u8, 0, 0, 4, 1, 2, 3, 4];
+    let mut streaming = vec![(hello.clone(), false), (frame.to_vec(), true)];
+    streaming.extend((0..256).map(|_| (vec![7u8; 16 * 1024], false)));
+    for (records, wait, what) in [
+        (
+            vec![(b"QMTUNL\r\n".to_vec(), true)],
+            false,
+            "in the tunnel handshake",
+        ),
+        (
+            vec![(hello.clone(), false), (frame.to_vec(), true)],
+            true,
+            "in the data stream",
+        ),
+        (
+            streaming.clone(),
+            true,
+            "in a data stream that goes on after the bad record",
+        ),
+        (
+            streaming,
+            false,
+            "right behind the TLS handshake, with more after it",
+        ),
+    ] {
+        let (addr, ca) = (t.url.authority(), ca.clone());
+        let got = tokio::task::spawn_blocking(move || raw_tls_client(addr, ca, records, wait))
+            .await
+            .expect("the raw client");
+        assert!(
+            matches!(
+                got,
+                Ok((
+                    _,
+                    Ended::Alert(rustls::Error::AlertReceived(
+                        rustls::AlertDescription::BadRecordMac
+                    ))
+                ))
+            ),
+            "{what}: {got:?}"
+        );
+    }
+}
+
+/// A client the server refuses after the TLS handshake gets the refusal and then
+/// `close_notify`: a clean end of the TLS session, not what a truncation looks like.
+#[tokio::test]
+async fn a_refused_client_gets_close_notify() {
+    let (t, ca) = tls_tunnel().await;
+    let addr = t.url.authority();
+    let hello = br#"{"min_version":99,"max_version":99,"software":"raw","session":"00000000000000e1","seq":0,"purpose":"data"}"#;
+    let envelope = qmigrate_transport::protocol::envelope(hello);
+    let got = tokio::task::spawn_blocking(move || {
+        raw_tls_client(addr, ca, vec![(envelope, false)], false)
+    })
+    .await
+    .expect("the raw client")
+    .expect("a TLS session");
+    let reply: serde_json::Value =
+        qmigrate_transport::protocol::decode(&got.0).expect("the refusal");
+    assert_eq!(reply["type"], "reject", "{reply}");
+    assert!(matches!(got.1, Ended::CloseNotify), "{:?}", got.1);
+}
+
+/// The server picks the cipher suite by its own preference (AES-128-GCM), not the client's: a
+/// client that lists AES-256-GCM and ChaCha20 first still gets AES-128-GCM.
+#[tokio::test]
+async fn the_server_prefers_aes_128_gcm_whatever_the_client_lists() {
+    use rustls::CipherSuite::*;
+    use std::sync::Arc;
+    let (t, ca) = tls_tunnel().await;
+    let addr = t.url.authority();
+    let suite = tokio::task::spawn_blocking(move || {
+        let mut provider = rustls::crypto::ring::default_provider();
+        let rank = |s: rustls::CipherSuite| match s {
+            TLS13_AES_256_GCM_SHA384 => 0,
+            TLS13_CHACHA20_POLY1305_SHA256 => 1,
+            _ => 2,
+        };
+        provider.cipher_suites.sort_by_key(|s| rank(s.suite()));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).expect("the CA");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+        let mut sock = std::net::TcpStream::connect(addr).expect("connect");
+        sock.set_read_timeout(Some(STEP)).expect("timeout");
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock).expect("the handshake");
+        }
+        conn.negotiated_cipher_suite().map(|s| s.suite())
+    })
+    .await
+    .expect("the raw client");
+    assert_eq!(suite, Some(TLS13_AES_128_GCM_SHA256));
+}

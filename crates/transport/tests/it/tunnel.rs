@@ -44,6 +44,11 @@ per_scheme!(
     client_socket_rules,
     once_returns_after_the_first_session,
     without_once_serves_until_cancelled,
+    a_cut_upstream_fails_at_both_ends,
+    a_cut_downstream_fails_at_both_ends,
+    a_version_1_client_ends_as_before,
+    a_version_1_server_ends_as_before,
+    a_hello_without_a_required_field_is_a_bad_request,
 );
 
 // The same data-path scenarios over TLS (`tls::*`) and WebSocket over TLS (`wss::*`), with a
@@ -60,7 +65,9 @@ per_scheme!(
     server_killed_while_flowing,
     server_killed_with_source_bytes_unread,
     once_returns_after_the_first_session,
-    without_once_serves_until_cancelled
+    without_once_serves_until_cancelled,
+    a_cut_upstream_fails_at_both_ends,
+    a_cut_downstream_fails_at_both_ends
 );
 
 /// Checks a report's connection and byte counts. `sent` is what went into the tunnel from the
@@ -386,6 +393,274 @@ async fn destination_socket_never_appears(scheme: Scheme) {
             "{what}: the server created the socket file"
         );
     }
+}
+
+/// The network loses the client-to-server direction after the server has ended its own
+/// stream (and, on tcp:// and tls://, its write side): the source's last bytes and its end
+/// marker never arrive, and the destination holds a prefix. Neither end may call that
+/// connection complete, the client included, although everything it sent left it and
+/// everything it expected arrived.
+async fn a_cut_upstream_fails_at_both_ends(scheme: Scheme) {
+    cut_after_the_far_end(scheme, Direction::Up).await;
+}
+
+/// The mirror image: the server-to-client direction is lost after the client has ended its
+/// stream, while the destination's last bytes (QEMU's return path) are on their way.
+async fn a_cut_downstream_fails_at_both_ends(scheme: Scheme) {
+    cut_after_the_far_end(scheme, Direction::Down).await;
+}
+
+/// One connection through a [`CutProxy`]: the side that does not lose its direction ends
+/// its stream first and that end arrives; then `way` is cut and its sender sends more and
+/// ends. Both reports must count the connection failed, and the receiver behind the cut must
+/// hold a correct prefix and nothing after the cut.
+async fn cut_after_the_far_end(scheme: Scheme, way: Direction) {
+    let what = format!("{scheme:?}, {way:?} cut");
+    let mut t = Tunnel::start(
+        scheme,
+        Opts {
+            proxy: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let dest = t.dest_listener();
+    let source = t.source_connect().await;
+    let destination = accept(&dest).await;
+    // The side whose direction is cut (`cut_*`) and the other one (`far_*`).
+    let ((mut cut_rd, mut cut_wr), (mut far_rd, mut far_wr), cut_pattern, far_pattern) = match way {
+        Direction::Up => (
+            source.into_split(),
+            destination.into_split(),
+            Pattern::new(1),
+            Pattern::new(2),
+        ),
+        Direction::Down => (
+            destination.into_split(),
+            source.into_split(),
+            Pattern::new(2),
+            Pattern::new(1),
+        ),
+    };
+    let (before, after, far_len) = (100_003u64, 70_001u64, 50_001u64);
+    within(STEP, &format!("{what}: before the cut"), async {
+        let (sent, ended, got) = tokio::join!(
+            write_range(&mut cut_wr, &cut_pattern, 0, before),
+            send(&mut far_wr, &far_pattern, far_len),
+            recv_from(&mut far_rd, &cut_pattern, 0, before),
+        );
+        sent.expect("the first bytes");
+        ended.expect("the far side's stream");
+        got.assert_exact(before, &format!("{what}: before the cut"));
+        // The far side's end arrived: its direction is over.
+        recv(&mut cut_rd, &far_pattern)
+            .await
+            .assert_exact(far_len, &format!("{what}: the far side's stream"));
+    })
+    .await;
+
+    t.proxy.as_ref().expect("a proxy").cut(way);
+    // The proxy takes these; they go no further.
+    let _ = send_range(&mut cut_wr, &cut_pattern, before, before + after).await;
+    let rest = within(
+        STEP,
+        &format!("{what}: the far side's connection to end"),
+        recv_from(&mut far_rd, &cut_pattern, before, u64::MAX),
+    )
+    .await;
+    rest.assert_prefix(&what);
+    assert_eq!(rest.len, before, "{what}: bytes after the cut arrived");
+
+    let (server, client) = (t.server_report().await, t.client_report().await);
+    assert_eq!(
+        (client.connections, client.failed),
+        (1, 1),
+        "{what}: the client called a cut stream complete: {client}"
+    );
+    assert_eq!(
+        (server.connections, server.failed),
+        (1, 1),
+        "{what}: the server called a cut stream complete: {server}"
+    );
+}
+
+/// What a version-1 peer sends as its stream: `data` in one frame or message, then the end
+/// marker and (TCP) the FIN right after it, as qmigrate did before the acknowledged end.
+async fn v1_send(peer: &mut Peer, data: &[u8]) {
+    let mut wire = Vec::new();
+    match peer {
+        Peer::Tcp(tcp) => {
+            wire.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            wire.extend_from_slice(data);
+            wire.extend_from_slice(&[0; 4]);
+            tcp.write_all(&wire).await.expect("a version-1 stream");
+            tcp.shutdown().await.expect("a version-1 FIN");
+        }
+        Peer::Ws(_) => {
+            peer.send_raw(data.to_vec()).await.expect("data");
+            peer.send_raw(Vec::new()).await.expect("the end marker");
+        }
+    }
+}
+
+/// What a version-1 peer reads: the stream up to the end marker, and no further.
+async fn v1_recv(peer: &mut Peer) -> Vec<u8> {
+    let mut data = Vec::new();
+    within(STEP, "a version-1 stream", async {
+        match peer {
+            Peer::Tcp(tcp) => loop {
+                let mut header = [0u8; 4];
+                tcp.read_exact(&mut header).await.expect("a frame header");
+                let len = u32::from_be_bytes(header) as usize;
+                if len == 0 {
+                    break;
+                }
+                let at = data.len();
+                data.resize(at + len, 0);
+                tcp.read_exact(&mut data[at..]).await.expect("a frame");
+            },
+            Peer::Ws(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(msg)) if msg.is_binary() && msg.is_empty() => break,
+                    Some(Ok(msg)) if msg.is_binary() => data.extend_from_slice(&msg.into_data()),
+                    other => panic!("before the end marker: {other:?}"),
+                }
+            },
+        }
+    })
+    .await;
+    data
+}
+
+/// After both end markers, what a version-1 peer sees: the end of the connection (TCP) or a
+/// close frame (WebSocket, answered by tungstenite), never an acknowledgement, which it would
+/// take for bytes after the end.
+async fn v1_after_end(peer: &mut Peer) {
+    within(STEP, "the end of a version-1 connection", async {
+        match peer {
+            Peer::Tcp(tcp) => {
+                let mut rest = Vec::new();
+                let _ = tcp.read_to_end(&mut rest).await;
+                assert!(rest.is_empty(), "bytes after the end marker: {rest:?}");
+            }
+            Peer::Ws(ws) => {
+                while let Some(msg) = ws.next().await {
+                    match msg {
+                        Ok(msg) if msg.is_close() => {}
+                        Err(_) => break,
+                        Ok(other) => panic!("after the end marker: {other:?}"),
+                    }
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// A client that offers only version 1 (an older qmigrate) at this server: `accept` names
+/// version 1, and the server ends the connection as version 1 did (no acknowledgement, which
+/// the old client would take for bytes after the end) and calls it complete.
+async fn a_version_1_client_ends_as_before(scheme: Scheme) {
+    let mut t = Tunnel::start(scheme, Opts::default()).await;
+    let dest = t.dest_listener();
+    let mut peer = Peer::connect(&t.url).await;
+    let hello = Hello {
+        max_version: 1,
+        ..Hello::data("00000000000000d1", 0)
+    };
+    peer.send_msg(&hello).await.expect("hello");
+    let reply: Reply = within(STEP, "the accept", peer.recv_msg())
+        .await
+        .expect("the accept");
+    assert!(
+        matches!(reply, Reply::Accept { version: 1, .. }),
+        "{reply:?}"
+    );
+    let (up, down) = (
+        Pattern::new(1).bytes(0, 70_001),
+        Pattern::new(2).bytes(0, 50_001),
+    );
+    let (mut dst_rd, mut dst_wr) = accept(&dest).await.into_split();
+    let (p1, p2) = (Pattern::new(1), Pattern::new(2));
+    let old_client = async {
+        v1_send(&mut peer, &up).await;
+        let got = v1_recv(&mut peer).await;
+        v1_after_end(&mut peer).await;
+        got
+    };
+    let (got, at_dest, sent) = tokio::join!(
+        old_client,
+        recv(&mut dst_rd, &p1),
+        send(&mut dst_wr, &p2, down.len() as u64),
+    );
+    sent.expect("the destination's stream");
+    at_dest.assert_exact(up.len() as u64, "at the destination");
+    assert!(got == down, "the version-1 client got other bytes");
+    let server = t.server_report().await;
+    assert_report(&server, "server", 1, 0, down.len() as u64, up.len() as u64);
+}
+
+/// This client at a server that speaks only version 1: it ends the connection as version 1
+/// did and calls it complete.
+async fn a_version_1_server_ends_as_before(scheme: Scheme) {
+    capture_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = Endpoint::parse(
+        &format!(
+            "{}://{}/",
+            scheme.name(),
+            listener.local_addr().expect("addr")
+        ),
+        scheme,
+    )
+    .expect("url");
+    let source = dir.path().join("source.sock");
+    let client = Client::bind(
+        &source,
+        ClientConfig {
+            once: true,
+            ..ClientConfig::new(url)
+        },
+    )
+    .expect("client");
+    let client = tokio::spawn(client.serve(tokio_util::sync::CancellationToken::new()));
+    let (up, down) = (
+        Pattern::new(1).bytes(0, 70_001),
+        Pattern::new(2).bytes(0, 50_001),
+    );
+    let old_server = async {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut peer = Peer::accept(tcp, scheme).await.expect("the upgrade");
+        let hello: Hello = peer.recv_msg().await.expect("hello");
+        assert_eq!(hello.min_version, 1, "{hello:?}");
+        peer.send_msg(&Reply::Accept {
+            version: 1,
+            software: "qmigrate 0.0.1".into(),
+            mac: None,
+        })
+        .await
+        .expect("accept");
+        let got = v1_recv(&mut peer).await;
+        assert!(got == up, "the version-1 server got other bytes");
+        v1_send(&mut peer, &down).await;
+        v1_after_end(&mut peer).await;
+    };
+    let at_source = async {
+        let s = UnixStream::connect(&source).await.expect("connect");
+        duplex(s, Pattern::new(1), up.len() as u64, Pattern::new(2)).await
+    };
+    let ((), at_source) = within(STEP, "a version-1 server", async {
+        tokio::join!(old_server, at_source)
+    })
+    .await;
+    at_source.assert_exact(down.len() as u64, "at the source");
+    let client = within(STEP, "the client to return", client)
+        .await
+        .expect("client");
+    assert_report(&client, "client", 1, 0, up.len() as u64, down.len() as u64);
 }
 
 /// Sends `bytes` on a plain TCP connection to the server, half-closes, and waits for the
@@ -853,4 +1128,164 @@ async fn without_once_serves_until_cancelled(scheme: Scheme) {
         !t.source.exists(),
         "the client removes its socket when it returns"
     );
+}
+
+/// A hello without one of its required fields gets a `reject` with `bad-request` that names
+/// the field, not a bare close; nothing touches the destination.
+async fn a_hello_without_a_required_field_is_a_bad_request(scheme: Scheme) {
+    let t = Tunnel::start(scheme, Opts::default()).await;
+    let dest = t.dest_listener();
+    for field in [
+        "min_version",
+        "max_version",
+        "software",
+        "session",
+        "seq",
+        "purpose",
+    ] {
+        let mut hello = serde_json::to_value(Hello::data("00000000000000f1", 0)).expect("json");
+        hello.as_object_mut().expect("an object").remove(field);
+        let reply = raw_handshake(&t.url, &hello.to_string()).await;
+        assert_eq!(
+            (&reply["type"], &reply["reason"]),
+            (&"reject".into(), &"bad-request".into()),
+            "without {field}: {reply}"
+        );
+        let message = reply["message"].as_str().unwrap_or_default();
+        assert!(message.contains(field), "without {field}: {reply}");
+    }
+    assert_no_connection(&dest, "after hellos without a required field").await;
+}
+
+/// Reads what the server sends a tungstenite client until it closes: the binary messages,
+/// and the status of its close frame (`None`: the connection ended without one).
+async fn ws_until_close(peer: &mut Peer, what: &str) -> (Vec<Vec<u8>>, Option<u16>) {
+    let Peer::Ws(ws) = peer else {
+        panic!("{what}: not a WebSocket")
+    };
+    within(STEP, &format!("the server to close on {what}"), async {
+        let mut messages = Vec::new();
+        loop {
+            match ws.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => {
+                    return (messages, frame.map(|f| u16::from(f.code)))
+                }
+                Some(Ok(msg)) if msg.is_binary() => messages.push(msg.into_data().to_vec()),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return (messages, None),
+            }
+        }
+    })
+    .await
+}
+
+/// A WebSocket connection the server drops for a reason ends with a close frame whose status
+/// says which: 1003 for a text message (before and after the `accept`), 1009 for a message
+/// above the limit, 1008 after a `reject`.
+#[tokio::test]
+async fn ws_connections_dropped_for_a_reason_get_a_close_status() {
+    let t = Tunnel::start(Scheme::Ws, Opts::default()).await;
+    let dest = t.dest_listener();
+
+    let mut s = Peer::connect(&t.url).await;
+    s.send_text("hello").await.expect("send a text message");
+    let (_, code) = ws_until_close(&mut s, "a text message").await;
+    assert_eq!(code, Some(1003), "a text message");
+
+    let mut s = Peer::connect(&t.url).await;
+    let mut big = protocol::encode(&Hello::data("00000000000000f2", 0));
+    big.resize(2 << 20, b' ');
+    let _ = s.send_raw(big).await;
+    let (_, code) = ws_until_close(&mut s, "a 2 MiB message").await;
+    assert_eq!(code, Some(1009), "a 2 MiB message");
+
+    let mut s = Peer::connect(&t.url).await;
+    let hello = Hello {
+        min_version: 99,
+        max_version: 99,
+        ..Hello::data("00000000000000f3", 0)
+    };
+    s.send_msg(&hello).await.expect("hello");
+    let (messages, code) = ws_until_close(&mut s, "a refused hello").await;
+    assert_eq!(messages.len(), 1, "the reject, then the close");
+    let reply: Reply = protocol::decode(&messages[0]).expect("a reply");
+    assert!(matches!(reply, Reply::Reject { .. }), "{reply:?}");
+    assert_eq!(code, Some(1008), "after a reject");
+    assert_no_connection(&dest, "after refused connections").await;
+
+    let mut s = Peer::connect(&t.url).await;
+    s.send_msg(&Hello::data("00000000000000f4", 0))
+        .await
+        .expect("hello");
+    let _conn = accept(&dest).await;
+    let reply: Reply = within(STEP, "the accept", s.recv_msg())
+        .await
+        .expect("the accept");
+    assert!(matches!(reply, Reply::Accept { .. }), "{reply:?}");
+    s.send_text("data?").await.expect("send a text message");
+    let (_, code) = ws_until_close(&mut s, "a text message in the data stream").await;
+    assert_eq!(code, Some(1003), "a text message in the data stream");
+}
+
+/// A version-2 client by hand, as one written from PROTOCOL.md would be: its stream, the end
+/// marker and its acknowledgement in one write (it may send them together), and no FIN yet.
+/// The server answers with its stream, its end, its acknowledgement and its FIN, byte for
+/// byte as documented, and calls the connection complete at once: the client's FIN is not
+/// what it waits for.
+#[tokio::test]
+async fn a_version_2_client_by_hand() {
+    let mut t = Tunnel::start(Scheme::Tcp, Opts::default()).await;
+    let dest = t.dest_listener();
+    let mut peer = Peer::connect(&t.url).await;
+    peer.send_msg(&Hello::data("00000000000000d9", 0))
+        .await
+        .expect("hello");
+    let reply: Reply = within(STEP, "the accept", peer.recv_msg())
+        .await
+        .expect("the accept");
+    assert!(
+        matches!(reply, Reply::Accept { version: 2, .. }),
+        "{reply:?}"
+    );
+    let (up, down) = (
+        Pattern::new(1).bytes(0, 70_001),
+        Pattern::new(2).bytes(0, 50_001),
+    );
+    let frames = |data: &[u8]| {
+        let mut wire = (data.len() as u32).to_be_bytes().to_vec();
+        wire.extend_from_slice(data);
+        wire.extend_from_slice(&[0; 8]);
+        wire
+    };
+    let Peer::Tcp(tcp) = &mut peer else {
+        unreachable!("tcp")
+    };
+    tcp.write_all(&frames(&up))
+        .await
+        .expect("the client's stream");
+    let (mut dst_rd, mut dst_wr) = accept(&dest).await.into_split();
+    let (p1, p2) = (Pattern::new(1), Pattern::new(2));
+    let (at_dest, sent) = tokio::join!(
+        recv(&mut dst_rd, &p1),
+        send(&mut dst_wr, &p2, down.len() as u64),
+    );
+    sent.expect("the destination's stream");
+    at_dest.assert_exact(up.len() as u64, "at the destination");
+    let mut wire = Vec::new();
+    within(STEP, "the server's end", tcp.read_to_end(&mut wire))
+        .await
+        .expect("the server's stream and its end");
+    assert!(
+        wire == frames(&down),
+        "the server's stream, end marker, acknowledgement and FIN"
+    );
+    let started = std::time::Instant::now();
+    let server = t.server_report().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the server waited {:?} for the client's FIN",
+        started.elapsed()
+    );
+    assert_report(&server, "server", 1, 0, down.len() as u64, up.len() as u64);
+    drop(peer);
 }

@@ -180,7 +180,12 @@ async fn exchange(ours: TunnelStream, theirs: WebSocketStream<TcpStream>, up: u6
             }
         }
     };
-    tokio::join!(TunnelStream::finish(rd, wr), their_close);
+    // Their close frame is the acknowledgement that protocol version 2 requires.
+    let (ours, ()) = tokio::join!(
+        TunnelStream::finish(rd, wr, protocol::PROTOCOL_MAX),
+        their_close
+    );
+    ours.expect("tungstenite's close frame counts as the acknowledgement");
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "the close handshake took {:?}: one side waited for the other's close frame",
