@@ -26,11 +26,15 @@ pub struct SourceTuning {
     )]
     pub postcopy: Option<u64>,
 
-    /// Bandwidth cap in bytes per second, in precopy and postcopy (100M, 1G, 512MiB; binary
-    /// units). Default: unlimited
+    /// Bandwidth cap in bytes per second (100M, 1G, 512MiB; binary units). Default: unlimited
     /// (QEMU's own default of 128 MiB/s would throttle every migration).
     #[arg(long, value_name = "RATE", value_parser = units::parse_rate)]
     pub max_bandwidth: Option<u64>,
+
+    /// Bandwidth cap once in postcopy, in bytes per second. Default: unlimited (the guest
+    /// already runs on the destination, and every page it misses stalls it).
+    #[arg(long, value_name = "RATE", value_parser = units::parse_rate, requires = "postcopy")]
+    pub postcopy_bandwidth: Option<u64>,
 
     /// Longest pause of the guest at the switch-over, in milliseconds (QEMU's default: 300).
     #[arg(long, value_name = "MS")]
@@ -85,6 +89,7 @@ impl SourceTuning {
             postcopy: self.postcopy.is_some(),
             auto_converge: self.auto_converge,
             max_bandwidth: self.max_bandwidth,
+            max_postcopy_bandwidth: self.postcopy_bandwidth,
             downtime_limit: self.downtime_limit,
             ..MigrationPlan::default()
         }

@@ -109,6 +109,9 @@ pub struct MigrationPlan {
     pub auto_converge: bool,
     /// Source only: `max-bandwidth` in bytes per second; `None` means [`UNLIMITED_BANDWIDTH`].
     pub max_bandwidth: Option<u64>,
+    /// Source only: `max-postcopy-bandwidth` in bytes per second once in postcopy; `None` is
+    /// unlimited (every page the guest misses on the destination stalls it).
+    pub max_postcopy_bandwidth: Option<u64>,
     /// Source only: `downtime-limit` in milliseconds; `None` keeps QEMU's (300 ms).
     pub downtime_limit: Option<u64>,
 }
@@ -253,9 +256,8 @@ impl MigrationPlan {
         params.downtime_limit = self.downtime_limit;
         if self.postcopy {
             // 0 is "unlimited" here (unlike max-bandwidth): once the guest runs on the
-            // destination, every missing page stalls it. A cap the operator set holds in
-            // postcopy too: it is there to spare the link.
-            params.max_postcopy_bandwidth = Some(self.max_bandwidth.unwrap_or(0));
+            // destination, every missing page stalls it, so only an explicit cap holds.
+            params.max_postcopy_bandwidth = Some(self.max_postcopy_bandwidth.unwrap_or(0));
         }
         params
     }

@@ -27,8 +27,7 @@ use crate::units;
          (default 1; 0 switches at once)"
     )),
     mut_arg("max_bandwidth", |a| a.help(
-        "Bandwidth cap in bytes per second, in precopy and postcopy (100M, 1G, 512MiB). Default: \
-         unlimited"
+        "Bandwidth cap in bytes per second (100M, 1G, 512MiB). Default: unlimited"
     )),
     mut_arg("compress", |a| a.help("Compress multifd channels (needs --multifd; set on both QEMUs)"))
 )]

@@ -270,7 +270,7 @@ async fn postcopy_rig(bin: &QemuBinary, ns: &NetNs, scheme: &'static str) -> Pos
 }
 
 impl PostcopyRig {
-    /// `migrate --postcopy=0` capped at [`BANDWIDTH`] (which holds in postcopy too), started.
+    /// `migrate --postcopy=0` capped at [`BANDWIDTH`] in precopy and postcopy, started.
     fn start(&self, recover_timeout: &str) -> Proc {
         let mut args = vec![
             "migrate".to_owned(),
@@ -280,6 +280,8 @@ impl PostcopyRig {
             self.url.clone(),
             "--postcopy=0".into(),
             "--max-bandwidth".into(),
+            BANDWIDTH.into(),
+            "--postcopy-bandwidth".into(),
             BANDWIDTH.into(),
             "--recover-timeout".into(),
             recover_timeout.into(),
@@ -586,6 +588,8 @@ async fn step_by_step_postcopy_recovers() {
             &path(&src_sock),
             "--postcopy=0",
             "--max-bandwidth",
+            BANDWIDTH,
+            "--postcopy-bandwidth",
             BANDWIDTH,
         ],
     );
