@@ -4,10 +4,15 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use qmigrate_migration::source::FollowOptions;
 use qmigrate_migration::watch::WatchPolicy;
 use qmigrate_migration::{Compression, MigrationPlan, Mode};
-use qmigrate_transport::DeadPeer;
+use qmigrate_transport::{ClientConfig, DeadPeer, Endpoint, Scheme};
+
+use crate::exit::Exit;
+use crate::tls::{default_scheme, ClientTlsArgs};
+use crate::token::TokenArgs;
 
 use crate::units;
 
@@ -93,6 +98,43 @@ impl SourceTuning {
             downtime_limit: self.downtime_limit,
             ..MigrationPlan::default()
         }
+    }
+}
+
+/// How a command reaches a tunnel-server: the connect limit, the token, TLS and the dead-peer
+/// timeout, for `tunnel-client`, `migrate` and `recover`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TunnelClientArgs {
+    /// How long connecting to the tunnel server may take.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = units::parse_duration)]
+    pub connect_timeout: Duration,
+
+    #[command(flatten)]
+    pub token: TokenArgs,
+
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+
+    #[command(flatten)]
+    pub dead_peer: DeadPeerArgs,
+}
+
+impl TunnelClientArgs {
+    /// `to` (or `HOST:PORT`) as an endpoint, its scheme plain or TLS as the TLS flags say;
+    /// a usage error when it does not parse.
+    pub fn server(&self, to: &str, plain: Scheme) -> anyhow::Result<Endpoint> {
+        Endpoint::parse(to, default_scheme(plain, self.tls.any())).context(Exit::Usage)
+    }
+
+    /// The transport's settings for reaching `server` (token and TLS files read now).
+    pub fn client_config(&self, server: Endpoint) -> anyhow::Result<ClientConfig> {
+        Ok(ClientConfig {
+            connect_timeout: self.connect_timeout,
+            dead_peer: self.dead_peer.dead_peer(),
+            token: self.token.load()?,
+            tls: self.tls.load(server.scheme)?,
+            ..ClientConfig::new(server)
+        })
     }
 }
 

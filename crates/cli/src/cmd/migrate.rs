@@ -8,15 +8,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use qmigrate_migration::session;
 use qmigrate_migration::session::source::{SessionEvent, SessionOptions};
-use qmigrate_transport::{ClientConfig, Endpoint, Scheme};
+use qmigrate_transport::Scheme;
 
-use crate::args::DeadPeerArgs;
 use crate::args::SourceTuning;
+use crate::args::TunnelClientArgs;
 use crate::exit::Exit;
 use crate::output::{self, JsonEvent};
 use crate::signals;
-use crate::tls::{default_scheme, ClientTlsArgs};
-use crate::token::TokenArgs;
 use crate::units;
 
 /// Arguments of `qmigrate migrate`.
@@ -76,10 +74,6 @@ pub struct Args {
     #[arg(long)]
     pub no_start: bool,
 
-    /// Limit for connecting to the tunnel server.
-    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = units::parse_duration)]
-    pub connect_timeout: Duration,
-
     /// When the network breaks during postcopy (both QEMUs pause: the guest's memory is split
     /// between the hosts), keep reconnecting and resume the migration for up to DUR, with
     /// backoff; then exit 1 and leave both paused for `qmigrate recover`. `off`: do not try.
@@ -92,13 +86,7 @@ pub struct Args {
     pub json: bool,
 
     #[command(flatten)]
-    pub token: TokenArgs,
-
-    #[command(flatten)]
-    pub tls: ClientTlsArgs,
-
-    #[command(flatten)]
-    pub dead_peer: DeadPeerArgs,
+    pub tunnel: TunnelClientArgs,
 }
 
 /// Runs `qmigrate migrate`.
@@ -107,16 +95,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // `migrate-incoming` takes no other migration until it is restarted.
     let plan = args.tuning.plan(args.multifd);
     plan.validate().context(Exit::Usage)?;
-    let server = Endpoint::parse(&args.to, default_scheme(Scheme::Tcp, args.tls.any()))
-        .context(Exit::Usage)?;
-    let tls = args.tls.load(server.scheme)?;
-    let tunnel = ClientConfig {
-        connect_timeout: args.connect_timeout,
-        dead_peer: args.dead_peer.dead_peer(),
-        token: args.token.load()?,
-        tls,
-        ..ClientConfig::new(server)
-    };
+    let server = args.tunnel.server(&args.to, Scheme::Tcp)?;
+    let tunnel = args.tunnel.client_config(server)?;
     let opts = SessionOptions {
         qmp: args.qmp,
         plan,

@@ -10,15 +10,13 @@ use qmigrate_migration::session;
 use qmigrate_migration::session::source::{SessionEvent, SessionOptions};
 use qmigrate_migration::source;
 use qmigrate_migration::{destination, monitor, MigrationPlan, QemuTarget};
-use qmigrate_transport::{ClientConfig, Endpoint, Scheme};
+use qmigrate_transport::Scheme;
 
-use crate::args::DeadPeerArgs;
+use crate::args::TunnelClientArgs;
 use crate::cmd::migrate::show;
 use crate::exit::Exit;
 use crate::output;
 use crate::signals;
-use crate::tls::{default_scheme, ClientTlsArgs};
-use crate::token::TokenArgs;
 use crate::units;
 
 /// Arguments of `qmigrate recover`.
@@ -69,10 +67,6 @@ pub struct Args {
     #[arg(long)]
     pub no_start: bool,
 
-    /// Limit for connecting to the tunnel server.
-    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = units::parse_duration)]
-    pub connect_timeout: Duration,
-
     /// Keep trying to reach the destination (with backoff) for up to DUR.
     #[arg(long, value_name = "DUR", default_value = "10m", value_parser = units::parse_duration_or_off)]
     pub recover_timeout: Duration,
@@ -82,13 +76,7 @@ pub struct Args {
     pub json: bool,
 
     #[command(flatten)]
-    pub token: TokenArgs,
-
-    #[command(flatten)]
-    pub tls: ClientTlsArgs,
-
-    #[command(flatten)]
-    pub dead_peer: DeadPeerArgs,
+    pub tunnel: TunnelClientArgs,
 }
 
 /// Runs `qmigrate recover`.
@@ -96,16 +84,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let Some(to) = &args.to else {
         return step_by_step(args).await;
     };
-    let server =
-        Endpoint::parse(to, default_scheme(Scheme::Tcp, args.tls.any())).context(Exit::Usage)?;
-    let tls = args.tls.load(server.scheme)?;
-    let tunnel = ClientConfig {
-        connect_timeout: args.connect_timeout,
-        dead_peer: args.dead_peer.dead_peer(),
-        token: args.token.load()?,
-        tls,
-        ..ClientConfig::new(server)
-    };
+    let server = args.tunnel.server(to, Scheme::Tcp)?;
+    let tunnel = args.tunnel.client_config(server)?;
     let opts = SessionOptions {
         qmp: args.qmp,
         plan: MigrationPlan {

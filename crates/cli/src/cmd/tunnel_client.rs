@@ -1,19 +1,15 @@
 //! `qmigrate tunnel-client`: the source end of the tunnel.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use qmigrate_transport::{Client, ClientConfig, Endpoint, Scheme};
+use qmigrate_transport::{Client, ClientConfig, Scheme};
 use tokio_util::sync::CancellationToken;
 
 use super::common::{finish, ready};
-use crate::args::DeadPeerArgs;
-use crate::exit::Exit;
+use crate::args::TunnelClientArgs;
 use crate::signals::Interrupts;
-use crate::tls::{default_scheme, ClientTlsArgs};
-use crate::token::TokenArgs;
-use crate::units::parse_duration;
+use crate::tls::default_scheme;
 
 /// Arguments of `qmigrate tunnel-client`.
 #[derive(Debug, clap::Args)]
@@ -58,35 +54,21 @@ pub struct Args {
     #[arg(long)]
     pub once: bool,
 
-    /// How long connecting to the tunnel server may take.
-    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
-    pub connect_timeout: Duration,
-
     #[command(flatten)]
-    pub token: TokenArgs,
-
-    #[command(flatten)]
-    pub tls: ClientTlsArgs,
-
-    #[command(flatten)]
-    pub dead_peer: DeadPeerArgs,
+    pub tunnel: TunnelClientArgs,
 }
 
 /// Runs `qmigrate tunnel-client`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let plain = if args.ws { Scheme::Ws } else { Scheme::Tcp };
-    let scheme = default_scheme(plain, args.tls.any());
+    let scheme = default_scheme(plain, args.tunnel.tls.any());
     let connect = args
         .connect
         .unwrap_or_else(|| format!("127.0.0.1:{}", scheme.default_port()));
-    let server = Endpoint::parse(&connect, scheme).context(Exit::Usage)?;
+    let server = args.tunnel.server(&connect, plain)?;
     let config = ClientConfig {
-        connect_timeout: args.connect_timeout,
-        dead_peer: args.dead_peer.dead_peer(),
         once: args.once,
-        token: args.token.load()?,
-        tls: args.tls.load(server.scheme)?,
-        ..ClientConfig::new(server.clone())
+        ..args.tunnel.client_config(server.clone())?
     };
     let client = Client::bind(&args.socket, config)?;
     let mut interrupts = Interrupts::install().context("cannot install signal handlers")?;
