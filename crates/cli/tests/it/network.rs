@@ -37,6 +37,19 @@ fn destination(bin: &QemuBinary, qmp: &Path) -> Vm {
     .expect("start the destination QEMU")
 }
 
+/// Starts `tunnel-server ARGS` inside `ns` (named `name` for its log in `dir`) and returns it
+/// with the URL it listens on.
+async fn server_in(ns: &NetNs, dir: &Path, name: &str, args: &[String]) -> (Proc, String) {
+    let mut srv = Proc::spawn_wrapped(name, dir, &ns.command("env"), args);
+    let line = srv.next_line(READY).await;
+    let url = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
+        .trim()
+        .to_owned();
+    (srv, url)
+}
+
 /// What the server listens with, and what the client adds to reach it.
 struct Setup {
     scheme: &'static str,
@@ -105,13 +118,7 @@ async fn link_down_mid_precopy(scheme: &'static str, relay: bool) {
         path(&dst_qmp),
     ];
     args.extend(s.server.iter().cloned());
-    let mut srv = Proc::spawn_wrapped("tunnel-server", d, &ns.command("env"), &args);
-    let line = srv.next_line(READY).await;
-    let url = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
-        .trim()
-        .to_owned();
+    let (mut srv, url) = server_in(&ns, d, "tunnel-server", &args).await;
     assert!(url.starts_with(s.scheme), "{url}");
 
     let mut migrate = vec![
@@ -249,13 +256,7 @@ async fn postcopy_rig(bin: &QemuBinary, ns: &NetNs, scheme: &'static str) -> Pos
         DEAD_PEER.into(),
     ];
     args.extend(s.server.iter().cloned());
-    let mut srv = Proc::spawn_wrapped("tunnel-server", &d, &ns.command("env"), &args);
-    let line = srv.next_line(READY).await;
-    let url = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
-        .trim()
-        .to_owned();
+    let (srv, url) = server_in(ns, &d, "tunnel-server", &args).await;
     let mut client = s.client.clone();
     client.extend(["--dead-peer-timeout".into(), DEAD_PEER.into()]);
     PostcopyRig {
@@ -437,9 +438,9 @@ async fn restart_server(rig: &mut PostcopyRig, ns: &NetNs) {
         DEAD_PEER.into(),
     ];
     args.extend(s.server.iter().cloned());
-    rig.srv = Proc::spawn_wrapped("tunnel-server-2", &rig.d, &ns.command("env"), &args);
-    let line = rig.srv.next_line(READY).await;
-    assert!(line.starts_with("listening on "), "{line}");
+    let (srv, url) = server_in(ns, &rig.d, "tunnel-server-2", &args).await;
+    assert_eq!(url.trim_end_matches('/'), rig.url.trim_end_matches('/'));
+    rig.srv = srv;
 }
 
 /// The tunnel-server killed during postcopy and started again: the migration (relayed: on the
