@@ -105,9 +105,13 @@ impl NetNs {
         ip(&["-n", &self.name, "link", "set", &self.inner_if, "down"]).expect("link down");
     }
 
-    /// The far end of the link comes back.
+    /// The far end of the link comes back. The neighbour (ARP) entries that failed while it
+    /// was down are flushed on both ends, as they would age out on a real network; otherwise
+    /// the first connections after the outage fail with "No route to host" for a while.
     pub fn link_up(&self) {
         ip(&["-n", &self.name, "link", "set", &self.inner_if, "up"]).expect("link up");
+        let _ = ip(&["neigh", "flush", "dev", &self.host_if]);
+        let _ = ip(&["-n", &self.name, "neigh", "flush", "dev", &self.inner_if]);
     }
 }
 

@@ -670,6 +670,7 @@ async fn completions_and_man_pages_come_from_the_flags() {
             "qmigrate-completions.1",
             "qmigrate-migrate.1",
             "qmigrate-receive.1",
+            "qmigrate-recover.1",
             "qmigrate-send.1",
             "qmigrate-tunnel-client.1",
             "qmigrate-tunnel-server.1",
