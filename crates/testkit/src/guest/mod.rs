@@ -265,15 +265,35 @@ impl GuestVm {
 
 /// A qcow2 image of `mib` MiB made with `qemu-img create` (panics with its output).
 pub fn create_disk(path: &Path, mib: u64) {
+    create_disk_bytes(path, mib << 20);
+}
+
+/// A qcow2 image of exactly `bytes` bytes (a multiple of 512) made with `qemu-img create`.
+pub fn create_disk_bytes(path: &Path, bytes: u64) {
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(path)
-        .arg(format!("{mib}M"))
+        .arg(bytes.to_string())
         .output()
         .unwrap_or_else(|e| panic!("cannot run qemu-img: {e}"));
     assert!(
         out.status.success(),
         "qemu-img create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes `mib` MiB of a non-zero pattern into the qcow2 image at `at_mib` (`qemu-io`).
+pub fn fill_disk(path: &Path, at_mib: u64, mib: u64) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -P 0xa5 {at_mib}M {mib}M"))
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-io: {e}"));
+    assert!(
+        out.status.success(),
+        "qemu-io write failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -287,8 +307,11 @@ pub struct GuestPair {
     pub src: GuestVm,
     /// The destination, `-incoming defer` (and `-S` as configured).
     pub dst: GuestVm,
-    /// The shared qcow2 image.
+    /// The source's qcow2 image (shared with the destination, unless started with
+    /// [`GuestPair::start_local`]).
     pub disk: PathBuf,
+    /// The destination's image: [`GuestPair::disk`] itself for shared storage.
+    pub dst_disk: PathBuf,
     /// How long the source took from start to its first heartbeats.
     pub boot_time: Duration,
     dir: tempfile::TempDir,
@@ -299,6 +322,29 @@ impl GuestPair {
     /// Takes a gate slot, makes the disk, boots the source to its third heartbeat and starts
     /// the destination; panics with the logs when any of it fails.
     pub async fn start(bin: &QemuBinary, img: &GuestImage, cfg: &GuestConfig) -> GuestPair {
+        Self::start_with(bin, img, cfg, None).await
+    }
+
+    /// [`GuestPair::start`] with local storage: the destination gets its own empty qcow2 image
+    /// of `dst_bytes` (the source's size, for a copy that fits), for `migrate --copy-storage`;
+    /// the source's image has `fill_mib` MiB of data written from 32 MiB on before the guest
+    /// boots (the workload's records stay below 16 MiB), so that the copy has something to do.
+    pub async fn start_local(
+        bin: &QemuBinary,
+        img: &GuestImage,
+        cfg: &GuestConfig,
+        dst_bytes: u64,
+        fill_mib: u64,
+    ) -> GuestPair {
+        Self::start_with(bin, img, cfg, Some((dst_bytes, fill_mib))).await
+    }
+
+    async fn start_with(
+        bin: &QemuBinary,
+        img: &GuestImage,
+        cfg: &GuestConfig,
+        local: Option<(u64, u64)>,
+    ) -> GuestPair {
         let gate = gate().await;
         let dir = tempfile::Builder::new()
             .prefix("qmigrate-guest-")
@@ -306,18 +352,30 @@ impl GuestPair {
             .expect("tempdir");
         let disk = dir.path().join("disk.qcow2");
         create_disk(&disk, cfg.disk_mib);
+        if let Some((_, fill)) = local.filter(|(_, fill)| *fill > 0) {
+            fill_disk(&disk, 32, fill);
+        }
         let started = Instant::now();
         let mut src = GuestVm::start(bin, img, cfg, &disk, false).expect("start the source guest");
         if let Err(why) = src.wait_ready(cfg.boot_limit, 3).await {
             panic!("the source guest did not come up: {why}");
         }
         let boot_time = started.elapsed();
-        let dst =
-            GuestVm::start(bin, img, cfg, &disk, true).expect("start the destination guest's QEMU");
+        let dst_disk = match local {
+            Some((bytes, _)) => {
+                let path = dir.path().join("dst.qcow2");
+                create_disk_bytes(&path, bytes);
+                path
+            }
+            None => disk.clone(),
+        };
+        let dst = GuestVm::start(bin, img, cfg, &dst_disk, true)
+            .expect("start the destination guest's QEMU");
         GuestPair {
             src,
             dst,
             disk,
+            dst_disk,
             boot_time,
             dir,
             _gate: gate,

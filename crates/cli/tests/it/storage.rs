@@ -1,0 +1,217 @@
+//! `migrate --copy-storage`: a running Linux guest (testkit's `guest`) writing checksummed
+//! records to its own disk image, moved with its disk to a destination that has an empty image
+//! of the same size (local storage on both hosts), through a `tunnel-server --qmp`. After the
+//! migration, with the source paused and the destination not yet started (`--no-start`), both
+//! images must be identical (`qemu-img compare`); then the destination is started and the
+//! guest must go on (its heartbeats continue, its disk records check out, including the
+//! source's last one, read back from the copy).
+//!
+//! The guests take a slot of testkit's guest gate, like `running_guest`.
+
+use crate::support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use qmigrate_qmp::{MigrationStatus, RunState};
+use qmigrate_testkit::check;
+use qmigrate_testkit::guest::{self, Expect, GuestConfig, GuestImage, GuestPair};
+use support::proc::run;
+use support::qemu::{self, QemuBinary};
+use support::tunnel::server;
+
+/// Deadline for one `qmigrate` run.
+const RUN: Duration = Duration::from_secs(180);
+/// How long the destination has to show that the guest continued.
+const CONTINUE: Duration = Duration::from_secs(60);
+
+fn prerequisites() -> Option<(QemuBinary, GuestImage)> {
+    let bin = qemu::require(qemu::qemu10(), "QEMU 10")?;
+    Some((bin, guest::require()?))
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// MiB of data on the source's disk before the guest boots (beside the workload's records).
+const FILL_MIB: u64 = 24;
+
+/// The source's disk: 64 MiB, of which the workload writes up to 16 MiB.
+fn config() -> GuestConfig {
+    GuestConfig {
+        disk_mib: 64,
+        ..GuestConfig::default()
+    }
+}
+
+/// `qemu-img compare -U` of the two images (`-U`: QEMU holds them open).
+fn compare(a: &Path, b: &Path) -> (bool, String) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("run qemu-img compare");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The JSON objects of `--json` output of `type`.
+fn events(stdout: &str, kind: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == kind)
+        .collect()
+}
+
+/// The whole path over TCP: the disk copied while the guest writes to it, then the RAM, the
+/// images identical afterwards, and the guest continuing on the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_tcp() {
+    let Some((bin, img)) = prerequisites() else {
+        return;
+    };
+    let started = Instant::now();
+    let cfg = config();
+    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
+    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
+    assert!(url.starts_with("tcp://"), "{url}");
+    let t = Instant::now();
+    let out = run(
+        [
+            "migrate",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--to",
+            &url,
+            "--copy-storage",
+            "--no-start",
+            "--json",
+        ],
+        RUN,
+    )
+    .await;
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "migrate: {:?}\n{}\n--- tunnel-server\n{}\n{}",
+        out.status,
+        out.stderr,
+        srv.stderr(),
+        pair.report()
+    );
+    srv.kill().await;
+
+    // Progress went through both phases, per disk.
+    let ticks = events(&out.stdout, "progress");
+    let disk_phase = ticks
+        .iter()
+        .filter(|t| t["status"] == "none" && t["storage"]["disks"][0]["disk"] == "vblk0")
+        .count();
+    let ram_phase = ticks
+        .iter()
+        .filter(|t| t["status"] == "active" && t["storage"]["disks"][0]["ready"] == true)
+        .count();
+    assert!(disk_phase > 0 && ram_phase > 0, "{}", out.stdout);
+    let summary = events(&out.stdout, "summary").pop().expect("a summary");
+    assert_eq!(summary["status"], "completed", "{summary}");
+    let copied = summary["storage"]["disks"][0]["copied"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(copied >= FILL_MIB << 20, "{summary}");
+    let copy_ms = ticks
+        .iter()
+        .filter(|t| t["status"] == "none")
+        .filter_map(|t| t["elapsed_ms"].as_u64())
+        .max()
+        .unwrap_or(0);
+
+    // The source is paused for good, the destination not started: the images must match now.
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::vm_state(&src).await.0, RunState::Postmigrate);
+    drop(src);
+    let (same, said) = compare(&pair.disk, &pair.dst_disk);
+    assert!(same, "qemu-img compare: {said}\n{}", pair.report());
+
+    let dst = check::qmp(pair.dst.qmp_path()).await;
+    assert_eq!(
+        check::migration_status(&dst).await.0,
+        MigrationStatus::Completed
+    );
+    dst.execute(&qmigrate_qmp::Cont).await.expect("cont");
+    drop(dst);
+    let verdict = pair.assert_continued(Expect::default(), CONTINUE).await;
+    let secs = took.as_secs_f64();
+    eprintln!(
+        "storage_copy_tcp: boot {:.1} s, migration {secs:.1} s ({:.1} MiB copied, disk phase \
+         about {copy_ms} ms), downtime {} ms, whole test {:.1} s; {verdict:?}",
+        pair.boot_time.as_secs_f64(),
+        copied as f64 / (1 << 20) as f64,
+        summary["downtime_ms"],
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// A destination image 1 MiB too small is refused before anything is copied, with a message
+/// naming the disk, both sizes and the `qemu-img create` that fixes it; both QEMUs stay as
+/// they were (the source running, the destination waiting for a migration).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_size_mismatch_refused() {
+    let Some((bin, img)) = prerequisites() else {
+        return;
+    };
+    let cfg = config();
+    let size = cfg.disk_mib << 20;
+    let small = size - (1 << 20);
+    let pair = GuestPair::start_local(&bin, &img, &cfg, small, 0).await;
+    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
+    let out = run(
+        [
+            "migrate",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--to",
+            &url,
+            "--copy-storage=vblk0",
+        ],
+        RUN,
+    )
+    .await;
+    srv.kill().await;
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    for needle in [
+        "vblk0".to_owned(),
+        size.to_string(),
+        small.to_string(),
+        format!("qemu-img create -f qcow2 {} {size}", path(&pair.dst_disk)),
+    ] {
+        assert!(
+            out.stderr.contains(&needle),
+            "{needle:?} in:\n{}",
+            out.stderr
+        );
+    }
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::vm_state(&src).await, (RunState::Running, true));
+    assert_eq!(check::migration_status(&src).await.0, MigrationStatus::None);
+    let jobs = src
+        .execute(&qmigrate_qmp::QueryBlockJobs)
+        .await
+        .expect("query-block-jobs");
+    assert!(jobs.is_empty(), "{jobs:?}");
+    drop(src);
+    let dst = check::qmp(pair.dst.qmp_path()).await;
+    assert_eq!(check::vm_state(&dst).await.0, RunState::InMigrate);
+    assert_eq!(check::migration_status(&dst).await.0, MigrationStatus::None);
+    let (same_size, said) = compare(&pair.dst_disk, &pair.dst_disk);
+    assert!(same_size, "the destination image is still readable: {said}");
+}
