@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use qmigrate_qmp::{MigrationStatus, RunState};
 use qmigrate_testkit::check;
 use qmigrate_testkit::guest::{self, Expect, GuestConfig, GuestImage, GuestPair};
-use support::proc::run;
+use support::proc::{run, Proc};
 use support::qemu::{self, QemuBinary};
 use support::tunnel::server;
 
@@ -77,14 +77,28 @@ fn events(stdout: &str, kind: &str) -> Vec<serde_json::Value> {
 /// images identical afterwards, and the guest continuing on the copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_copy_tcp() {
+    copy_and_compare("storage_copy_tcp", &[], "tcp://").await;
+}
+
+/// The same over WebSocket: the NBD connections are WebSocket tunnel connections too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_ws() {
+    copy_and_compare("storage_copy_ws", &["--ws"], "ws://").await;
+}
+
+/// `migrate --copy-storage --no-start --json` of a guest writing to its disk, through a
+/// `tunnel-server --qmp` with `server_extra`; then the checks of the module doc.
+async fn copy_and_compare(name: &str, server_extra: &[&str], scheme: &str) {
     let Some((bin, img)) = prerequisites() else {
         return;
     };
     let started = Instant::now();
     let cfg = config();
     let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
-    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
-    assert!(url.starts_with("tcp://"), "{url}");
+    let mut args = vec!["--qmp".to_owned(), path(pair.dst.qmp_path())];
+    args.extend(server_extra.iter().map(|s| s.to_string()));
+    let (mut srv, url) = server(pair.dir(), &args).await;
+    assert!(url.starts_with(scheme), "{url}");
     let t = Instant::now();
     let out = run(
         [
@@ -152,7 +166,7 @@ async fn storage_copy_tcp() {
     let verdict = pair.assert_continued(Expect::default(), CONTINUE).await;
     let secs = took.as_secs_f64();
     eprintln!(
-        "storage_copy_tcp: boot {:.1} s, migration {secs:.1} s ({:.1} MiB copied, disk phase \
+        "{name}: boot {:.1} s, migration {secs:.1} s ({:.1} MiB copied, disk phase \
          about {copy_ms} ms), downtime {} ms, whole test {:.1} s; {verdict:?}",
         pair.boot_time.as_secs_f64(),
         copied as f64 / (1 << 20) as f64,
@@ -214,4 +228,98 @@ async fn storage_size_mismatch_refused() {
     assert_eq!(check::migration_status(&dst).await.0, MigrationStatus::None);
     let (same_size, said) = compare(&pair.dst_disk, &pair.dst_disk);
     assert!(same_size, "the destination image is still readable: {said}");
+}
+
+/// Ctrl-C during the disk phase: `migrate` exits 4 at once, the mirrors are gone (no job, no
+/// NBD node left on the source), the source VM keeps running on its own image, which
+/// `qemu-img check` finds intact, and the message says the destination's images are
+/// incomplete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_interrupted_during_copy() {
+    let Some((bin, img)) = prerequisites() else {
+        return;
+    };
+    // 384 MiB to copy: several seconds at the rates seen here (50-100 MiB/s).
+    let cfg = GuestConfig {
+        disk_mib: 512,
+        ..GuestConfig::default()
+    };
+    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, 384).await;
+    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
+    let mut migrate = Proc::spawn(
+        "migrate",
+        pair.dir(),
+        [
+            "migrate",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--to",
+            &url,
+            "--copy-storage",
+            "--json",
+        ],
+    );
+    // The first tick of the disk phase with something copied, and not all of it.
+    loop {
+        let line = migrate.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let copied = v["storage"]["copied"].as_u64().unwrap_or(0);
+        if v["type"] == "progress" && v["status"] == "none" && copied > 0 {
+            assert!(
+                copied < 384 << 20,
+                "the copy was done before the interrupt: {line}"
+            );
+            break;
+        }
+    }
+    let t = Instant::now();
+    migrate.signal(libc::SIGINT);
+    let (status, _) = migrate.wait(RUN).await;
+    let stopped = t.elapsed();
+    let stderr = migrate.stderr();
+    srv.kill().await;
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("incomplete"), "{stderr}");
+    assert!(
+        stopped < Duration::from_secs(15),
+        "took {stopped:?}: {stderr}"
+    );
+
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::vm_state(&src).await, (RunState::Running, true));
+    let jobs = src
+        .execute(&qmigrate_qmp::QueryBlockJobs)
+        .await
+        .expect("query-block-jobs");
+    assert!(jobs.is_empty(), "{jobs:?}");
+    let nodes = src
+        .execute(&qmigrate_qmp::QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .expect("query-named-block-nodes");
+    assert!(
+        nodes.iter().all(|n| !n.node_name.starts_with("qmigrate-")),
+        "{:?}",
+        nodes.iter().map(|n| &n.node_name).collect::<Vec<_>>()
+    );
+    drop(src);
+    let out = Command::new("qemu-img")
+        .args(["check", "-U"])
+        .arg(&pair.disk)
+        .output()
+        .expect("run qemu-img check");
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The guest still runs (and checks its records) on the source.
+    let before = pair.src.serial().heartbeats.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = pair.src.serial();
+    assert!(log.failures.is_empty(), "{:?}", log.failures);
+    assert!(log.heartbeats.len() > before, "{}", pair.report());
+    eprintln!("storage_interrupted_during_copy: exit 4 after {stopped:?}");
 }

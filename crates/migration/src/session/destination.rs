@@ -467,6 +467,7 @@ async fn prepare_and_follow(
 
     // Follow the destination; meanwhile listen for the source's end. When the source ended
     // without completing, the destination gets a little while to notice, then we report.
+    let mut never_came = false;
     let (outcome, source_ended) = {
         // With disks, the NBD server must be gone before the guest starts (its exports hold
         // the images): `cont` is sent below.
@@ -497,7 +498,7 @@ async fn prepare_and_follow(
                         Ok(Control::Finished { outcome, .. }) => {
                             info!("the source reports the migration {}", outcome.name());
                             // Stopped during the disk copy: no RAM will ever come.
-                            let never_came = copying
+                            never_came = copying
                                 && query_migrate(qmp).await.is_ok_and(|i| {
                                     matches!(status_of(&i), MigrationStatus::Setup | MigrationStatus::None)
                                 });
@@ -549,6 +550,16 @@ async fn prepare_and_follow(
             status: Named::Known(MigrationStatus::Failed),
             vm: Named::Other("unknown".into()),
             error: Some(format!("{err:#}")),
+            started: false,
+        },
+        None if never_came => Control::Done {
+            status: Named::Known(MigrationStatus::Failed),
+            vm: Named::Other("unknown".into()),
+            error: Some(
+                "the source ended the migration during the disk copy, before any RAM came: the \
+                 destination's disk images are incomplete"
+                    .into(),
+            ),
             started: false,
         },
         None => Control::Done {
