@@ -126,6 +126,14 @@ pub async fn run(
         qmp.close().await;
         disks?
     };
+    if !disks.is_empty() && opts.plan.postcopy {
+        // The destination's guest would start (at postcopy) while its NBD server still holds
+        // the images.
+        return Err(Error::new(
+            ErrorKind::Usage,
+            anyhow!("copying disks does not work with postcopy yet: migrate them in precopy"),
+        ));
+    }
     if !disks.is_empty() {
         settings.disks = disks.iter().map(|d| d.disk.clone()).collect();
         opts.plan.pause_before_switchover = true;
