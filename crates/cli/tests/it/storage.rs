@@ -46,10 +46,10 @@ fn config() -> GuestConfig {
     }
 }
 
-/// `qemu-img compare -U` of the two images (`-U`: QEMU holds them open).
-fn compare(a: &Path, b: &Path) -> (bool, String) {
+/// `qemu-img compare -U` of the two images of `format` (`-U`: QEMU holds them open).
+fn compare(a: &Path, b: &Path, format: &str) -> (bool, String) {
     let out = Command::new("qemu-img")
-        .args(["compare", "-U"])
+        .args(["compare", "-U", "-f", format, "-F", format])
         .arg(a)
         .arg(b)
         .output()
@@ -77,24 +77,86 @@ fn events(stdout: &str, kind: &str) -> Vec<serde_json::Value> {
 /// images identical afterwards, and the guest continuing on the copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_copy_tcp() {
-    copy_and_compare("storage_copy_tcp", &[], "tcp://").await;
+    copy_and_compare("storage_copy_tcp", &[], "tcp://", config(), FILL_MIB).await;
+}
+
+/// Two disks, a qcow2 one the guest writes to and a raw one, both copied (each destination
+/// image of its own format).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_qcow2_and_raw() {
+    let cfg = GuestConfig {
+        raw_disk_mib: Some(32),
+        ..config()
+    };
+    let Some((_, summary)) =
+        copy_and_compare("storage_copy_qcow2_and_raw", &[], "tcp://", cfg, FILL_MIB).await
+    else {
+        return;
+    };
+    let disks: Vec<&str> = summary["storage"]["disks"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|d| d["disk"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(disks, ["vblk0", "vblk1"], "{summary}");
+}
+
+/// A 4 GiB disk with 256 MiB of data: only the data is copied, and the destination's image
+/// takes about as much room as the source's (within 10%).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_sparse() {
+    let cfg = GuestConfig {
+        disk_mib: 4096,
+        ..config()
+    };
+    let Some((pair, summary)) =
+        copy_and_compare("storage_copy_sparse", &[], "tcp://", cfg, 256).await
+    else {
+        return;
+    };
+    let (src, dst) = (allocated(&pair.disk), allocated(&pair.dst_disk));
+    assert!(
+        dst.abs_diff(src) * 10 <= src,
+        "allocated: source {src}, destination {dst}; {summary}"
+    );
+    let copied = summary["storage"]["copied"].as_u64().unwrap_or(0);
+    assert!(
+        copied < 512 << 20,
+        "copied {copied} of a 4 GiB disk: {summary}"
+    );
+    eprintln!("storage_copy_sparse: allocated source {src}, destination {dst}, copied {copied}");
+}
+
+/// The bytes an image takes on its host (`qemu-img info`'s `actual-size`).
+fn allocated(image: &Path) -> u64 {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .expect("run qemu-img info");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("qemu-img info JSON");
+    info["actual-size"].as_u64().expect("actual-size")
 }
 
 /// The same over WebSocket: the NBD connections are WebSocket tunnel connections too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_copy_ws() {
-    copy_and_compare("storage_copy_ws", &["--ws"], "ws://").await;
+    copy_and_compare("storage_copy_ws", &["--ws"], "ws://", config(), FILL_MIB).await;
 }
 
-/// `migrate --copy-storage --no-start --json` of a guest writing to its disk, through a
-/// `tunnel-server --qmp` with `server_extra`; then the checks of the module doc.
-async fn copy_and_compare(name: &str, server_extra: &[&str], scheme: &str) {
-    let Some((bin, img)) = prerequisites() else {
-        return;
-    };
+/// `migrate --copy-storage --no-start --json` of a guest writing to its disk (`cfg`, with
+/// `fill` MiB of data on the disk beforehand), through a `tunnel-server --qmp` with
+/// `server_extra`; then the checks of the module doc. The pair and the summary, for more
+/// checks (`None`: skipped, no QEMU 10 or guest image).
+async fn copy_and_compare(
+    name: &str,
+    server_extra: &[&str],
+    scheme: &str,
+    cfg: GuestConfig,
+    fill: u64,
+) -> Option<(GuestPair, serde_json::Value)> {
+    let (bin, img) = prerequisites()?;
     let started = Instant::now();
-    let cfg = config();
-    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
+    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, fill).await;
     let mut args = vec!["--qmp".to_owned(), path(pair.dst.qmp_path())];
     args.extend(server_extra.iter().map(|s| s.to_string()));
     let (mut srv, url) = server(pair.dir(), &args).await;
@@ -141,7 +203,7 @@ async fn copy_and_compare(name: &str, server_extra: &[&str], scheme: &str) {
     let copied = summary["storage"]["disks"][0]["copied"]
         .as_u64()
         .unwrap_or(0);
-    assert!(copied >= FILL_MIB << 20, "{summary}");
+    assert!(copied >= fill << 20, "{summary}");
     let copy_ms = ticks
         .iter()
         .filter(|t| t["status"] == "none")
@@ -153,8 +215,16 @@ async fn copy_and_compare(name: &str, server_extra: &[&str], scheme: &str) {
     let src = check::qmp(pair.src.qmp_path()).await;
     assert_eq!(check::vm_state(&src).await.0, RunState::Postmigrate);
     drop(src);
-    let (same, said) = compare(&pair.disk, &pair.dst_disk);
+    let (same, said) = compare(&pair.disk, &pair.dst_disk, "qcow2");
     assert!(same, "qemu-img compare: {said}\n{}", pair.report());
+    if let Some((src_raw, dst_raw)) = &pair.raw_disks {
+        let (same, said) = compare(src_raw, dst_raw, "raw");
+        assert!(
+            same,
+            "qemu-img compare of the raw disks: {said}\n{}",
+            pair.report()
+        );
+    }
 
     let dst = check::qmp(pair.dst.qmp_path()).await;
     assert_eq!(
@@ -173,6 +243,7 @@ async fn copy_and_compare(name: &str, server_extra: &[&str], scheme: &str) {
         summary["downtime_ms"],
         started.elapsed().as_secs_f64()
     );
+    Some((pair, summary))
 }
 
 /// A destination image 1 MiB too small is refused before anything is copied, with a message
@@ -226,7 +297,7 @@ async fn storage_size_mismatch_refused() {
     let dst = check::qmp(pair.dst.qmp_path()).await;
     assert_eq!(check::vm_state(&dst).await.0, RunState::InMigrate);
     assert_eq!(check::migration_status(&dst).await.0, MigrationStatus::None);
-    let (same_size, said) = compare(&pair.dst_disk, &pair.dst_disk);
+    let (same_size, said) = compare(&pair.dst_disk, &pair.dst_disk, "qcow2");
     assert!(same_size, "the destination image is still readable: {said}");
 }
 

@@ -94,6 +94,9 @@ pub struct GuestConfig {
     pub destination_paused: bool,
     /// The longest wait for the source to boot and print its first heartbeats.
     pub boot_limit: Duration,
+    /// A second disk of this many MiB, a raw image (`-device virtio-blk-pci,id=vblk1`), that
+    /// the workload does not touch; with [`GuestPair::start_local`] each side has its own.
+    pub raw_disk_mib: Option<u64>,
 }
 
 impl Default for GuestConfig {
@@ -104,6 +107,7 @@ impl Default for GuestConfig {
             disk_mib: 16,
             destination_paused: true,
             boot_limit: Duration::from_secs(120),
+            raw_disk_mib: None,
         }
     }
 }
@@ -176,6 +180,7 @@ impl GuestVm {
         img: &GuestImage,
         cfg: &GuestConfig,
         disk: &Path,
+        raw_disk: Option<&Path>,
         incoming: bool,
     ) -> std::io::Result<GuestVm> {
         let mut extra = vec![
@@ -188,6 +193,16 @@ impl GuestVm {
             "-device".into(),
             "virtio-blk-pci,drive=disk0,id=vblk0".into(),
         ];
+        if let Some(raw) = raw_disk {
+            extra.extend([
+                "-blockdev".to_owned(),
+                format!("driver=file,filename={},node-name=file1", raw.display()),
+                "-blockdev".into(),
+                "driver=raw,file=file1,node-name=disk1".into(),
+                "-device".into(),
+                "virtio-blk-pci,drive=disk1,id=vblk1".into(),
+            ]);
+        }
         if incoming && cfg.destination_paused {
             extra.push("-S".into());
         }
@@ -285,8 +300,20 @@ pub fn create_disk_bytes(path: &Path, bytes: u64) {
 
 /// Writes `mib` MiB of a non-zero pattern into the qcow2 image at `at_mib` (`qemu-io`).
 pub fn fill_disk(path: &Path, at_mib: u64, mib: u64) {
+    fill_image(path, "qcow2", at_mib, mib);
+}
+
+/// A sparse raw image of `mib` MiB.
+pub fn create_raw(path: &Path, mib: u64) {
+    let file = File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.set_len(mib << 20)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// [`fill_disk`] for an image of `format`.
+pub fn fill_image(path: &Path, format: &str, at_mib: u64, mib: u64) {
     let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c"])
+        .args(["-f", format, "-c"])
         .arg(format!("write -P 0xa5 {at_mib}M {mib}M"))
         .arg(path)
         .output()
@@ -312,6 +339,9 @@ pub struct GuestPair {
     pub disk: PathBuf,
     /// The destination's image: [`GuestPair::disk`] itself for shared storage.
     pub dst_disk: PathBuf,
+    /// The second (raw) disk of each side, with [`GuestConfig::raw_disk_mib`]: source's and
+    /// destination's (the same file for shared storage).
+    pub raw_disks: Option<(PathBuf, PathBuf)>,
     /// How long the source took from start to its first heartbeats.
     pub boot_time: Duration,
     dir: tempfile::TempDir,
@@ -356,7 +386,31 @@ impl GuestPair {
             fill_disk(&disk, 32, fill);
         }
         let started = Instant::now();
-        let mut src = GuestVm::start(bin, img, cfg, &disk, false).expect("start the source guest");
+        let raw_disks = cfg.raw_disk_mib.map(|mib| {
+            let src = dir.path().join("raw.img");
+            create_raw(&src, mib);
+            if let Some((_, fill)) = local.filter(|(_, fill)| *fill > 0) {
+                fill_image(&src, "raw", 0, fill.min(mib));
+            }
+            let dst = match local {
+                Some(_) => {
+                    let dst = dir.path().join("dst-raw.img");
+                    create_raw(&dst, mib);
+                    dst
+                }
+                None => src.clone(),
+            };
+            (src, dst)
+        });
+        let mut src = GuestVm::start(
+            bin,
+            img,
+            cfg,
+            &disk,
+            raw_disks.as_ref().map(|(s, _)| s.as_path()),
+            false,
+        )
+        .expect("start the source guest");
         if let Err(why) = src.wait_ready(cfg.boot_limit, 3).await {
             panic!("the source guest did not come up: {why}");
         }
@@ -369,13 +423,21 @@ impl GuestPair {
             }
             None => disk.clone(),
         };
-        let dst = GuestVm::start(bin, img, cfg, &dst_disk, true)
-            .expect("start the destination guest's QEMU");
+        let dst = GuestVm::start(
+            bin,
+            img,
+            cfg,
+            &dst_disk,
+            raw_disks.as_ref().map(|(_, d)| d.as_path()),
+            true,
+        )
+        .expect("start the destination guest's QEMU");
         GuestPair {
             src,
             dst,
             disk,
             dst_disk,
+            raw_disks,
             boot_time,
             dir,
             _gate: gate,
