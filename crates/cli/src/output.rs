@@ -636,6 +636,30 @@ mod tests {
         );
     }
 
+    /// The summary names each copied disk and what was copied; a disk-phase line shows the
+    /// disks, not a migration that has not started.
+    #[test]
+    fn disks_are_shown() {
+        let disks = vec![DiskProgress {
+            disk: "vblk0".into(),
+            size: 64 << 20,
+            copied: 24 << 20,
+            to_copy: 32 << 20,
+            ready: false,
+        }];
+        let mut summary = Summary::from_info(&completed(), Outcome::Completed, false);
+        summary.disks = disks.clone();
+        let text = summary_text(&summary);
+        assert!(text.contains("disk vblk0"), "{text}");
+        assert!(text.contains(&format_bytes(24 << 20)), "{text}");
+        let line = snapshot_line(&Snapshot {
+            disks,
+            ..Snapshot::default()
+        });
+        assert!(line.starts_with("disks "), "{line}");
+        assert!(line.contains("vblk0"), "{line}");
+    }
+
     /// docs/JSON.md shows every event with exactly the keys this type prints.
     #[test]
     fn json_docs_match_the_events() {
