@@ -394,3 +394,71 @@ async fn storage_interrupted_during_copy() {
     assert!(log.heartbeats.len() > before, "{}", pair.report());
     eprintln!("storage_interrupted_during_copy: exit 4 after {stopped:?}");
 }
+
+/// The destination QEMU dies while the RAM migrates (the disks already copied and kept in
+/// sync): `migrate` exits 1 saying the destination's images are incomplete, the mirrors are
+/// abandoned and the NBD nodes removed, and the guest goes on on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_destination_lost_during_ram() {
+    let Some((bin, img)) = prerequisites() else {
+        return;
+    };
+    let cfg = config();
+    let mut pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
+    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
+    // 2 MB/s for 128 MiB of RAM: the RAM phase lasts until the destination dies.
+    let mut migrate = Proc::spawn(
+        "migrate",
+        pair.dir(),
+        [
+            "migrate",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--to",
+            &url,
+            "--copy-storage",
+            "--max-bandwidth",
+            "2M",
+            "--json",
+        ],
+    );
+    loop {
+        let line = migrate.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["type"] == "progress" && v["status"] == "active" && v["transferred"].as_u64() > Some(0)
+        {
+            break;
+        }
+    }
+    pair.dst.vm.kill();
+    let (status, _) = migrate.wait(RUN).await;
+    let stderr = migrate.stderr();
+    srv.kill().await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("incomplete"), "{stderr}");
+
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::vm_state(&src).await, (RunState::Running, true));
+    let jobs = src
+        .execute(&qmigrate_qmp::QueryBlockJobs)
+        .await
+        .expect("query-block-jobs");
+    assert!(jobs.is_empty(), "{jobs:?}");
+    let nodes = src
+        .execute(&qmigrate_qmp::QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .expect("query-named-block-nodes");
+    assert!(
+        nodes.iter().all(|n| !n.node_name.starts_with("qmigrate-")),
+        "{:?}",
+        nodes.iter().map(|n| &n.node_name).collect::<Vec<_>>()
+    );
+    drop(src);
+    let before = pair.src.serial().heartbeats.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = pair.src.serial();
+    assert!(log.failures.is_empty(), "{:?}", log.failures);
+    assert!(log.heartbeats.len() > before, "{}", pair.report());
+}
