@@ -82,6 +82,7 @@ impl SourceTuning {
                 stall_timeout: self.stall_timeout,
                 ..WatchPolicy::default()
             },
+            storage: None,
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qmigrate_migration::watch::Convergence;
-use qmigrate_migration::{Outcome, Progress, Snapshot, Summary};
+use qmigrate_migration::{DiskProgress, Outcome, Progress, Snapshot, Summary};
 use qmigrate_qmp::MigrationStatus;
 use serde::Serialize;
 
@@ -51,6 +51,10 @@ pub enum JsonEvent {
         stalled_ms: Option<u64>,
         /// auto-converge's CPU throttle in percent (null while QEMU does not throttle).
         throttle_percent: Option<u64>,
+        /// `--copy-storage`: the disks' copy (absent otherwise). Before the RAM migrates the
+        /// migration's own fields are those of one not started (`status` `none`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        storage: Option<JsonStorage>,
     },
     /// Something the operator should know now (switching to postcopy, cancelling).
     Note {
@@ -109,6 +113,76 @@ pub enum JsonEvent {
     },
 }
 
+/// The disks' copy (`--copy-storage`) in `progress` and `summary`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JsonStorage {
+    /// Bytes copied, all disks.
+    pub copied: u64,
+    /// The disks' size, all disks.
+    pub size: u64,
+    /// Each disk.
+    pub disks: Vec<JsonDisk>,
+}
+
+/// One disk of [`JsonStorage`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JsonDisk {
+    /// The disk's qdev id.
+    pub disk: String,
+    /// Its size.
+    pub size: u64,
+    /// Bytes copied (unallocated ranges are not copied).
+    pub copied: u64,
+    /// Bytes its mirror has to copy so far (grows when the guest writes).
+    pub to_copy: u64,
+    /// The first full copy is done and the mirror keeps the destination in sync.
+    pub ready: bool,
+}
+
+impl JsonStorage {
+    /// The JSON of the disks' progress; `None` without disks.
+    pub fn of(disks: &[DiskProgress]) -> Option<Self> {
+        (!disks.is_empty()).then(|| JsonStorage {
+            copied: disks.iter().map(|d| d.copied).sum(),
+            size: disks.iter().map(|d| d.size).sum(),
+            disks: disks
+                .iter()
+                .map(|d| JsonDisk {
+                    disk: d.disk.clone(),
+                    size: d.size,
+                    copied: d.copied,
+                    to_copy: d.to_copy,
+                    ready: d.ready,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// The disks' progress for people: `disks 12 MiB / 16 MiB (vblk0 ready)`.
+fn disks_text(disks: &[DiskProgress]) -> String {
+    let copied: u64 = disks.iter().map(|d| d.copied).sum();
+    let size: u64 = disks.iter().map(|d| d.size).sum();
+    let each: Vec<String> = disks
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {}/{}{}",
+                d.disk,
+                format_bytes(d.copied),
+                format_bytes(d.to_copy.max(d.copied)),
+                if d.ready { " ready" } else { "" }
+            )
+        })
+        .collect();
+    format!(
+        "disks {} copied of {} ({})",
+        format_bytes(copied),
+        format_bytes(size),
+        each.join(", ")
+    )
+}
+
 /// The `summary` event of the source side.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SourceSummary {
@@ -146,6 +220,9 @@ pub struct SourceSummary {
     /// A save to `exec:`: the command that got the stream.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// `--copy-storage`: the bytes copied per disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<JsonStorage>,
 }
 
 impl JsonEvent {
@@ -169,6 +246,7 @@ impl JsonEvent {
             },
             stalled_ms: s.stalled_for.map(|d| d.as_millis() as u64),
             throttle_percent: s.throttle,
+            storage: JsonStorage::of(&s.disks),
         }
     }
 
@@ -215,6 +293,7 @@ impl SourceSummary {
             file_size: None,
             direct_io: None,
             command: None,
+            storage: JsonStorage::of(&summary.disks),
         }
     }
 }
@@ -222,6 +301,9 @@ impl SourceSummary {
 /// The fields of a snapshot after the status, for human output: what moved, at what rate
 /// against the guest's dirty rate, and what is wrong if something is.
 fn snapshot_line(s: &Snapshot) -> String {
+    if s.status == MigrationStatus::None && !s.disks.is_empty() {
+        return disks_text(&s.disks);
+    }
     let mut line = format!(
         "{} / {}, {}, {} left, dirtying {}, pass {}",
         format_bytes(s.transferred),
@@ -235,6 +317,9 @@ fn snapshot_line(s: &Snapshot) -> String {
         line.push_str(&format!(", {trouble}"));
     } else if let Some(eta) = s.eta() {
         line.push_str(&format!(", ETA {}", format_duration(eta)));
+    }
+    if !s.disks.is_empty() {
+        line.push_str(&format!("; {}", disks_text(&s.disks)));
     }
     line
 }
@@ -280,6 +365,14 @@ pub fn summary_text(summary: &Summary) -> String {
         summary.passes,
         if summary.postcopy { " (then postcopy)" } else { "" },
     ));
+    for d in &summary.disks {
+        text.push_str(&format!(
+            "\n  disk {:<7} {} copied ({} disk)",
+            d.disk,
+            format_bytes(d.copied),
+            format_bytes(d.size)
+        ));
+    }
     text
 }
 
@@ -337,6 +430,17 @@ impl Progress for Bar {
             msg.push_str(&format!(" {trouble}"));
         } else if let Some(eta) = s.eta() {
             msg.push_str(&format!(" ETA {}", format_duration(eta)));
+        }
+        if s.status == MigrationStatus::None && !s.disks.is_empty() {
+            // The disk phase: the bar shows the disks' copy.
+            let size = s.disks.iter().map(|d| d.to_copy.max(d.copied)).sum::<u64>();
+            self.bar.set_length(size.max(1));
+            self.bar
+                .set_position(s.disks.iter().map(|d| d.copied).sum::<u64>());
+            self.bar.set_prefix("disks");
+            msg = disks_text(&s.disks);
+        } else if !s.disks.is_empty() {
+            msg.push_str(&format!("; {}", disks_text(&s.disks)));
         }
         self.bar.set_message(msg);
     }
@@ -532,6 +636,30 @@ mod tests {
         );
     }
 
+    /// The summary names each copied disk and what was copied; a disk-phase line shows the
+    /// disks, not a migration that has not started.
+    #[test]
+    fn disks_are_shown() {
+        let disks = vec![DiskProgress {
+            disk: "vblk0".into(),
+            size: 64 << 20,
+            copied: 24 << 20,
+            to_copy: 32 << 20,
+            ready: false,
+        }];
+        let mut summary = Summary::from_info(&completed(), Outcome::Completed, false);
+        summary.disks = disks.clone();
+        let text = summary_text(&summary);
+        assert!(text.contains("disk vblk0"), "{text}");
+        assert!(text.contains(&format_bytes(24 << 20)), "{text}");
+        let line = snapshot_line(&Snapshot {
+            disks,
+            ..Snapshot::default()
+        });
+        assert!(line.starts_with("disks "), "{line}");
+        assert!(line.contains("vblk0"), "{line}");
+    }
+
     /// docs/JSON.md shows every event with exactly the keys this type prints.
     #[test]
     fn json_docs_match_the_events() {
@@ -556,14 +684,28 @@ mod tests {
         saved.direct_io = Some(true);
         let mut piped = SourceSummary::new(&summary);
         piped.command = Some("cat".into());
+        let disks = vec![DiskProgress {
+            disk: "vblk0".into(),
+            size: 1 << 30,
+            copied: 1 << 28,
+            to_copy: 1 << 28,
+            ready: true,
+        }];
+        let mut copied = SourceSummary::new(&summary);
+        copied.storage = JsonStorage::of(&disks);
         let events = [
             JsonEvent::progress(&Snapshot::new(&completed(), Duration::from_secs(1))),
+            JsonEvent::progress(&Snapshot {
+                disks: disks.clone(),
+                ..Snapshot::default()
+            }),
             JsonEvent::Note {
                 message: "m".into(),
             },
             JsonEvent::Summary(SourceSummary::new(&summary)),
             JsonEvent::Summary(saved),
             JsonEvent::Summary(piped),
+            JsonEvent::Summary(copied),
             JsonEvent::Destination {
                 status: "completed".into(),
                 vm: "running".into(),

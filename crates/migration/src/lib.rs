@@ -13,6 +13,8 @@
 //! - [`outcome`]: how a migration ended ([`Outcome`], [`Summary`]) and what a front end
 //!   implements to watch it ([`Progress`]).
 //! - [`statefile`] and [`save`]: saving to and restoring from files safely.
+//! - [`storage`]: copying local disks during a migration (NBD exports on the destination,
+//!   mirrors on the source).
 //! - [`direct`]: the one rule for the direct data path (the tunnel's socket handed to QEMU).
 //! - [`session`]: the control session of a one-command migration between `qmigrate migrate`
 //!   and `qmigrate tunnel-server --qmp`: its typed messages, the source's side and the
@@ -42,13 +44,14 @@ pub mod save;
 pub mod session;
 pub mod source;
 pub mod statefile;
+pub mod storage;
 pub mod target;
 pub mod watch;
 
 use std::time::Duration;
 
 pub use error::{Error, ErrorKind, Result};
-pub use outcome::{Outcome, Progress, Snapshot, Summary};
+pub use outcome::{DiskProgress, Outcome, Progress, Snapshot, Summary};
 pub use plan::{Compression, MigrationPlan, Mode, PlanError, StreamKind, UNLIMITED_BANDWIDTH};
 pub use target::{Direction, QemuTarget};
 

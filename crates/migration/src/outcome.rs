@@ -59,6 +59,25 @@ pub struct Snapshot {
     pub dirty_pages_rate: u64,
     /// Precopy pass (QEMU's dirty-sync count).
     pub pass: u64,
+    /// The disks being copied (`--copy-storage`), empty otherwise. Before the RAM migrates
+    /// (the disk phase) the rest of the snapshot is that of a migration not yet started.
+    pub disks: Vec<DiskProgress>,
+}
+
+/// One disk's copy (`--copy-storage`), from its mirror job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskProgress {
+    /// The disk's qdev id.
+    pub disk: String,
+    /// Its guest-visible size.
+    pub size: u64,
+    /// Bytes copied so far (QEMU's job `offset`; discarded and unallocated ranges are not
+    /// copied, so a sparse disk copies less than its size).
+    pub copied: u64,
+    /// Bytes the job has to copy so far (its `len`: grows when the guest writes).
+    pub to_copy: u64,
+    /// The first full copy is done: the mirror keeps the destination in sync.
+    pub ready: bool,
 }
 
 impl Snapshot {
@@ -80,6 +99,7 @@ impl Snapshot {
             stalled_for: None,
             convergence: Convergence::Unknown,
             throttle: info.cpu_throttle_percentage.filter(|t| *t > 0),
+            disks: Vec::new(),
         }
     }
 
@@ -127,6 +147,8 @@ pub struct Summary {
     pub passes: u64,
     /// Whether we switched to postcopy.
     pub postcopy: bool,
+    /// The disks copied (`--copy-storage`): bytes copied per disk.
+    pub disks: Vec<DiskProgress>,
 }
 
 impl Summary {
@@ -144,6 +166,7 @@ impl Summary {
             total: ram.and_then(|r| r.total).unwrap_or(0),
             passes: ram.and_then(|r| r.dirty_sync_count).unwrap_or(0),
             postcopy,
+            disks: Vec::new(),
         }
     }
 

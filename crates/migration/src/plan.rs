@@ -114,6 +114,9 @@ pub struct MigrationPlan {
     pub max_postcopy_bandwidth: Option<u64>,
     /// Source only: `downtime-limit` in milliseconds; `None` keeps QEMU's (300 ms).
     pub downtime_limit: Option<u64>,
+    /// Source only: `pause-before-switchover`, for a migration that copies disks: QEMU waits
+    /// in `pre-switchover` (vCPUs stopped) until the disk mirrors are completed.
+    pub pause_before_switchover: bool,
 }
 
 /// A plan that cannot work; reported as a usage error before anything starts. The messages
@@ -228,6 +231,9 @@ impl MigrationPlan {
     pub fn source_capabilities(&self) -> Vec<MigrationCapabilityStatus> {
         let mut caps = self.shared_capabilities();
         caps.push(cap(MigrationCapability::AutoConverge, self.auto_converge));
+        if self.pause_before_switchover {
+            caps.push(cap(MigrationCapability::PauseBeforeSwitchover, true));
+        }
         caps
     }
 

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context as _};
 use qmigrate_qmp::probe;
 use qmigrate_qmp::{
-    Error as QmpError, Migrate, MigrateCancel, MigrateSetParameters, MigrateStartPostcopy,
-    MigrationCapabilityStatus, MigrationParameters, MigrationStatus, MigrationTarget, Qmp,
-    QueryMigrate, QueryMigrateCapabilities, QueryMigrateParameters, RunState, Stop,
+    Error as QmpError, Migrate, MigrateCancel, MigrateContinue, MigrateSetParameters,
+    MigrateStartPostcopy, MigrationCapabilityStatus, MigrationParameters, MigrationStatus,
+    MigrationTarget, Qmp, QueryMigrate, QueryMigrateCapabilities, QueryMigrateParameters, RunState,
+    Stop,
 };
 use tracing::{debug, warn};
 
@@ -145,6 +146,10 @@ pub struct FollowOptions {
     /// What to do about a migration that does not converge or does not move; its `postcopy`
     /// and `auto_converge` are taken from the plan.
     pub watch: WatchPolicy,
+    /// The disk mirrors of `--copy-storage` (the plan then has `pause_before_switchover`):
+    /// completed at `pre-switchover` before the migration goes on, and their progress
+    /// reported with each look at the migration.
+    pub storage: Option<std::sync::Arc<crate::storage::Mirrors>>,
 }
 
 /// Runs a migration on the source whose state [`preflight_source`] checked: sets the plan's
@@ -507,6 +512,7 @@ async fn migrate_and_follow(
     // QEMU drops the RAM statistics once a migration is cancelled or failed; the summary uses
     // the last ones it reported.
     let mut last_ram = None;
+    let mut switched_over = false;
 
     let mut info = loop {
         tokio::select! {
@@ -532,7 +538,32 @@ async fn migrate_and_follow(
             debug!(status = %status, "migration status");
             last_status = status;
         }
+        if status == MigrationStatus::PreSwitchover && !switched_over {
+            // The vCPUs are stopped and the source's images still active: finish the disk
+            // copies now, so that the destination's images are this moment's.
+            switched_over = true;
+            let disks = match &opts.storage {
+                Some(mirrors) if cancelling == Cancelling::No => mirrors.complete(qmp).await,
+                _ => Ok(()),
+            };
+            match disks {
+                Ok(()) => {
+                    qmp.execute(&MigrateContinue {
+                        state: "pre-switchover".into(),
+                    })
+                    .await
+                    .context("migrate-continue failed")?;
+                }
+                Err(err) => {
+                    cancelling =
+                        cancel_migration(qmp, &status, format!("{err:#}"), true, progress).await;
+                }
+            }
+        }
         let mut snapshot = Snapshot::new(&info, started.elapsed());
+        if let Some(mirrors) = &opts.storage {
+            snapshot.disks = mirrors.progress(qmp).await;
+        }
         let action = watch.observe(&mut snapshot);
         progress.tick(&snapshot);
         match action {

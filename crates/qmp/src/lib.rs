@@ -28,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+pub mod block;
 mod client;
 pub mod commands;
 mod error;
@@ -36,6 +37,7 @@ pub mod models;
 pub mod probe;
 mod uri;
 
+pub use block::*;
 #[doc(hidden)]
 pub use client::fuzzing;
 pub use client::{ConnectOptions, Event, Events, Greeting, Qmp, QmpTarget, Timestamp};

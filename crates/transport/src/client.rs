@@ -280,6 +280,16 @@ pub async fn open_data(config: &ClientConfig, session: &str, seq: u64) -> Result
     Ok(open(&transport, config, &hello).await?.0)
 }
 
+/// Opens an NBD connection ([`crate::protocol::Purpose::Nbd`]) of `session` and returns it after
+/// the server's accept, with the protocol version the server chose (for [`crate::relay()`]);
+/// the server has connected it to the NBD server prepared for the session. A server that does
+/// not know the purpose rejects it ([`Error::Rejected`] and the like).
+pub async fn open_nbd(config: &ClientConfig, session: &str) -> Result<(TunnelStream, u32)> {
+    let transport = transport_for(config)?;
+    let hello = Hello::nbd(session, config.server.route());
+    open(&transport, config, &hello).await
+}
+
 /// The transport for the server's scheme, with the TLS settings it needs.
 fn transport_for(config: &ClientConfig) -> Result<AnyTransport> {
     AnyTransport::client(config.server.scheme, config.tls.as_ref())

@@ -43,6 +43,12 @@ pub enum Purpose {
     /// engine's control messages prepare the destination QEMU before any data connection is
     /// opened. The transport carries them as envelopes and never reads them.
     Control,
+    /// An NBD client connection of a migration session that copies disks (`migrate
+    /// --copy-storage`): the server connects it to the NBD server the session's controller
+    /// started for it. Outside the session's data connections and their order (`seq` is 0);
+    /// one per disk, plus one per reconnect. A server older than this purpose refuses it as
+    /// unknown.
+    Nbd,
     /// Anything a newer peer may send that this build does not know.
     #[serde(other)]
     Other,
@@ -98,6 +104,17 @@ impl Hello {
     pub fn control(session: &str, route: Option<String>) -> Self {
         Hello {
             purpose: Purpose::Control,
+            route,
+            ..Hello::data(session, 0)
+        }
+    }
+}
+
+impl Hello {
+    /// A hello for an NBD connection of `session`, to `route`.
+    pub fn nbd(session: &str, route: Option<String>) -> Self {
+        Hello {
+            purpose: Purpose::Nbd,
             route,
             ..Hello::data(session, 0)
         }
@@ -337,6 +354,8 @@ mod tests {
         assert_eq!(p, Purpose::Other);
         let p: Purpose = serde_json::from_str(r#""control""#).expect("purpose");
         assert_eq!(p, Purpose::Control);
+        let p: Purpose = serde_json::from_str(r#""nbd""#).expect("purpose");
+        assert_eq!(p, Purpose::Nbd);
     }
 
     #[test]

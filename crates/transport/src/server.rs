@@ -145,7 +145,11 @@ pub trait Controller: Send + Sync + std::fmt::Debug + 'static {
 
 /// Where each migration session a [`Controller`] prepared goes.
 #[derive(Debug, Clone, Default)]
-pub struct SessionMap(Arc<Mutex<HashMap<String, SessionDest>>>);
+pub struct SessionMap(Arc<Mutex<HashMap<String, SessionDest>>>, NbdMap);
+
+/// Session id to the NBD server socket its [`Purpose::Nbd`] connections go to.
+#[derive(Debug, Clone, Default)]
+struct NbdMap(Arc<Mutex<HashMap<String, PathBuf>>>);
 
 /// Where the data connections of one prepared session go.
 #[derive(Debug, Clone)]
@@ -185,6 +189,29 @@ impl SessionMap {
 
     fn get(&self, session: &str) -> Option<SessionDest> {
         self.0.lock().ok().and_then(|map| map.get(session).cloned())
+    }
+
+    /// Sends the NBD connections ([`Purpose::Nbd`]) of `session` to the NBD server at `socket`
+    /// (kept apart from its data connections: they live before, during and after them).
+    pub fn insert_nbd(&self, session: &str, socket: PathBuf) {
+        if let Ok(mut map) = self.1 .0.lock() {
+            map.insert(session.to_owned(), socket);
+        }
+    }
+
+    /// Forgets `session`'s NBD server: its later NBD connections are refused.
+    pub fn remove_nbd(&self, session: &str) {
+        if let Ok(mut map) = self.1 .0.lock() {
+            map.remove(session);
+        }
+    }
+
+    fn get_nbd(&self, session: &str) -> Option<PathBuf> {
+        self.1
+             .0
+            .lock()
+            .ok()
+            .and_then(|map| map.get(session).cloned())
     }
 }
 
@@ -499,6 +526,10 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
             reject(&mut stream, RejectReason::BadRequest, message).await;
             return;
         }
+        (Purpose::Nbd, _) => {
+            serve_nbd(&shared, hello, stream, version, mac).await;
+            return;
+        }
         (Purpose::Other, _) => {
             let message = "unknown connection purpose (a newer client?)".to_owned();
             reject(&mut stream, RejectReason::BadRequest, message).await;
@@ -671,6 +702,67 @@ async fn reject(stream: &mut TunnelStream, reason: RejectReason, message: String
     };
     if stream.send_msg(&reply).await.is_ok() {
         stream.close_refused(&reason.to_string()).await;
+    }
+}
+
+/// An NBD connection ([`Purpose::Nbd`]): connected to its session's NBD socket at once (no
+/// order to keep, no retry: QEMU's NBD server listens before the session is ready), then
+/// relayed like a data connection.
+async fn serve_nbd(
+    shared: &Shared,
+    hello: Hello,
+    mut stream: TunnelStream,
+    version: u32,
+    mac: Option<String>,
+) {
+    let Some(socket) = shared.prepared.get_nbd(&hello.session) else {
+        let message = format!(
+            "no disk copy was prepared for migration session {} on this server",
+            hello.session
+        );
+        reject(&mut stream, RejectReason::BadRequest, message).await;
+        return;
+    };
+    let dest = match UnixStream::connect(&socket).await {
+        Ok(dest) => dest,
+        Err(e) => {
+            let message = format!(
+                "cannot connect to the destination's NBD server {}: {e}",
+                socket.display()
+            );
+            error!("{message}");
+            reject(&mut stream, RejectReason::Destination, message).await;
+            return;
+        }
+    };
+    let accept = Reply::Accept {
+        version,
+        software: protocol::software(),
+        mac,
+    };
+    if let Err(e) = stream.send_msg(&accept).await {
+        warn!("the client went away during the handshake: {e}");
+        return;
+    }
+    shared.activity.send_modify(|a| {
+        a.started += 1;
+        a.active += 1;
+    });
+    let _active = ActiveGuard(&shared.activity);
+    debug!("NBD connection to {}", socket.display());
+    let (stats, result) = crate::relay::relay(dest, stream, version).await;
+    match result {
+        Ok(()) => info!(
+            received = stats.from_tunnel,
+            sent = stats.to_tunnel,
+            secs = stats.elapsed.as_secs_f64(),
+            "NBD connection closed"
+        ),
+        Err(e) => warn!(
+            received = stats.from_tunnel,
+            sent = stats.to_tunnel,
+            "NBD connection failed: {e}"
+        ),
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use qmigrate_migration::session;
 use qmigrate_migration::session::source::{SessionEvent, SessionOptions};
+use qmigrate_migration::storage::Selection;
 use qmigrate_transport::Scheme;
 
 use crate::args::SourceTuning;
@@ -41,7 +42,9 @@ unnoticed. Across a network you do not trust, use tls:// or wss://: TLS encrypts
 refuses any that was altered.
 
 Exit codes: 0 completed on both sides, 1 failed (here or on the destination), 2 usage, \
-3 QMP unreachable, 4 cancelled (Ctrl-C, SIGTERM, --timeout; the source VM keeps running).")]
+3 QMP unreachable, 4 cancelled (Ctrl-C, SIGTERM, --timeout; the source VM keeps running).
+
+With --copy-storage the disks are mirrored to the destination's NBD exports first (progress per disk), kept in sync while the RAM migrates, and completed with the vCPUs stopped; a migration that does not complete leaves the destination's images incomplete.")]
 pub struct Args {
     /// The source QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`), or tcp:HOST:PORT.
     #[arg(
@@ -74,6 +77,18 @@ pub struct Args {
     #[arg(long)]
     pub no_start: bool,
 
+    /// Copy the local disks to the destination's (non-shared storage): all writable disks, or
+    /// those named by qdev id (`--copy-storage=vblk0,vblk1`); read-only drives and CD-ROMs
+    /// never. The destination VM must have the same devices, each with its own image of the
+    /// same virtual size (an empty one will do: `qemu-img create -f qcow2 IMAGE SIZE`).
+    #[arg(
+        long,
+        value_name = "DISK,...",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = ""
+    )]
+    pub copy_storage: Option<String>,
     /// When the network breaks during postcopy (both QEMUs pause: the guest's memory is split
     /// between the hosts), keep reconnecting and resume the migration for up to DUR, with
     /// backoff; then exit 1 and leave both paused for `qmigrate recover`. `off`: do not try.
@@ -105,6 +120,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         relay: args.relay,
         no_start: args.no_start,
         recover_timeout: args.recover_timeout,
+        storage: match args.copy_storage.as_deref() {
+            None => Selection::None,
+            Some("") => Selection::All,
+            Some(list) => Selection::Only(
+                list.split(',')
+                    .filter(|d| !d.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+        },
     };
 
     let json = args.json;

@@ -97,6 +97,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         relay: args.relay,
         no_start: args.no_start,
         recover_timeout: args.recover_timeout.max(Duration::from_secs(1)),
+        storage: Default::default(),
     };
     let json = args.json;
     let mut events = |event: SessionEvent<'_>| show(event, json);

@@ -12,3 +12,4 @@ mod network;
 mod one_command;
 mod ops;
 mod running_guest;
+mod storage;

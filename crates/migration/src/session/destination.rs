@@ -280,7 +280,32 @@ async fn serve(inner: Arc<Inner>, hello: Hello, mut stream: TunnelStream, sessio
         downtime: ending.downtime,
     });
     sessions.remove(&hello.session);
+    sessions.remove_nbd(&hello.session);
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(nbd_socket(&socket));
+}
+
+/// The private socket of a session's NBD server, beside its migration socket.
+fn nbd_socket(socket: &std::path::Path) -> std::path::PathBuf {
+    socket.with_extension("nbd.sock")
+}
+
+/// After a migration that copied disks and the NBD server's stop: `cont`, as
+/// [`follow_incoming`] does for the others.
+async fn start_after_copy(
+    qmp: &qmigrate_qmp::Qmp,
+    outcome: &mut crate::destination::IncomingOutcome,
+    start: bool,
+) -> anyhow::Result<()> {
+    let state = crate::monitor::query_status(qmp).await?;
+    if outcome.status == MigrationStatus::Completed && start && !state.running {
+        qmp.execute(&qmigrate_qmp::Cont)
+            .await
+            .context("cont on the destination failed")?;
+        outcome.started = true;
+    }
+    outcome.run_state = crate::monitor::query_status(qmp).await?.status;
+    Ok(())
 }
 
 /// `migrate-recover`: the paused destination listens again at `target` for the resume.
@@ -327,7 +352,7 @@ async fn run_session(
     sessions: &SessionMap,
     ending: &mut Ending,
 ) -> anyhow::Result<()> {
-    let plan = plan_for(settings)?;
+    plan_for(settings)?;
     let qmp = connect_qmp(qmp_path)
         .await
         .with_context(|| format!("destination QMP {qmp_path}"))?;
@@ -345,18 +370,58 @@ async fn run_session(
         .await
         .map(|v| v.qemu.to_string())
         .unwrap_or_default();
+    // Disks to copy: checked against this VM's, then exported over NBD before anything else
+    // changes, so that a refusal leaves the destination as it was.
+    let exports = if settings.disks.is_empty() || recover {
+        Vec::new()
+    } else {
+        check_waiting_for_incoming(&qmp).await?;
+        let nbd = nbd_socket(socket);
+        let exports = crate::storage::export_disks(&qmp, &settings.disks, &nbd).await?;
+        sessions.insert_nbd(session, nbd);
+        exports
+    };
+    let result = prepare_and_follow(
+        &qmp, settings, recover, socket, session, stream, sessions, ending, version, exports,
+    )
+    .await;
+    if !settings.disks.is_empty() && result.is_err() {
+        crate::storage::stop_nbd_server(&qmp).await;
+    }
+    qmp.close().await;
+    result
+}
+
+/// [`run_session`] once the disks (if any) are exported: makes the destination listen,
+/// answers ready, follows it and reports.
+#[allow(clippy::too_many_arguments)] // run_session's own parts, passed on
+async fn prepare_and_follow(
+    qmp: &qmigrate_qmp::Qmp,
+    settings: &MigrationSettings,
+    recover: bool,
+    socket: &std::path::Path,
+    session: &str,
+    stream: &mut TunnelStream,
+    sessions: &SessionMap,
+    ending: &mut Ending,
+    version: String,
+    exports: Vec<crate::session::Export>,
+) -> anyhow::Result<()> {
+    let plan = plan_for(settings)?;
+    let copying = !exports.is_empty();
     // The direct data path: one plain-TCP connection that both QEMUs take over.
     let direct = settings.direct && direct::allowed_on(stream, settings.multifd);
     if direct {
         // Checked now: the socket arrives only after `ready`.
         if !recover {
-            check_waiting_for_incoming(&qmp).await?;
+            check_waiting_for_incoming(qmp).await?;
         }
         let mut handed = sessions.hand_over(session);
         stream
             .send_msg(&Control::Ready {
                 qemu: version,
                 direct: true,
+                exports,
             })
             .await
             .context("the source went away before the migration started")?;
@@ -368,11 +433,11 @@ async fn run_session(
         sessions.remove(session);
         let fd = direct::into_fd(TunnelStream::Tcp(tcp))?
             .context("the direct data path needs plain TCP")?;
-        direct::hand_to_qemu(&qmp, &fd, "destination").await?;
+        direct::hand_to_qemu(qmp, &fd, "destination").await?;
         if recover {
-            listen_again(&qmp, &direct::target()).await?;
+            listen_again(qmp, &direct::target()).await?;
         } else {
-            let incoming = prepare_incoming(&qmp, &plan, &direct::target(), true).await?;
+            let incoming = prepare_incoming(qmp, &plan, &direct::target(), true).await?;
             info!(endpoint = %incoming.endpoint, "destination ready, direct data path");
         }
         // QEMU holds its own descriptor now; ours only closes.
@@ -380,9 +445,9 @@ async fn run_session(
     } else {
         let target = QemuTarget::Socket(socket.to_owned());
         if recover {
-            listen_again(&qmp, &target).await?;
+            listen_again(qmp, &target).await?;
         } else {
-            let incoming = prepare_incoming(&qmp, &plan, &target, true).await?;
+            let incoming = prepare_incoming(qmp, &plan, &target, true).await?;
             info!(endpoint = %incoming.endpoint, "destination ready");
         }
         sessions.insert(session, socket.to_owned());
@@ -390,6 +455,7 @@ async fn run_session(
             .send_msg(&Control::Ready {
                 qemu: version,
                 direct: false,
+                exports,
             })
             .await
             .context("the source went away before the migration started")?;
@@ -397,8 +463,11 @@ async fn run_session(
 
     // Follow the destination; meanwhile listen for the source's end. When the source ended
     // without completing, the destination gets a little while to notice, then we report.
+    let mut never_came = false;
     let (outcome, source_ended) = {
-        let mut follow = pin!(follow_incoming(&qmp, !settings.no_start));
+        // With disks, the NBD server must be gone before the guest starts (its exports hold
+        // the images): `cont` is sent below.
+        let mut follow = pin!(follow_incoming(qmp, !settings.no_start && !copying));
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut source_ended = false;
         loop {
@@ -424,7 +493,12 @@ async fn run_session(
                         }
                         Ok(Control::Finished { outcome, .. }) => {
                             info!("the source reports the migration {}", outcome.name());
-                            deadline = Some(tokio::time::Instant::now() + AFTER_SOURCE_FAILED);
+                            // Stopped during the disk copy: no RAM will ever come.
+                            never_came = copying
+                                && query_migrate(qmp).await.is_ok_and(|i| {
+                                    matches!(status_of(&i), MigrationStatus::Setup | MigrationStatus::None)
+                                });
+                            deadline = Some(tokio::time::Instant::now() + if never_came { Duration::ZERO } else { AFTER_SOURCE_FAILED });
                         }
                         Ok(other) => bail!("unexpected control message {other:?}"),
                         Err(e) => {
@@ -449,6 +523,17 @@ async fn run_session(
             ending.downtime = downtime_ms.map(Duration::from_millis);
         }
     }
+    let mut outcome = outcome;
+    if copying {
+        // The source has removed its NBD nodes by now (it reports its end after that).
+        crate::storage::stop_nbd_server(qmp).await;
+        if let Some(Ok(o)) = &mut outcome {
+            if let Err(err) = start_after_copy(qmp, o, !settings.no_start).await {
+                warn!("{err:#}");
+                o.error = Some(format!("{err:#}"));
+            }
+        }
+    }
     ending.completed = matches!(&outcome, Some(Ok(o)) if o.status == MigrationStatus::Completed);
     let done = match outcome {
         Some(Ok(o)) => Control::Done {
@@ -463,6 +548,16 @@ async fn run_session(
             error: Some(format!("{err:#}")),
             started: false,
         },
+        None if never_came => Control::Done {
+            status: Named::Known(MigrationStatus::Failed),
+            vm: Named::Other("unknown".into()),
+            error: Some(
+                "the source ended the migration during the disk copy, before any RAM came: the \
+                 destination's disk images are incomplete"
+                    .into(),
+            ),
+            started: false,
+        },
         None => Control::Done {
             status: Named::Known(MigrationStatus::Failed),
             vm: Named::Other("unknown".into()),
@@ -474,7 +569,7 @@ async fn run_session(
             started: false,
         },
     };
-    if let Ok(info) = query_migrate(&qmp).await {
+    if let Ok(info) = query_migrate(qmp).await {
         if status_of(&info) == MigrationStatus::PostcopyPaused {
             // The guest's memory is split between the hosts: never reset or kill this QEMU.
             warn!(
@@ -484,7 +579,6 @@ async fn run_session(
         }
     }
     info!(?done, "migration session over");
-    qmp.close().await;
     let _ = stream.send_msg(&done).await;
     Ok(())
 }
@@ -502,6 +596,7 @@ mod tests {
             postcopy: false,
             no_start: false,
             direct: false,
+            disks: Vec::new(),
         })
         .expect("valid");
         assert_eq!(plan.multifd, Some(4));

@@ -8,9 +8,11 @@
 //!
 //! ```text
 //! source (migrate)                        destination (tunnel-server --qmp)
-//!   Prepare { settings }  ------------->    plan, migrate-set-*, migrate-incoming
-//!                         <-------------    Ready { qemu, direct }  (or Failed, then close)
-//!   data connection(s), migrate, follow     follow the incoming migration
+//!   Prepare { settings }  ------------->    plan, [disks: nbd-server-start, block-export-add],
+//!                                           migrate-set-*, migrate-incoming
+//!                         <-------------    Ready { qemu, direct, exports }  (or Failed, close)
+//!   [NBD connections, mirror to ready]
+//!   data connection(s), migrate, follow     follow the incoming migration [nbd-server-stop]
 //!   Finished { outcome }  ------------->
 //!                         <-------------    Done { status, vm, error, started }
 //! ```
@@ -59,6 +61,11 @@ pub enum Control {
         /// the destination QEMU itself, so the client hands its end to the source QEMU.
         #[serde(default)]
         direct: bool,
+        /// The NBD exports of the disks the source asked to copy ([`MigrationSettings::disks`]),
+        /// reachable through [`qmigrate_transport::protocol::Purpose::Nbd`] connections of this
+        /// session. An older server leaves it out: it copies no disk.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        exports: Vec<Export>,
     },
     /// Server: the destination could not be prepared (or followed); `message` is the
     /// destination's own explanation.
@@ -140,6 +147,34 @@ pub struct MigrationSettings {
     /// is handed to both QEMUs (`getfd`, `fd:NAME`), and no byte goes through qmigrate.
     #[serde(default)]
     pub direct: bool,
+    /// The source's disks to copy to the destination's (`--copy-storage`), matched by qdev
+    /// id: the destination exports its own over NBD (writable) before it answers ready.
+    /// Empty: shared storage, as before (older peers neither send nor know it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<Disk>,
+}
+
+/// A source disk to copy, in [`MigrationSettings::disks`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// The device's qdev id (`-device virtio-blk-pci,id=ID`): the same device on both sides.
+    pub id: String,
+    /// The guest-visible size in bytes: the destination's image must have exactly this size.
+    pub size: u64,
+    /// Read-only on the source (never copied; sent so that the destination can say so).
+    #[serde(default)]
+    pub read_only: bool,
+    /// The source image's format (`qcow2`, `raw`), for the destination's advice.
+    pub format: String,
+}
+
+/// One disk's NBD export on the destination, in [`Control::Ready`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Export {
+    /// The disk's qdev id.
+    pub disk: String,
+    /// The NBD export's name.
+    pub name: String,
 }
 
 /// A value of an enum both sides know, or the name a newer peer sent that this build does
@@ -238,9 +273,35 @@ mod tests {
                         postcopy: true,
                         no_start: true,
                         direct: true,
+                        disks: Vec::new(),
                     },
                 },
                 r#"{"type":"prepare","settings":{"multifd":4,"compression":"zstd","postcopy":true,"no_start":true,"direct":true}}"#,
+            ),
+            (
+                Control::Prepare {
+                    settings: MigrationSettings {
+                        disks: vec![Disk {
+                            id: "vblk0".into(),
+                            size: 16777216,
+                            read_only: false,
+                            format: "qcow2".into(),
+                        }],
+                        ..MigrationSettings::default()
+                    },
+                },
+                r#"{"type":"prepare","settings":{"postcopy":false,"no_start":false,"direct":false,"disks":[{"id":"vblk0","size":16777216,"read_only":false,"format":"qcow2"}]}}"#,
+            ),
+            (
+                Control::Ready {
+                    qemu: "10.0.2".into(),
+                    direct: true,
+                    exports: vec![Export {
+                        disk: "vblk0".into(),
+                        name: "vblk0".into(),
+                    }],
+                },
+                r#"{"type":"ready","qemu":"10.0.2","direct":true,"exports":[{"disk":"vblk0","name":"vblk0"}]}"#,
             ),
             (
                 Control::Recover {
@@ -263,6 +324,7 @@ mod tests {
                 Control::Ready {
                     qemu: "10.0.2".into(),
                     direct: true,
+                    exports: Vec::new(),
                 },
                 r#"{"type":"ready","qemu":"10.0.2","direct":true}"#,
             ),
@@ -328,7 +390,8 @@ mod tests {
             decode_body::<Control>(br#"{"type":"ready","qemu":"9.2.0"}"#).expect("old ready"),
             Control::Ready {
                 qemu: "9.2.0".into(),
-                direct: false
+                direct: false,
+                exports: Vec::new(),
             }
         );
         assert_eq!(

@@ -8,14 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use qmigrate_qmp::{MigrationStatus, RunState};
-use qmigrate_transport::{open_control, open_data, Client, ClientConfig, TunnelStream};
+use qmigrate_transport::{open_control, open_data, open_nbd, Client, ClientConfig, TunnelStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{Control, MigrationSettings, Named, SourceEnd};
+use super::{Control, Export, MigrationSettings, Named, SourceEnd};
 use crate::monitor::connect_qmp;
 use crate::outcome::{Outcome, Progress};
 use crate::source::Latch;
 use crate::source::{self, FollowOptions};
+use crate::storage::{self, Mirrors, SourceDisk};
 use crate::{direct, Error, ErrorKind, MigrationPlan, QemuTarget};
 
 /// How long the destination may take to prepare (QMP, capabilities, `migrate-incoming`).
@@ -57,6 +58,8 @@ pub struct SessionOptions {
     /// How long to keep reconnecting when postcopy is paused by a broken connection (zero:
     /// not at all; both QEMUs are then left paused for `qmigrate recover`).
     pub recover_timeout: Duration,
+    /// The disks to copy (`--copy-storage`); none for shared storage.
+    pub storage: storage::Selection,
 }
 
 /// What the source side of a session shows the operator besides the migration's progress.
@@ -98,7 +101,7 @@ pub struct Verdict {
 /// Ok only when both sides completed. The source VM keeps running whenever the migration
 /// does not complete.
 pub async fn run(
-    opts: SessionOptions,
+    mut opts: SessionOptions,
     progress: &mut (dyn Progress + Send),
     events: &mut (dyn FnMut(SessionEvent<'_>) + Send),
     cancel: impl Future<Output = String>,
@@ -111,14 +114,30 @@ pub async fn run(
         postcopy: opts.plan.postcopy,
         no_start: opts.no_start,
         direct: direct::allowed(server.scheme, opts.plan.multifd, opts.relay),
+        disks: Vec::new(),
     };
+    let mut settings = settings;
 
     // The source first: a wrong path or a busy QMP socket must not leave a prepared
     // destination behind.
-    {
+    let disks = {
         let qmp = connect_qmp(&opts.qmp).await?;
         source::preflight_source(&qmp).await?;
+        let disks = storage::source_disks(&qmp, &opts.storage).await;
         qmp.close().await;
+        disks?
+    };
+    if !disks.is_empty() && opts.plan.postcopy {
+        // The destination's guest would start (at postcopy) while its NBD server still holds
+        // the images.
+        return Err(Error::new(
+            ErrorKind::Usage,
+            anyhow!("copying disks does not work with postcopy yet: migrate them in precopy"),
+        ));
+    }
+    if !disks.is_empty() {
+        settings.disks = disks.iter().map(|d| d.disk.clone()).collect();
+        opts.plan.pause_before_switchover = true;
     }
 
     let route = open_route(
@@ -132,6 +151,7 @@ pub async fn run(
     drive(
         &opts,
         &settings,
+        &disks,
         Begin::Migrate,
         Some(route),
         progress,
@@ -159,6 +179,7 @@ pub async fn recover(
         postcopy: true,
         no_start: opts.no_start,
         direct: direct::allowed(server.scheme, None, opts.relay),
+        disks: Vec::new(),
     };
     {
         let qmp = connect_qmp(&opts.qmp).await?;
@@ -169,6 +190,7 @@ pub async fn recover(
     drive(
         &opts,
         &settings,
+        &[],
         Begin::Resume,
         None,
         progress,
@@ -180,9 +202,11 @@ pub async fn recover(
 
 /// Follows the source job (over `route`, or over a route of its own for a resume) to its end,
 /// recovering it while postcopy is paused, and brings back the destination's verdict.
+#[allow(clippy::too_many_arguments)] // run and recover pass their own on
 async fn drive(
     opts: &SessionOptions,
     settings: &MigrationSettings,
+    disks: &[SourceDisk],
     begin: Begin,
     mut route: Option<Route>,
     progress: &mut (dyn Progress + Send),
@@ -194,6 +218,7 @@ async fn drive(
     let result = follow_source(
         opts,
         settings,
+        disks,
         begin,
         &mut route,
         progress,
@@ -221,6 +246,7 @@ enum Begin {
 async fn follow_source<F: Future<Output = String>>(
     opts: &SessionOptions,
     settings: &MigrationSettings,
+    disks: &[SourceDisk],
     begin: Begin,
     route: &mut Option<Route>,
     progress: &mut (dyn Progress + Send),
@@ -228,7 +254,7 @@ async fn follow_source<F: Future<Output = String>>(
     cancel: &mut Latch<F>,
     downtime: &mut Option<Duration>,
 ) -> crate::Result<()> {
-    let follow = FollowOptions {
+    let mut follow = FollowOptions {
         detach: false,
         ..opts.follow.clone()
     };
@@ -244,9 +270,23 @@ async fn follow_source<F: Future<Output = String>>(
             (qmp, state)
         }
     };
+    let mut mirrors = None;
     let mut summary = match (begin, route.as_ref()) {
         (Begin::Migrate, Some(r)) => {
-            source::run_migration(
+            if !disks.is_empty() {
+                let copy = copy_disks(&qmp, disks, r, progress, cancel.wait()).await;
+                let copy = match copy {
+                    Ok(copy) => copy,
+                    Err(err) => {
+                        qmp.close().await;
+                        return Err(err);
+                    }
+                };
+                let copy = std::sync::Arc::new(copy);
+                follow.storage = Some(copy.clone());
+                mirrors = Some(copy);
+            }
+            let result = source::run_migration(
                 &qmp,
                 &opts.plan,
                 &r.target,
@@ -255,7 +295,16 @@ async fn follow_source<F: Future<Output = String>>(
                 progress,
                 cancel.wait(),
             )
-            .await?
+            .await;
+            match (result, &mirrors) {
+                (Ok(summary), _) => summary,
+                (Err(err), Some(m)) => {
+                    m.abort(&qmp).await;
+                    qmp.close().await;
+                    return Err(Error::from(err.into_anyhow().context(INCOMPLETE)));
+                }
+                (Err(err), None) => return Err(err),
+            }
         }
         _ => crate::outcome::Summary::from_info(
             &qmigrate_qmp::MigrationInfo::default(),
@@ -326,10 +375,75 @@ async fn follow_source<F: Future<Output = String>>(
             }
         }
     }
+    if let Some(m) = &mirrors {
+        finish_disks(&qmp, m, &mut summary).await;
+    }
     *downtime = summary.downtime;
     progress.finish(&summary);
     qmp.close().await;
     source::outcome_result(&summary.outcome, &state)
+}
+
+/// What a migration that copied disks and did not complete leaves behind.
+const INCOMPLETE: &str =
+    "the destination's disk images are incomplete (the source VM keeps its own disks)";
+
+/// The disk phase: the mirrors onto the destination's NBD exports, until every disk is copied
+/// and kept in sync. On a failure or cancel, the mirrors are abandoned and the NBD nodes
+/// removed before the error returns.
+async fn copy_disks(
+    qmp: &qmigrate_qmp::Qmp,
+    disks: &[SourceDisk],
+    route: &Route,
+    progress: &mut (dyn Progress + Send),
+    cancel: impl Future<Output = String>,
+) -> crate::Result<Mirrors> {
+    let nbd = route.nbd.as_ref().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Failed,
+            anyhow!("no NBD relay was set up for the disks"),
+        )
+    })?;
+    let failed = nbd.failed.clone();
+    let last_error = move || failed.lock().ok().and_then(|e| e.clone());
+    let mirrors = Mirrors::start(qmp, disks, &route.exports, &nbd.socket, last_error)
+        .await
+        .map_err(|e| Error::from(e.into_anyhow().context(INCOMPLETE)))?;
+    if let Err(err) = mirrors.converge(qmp, progress, cancel).await {
+        mirrors.abort(qmp).await;
+        return Err(Error::from(err.into_anyhow().context(INCOMPLETE)));
+    }
+    Ok(mirrors)
+}
+
+/// After the RAM migration: a completed one completes any mirror still running (a QEMU that
+/// did not pause before switchover) and removes the NBD nodes; any other abandons the copy.
+/// The summary gets the bytes copied per disk, and says the images are incomplete when they
+/// are.
+async fn finish_disks(qmp: &qmigrate_qmp::Qmp, mirrors: &Mirrors, summary: &mut crate::Summary) {
+    if summary.outcome == Outcome::Completed {
+        let running = qmp
+            .execute(&qmigrate_qmp::QueryBlockJobs)
+            .await
+            .is_ok_and(|jobs| {
+                jobs.iter()
+                    .any(|j| j.device.starts_with("qmigrate-mirror-"))
+            });
+        if running {
+            if let Err(err) = mirrors.complete(qmp).await {
+                tracing::warn!("completing the disk mirrors after the migration: {err:#}");
+            }
+        }
+        mirrors.remove(qmp).await;
+    } else {
+        mirrors.abort(qmp).await;
+        summary.outcome = match std::mem::replace(&mut summary.outcome, Outcome::Completed) {
+            Outcome::Failed(r) => Outcome::Failed(format!("{r}; {INCOMPLETE}")),
+            Outcome::Cancelled(r) => Outcome::Cancelled(format!("{r}; {INCOMPLETE}")),
+            other => other,
+        };
+    }
+    summary.disks = mirrors.last();
 }
 
 /// Reports the source's end to the destination, waits for its verdict over the route in use,
@@ -388,7 +502,76 @@ struct Route {
     target: QemuTarget,
     tunnel: Option<tokio::task::JoinHandle<qmigrate_transport::Report>>,
     stop: CancellationToken,
+    /// The destination's NBD exports of the disks to copy, and the relay to them.
+    exports: Vec<Export>,
+    nbd: Option<NbdRelay>,
     _dir: tempfile::TempDir,
+}
+
+/// The source's way to the destination's NBD server: a listener on a private socket whose
+/// connections (one per NBD client node, and per reconnect) become `nbd` tunnel connections.
+struct NbdRelay {
+    socket: std::path::PathBuf,
+    /// Why the last tunnel connection could not be opened, if one could not.
+    failed: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl NbdRelay {
+    /// Listens on `socket` until `stop`.
+    fn start(
+        socket: std::path::PathBuf,
+        tunnel: ClientConfig,
+        session: String,
+        stop: CancellationToken,
+    ) -> crate::Result<NbdRelay> {
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .with_context(|| format!("cannot listen on {}", socket.display()))?;
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let told = failed.clone();
+        tokio::spawn(async move {
+            loop {
+                let unix = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((unix, _)) => unix,
+                        Err(e) => {
+                            tracing::warn!("NBD relay: accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let (tunnel, session, told, stop) =
+                    (tunnel.clone(), session.clone(), told.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let (stream, version) = match open_nbd(&tunnel, &session).await {
+                        Ok(opened) => opened,
+                        Err(e) => {
+                            let why = match &e {
+                                qmigrate_transport::Error::Rejected { .. } => format!(
+                                    "{e} (a tunnel-server older than this qmigrate does not carry NBD \
+                                     connections: upgrade it)"
+                                ),
+                                _ => e.to_string(),
+                            };
+                            tracing::warn!("NBD tunnel connection: {why}");
+                            if let Ok(mut f) = told.lock() {
+                                *f = Some(why);
+                            }
+                            return;
+                        }
+                    };
+                    tokio::select! {
+                        (stats, result) = qmigrate_transport::relay(unix, stream, version) => {
+                            tracing::debug!(?stats, ?result, "NBD tunnel connection closed");
+                        }
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(NbdRelay { socket, failed })
+    }
 }
 
 impl Route {
@@ -428,15 +611,33 @@ async fn open_route(
         .send_msg(&first)
         .await
         .context("the tunnel server went away")?;
-    let direct = match tokio::time::timeout(READY_TIMEOUT, control.recv_msg::<Control>()).await {
-        Ok(Ok(Control::Ready { qemu, direct })) => {
-            tracing::debug!(%qemu, direct, "destination ready");
+    let asked_disks = match &first {
+        Control::Prepare { settings } => settings.disks.len(),
+        _ => 0,
+    };
+    let (direct, exports) = match tokio::time::timeout(READY_TIMEOUT, control.recv_msg::<Control>())
+        .await
+    {
+        Ok(Ok(Control::Ready {
+            qemu,
+            direct,
+            exports,
+        })) => {
+            tracing::debug!(%qemu, direct, ?exports, "destination ready");
+            if asked_disks > 0 && exports.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Refused,
+                    anyhow!(
+                        "the tunnel-server at {server} does not copy disks (it is older than                          this qmigrate): upgrade it, or migrate without copying storage"
+                    ),
+                ));
+            }
             events(SessionEvent::Ready {
                 qemu: &qemu,
                 server: &server.to_string(),
                 direct,
             });
-            direct
+            (direct, exports)
         }
         Ok(Ok(Control::Failed { message })) => {
             return Err(Error::new(
@@ -497,12 +698,22 @@ async fn open_route(
         let client = Client::bind(
             &socket,
             ClientConfig {
-                session: Some(session),
+                session: Some(session.clone()),
                 ..opts.tunnel.clone()
             },
         )
         .map_err(|e| anyhow!(e))?;
         Some(tokio::spawn(client.serve(stop.clone())))
+    };
+    let nbd = if exports.is_empty() {
+        None
+    } else {
+        Some(NbdRelay::start(
+            dir.path().join("nbd.sock"),
+            opts.tunnel.clone(),
+            session,
+            stop.clone(),
+        )?)
     };
     let target = match direct_fd {
         Some(_) => direct::target(),
@@ -514,6 +725,8 @@ async fn open_route(
         target,
         tunnel,
         stop,
+        exports,
+        nbd,
         _dir: dir,
     })
 }

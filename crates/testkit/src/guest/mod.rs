@@ -94,6 +94,9 @@ pub struct GuestConfig {
     pub destination_paused: bool,
     /// The longest wait for the source to boot and print its first heartbeats.
     pub boot_limit: Duration,
+    /// A second disk of this many MiB, a raw image (`-device virtio-blk-pci,id=vblk1`), that
+    /// the workload does not touch; with [`GuestPair::start_local`] each side has its own.
+    pub raw_disk_mib: Option<u64>,
 }
 
 impl Default for GuestConfig {
@@ -104,6 +107,7 @@ impl Default for GuestConfig {
             disk_mib: 16,
             destination_paused: true,
             boot_limit: Duration::from_secs(120),
+            raw_disk_mib: None,
         }
     }
 }
@@ -176,6 +180,7 @@ impl GuestVm {
         img: &GuestImage,
         cfg: &GuestConfig,
         disk: &Path,
+        raw_disk: Option<&Path>,
         incoming: bool,
     ) -> std::io::Result<GuestVm> {
         let mut extra = vec![
@@ -188,6 +193,16 @@ impl GuestVm {
             "-device".into(),
             "virtio-blk-pci,drive=disk0,id=vblk0".into(),
         ];
+        if let Some(raw) = raw_disk {
+            extra.extend([
+                "-blockdev".to_owned(),
+                format!("driver=file,filename={},node-name=file1", raw.display()),
+                "-blockdev".into(),
+                "driver=raw,file=file1,node-name=disk1".into(),
+                "-device".into(),
+                "virtio-blk-pci,drive=disk1,id=vblk1".into(),
+            ]);
+        }
         if incoming && cfg.destination_paused {
             extra.push("-S".into());
         }
@@ -265,15 +280,47 @@ impl GuestVm {
 
 /// A qcow2 image of `mib` MiB made with `qemu-img create` (panics with its output).
 pub fn create_disk(path: &Path, mib: u64) {
+    create_disk_bytes(path, mib << 20);
+}
+
+/// A qcow2 image of exactly `bytes` bytes (a multiple of 512) made with `qemu-img create`.
+pub fn create_disk_bytes(path: &Path, bytes: u64) {
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(path)
-        .arg(format!("{mib}M"))
+        .arg(bytes.to_string())
         .output()
         .unwrap_or_else(|e| panic!("cannot run qemu-img: {e}"));
     assert!(
         out.status.success(),
         "qemu-img create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes `mib` MiB of a non-zero pattern into the qcow2 image at `at_mib` (`qemu-io`).
+pub fn fill_disk(path: &Path, at_mib: u64, mib: u64) {
+    fill_image(path, "qcow2", at_mib, mib);
+}
+
+/// A sparse raw image of `mib` MiB.
+pub fn create_raw(path: &Path, mib: u64) {
+    let file = File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.set_len(mib << 20)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// [`fill_disk`] for an image of `format`.
+pub fn fill_image(path: &Path, format: &str, at_mib: u64, mib: u64) {
+    let out = Command::new("qemu-io")
+        .args(["-f", format, "-c"])
+        .arg(format!("write -P 0xa5 {at_mib}M {mib}M"))
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-io: {e}"));
+    assert!(
+        out.status.success(),
+        "qemu-io write failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -287,8 +334,14 @@ pub struct GuestPair {
     pub src: GuestVm,
     /// The destination, `-incoming defer` (and `-S` as configured).
     pub dst: GuestVm,
-    /// The shared qcow2 image.
+    /// The source's qcow2 image (shared with the destination, unless started with
+    /// [`GuestPair::start_local`]).
     pub disk: PathBuf,
+    /// The destination's image: [`GuestPair::disk`] itself for shared storage.
+    pub dst_disk: PathBuf,
+    /// The second (raw) disk of each side, with [`GuestConfig::raw_disk_mib`]: source's and
+    /// destination's (the same file for shared storage).
+    pub raw_disks: Option<(PathBuf, PathBuf)>,
     /// How long the source took from start to its first heartbeats.
     pub boot_time: Duration,
     dir: tempfile::TempDir,
@@ -299,6 +352,29 @@ impl GuestPair {
     /// Takes a gate slot, makes the disk, boots the source to its third heartbeat and starts
     /// the destination; panics with the logs when any of it fails.
     pub async fn start(bin: &QemuBinary, img: &GuestImage, cfg: &GuestConfig) -> GuestPair {
+        Self::start_with(bin, img, cfg, None).await
+    }
+
+    /// [`GuestPair::start`] with local storage: the destination gets its own empty qcow2 image
+    /// of `dst_bytes` (the source's size, for a copy that fits), for `migrate --copy-storage`;
+    /// the source's image has `fill_mib` MiB of data written from 32 MiB on before the guest
+    /// boots (the workload's records stay below 16 MiB), so that the copy has something to do.
+    pub async fn start_local(
+        bin: &QemuBinary,
+        img: &GuestImage,
+        cfg: &GuestConfig,
+        dst_bytes: u64,
+        fill_mib: u64,
+    ) -> GuestPair {
+        Self::start_with(bin, img, cfg, Some((dst_bytes, fill_mib))).await
+    }
+
+    async fn start_with(
+        bin: &QemuBinary,
+        img: &GuestImage,
+        cfg: &GuestConfig,
+        local: Option<(u64, u64)>,
+    ) -> GuestPair {
         let gate = gate().await;
         let dir = tempfile::Builder::new()
             .prefix("qmigrate-guest-")
@@ -306,18 +382,62 @@ impl GuestPair {
             .expect("tempdir");
         let disk = dir.path().join("disk.qcow2");
         create_disk(&disk, cfg.disk_mib);
+        if let Some((_, fill)) = local.filter(|(_, fill)| *fill > 0) {
+            fill_disk(&disk, 32, fill);
+        }
         let started = Instant::now();
-        let mut src = GuestVm::start(bin, img, cfg, &disk, false).expect("start the source guest");
+        let raw_disks = cfg.raw_disk_mib.map(|mib| {
+            let src = dir.path().join("raw.img");
+            create_raw(&src, mib);
+            if let Some((_, fill)) = local.filter(|(_, fill)| *fill > 0) {
+                fill_image(&src, "raw", 0, fill.min(mib));
+            }
+            let dst = match local {
+                Some(_) => {
+                    let dst = dir.path().join("dst-raw.img");
+                    create_raw(&dst, mib);
+                    dst
+                }
+                None => src.clone(),
+            };
+            (src, dst)
+        });
+        let mut src = GuestVm::start(
+            bin,
+            img,
+            cfg,
+            &disk,
+            raw_disks.as_ref().map(|(s, _)| s.as_path()),
+            false,
+        )
+        .expect("start the source guest");
         if let Err(why) = src.wait_ready(cfg.boot_limit, 3).await {
             panic!("the source guest did not come up: {why}");
         }
         let boot_time = started.elapsed();
-        let dst =
-            GuestVm::start(bin, img, cfg, &disk, true).expect("start the destination guest's QEMU");
+        let dst_disk = match local {
+            Some((bytes, _)) => {
+                let path = dir.path().join("dst.qcow2");
+                create_disk_bytes(&path, bytes);
+                path
+            }
+            None => disk.clone(),
+        };
+        let dst = GuestVm::start(
+            bin,
+            img,
+            cfg,
+            &dst_disk,
+            raw_disks.as_ref().map(|(_, d)| d.as_path()),
+            true,
+        )
+        .expect("start the destination guest's QEMU");
         GuestPair {
             src,
             dst,
             disk,
+            dst_disk,
+            raw_disks,
             boot_time,
             dir,
             _gate: gate,

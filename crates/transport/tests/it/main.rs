@@ -5,6 +5,7 @@
 mod common;
 
 mod auth;
+mod nbd;
 mod tls;
 mod tunnel;
 mod ws_interop;

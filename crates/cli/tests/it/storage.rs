@@ -1,0 +1,464 @@
+//! `migrate --copy-storage`: a running Linux guest (testkit's `guest`) writing checksummed
+//! records to its own disk image, moved with its disk to a destination that has an empty image
+//! of the same size (local storage on both hosts), through a `tunnel-server --qmp`. After the
+//! migration, with the source paused and the destination not yet started (`--no-start`), both
+//! images must be identical (`qemu-img compare`); then the destination is started and the
+//! guest must go on (its heartbeats continue, its disk records check out, including the
+//! source's last one, read back from the copy).
+//!
+//! The guests take a slot of testkit's guest gate, like `running_guest`.
+
+use crate::support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use qmigrate_qmp::{MigrationStatus, RunState};
+use qmigrate_testkit::check;
+use qmigrate_testkit::guest::{self, Expect, GuestConfig, GuestImage, GuestPair};
+use support::proc::{run, Proc};
+use support::qemu::{self, QemuBinary};
+use support::tunnel::server;
+
+/// Deadline for one `qmigrate` run.
+const RUN: Duration = Duration::from_secs(180);
+/// How long the destination has to show that the guest continued.
+const CONTINUE: Duration = Duration::from_secs(60);
+
+fn prerequisites() -> Option<(QemuBinary, GuestImage)> {
+    let bin = qemu::require(qemu::qemu10(), "QEMU 10")?;
+    Some((bin, guest::require()?))
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// MiB of data on the source's disk before the guest boots (beside the workload's records).
+const FILL_MIB: u64 = 24;
+
+/// The source's disk: 64 MiB, of which the workload writes up to 16 MiB.
+fn config() -> GuestConfig {
+    GuestConfig {
+        disk_mib: 64,
+        ..GuestConfig::default()
+    }
+}
+
+/// `qemu-img compare -U` of the two images of `format` (`-U`: QEMU holds them open).
+fn compare(a: &Path, b: &Path, format: &str) -> (bool, String) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", format, "-F", format])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("run qemu-img compare");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The JSON objects of `--json` output of `type`.
+fn events(stdout: &str, kind: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == kind)
+        .collect()
+}
+
+/// The whole path over TCP: the disk copied while the guest writes to it, then the RAM, the
+/// images identical afterwards, and the guest continuing on the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_tcp() {
+    copy_and_compare("storage_copy_tcp", &[], "tcp://", config(), FILL_MIB).await;
+}
+
+/// Two disks, a qcow2 one the guest writes to and a raw one, both copied (each destination
+/// image of its own format).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_qcow2_and_raw() {
+    let cfg = GuestConfig {
+        raw_disk_mib: Some(32),
+        ..config()
+    };
+    let Some((_, summary)) =
+        copy_and_compare("storage_copy_qcow2_and_raw", &[], "tcp://", cfg, FILL_MIB).await
+    else {
+        return;
+    };
+    let disks: Vec<&str> = summary["storage"]["disks"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|d| d["disk"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(disks, ["vblk0", "vblk1"], "{summary}");
+}
+
+/// A 4 GiB disk with 256 MiB of data: only the data is copied, and the destination's image
+/// takes about as much room as the source's (within 10%).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_sparse() {
+    let cfg = GuestConfig {
+        disk_mib: 4096,
+        ..config()
+    };
+    let Some((pair, summary)) =
+        copy_and_compare("storage_copy_sparse", &[], "tcp://", cfg, 256).await
+    else {
+        return;
+    };
+    let (src, dst) = (allocated(&pair.disk), allocated(&pair.dst_disk));
+    assert!(
+        dst.abs_diff(src) * 10 <= src,
+        "allocated: source {src}, destination {dst}; {summary}"
+    );
+    let copied = summary["storage"]["copied"].as_u64().unwrap_or(0);
+    assert!(
+        copied < 512 << 20,
+        "copied {copied} of a 4 GiB disk: {summary}"
+    );
+    eprintln!("storage_copy_sparse: allocated source {src}, destination {dst}, copied {copied}");
+}
+
+/// The bytes an image takes on its host (`qemu-img info`'s `actual-size`).
+fn allocated(image: &Path) -> u64 {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .expect("run qemu-img info");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("qemu-img info JSON");
+    info["actual-size"].as_u64().expect("actual-size")
+}
+
+/// The same over WebSocket: the NBD connections are WebSocket tunnel connections too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_ws() {
+    copy_and_compare("storage_copy_ws", &["--ws"], "ws://", config(), FILL_MIB).await;
+}
+
+/// `migrate --copy-storage --no-start --json` of a guest writing to its disk (`cfg`, with
+/// `fill` MiB of data on the disk beforehand), through a `tunnel-server --qmp` with
+/// `server_extra`; then the checks of the module doc. The pair and the summary, for more
+/// checks (`None`: skipped, no QEMU 10 or guest image).
+async fn copy_and_compare(
+    name: &str,
+    server_extra: &[&str],
+    scheme: &str,
+    cfg: GuestConfig,
+    fill: u64,
+) -> Option<(GuestPair, serde_json::Value)> {
+    let (bin, img) = prerequisites()?;
+    let started = Instant::now();
+    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, fill).await;
+    let mut args = vec!["--qmp".to_owned(), path(pair.dst.qmp_path())];
+    args.extend(server_extra.iter().map(|s| s.to_string()));
+    let (mut srv, url) = server(pair.dir(), &args).await;
+    assert!(url.starts_with(scheme), "{url}");
+    let t = Instant::now();
+    let out = run(
+        [
+            "migrate",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--to",
+            &url,
+            "--copy-storage",
+            "--no-start",
+            "--json",
+        ],
+        RUN,
+    )
+    .await;
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "migrate: {:?}\n{}\n--- tunnel-server\n{}\n{}",
+        out.status,
+        out.stderr,
+        srv.stderr(),
+        pair.report()
+    );
+    srv.kill().await;
+
+    // Progress went through both phases, per disk.
+    let ticks = events(&out.stdout, "progress");
+    let disk_phase = ticks
+        .iter()
+        .filter(|t| t["status"] == "none" && t["storage"]["disks"][0]["disk"] == "vblk0")
+        .count();
+    let ram_phase = ticks
+        .iter()
+        .filter(|t| t["status"] == "active" && t["storage"]["disks"][0]["ready"] == true)
+        .count();
+    assert!(disk_phase > 0 && ram_phase > 0, "{}", out.stdout);
+    let summary = events(&out.stdout, "summary").pop().expect("a summary");
+    assert_eq!(summary["status"], "completed", "{summary}");
+    let copied = summary["storage"]["disks"][0]["copied"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(copied >= fill << 20, "{summary}");
+    // "disks copied (1.2 s); ...": the disk phase's own measure.
+    let copy_note = events(&out.stdout, "note")
+        .into_iter()
+        .filter_map(|n| n["message"].as_str().map(str::to_owned))
+        .find(|m| m.starts_with("disks copied"))
+        .unwrap_or_else(|| panic!("no 'disks copied' note in:\n{}", out.stdout));
+
+    // The source is paused for good, the destination not started: the images must match now.
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::vm_state(&src).await.0, RunState::Postmigrate);
+    drop(src);
+    let (same, said) = compare(&pair.disk, &pair.dst_disk, "qcow2");
+    assert!(same, "qemu-img compare: {said}\n{}", pair.report());
+    if let Some((src_raw, dst_raw)) = &pair.raw_disks {
+        let (same, said) = compare(src_raw, dst_raw, "raw");
+        assert!(
+            same,
+            "qemu-img compare of the raw disks: {said}\n{}",
+            pair.report()
+        );
+    }
+
+    let dst = check::qmp(pair.dst.qmp_path()).await;
+    assert_eq!(
+        check::migration_status(&dst).await.0,
+        MigrationStatus::Completed
+    );
+    dst.execute(&qmigrate_qmp::Cont).await.expect("cont");
+    drop(dst);
+    let verdict = pair.assert_continued(Expect::default(), CONTINUE).await;
+    let secs = took.as_secs_f64();
+    eprintln!(
+        "{name}: boot {:.1} s, migration {secs:.1} s ({:.1} MiB copied; {copy_note}), downtime \
+         {} ms, whole test {:.1} s; {verdict:?}",
+        pair.boot_time.as_secs_f64(),
+        copied as f64 / (1 << 20) as f64,
+        summary["downtime_ms"],
+        started.elapsed().as_secs_f64()
+    );
+    Some((pair, summary))
+}
+
+/// A destination image 1 MiB too small is refused before anything is copied, with a message
+/// naming the disk, both sizes and the `qemu-img create` that fixes it; both QEMUs stay as
+/// they were (the source running, the destination waiting for a migration).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_size_mismatch_refused() {
+    let Some((bin, img)) = prerequisites() else {
+        return;
+    };
+    let cfg = config();
+    let size = cfg.disk_mib << 20;
+    let small = size - (1 << 20);
+    let pair = GuestPair::start_local(&bin, &img, &cfg, small, 0).await;
+    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
+    let out = run(
+        [
+            "migrate",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--to",
+            &url,
+            "--copy-storage=vblk0",
+        ],
+        RUN,
+    )
+    .await;
+    srv.kill().await;
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    for needle in [
+        "vblk0".to_owned(),
+        size.to_string(),
+        small.to_string(),
+        format!("qemu-img create -f qcow2 {} {size}", path(&pair.dst_disk)),
+    ] {
+        assert!(
+            out.stderr.contains(&needle),
+            "{needle:?} in:\n{}",
+            out.stderr
+        );
+    }
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::vm_state(&src).await, (RunState::Running, true));
+    assert_eq!(check::migration_status(&src).await.0, MigrationStatus::None);
+    let jobs = src
+        .execute(&qmigrate_qmp::QueryBlockJobs)
+        .await
+        .expect("query-block-jobs");
+    assert!(jobs.is_empty(), "{jobs:?}");
+    drop(src);
+    let dst = check::qmp(pair.dst.qmp_path()).await;
+    assert_eq!(check::vm_state(&dst).await.0, RunState::InMigrate);
+    assert_eq!(check::migration_status(&dst).await.0, MigrationStatus::None);
+    let (same_size, said) = compare(&pair.dst_disk, &pair.dst_disk, "qcow2");
+    assert!(same_size, "the destination image is still readable: {said}");
+}
+
+/// Ctrl-C during the disk phase: `migrate` exits 4 at once, the mirrors are gone (no job, no
+/// NBD node left on the source), the source VM keeps running on its own image, which
+/// `qemu-img check` finds intact, and the message says the destination's images are
+/// incomplete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_interrupted_during_copy() {
+    let Some((bin, img)) = prerequisites() else {
+        return;
+    };
+    // 384 MiB to copy: several seconds at the rates seen here (50-100 MiB/s).
+    let cfg = GuestConfig {
+        disk_mib: 512,
+        ..GuestConfig::default()
+    };
+    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, 384).await;
+    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
+    let mut migrate = Proc::spawn(
+        "migrate",
+        pair.dir(),
+        [
+            "migrate",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--to",
+            &url,
+            "--copy-storage",
+            "--json",
+        ],
+    );
+    // The first tick of the disk phase with something copied, and not all of it.
+    loop {
+        let line = migrate.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let copied = v["storage"]["copied"].as_u64().unwrap_or(0);
+        if v["type"] == "progress" && v["status"] == "none" && copied > 0 {
+            assert!(
+                copied < 384 << 20,
+                "the copy was done before the interrupt: {line}"
+            );
+            break;
+        }
+    }
+    let t = Instant::now();
+    migrate.signal(libc::SIGINT);
+    let (status, _) = migrate.wait(RUN).await;
+    let stopped = t.elapsed();
+    let stderr = migrate.stderr();
+    srv.kill().await;
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("incomplete"), "{stderr}");
+    assert!(
+        stopped < Duration::from_secs(15),
+        "took {stopped:?}: {stderr}"
+    );
+
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::vm_state(&src).await, (RunState::Running, true));
+    let jobs = src
+        .execute(&qmigrate_qmp::QueryBlockJobs)
+        .await
+        .expect("query-block-jobs");
+    assert!(jobs.is_empty(), "{jobs:?}");
+    let nodes = src
+        .execute(&qmigrate_qmp::QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .expect("query-named-block-nodes");
+    assert!(
+        nodes.iter().all(|n| !n.node_name.starts_with("qmigrate-")),
+        "{:?}",
+        nodes.iter().map(|n| &n.node_name).collect::<Vec<_>>()
+    );
+    drop(src);
+    let out = Command::new("qemu-img")
+        .args(["check", "-U"])
+        .arg(&pair.disk)
+        .output()
+        .expect("run qemu-img check");
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The guest still runs (and checks its records) on the source.
+    let before = pair.src.serial().heartbeats.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = pair.src.serial();
+    assert!(log.failures.is_empty(), "{:?}", log.failures);
+    assert!(log.heartbeats.len() > before, "{}", pair.report());
+    eprintln!("storage_interrupted_during_copy: exit 4 after {stopped:?}");
+}
+
+/// The destination QEMU dies while the RAM migrates (the disks already copied and kept in
+/// sync): `migrate` exits 1 saying the destination's images are incomplete, the mirrors are
+/// abandoned and the NBD nodes removed, and the guest goes on on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_destination_lost_during_ram() {
+    let Some((bin, img)) = prerequisites() else {
+        return;
+    };
+    let cfg = config();
+    let mut pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
+    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
+    // 2 MB/s for 128 MiB of RAM: the RAM phase lasts until the destination dies.
+    let mut migrate = Proc::spawn(
+        "migrate",
+        pair.dir(),
+        [
+            "migrate",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--to",
+            &url,
+            "--copy-storage",
+            "--max-bandwidth",
+            "2M",
+            "--json",
+        ],
+    );
+    loop {
+        let line = migrate.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["type"] == "progress" && v["status"] == "active" && v["transferred"].as_u64() > Some(0)
+        {
+            break;
+        }
+    }
+    pair.dst.vm.kill();
+    let (status, _) = migrate.wait(RUN).await;
+    let stderr = migrate.stderr();
+    srv.kill().await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("incomplete"), "{stderr}");
+
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::vm_state(&src).await, (RunState::Running, true));
+    let jobs = src
+        .execute(&qmigrate_qmp::QueryBlockJobs)
+        .await
+        .expect("query-block-jobs");
+    assert!(jobs.is_empty(), "{jobs:?}");
+    let nodes = src
+        .execute(&qmigrate_qmp::QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .expect("query-named-block-nodes");
+    assert!(
+        nodes.iter().all(|n| !n.node_name.starts_with("qmigrate-")),
+        "{:?}",
+        nodes.iter().map(|n| &n.node_name).collect::<Vec<_>>()
+    );
+    drop(src);
+    let before = pair.src.serial().heartbeats.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = pair.src.serial();
+    assert!(log.failures.is_empty(), "{:?}", log.failures);
+    assert!(log.heartbeats.len() > before, "{}", pair.report());
+}

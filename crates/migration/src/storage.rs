@@ -1,0 +1,590 @@
+//! Copying local disks during a migration (`migrate --copy-storage`): QEMU's non-shared
+//! storage migration, carried by the tunnel.
+//!
+//! The destination exports its pre-created images over NBD (writable, on a private Unix
+//! socket); the source adds one NBD client node per disk (reaching that socket through
+//! `nbd` tunnel connections) and mirrors each disk onto it (`blockdev-mirror sync=full`).
+//! Once every mirror is ready they switch to write-blocking (guest writes reach both sides
+//! before they complete), the RAM migrates with `pause-before-switchover`, and at
+//! `pre-switchover` the mirrors are cancelled without force, which completes them: the
+//! destination then holds a point-in-time copy taken with the vCPUs stopped. After the
+//! migration the source removes its NBD nodes and the destination stops its NBD server before
+//! it starts the guest. Whatever fails before that, the mirrors are cancelled (forced), the NBD
+//! nodes removed, and the source VM keeps running on its own disks; the destination's images
+//! are then incomplete.
+//!
+//! The sequence and the reasons for each step: /work/shared/notes/storage-recovery.md §1.3
+//! (QEMU 10; `block-job-change` needs QEMU 8.2).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use qmigrate_qmp::{
+    BlockDeviceInfo, BlockExportAddNbd, BlockJobCancel, BlockJobChangeMirror, BlockJobInfo,
+    BlockdevAddNbd, BlockdevDel, BlockdevMirror, JobDismiss, JobStatus, MirrorCopyMode,
+    MirrorSyncMode, NbdServerStart, NbdServerStop, Qmp, QueryBlock, QueryBlockJobs, SocketAddress,
+    SocketAddressLegacy,
+};
+use tracing::{debug, info, warn};
+
+use crate::outcome::{DiskProgress, Progress, Snapshot};
+use crate::session::{Disk, Export};
+use crate::{Error, ErrorKind};
+
+/// How often the mirrors are polled while they copy.
+const POLL: Duration = Duration::from_millis(250);
+
+/// How long the NBD client waits for a broken connection to come back before the mirror's
+/// requests fail (a tunnel outage shorter than this does not stop the copy).
+const RECONNECT_DELAY: u32 = 10;
+
+/// How long the final sync (a non-forced cancel at `pre-switchover`) or a forced cancel may
+/// take.
+const CANCEL_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long the mirrors may take to be actively synced after the switch to write-blocking.
+const SYNC_LIMIT: Duration = Duration::from_secs(120);
+
+/// Which disks `--copy-storage` copies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Selection {
+    /// None: the disks are shared (or the VM has none).
+    #[default]
+    None,
+    /// Every writable disk (never read-only drives or CD-ROMs).
+    All,
+    /// These, by qdev id.
+    Only(Vec<String>),
+}
+
+/// A source disk to copy: what the destination is told, and the node to mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceDisk {
+    /// What the destination is told.
+    pub disk: Disk,
+    /// The source's root node (the one the device is attached to).
+    pub node: String,
+}
+
+/// The device's disk as `query-block` describes it: its qdev id, root node and image, or
+/// `None` for an empty drive or a device without id.
+fn describe(info: &qmigrate_qmp::BlockInfo) -> Option<(String, &BlockDeviceInfo, u64, String)> {
+    let id = info.qdev_id()?.to_owned();
+    let inserted = info.inserted.as_ref()?;
+    let image = inserted.image.as_ref();
+    let size = image.map(|i| i.virtual_size).unwrap_or(0);
+    let format = image
+        .map(|i| i.format.clone())
+        .filter(|f| !f.is_empty())
+        .unwrap_or_else(|| inserted.drv.clone());
+    Some((id, inserted, size, format))
+}
+
+/// The source's disks that `selection` copies. All: every device with a writable medium that
+/// is not removable (CD-ROMs, floppies). Named disks must exist and be writable.
+pub async fn source_disks(qmp: &Qmp, selection: &Selection) -> crate::Result<Vec<SourceDisk>> {
+    if *selection == Selection::None {
+        return Ok(Vec::new());
+    }
+    let devices = qmp
+        .execute(&QueryBlock)
+        .await
+        .context("query-block failed on the source")?;
+    let mut disks = Vec::new();
+    let mut known = BTreeMap::new();
+    for info in &devices {
+        let Some((id, inserted, size, format)) = describe(info) else {
+            continue;
+        };
+        let copyable = !inserted.ro && !info.removable;
+        known.insert(id.clone(), copyable);
+        let wanted = match selection {
+            Selection::All => copyable,
+            Selection::Only(ids) => ids.contains(&id),
+            Selection::None => false,
+        };
+        if !wanted {
+            continue;
+        }
+        if !copyable {
+            return Err(Error::new(
+                ErrorKind::Usage,
+                anyhow!(
+                    "disk {id} is read-only or a removable medium (a CD-ROM): it is never copied; \
+                     leave it out of the list"
+                ),
+            ));
+        }
+        disks.push(SourceDisk {
+            disk: Disk {
+                id,
+                size,
+                read_only: false,
+                format,
+            },
+            node: inserted.node_name.clone(),
+        });
+    }
+    if let Selection::Only(ids) = selection {
+        for id in ids {
+            if !known.contains_key(id) {
+                let names: Vec<&String> = known.keys().collect();
+                return Err(Error::new(
+                    ErrorKind::Usage,
+                    anyhow!(
+                        "the source VM has no disk with qdev id {id:?} (its disks: {names:?}); \
+                         name disks by their -device id"
+                    ),
+                ));
+            }
+        }
+    }
+    if disks.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Usage,
+            anyhow!("the source VM has no writable disk to copy"),
+        ));
+    }
+    Ok(disks)
+}
+
+/// The NBD export's name of a disk.
+fn export_name(disk: &str) -> String {
+    disk.to_owned()
+}
+
+/// The NBD export's id (for `block-export-del`).
+fn export_id(disk: &str) -> String {
+    format!("qmigrate-{disk}")
+}
+
+/// Destination: checks that the destination VM has each of `disks` (by qdev id), writable and
+/// of the same size, then starts its NBD server on `socket` with a writable export of each.
+/// Refuses a mismatch before touching anything, naming the disk, both sizes and the
+/// `qemu-img create` that makes a fitting image.
+pub async fn export_disks(qmp: &Qmp, disks: &[Disk], socket: &Path) -> anyhow::Result<Vec<Export>> {
+    let devices = qmp
+        .execute(&QueryBlock)
+        .await
+        .context("query-block failed on the destination")?;
+    let mut nodes = Vec::new();
+    for disk in disks {
+        let found = devices
+            .iter()
+            .filter_map(describe)
+            .find(|(id, ..)| *id == disk.id);
+        let Some((_, inserted, size, format)) = found else {
+            bail!(
+                "the destination VM has no disk {:?} (qdev id): start it with the same devices \
+                 as the source, each with its own image of the same size",
+                disk.id
+            );
+        };
+        if inserted.ro {
+            bail!(
+                "disk {} is read-only on the destination: the copy needs to write it",
+                disk.id
+            );
+        }
+        if size != disk.size {
+            let file = if inserted.file.is_empty() {
+                "IMAGE".to_owned()
+            } else {
+                inserted.file.clone()
+            };
+            bail!(
+                "disk {}: the destination's image is {} bytes, the source's {} bytes; the copy \
+                 needs the same size: `qemu-img create -f {} {} {}` (on the destination, with its \
+                 QEMU stopped)",
+                disk.id,
+                size,
+                disk.size,
+                format,
+                file,
+                disk.size
+            );
+        }
+        nodes.push((disk.id.clone(), inserted.node_name.clone()));
+    }
+    qmp.execute(&NbdServerStart {
+        addr: SocketAddressLegacy::Unix {
+            path: socket.display().to_string(),
+        },
+        max_connections: None,
+    })
+    .await
+    .context("the destination QEMU cannot start its NBD server (nbd-server-start)")?;
+    let mut exports = Vec::new();
+    for (id, node) in nodes {
+        let added = qmp
+            .execute(&BlockExportAddNbd {
+                id: export_id(&id),
+                node_name: node.clone(),
+                writable: true,
+                name: Some(export_name(&id)),
+            })
+            .await;
+        if let Err(err) = added {
+            stop_nbd_server(qmp).await;
+            return Err(anyhow!(err).context(format!(
+                "the destination QEMU cannot export disk {id} (node {node}) over NBD"
+            )));
+        }
+        exports.push(Export {
+            name: export_name(&id),
+            disk: id,
+        });
+    }
+    info!(socket = %socket.display(), ?exports, "NBD exports ready");
+    Ok(exports)
+}
+
+/// Destination: stops the NBD server (removing every export), so that the guest's device can
+/// take its image again; before `cont`. A failure is logged: it means there was none.
+pub async fn stop_nbd_server(qmp: &Qmp) {
+    match qmp.execute(&NbdServerStop).await {
+        Ok(_) => info!("NBD server stopped"),
+        Err(err) => warn!("nbd-server-stop: {err}"),
+    }
+}
+
+/// One disk's mirror on the source.
+#[derive(Debug, Clone)]
+struct Mirror {
+    disk: String,
+    size: u64,
+    job: String,
+    node: String,
+}
+
+/// The source's mirrors of one migration, from [`Mirrors::start`] to [`Mirrors::remove`] or
+/// [`Mirrors::abort`].
+#[derive(Debug)]
+pub struct Mirrors {
+    mirrors: Vec<Mirror>,
+    /// The last progress seen of each (kept after the jobs are gone, for the summary).
+    last: Mutex<Vec<DiskProgress>>,
+}
+
+impl Mirrors {
+    /// Adds an NBD client node per disk (connecting through `socket`, the in-process
+    /// listener whose connections become `nbd` tunnel connections) and starts its mirror.
+    /// On a failure, what was made is undone. `nbd_error` says why the last tunnel
+    /// connection failed, if one did (a `blockdev-add` then fails without saying).
+    pub async fn start(
+        qmp: &Qmp,
+        disks: &[SourceDisk],
+        exports: &[Export],
+        socket: &Path,
+        nbd_error: impl Fn() -> Option<String>,
+    ) -> crate::Result<Mirrors> {
+        let mut made = Mirrors {
+            mirrors: Vec::new(),
+            last: Mutex::new(Vec::new()),
+        };
+        for d in disks {
+            let Some(export) = exports.iter().find(|e| e.disk == d.disk.id) else {
+                made.abort(qmp).await;
+                bail!(
+                    "the destination did not export disk {} (its exports: {:?})",
+                    d.disk.id,
+                    exports
+                );
+            };
+            let node = format!("qmigrate-nbd-{}", d.disk.id);
+            let added = qmp
+                .execute(&BlockdevAddNbd {
+                    node_name: node.clone(),
+                    server: SocketAddress::Unix {
+                        path: socket.display().to_string(),
+                    },
+                    export: export.name.clone(),
+                    reconnect_delay: Some(RECONNECT_DELAY),
+                    discard: Some("unmap".into()),
+                })
+                .await;
+            if let Err(err) = added {
+                made.abort(qmp).await;
+                let why = nbd_error()
+                    .map(|e| format!(" (the tunnel: {e})"))
+                    .unwrap_or_default();
+                return Err(Error::new(
+                    ErrorKind::Failed,
+                    anyhow!(err).context(format!(
+                        "the source QEMU cannot reach the destination's NBD export of disk {}{why}",
+                        d.disk.id
+                    )),
+                ));
+            }
+            let job = format!("qmigrate-mirror-{}", d.disk.id);
+            let mirror = Mirror {
+                disk: d.disk.id.clone(),
+                size: d.disk.size,
+                job: job.clone(),
+                node: node.clone(),
+            };
+            let started = qmp
+                .execute(&BlockdevMirror {
+                    job_id: job,
+                    device: d.node.clone(),
+                    target: node.clone(),
+                    sync: MirrorSyncMode::Full,
+                    auto_dismiss: Some(false),
+                    speed: None,
+                    copy_mode: None,
+                })
+                .await;
+            if let Err(err) = started {
+                let _ = qmp.execute(&BlockdevDel { node_name: node }).await;
+                made.abort(qmp).await;
+                return Err(anyhow!(err)
+                    .context(format!("blockdev-mirror of disk {} failed", d.disk.id))
+                    .into());
+            }
+            made.mirrors.push(mirror);
+        }
+        info!(disks = made.mirrors.len(), "mirrors started");
+        Ok(made)
+    }
+
+    /// The disks' progress from a `query-block-jobs` reply (remembered for the summary).
+    fn progress_of(&self, jobs: &[BlockJobInfo]) -> Vec<DiskProgress> {
+        let Ok(mut last) = self.last.lock() else {
+            return Vec::new();
+        };
+        let now: Vec<DiskProgress> = self
+            .mirrors
+            .iter()
+            .map(|m| {
+                let before = last.iter().find(|p| p.disk == m.disk);
+                match jobs.iter().find(|j| j.device == m.job) {
+                    Some(j) => DiskProgress {
+                        disk: m.disk.clone(),
+                        size: m.size,
+                        copied: j.offset,
+                        to_copy: j.len,
+                        ready: j.ready || before.is_some_and(|b| b.ready),
+                    },
+                    None => before.cloned().unwrap_or(DiskProgress {
+                        disk: m.disk.clone(),
+                        size: m.size,
+                        copied: 0,
+                        to_copy: 0,
+                        ready: false,
+                    }),
+                }
+            })
+            .collect();
+        last.clone_from(&now);
+        now
+    }
+
+    /// The disks' progress now (the last known for a job that has gone).
+    pub async fn progress(&self, qmp: &Qmp) -> Vec<DiskProgress> {
+        match qmp.execute(&QueryBlockJobs).await {
+            Ok(jobs) => self.progress_of(&jobs),
+            Err(err) => {
+                debug!("query-block-jobs: {err}");
+                self.last.lock().map(|l| l.clone()).unwrap_or_default()
+            }
+        }
+    }
+
+    /// The last progress seen: the bytes copied per disk, for the summary.
+    pub fn last(&self) -> Vec<DiskProgress> {
+        self.last.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// A job that ended (concluded, or gone) before it was asked to: its error.
+    fn failed(&self, jobs: &[BlockJobInfo]) -> Option<String> {
+        self.mirrors
+            .iter()
+            .find_map(|m| match jobs.iter().find(|j| j.device == m.job) {
+                None => Some(format!("the mirror of disk {} disappeared", m.disk)),
+                Some(j) if j.status == JobStatus::Concluded || j.status == JobStatus::Aborting => {
+                    Some(format!(
+                        "the copy of disk {} failed: {}",
+                        m.disk,
+                        j.error.as_deref().unwrap_or("the job ended")
+                    ))
+                }
+                Some(_) => None,
+            })
+    }
+
+    /// Waits until every mirror is ready (the first full copy is done), reporting progress,
+    /// then switches each to write-blocking and waits until each is actively synced: from then
+    /// on the guest cannot dirty a disk faster than it is copied. Ends with `Cancelled` when
+    /// `cancel` resolves; the caller then [`Mirrors::abort`]s.
+    pub async fn converge(
+        &self,
+        qmp: &Qmp,
+        progress: &mut dyn Progress,
+        cancel: impl Future<Output = String>,
+    ) -> crate::Result<()> {
+        let mut cancel = pin!(cancel);
+        let started = Instant::now();
+        let mut switched = false;
+        let mut switched_at = Instant::now();
+        let mut tick = tokio::time::interval(POLL);
+        loop {
+            tokio::select! {
+                reason = &mut cancel => {
+                    return Err(Error::new(ErrorKind::Cancelled, anyhow!("{reason} while copying the disks")));
+                }
+                _ = tick.tick() => {}
+            }
+            let jobs = qmp
+                .execute(&QueryBlockJobs)
+                .await
+                .context("query-block-jobs failed")?;
+            let disks = self.progress_of(&jobs);
+            progress.tick(&Snapshot {
+                elapsed: started.elapsed(),
+                disks,
+                ..Snapshot::default()
+            });
+            if let Some(why) = self.failed(&jobs) {
+                bail!("{why}");
+            }
+            let mine = || {
+                jobs.iter()
+                    .filter(|j| self.mirrors.iter().any(|m| m.job == j.device))
+            };
+            if !switched {
+                if mine().all(|j| j.ready) {
+                    for m in &self.mirrors {
+                        qmp.execute(&BlockJobChangeMirror {
+                            id: m.job.clone(),
+                            copy_mode: MirrorCopyMode::WriteBlocking,
+                        })
+                        .await
+                        .with_context(|| {
+                            format!(
+                                "cannot switch the mirror of disk {} to write-blocking \
+                                 (block-job-change needs QEMU 8.2)",
+                                m.disk
+                            )
+                        })?;
+                    }
+                    switched = true;
+                    switched_at = Instant::now();
+                    progress.note(&format!(
+                        "disks copied ({:.1} s); their mirrors now write through: migrating the RAM",
+                        started.elapsed().as_secs_f64()
+                    ));
+                }
+            } else if mine().all(|j| j.actively_synced.unwrap_or(true)) {
+                return Ok(());
+            } else if switched_at.elapsed() > SYNC_LIMIT {
+                bail!(
+                    "the disk mirrors were not in sync {} s after switching to write-blocking",
+                    SYNC_LIMIT.as_secs()
+                );
+            }
+        }
+    }
+
+    /// At `pre-switchover` (vCPUs stopped): cancels each mirror without force, which finishes
+    /// its last sync and completes it, waits for all to conclude without error, and dismisses
+    /// them. Also the way to finish them after a migration that completed without pausing.
+    pub async fn complete(&self, qmp: &Qmp) -> crate::Result<()> {
+        for m in &self.mirrors {
+            qmp.execute(&BlockJobCancel {
+                device: m.job.clone(),
+                force: None,
+            })
+            .await
+            .with_context(|| format!("cannot complete the mirror of disk {}", m.disk))?;
+        }
+        let jobs = self.wait_concluded(qmp).await?;
+        let _ = self.progress_of(&jobs);
+        let mut failure = None;
+        for m in &self.mirrors {
+            if let Some(j) = jobs.iter().find(|j| j.device == m.job) {
+                if let Some(err) = &j.error {
+                    failure.get_or_insert(format!("the copy of disk {} failed: {err}", m.disk));
+                }
+            }
+        }
+        self.dismiss(qmp).await;
+        if let Some(why) = failure {
+            bail!("{why}");
+        }
+        Ok(())
+    }
+
+    /// Waits until every job has concluded (or gone); the last `query-block-jobs` reply.
+    async fn wait_concluded(&self, qmp: &Qmp) -> crate::Result<Vec<BlockJobInfo>> {
+        let deadline = Instant::now() + CANCEL_LIMIT;
+        loop {
+            let jobs = qmp
+                .execute(&QueryBlockJobs)
+                .await
+                .context("query-block-jobs failed")?;
+            let done = self.mirrors.iter().all(|m| {
+                jobs.iter()
+                    .find(|j| j.device == m.job)
+                    .is_none_or(|j| j.status == JobStatus::Concluded)
+            });
+            if done {
+                return Ok(jobs);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the disk mirrors did not end within {} s",
+                    CANCEL_LIMIT.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn dismiss(&self, qmp: &Qmp) {
+        for m in &self.mirrors {
+            if let Err(err) = qmp.execute(&JobDismiss { id: m.job.clone() }).await {
+                debug!(job = %m.job, "job-dismiss: {err}");
+            }
+        }
+    }
+
+    /// Removes the NBD client nodes (closing their connections), after the mirrors ended.
+    pub async fn remove(&self, qmp: &Qmp) {
+        for m in &self.mirrors {
+            if let Err(err) = qmp
+                .execute(&BlockdevDel {
+                    node_name: m.node.clone(),
+                })
+                .await
+            {
+                warn!(node = %m.node, "blockdev-del: {err}");
+            }
+        }
+    }
+
+    /// Abandons the copy: cancels every mirror with force, dismisses them and removes the
+    /// NBD nodes. The source's disks are untouched; the destination's images are incomplete.
+    pub async fn abort(&self, qmp: &Qmp) {
+        for m in &self.mirrors {
+            if let Err(err) = qmp
+                .execute(&BlockJobCancel {
+                    device: m.job.clone(),
+                    force: Some(true),
+                })
+                .await
+            {
+                debug!(job = %m.job, "block-job-cancel: {err}");
+            }
+        }
+        if let Err(err) = self.wait_concluded(qmp).await {
+            warn!("{err:#}");
+        }
+        self.dismiss(qmp).await;
+        self.remove(qmp).await;
+    }
+}
