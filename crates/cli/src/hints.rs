@@ -38,13 +38,10 @@ pub fn report(err: &anyhow::Error) -> String {
 
 /// The text of one error of the chain with its advice, when it has some.
 fn advised(cause: &(dyn StdError + 'static)) -> Option<String> {
-    // The engine's error shows its head's message and hides the head's type behind its own.
+    // The engine's error shows its head's message and hides the head's type behind its own:
+    // advise on the head itself.
     if let Some(e) = cause.downcast_ref::<qmigrate_migration::Error>() {
-        if let Some(missing) = e.downcast_ref::<MissingSocket>() {
-            if missing.to_string() == e.to_string() {
-                return Some(missing_socket(missing));
-            }
-        }
+        return advised(e.head());
     }
     if let Some(e) = cause.downcast_ref::<MissingSocket>() {
         return Some(missing_socket(e));

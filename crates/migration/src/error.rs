@@ -70,6 +70,14 @@ impl Error {
         self.0.downcast_ref::<E>()
     }
 
+    /// The outermost error of the chain as its own type (this error's message is its
+    /// message), for a front end that words typed errors itself; the causes after it are
+    /// this error's `source()`.
+    pub fn head(&self) -> &(dyn std::error::Error + 'static) {
+        let head: &(dyn std::error::Error + Send + Sync + 'static) = &*self.0;
+        head
+    }
+
     /// The chain of messages, for a front end that adds its own context.
     pub fn into_anyhow(self) -> anyhow::Error {
         self.0

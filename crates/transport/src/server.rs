@@ -506,13 +506,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
                 a.active += 1;
             });
             let _active = ActiveGuard(&shared.activity);
-            let accept = Reply::Accept {
-                version,
-                software: protocol::software(),
-                mac,
-            };
-            if let Err(e) = stream.send_msg(&accept).await {
-                warn!("the client went away during the handshake: {e}");
+            if !accept(&mut stream, version, mac).await {
                 return;
             }
             info!(route = ?hello.route, client = %hello.software, "control connection");
@@ -571,13 +565,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, waiting: Waiting) {
             return;
         }
     };
-    let accept = Reply::Accept {
-        version,
-        software: protocol::software(),
-        mac,
-    };
-    if let Err(e) = stream.send_msg(&accept).await {
-        warn!("the client went away during the handshake: {e}");
+    if !accept(&mut stream, version, mac).await {
         if let Ok(mut t) = shared.tally.lock() {
             t.ended(&Default::default(), true);
         }
@@ -735,13 +723,7 @@ async fn serve_nbd(
             return;
         }
     };
-    let accept = Reply::Accept {
-        version,
-        software: protocol::software(),
-        mac,
-    };
-    if let Err(e) = stream.send_msg(&accept).await {
-        warn!("the client went away during the handshake: {e}");
+    if !accept(&mut stream, version, mac).await {
         return;
     }
     shared.activity.send_modify(|a| {
@@ -818,6 +800,23 @@ async fn connect_in_order(shared: &Shared, hello: &Hello) -> Result<UnixStream> 
     };
     turn.send_modify(|next| *next = (*next).max(hello.seq + 1));
     result
+}
+
+/// Sends `accept` with the chosen version (and our proof of the token); false, logged, when
+/// the client went away meanwhile.
+async fn accept(stream: &mut TunnelStream, version: u32, mac: Option<String>) -> bool {
+    let accept = Reply::Accept {
+        version,
+        software: protocol::software(),
+        mac,
+    };
+    match stream.send_msg(&accept).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!("the client went away during the handshake: {e}");
+            false
+        }
+    }
 }
 
 /// Whether `ip` is a loopback address (`127.0.0.0/8`, `::1`, or `::ffff:127.x.y.z`).

@@ -8,8 +8,8 @@
 //! the destination.
 
 use crate::support;
+use support::path;
 
-use std::path::Path;
 use std::time::Duration;
 
 use qmigrate_qmp::{MigrationStatus, RunState};
@@ -23,10 +23,6 @@ const MEM_MIB: u64 = 128;
 const BANDWIDTH: &str = "16MiB";
 const REGION_MIB: u64 = 32;
 const DIRTY_MIB_S: f64 = 64.0;
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
-}
 
 /// KVM where it works here (the firmware runs under it), else TCG.
 fn accel() -> &'static str {

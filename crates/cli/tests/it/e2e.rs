@@ -5,6 +5,7 @@
 //! sides `completed` and the destination's RAM byte-identical to the source's.
 
 use crate::support;
+use support::path;
 
 use std::path::Path;
 use std::time::Duration;
@@ -74,10 +75,6 @@ fn pair_with(
 
 fn pair(bin: &QemuBinary, mem_mib: u64) -> Pair {
     pair_with(bin, bin, mem_mib, None)
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
 }
 
 impl Pair {

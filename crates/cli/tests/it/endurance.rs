@@ -5,9 +5,9 @@
 //! migration fails here.
 
 use crate::support;
+use support::path;
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qmigrate_qmp::{MigrationStatus, RunState};
@@ -37,10 +37,6 @@ fn settled_fds(pid: i32) -> usize {
         }
         last = now;
     }
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
 }
 
 /// Six migrations a -> b -> a ... of a 64 MiB guest with random RAM through one server with

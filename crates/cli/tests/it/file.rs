@@ -8,6 +8,7 @@
 //! of the file and relies on the destination's RAM starting zeroed.
 
 use crate::support;
+use support::path;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -27,10 +28,6 @@ fn qemu10() -> Option<QemuBinary> {
 
 fn qemu72() -> Option<QemuBinary> {
     qemu::require(qemu::qemu72(), "QEMU 7.2")
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
 }
 
 /// A running VM with `mem_mib` MiB of random RAM, to be saved.

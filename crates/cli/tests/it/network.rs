@@ -4,6 +4,7 @@
 //! free, and the same tunnel-server must carry the next migration once the link is back.
 
 use crate::support;
+use support::path;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -20,10 +21,6 @@ const BANDWIDTH: &str = "8MiB";
 /// timeouts).
 const GIVE_UP: Duration = Duration::from_secs(90);
 const READY: Duration = Duration::from_secs(20);
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
-}
 
 /// The destination QEMU, at a fixed QMP path that a fresh one can take over.
 fn destination(bin: &QemuBinary, qmp: &Path) -> Vm {

@@ -2,42 +2,22 @@
 //! binary, the destination prepared by the server from the source's settings, RAM compared.
 
 use crate::support;
+use support::{path, qemu10, Pair};
 
 use std::path::Path;
 use std::time::Duration;
 
 use qmigrate_qmp::{MigrationStatus, RunState};
 use support::proc::{run, Output, Proc};
-use support::qemu::{self, QemuBinary, Vm, VmConfig};
+use support::qemu::{QemuBinary, Vm, VmConfig};
 use support::tunnel::server;
 
 const MEM_MIB: u64 = 128;
 const RUN: Duration = Duration::from_secs(120);
 
-fn qemu10() -> Option<QemuBinary> {
-    qemu::require(qemu::qemu10(), "QEMU 10")
-}
-
-struct Pair {
-    src: Vm,
-    dst: Vm,
-}
-
+/// A source VM and a destination waiting with `-incoming defer`, of [`MEM_MIB`].
 fn pair(bin: &QemuBinary) -> Pair {
-    let src = Vm::start(
-        bin,
-        &VmConfig {
-            mem_mib: MEM_MIB,
-            ..VmConfig::default()
-        },
-    )
-    .expect("start the source QEMU");
-    let dst = Vm::start(bin, &qemu::destination_config(MEM_MIB)).expect("start the destination");
-    Pair { src, dst }
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
+    support::pair(bin, MEM_MIB)
 }
 
 async fn migrate(pair: &Pair, to: &str, extra: &[&str]) -> Output {

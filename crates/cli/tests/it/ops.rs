@@ -3,6 +3,7 @@
 //! `promtool check metrics`), and the drain on SIGTERM.
 
 use crate::support;
+use support::{path, qemu10, Pair};
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use qmigrate_qmp::{MigrationStatus, RunState};
 use support::proc::{run, Output, Proc};
-use support::qemu::{self, QemuBinary, Vm, VmConfig};
+use support::qemu::{self, QemuBinary};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const MEM_MIB: u64 = 128;
@@ -18,30 +19,9 @@ const RUN: Duration = Duration::from_secs(120);
 const READY: Duration = Duration::from_secs(10);
 const QUICK: Duration = Duration::from_secs(20);
 
-fn qemu10() -> Option<QemuBinary> {
-    qemu::require(qemu::qemu10(), "QEMU 10")
-}
-
-struct Pair {
-    src: Vm,
-    dst: Vm,
-}
-
+/// A source VM and a destination waiting with `-incoming defer`, of [`MEM_MIB`].
 fn pair(bin: &QemuBinary) -> Pair {
-    let src = Vm::start(
-        bin,
-        &VmConfig {
-            mem_mib: MEM_MIB,
-            ..VmConfig::default()
-        },
-    )
-    .expect("start the source QEMU");
-    let dst = Vm::start(bin, &qemu::destination_config(MEM_MIB)).expect("start the destination");
-    Pair { src, dst }
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
+    support::pair(bin, MEM_MIB)
 }
 
 /// Writes a private file (0600) and returns its path.

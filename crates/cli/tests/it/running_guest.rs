@@ -9,28 +9,18 @@
 //! queue behind each other however many test threads run.
 
 use crate::support;
+use support::path;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use qmigrate_testkit::guest::{self, Expect, GuestConfig, GuestImage, GuestPair, Verdict};
+use qmigrate_testkit::guest::{Expect, GuestConfig, GuestPair, Verdict};
 use support::proc::{run, Output, Proc};
-use support::qemu::{self, QemuBinary};
 use support::tunnel::{server, Transport, Tunnel};
 
 /// Deadline for one `qmigrate` run.
 const RUN: Duration = Duration::from_secs(120);
 /// How long the destination has to show that the guest continued.
 const CONTINUE: Duration = Duration::from_secs(60);
-
-fn prerequisites() -> Option<(QemuBinary, GuestImage)> {
-    let bin = qemu::require(qemu::qemu10(), "QEMU 10")?;
-    Some((bin, guest::require()?))
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
-}
 
 /// A 128 MiB guest dirtying 8 MiB/s of a 32 MiB buffer: converges at the TCP and TLS paths'
 /// speeds (100 MiB/s and more) within QEMU's default 300 ms downtime.
@@ -92,7 +82,7 @@ async fn send_receive(pair: &GuestPair, tunnel: &Tunnel, send_extra: &[&str]) {
 }
 
 async fn through_tunnel(name: &str, transport: Transport, cfg: GuestConfig, send_extra: &[&str]) {
-    let Some((bin, img)) = prerequisites() else {
+    let Some((bin, img)) = support::linux_guest() else {
         return;
     };
     let started = Instant::now();
@@ -171,7 +161,7 @@ fn summary(out: &Output) -> serde_json::Value {
 /// authenticated tunnel connection), the server starting the destination afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_direct() {
-    let Some((bin, img)) = prerequisites() else {
+    let Some((bin, img)) = support::linux_guest() else {
         return;
     };
     let started = Instant::now();
@@ -185,7 +175,7 @@ async fn migrate_direct() {
 /// `migrate --multifd 4`: five tunnel connections, relayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_multifd_4() {
-    let Some((bin, img)) = prerequisites() else {
+    let Some((bin, img)) = support::linux_guest() else {
         return;
     };
     let started = Instant::now();
@@ -200,7 +190,7 @@ async fn migrate_multifd_4() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_tls() {
     use sha2::Digest as _;
-    let Some((bin, img)) = prerequisites() else {
+    let Some((bin, img)) = support::linux_guest() else {
         return;
     };
     let started = Instant::now();
@@ -239,7 +229,7 @@ async fn migrate_tls() {
 /// demand): its checks read every page of its buffer during postcopy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_postcopy() {
-    let Some((bin, img)) = prerequisites() else {
+    let Some((bin, img)) = support::linux_guest() else {
         return;
     };
     let started = Instant::now();

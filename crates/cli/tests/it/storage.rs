@@ -9,6 +9,7 @@
 //! The guests take a slot of testkit's guest gate, like `running_guest`.
 
 use crate::support;
+use support::path;
 
 use std::path::Path;
 use std::process::Command;
@@ -16,9 +17,8 @@ use std::time::{Duration, Instant};
 
 use qmigrate_qmp::{MigrationStatus, RunState};
 use qmigrate_testkit::check;
-use qmigrate_testkit::guest::{self, Expect, GuestConfig, GuestImage, GuestPair};
+use qmigrate_testkit::guest::{Expect, GuestConfig, GuestPair};
 use support::proc::{run, Proc};
-use support::qemu::{self, QemuBinary};
 use support::tunnel::server;
 
 /// Deadline for one `qmigrate` run.
@@ -26,13 +26,25 @@ const RUN: Duration = Duration::from_secs(180);
 /// How long the destination has to show that the guest continued.
 const CONTINUE: Duration = Duration::from_secs(60);
 
-fn prerequisites() -> Option<(QemuBinary, GuestImage)> {
-    let bin = qemu::require(qemu::qemu10(), "QEMU 10")?;
-    Some((bin, guest::require()?))
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
+/// The source after a copy that did not complete: running, no block job and no NBD node of
+/// ours left.
+async fn source_left_clean(qmp: &Path) {
+    let src = check::qmp(qmp).await;
+    assert_eq!(check::vm_state(&src).await, (RunState::Running, true));
+    let jobs = src
+        .execute(&qmigrate_qmp::QueryBlockJobs)
+        .await
+        .expect("query-block-jobs");
+    assert!(jobs.is_empty(), "{jobs:?}");
+    let nodes = src
+        .execute(&qmigrate_qmp::QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .expect("query-named-block-nodes");
+    assert!(
+        nodes.iter().all(|n| !n.node_name.starts_with("qmigrate-")),
+        "{:?}",
+        nodes.iter().map(|n| &n.node_name).collect::<Vec<_>>()
+    );
 }
 
 /// MiB of data on the source's disk before the guest boots (beside the workload's records).
@@ -154,7 +166,7 @@ async fn copy_and_compare(
     cfg: GuestConfig,
     fill: u64,
 ) -> Option<(GuestPair, serde_json::Value)> {
-    let (bin, img) = prerequisites()?;
+    let (bin, img) = support::linux_guest()?;
     let started = Instant::now();
     let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, fill).await;
     let mut args = vec!["--qmp".to_owned(), path(pair.dst.qmp_path())];
@@ -251,7 +263,7 @@ async fn copy_and_compare(
 /// they were (the source running, the destination waiting for a migration).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_size_mismatch_refused() {
-    let Some((bin, img)) = prerequisites() else {
+    let Some((bin, img)) = support::linux_guest() else {
         return;
     };
     let cfg = config();
@@ -307,7 +319,7 @@ async fn storage_size_mismatch_refused() {
 /// incomplete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_interrupted_during_copy() {
-    let Some((bin, img)) = prerequisites() else {
+    let Some((bin, img)) = support::linux_guest() else {
         return;
     };
     // 384 MiB to copy: several seconds at the rates seen here (50-100 MiB/s).
@@ -358,23 +370,7 @@ async fn storage_interrupted_during_copy() {
         "took {stopped:?}: {stderr}"
     );
 
-    let src = check::qmp(pair.src.qmp_path()).await;
-    assert_eq!(check::vm_state(&src).await, (RunState::Running, true));
-    let jobs = src
-        .execute(&qmigrate_qmp::QueryBlockJobs)
-        .await
-        .expect("query-block-jobs");
-    assert!(jobs.is_empty(), "{jobs:?}");
-    let nodes = src
-        .execute(&qmigrate_qmp::QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .expect("query-named-block-nodes");
-    assert!(
-        nodes.iter().all(|n| !n.node_name.starts_with("qmigrate-")),
-        "{:?}",
-        nodes.iter().map(|n| &n.node_name).collect::<Vec<_>>()
-    );
-    drop(src);
+    source_left_clean(pair.src.qmp_path()).await;
     let out = Command::new("qemu-img")
         .args(["check", "-U"])
         .arg(&pair.disk)
@@ -400,7 +396,7 @@ async fn storage_interrupted_during_copy() {
 /// abandoned and the NBD nodes removed, and the guest goes on on the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_destination_lost_during_ram() {
-    let Some((bin, img)) = prerequisites() else {
+    let Some((bin, img)) = support::linux_guest() else {
         return;
     };
     let cfg = config();
@@ -439,23 +435,7 @@ async fn storage_destination_lost_during_ram() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("incomplete"), "{stderr}");
 
-    let src = check::qmp(pair.src.qmp_path()).await;
-    assert_eq!(check::vm_state(&src).await, (RunState::Running, true));
-    let jobs = src
-        .execute(&qmigrate_qmp::QueryBlockJobs)
-        .await
-        .expect("query-block-jobs");
-    assert!(jobs.is_empty(), "{jobs:?}");
-    let nodes = src
-        .execute(&qmigrate_qmp::QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .expect("query-named-block-nodes");
-    assert!(
-        nodes.iter().all(|n| !n.node_name.starts_with("qmigrate-")),
-        "{:?}",
-        nodes.iter().map(|n| &n.node_name).collect::<Vec<_>>()
-    );
-    drop(src);
+    source_left_clean(pair.src.qmp_path()).await;
     let before = pair.src.serial().heartbeats.len();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let log = pair.src.serial();
