@@ -856,3 +856,28 @@ fn report(args: &Args, env: &Env<'_>, images: &[Image], samples: &[Vec<Vec<Sampl
     );
     print!("{}", t.render());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spreads() {
+        assert_eq!(spread(&[3.0, 1.0, 2.0], 1), "2.0 (1.0-3.0)");
+        assert_eq!(spread(&[f64::NAN, 0.5], 2), "0.50 (0.50-0.50)");
+        assert_eq!(spread(&[], 2), "-");
+    }
+
+    #[test]
+    fn own_cpu_time() {
+        // Burn a little CPU so that the clock ticks at least once.
+        let started = Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let pid = libc::pid_t::try_from(std::process::id()).expect("a pid");
+        assert!(cpu_of(pid).is_some_and(|t| t > Duration::ZERO));
+        assert_eq!(cpu_of(0), None);
+    }
+}
