@@ -23,6 +23,9 @@
 //! `max-bandwidth`) with precopy, auto-converge, postcopy and multifd, through QEMU alone and
 //! through `qmigrate migrate`, and tells which complete, in how long, with what downtime.
 //!
+//! `storage` copies a VM's local disk with `migrate --copy-storage` (direct path and relays)
+//! next to QEMU alone mirroring into an NBD export, and compares the images afterwards.
+//!
 //! Exit codes: 0 every run delivered intact data, 1 a run failed or delivered wrong data,
 //! 2 usage error.
 
@@ -32,6 +35,7 @@ mod endurance;
 mod migrate;
 mod relay;
 mod save;
+mod storage;
 mod table;
 
 use std::process::ExitCode;
@@ -62,6 +66,10 @@ enum Command {
     /// A guest dirtying its RAM at set rates against the link: precopy, auto-converge,
     /// postcopy and multifd 4, through QEMU alone and through qmigrate.
     Converge(converge::Args),
+    /// A VM's local disk (dense and sparse) copied by `migrate --copy-storage` (direct path,
+    /// TCP and WebSocket relays) next to QEMU alone mirroring into NBD over unix: and tcp:,
+    /// destination image verified with qemu-img compare.
+    Storage(storage::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +80,7 @@ fn main() -> ExitCode {
         Command::Save(args) => save::run(args),
         Command::Endurance(args) => endurance::run(args),
         Command::Converge(args) => converge::run(args),
+        Command::Storage(args) => storage::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
