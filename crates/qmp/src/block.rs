@@ -85,6 +85,29 @@ pub struct BlockExportDel {
 }
 command!(BlockExportDel, "block-export-del", Empty);
 
+/// `query-block-exports`: the block exports (NBD and others).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueryBlockExports;
+command!(
+    QueryBlockExports,
+    "query-block-exports",
+    Vec<BlockExportInfo>
+);
+
+/// One export of [`QueryBlockExports`]'s reply.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockExportInfo {
+    /// The export's id.
+    pub id: String,
+    /// The exported node.
+    #[serde(default)]
+    pub node_name: String,
+    /// Removed (`block-export-del`), waiting for its clients to go.
+    #[serde(default)]
+    pub shutting_down: bool,
+}
+
 /// `blockdev-add` of an NBD client node (`driver: nbd`): it connects at once and stays
 /// connected until `blockdev-del`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -120,16 +120,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         relay: args.relay,
         no_start: args.no_start,
         recover_timeout: args.recover_timeout,
-        storage: match args.copy_storage.as_deref() {
-            None => Selection::None,
-            Some("") => Selection::All,
-            Some(list) => Selection::Only(
-                list.split(',')
-                    .filter(|d| !d.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
-            ),
-        },
+        storage: Selection::parse(args.copy_storage.as_deref()),
     };
 
     let json = args.json;

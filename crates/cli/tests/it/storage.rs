@@ -19,7 +19,7 @@ use qmigrate_qmp::{MigrationStatus, RunState};
 use qmigrate_testkit::check;
 use qmigrate_testkit::guest::{Expect, GuestConfig, GuestPair};
 use support::proc::{run, Proc};
-use support::tunnel::server;
+use support::tunnel::{server, Transport, Tunnel};
 
 /// Deadline for one `qmigrate` run.
 const RUN: Duration = Duration::from_secs(180);
@@ -441,4 +441,195 @@ async fn storage_destination_lost_during_ram() {
     let log = pair.src.serial();
     assert!(log.failures.is_empty(), "{:?}", log.failures);
     assert!(log.heartbeats.len() > before, "{}", pair.report());
+}
+
+/// Step by step through the TCP tunnel: `receive --copy-storage` exports the destination's
+/// disk over NBD beside its migration socket, `tunnel-server` (without --qmp) routes the NBD
+/// connections there, `tunnel-client --copy-storage` carries them from the socket beside its
+/// own, and `send --copy-storage` mirrors the disk of the running guest, then migrates the RAM.
+/// `receive` stops its NBD server and leaves the guest paused (no --start); with the source
+/// paused for good, the images are identical, and once started the guest goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_step_by_step_tcp() {
+    let Some((bin, img)) = support::linux_guest() else {
+        return;
+    };
+    let started = Instant::now();
+    let cfg = config();
+    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
+    let tunnel =
+        Tunnel::start_with(pair.dir(), Transport::Tcp, &[], &["--copy-storage".into()]).await;
+    let mut receive = Proc::spawn(
+        "receive",
+        pair.dir(),
+        [
+            "receive",
+            "--qmp",
+            &path(pair.dst.qmp_path()),
+            "--socket",
+            &path(&tunnel.dest_socket),
+            "--copy-storage",
+        ],
+    );
+    let exported = receive
+        .line_matching(RUN, |l| l.starts_with("disks exported"))
+        .await;
+    assert!(exported.contains("vblk0"), "{exported}");
+    let t = Instant::now();
+    let out = run(
+        [
+            "send",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--socket",
+            &path(&tunnel.source_socket),
+            "--copy-storage",
+            "--json",
+        ],
+        RUN,
+    )
+    .await;
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "send: {:?}\n{}\n{}\n--- receive\n{}\n{}",
+        out.status,
+        out.stderr,
+        tunnel.logs(),
+        receive.stderr(),
+        pair.report()
+    );
+    let (status, _) = receive.wait(RUN).await;
+    assert!(status.success(), "receive: {}", receive.stderr());
+    // The destination released its exports only once the source's NBD clients had gone: none
+    // of them tried to reconnect to a stopped server.
+    assert!(
+        !tunnel.client.stderr().contains("NBD tunnel connection"),
+        "{}",
+        tunnel.logs()
+    );
+
+    let summary = events(&out.stdout, "summary").pop().expect("a summary");
+    assert_eq!(summary["status"], "completed", "{summary}");
+    let copied = summary["storage"]["disks"][0]["copied"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(copied >= FILL_MIB << 20, "{summary}");
+    assert!(
+        events(&out.stdout, "progress")
+            .iter()
+            .any(|t| t["status"] == "none" && t["storage"]["disks"][0]["disk"] == "vblk0"),
+        "no disk-phase progress: {}",
+        out.stdout
+    );
+
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::vm_state(&src).await.0, RunState::Postmigrate);
+    let nodes = src
+        .execute(&qmigrate_qmp::QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .expect("query-named-block-nodes");
+    assert!(
+        nodes.iter().all(|n| !n.node_name.starts_with("qmigrate-")),
+        "NBD nodes left on the source"
+    );
+    drop(src);
+    let (same, said) = compare(&pair.disk, &pair.dst_disk, "qcow2");
+    assert!(same, "qemu-img compare: {said}\n{}", pair.report());
+
+    let dst = check::qmp(pair.dst.qmp_path()).await;
+    assert_eq!(
+        check::migration_status(&dst).await.0,
+        MigrationStatus::Completed
+    );
+    assert_eq!(check::vm_state(&dst).await.0, RunState::Paused);
+    // The NBD server stopped before the guest may start (its exports hold the images).
+    let exports = dst
+        .execute(&qmigrate_qmp::QueryBlockExports)
+        .await
+        .expect("query-block-exports");
+    assert!(exports.is_empty(), "{exports:?}");
+    dst.execute(&qmigrate_qmp::Cont).await.expect("cont");
+    drop(dst);
+    let verdict = pair.assert_continued(Expect::default(), CONTINUE).await;
+    eprintln!(
+        "storage_step_by_step_tcp: send {:.1} s ({:.1} MiB copied), downtime {} ms, whole test \
+         {:.1} s; {verdict:?}",
+        took.as_secs_f64(),
+        copied as f64 / (1 << 20) as f64,
+        summary["downtime_ms"],
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Step by step, a destination image 1 MiB too small: `send --copy-storage` reads the size of
+/// the export over NBD and refuses before anything is copied, naming the disk, both sizes and
+/// the `qemu-img create` that fixes it; the source keeps running with no NBD node left, and
+/// the destination still waits for a migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_step_by_step_size_mismatch_refused() {
+    let Some((bin, img)) = support::linux_guest() else {
+        return;
+    };
+    let cfg = config();
+    let size = cfg.disk_mib << 20;
+    let small = size - (1 << 20);
+    let pair = GuestPair::start_local(&bin, &img, &cfg, small, 0).await;
+    let tunnel =
+        Tunnel::start_with(pair.dir(), Transport::Tcp, &[], &["--copy-storage".into()]).await;
+    let mut receive = Proc::spawn(
+        "receive",
+        pair.dir(),
+        [
+            "receive",
+            "--qmp",
+            &path(pair.dst.qmp_path()),
+            "--socket",
+            &path(&tunnel.dest_socket),
+            "--copy-storage",
+        ],
+    );
+    receive
+        .line_matching(RUN, |l| l.starts_with("disks exported"))
+        .await;
+    let out = run(
+        [
+            "send",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--socket",
+            &path(&tunnel.source_socket),
+            "--copy-storage=vblk0",
+        ],
+        RUN,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    for needle in [
+        "vblk0".to_owned(),
+        size.to_string(),
+        small.to_string(),
+        format!("qemu-img create -f qcow2 IMAGE {size}"),
+    ] {
+        assert!(
+            out.stderr.contains(&needle),
+            "{needle:?} in:\n{}",
+            out.stderr
+        );
+    }
+    source_left_clean(pair.src.qmp_path()).await;
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::migration_status(&src).await.0, MigrationStatus::None);
+    drop(src);
+    // `receive` still waits (its QMP connection is the destination's one client): stop it.
+    receive.signal(libc::SIGINT);
+    let (status, _) = receive.wait(RUN).await;
+    assert_eq!(status.code(), Some(4), "{}", receive.stderr());
+    let dst = check::qmp(pair.dst.qmp_path()).await;
+    assert_eq!(check::vm_state(&dst).await.0, RunState::InMigrate);
+    let exports = dst
+        .execute(&qmigrate_qmp::QueryBlockExports)
+        .await
+        .expect("query-block-exports");
+    assert!(exports.is_empty(), "{exports:?}");
 }
