@@ -633,3 +633,125 @@ async fn storage_step_by_step_size_mismatch_refused() {
         .expect("query-block-exports");
     assert!(exports.is_empty(), "{exports:?}");
 }
+
+/// The part of the source's image that the guest's workload never writes (its records stay
+/// below 16 MiB), as raw bytes, read with the guest paused.
+async fn untouched_part(qmp: &Path, image: &Path, out: &Path) -> Vec<u8> {
+    let src = check::qmp(qmp).await;
+    src.execute(&qmigrate_qmp::Stop).await.expect("stop");
+    let dd = Command::new("qemu-img")
+        .args(["dd", "-U", "-f", "qcow2", "-O", "raw", "bs=1M", "skip=16"])
+        .arg(format!("if={}", path(image)))
+        .arg(format!("of={}", path(out)))
+        .output()
+        .expect("run qemu-img dd");
+    src.execute(&qmigrate_qmp::Cont).await.expect("cont");
+    assert!(
+        dd.status.success(),
+        "qemu-img dd: {}",
+        String::from_utf8_lossy(&dd.stderr)
+    );
+    std::fs::read(out).expect("read the copy")
+}
+
+/// Ctrl-C during the RAM phase (the disks copied and kept in sync by write-blocking mirrors):
+/// `migrate` exits 4 saying the destination's images are incomplete, the mirrors are
+/// abandoned and the NBD nodes removed, the guest's device is still on its own image, which
+/// `qemu-img check` finds intact and whose part the guest never writes is byte for byte what
+/// it was before the migration (both read with the guest paused); the guest goes on checking
+/// its records on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_interrupted_during_ram() {
+    let Some((bin, img)) = support::linux_guest() else {
+        return;
+    };
+    let cfg = config();
+    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
+    let before = untouched_part(
+        pair.src.qmp_path(),
+        &pair.disk,
+        &pair.dir().join("before.raw"),
+    )
+    .await;
+    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
+    // 2 MB/s for 128 MiB of RAM: the RAM phase lasts until the interrupt.
+    let mut migrate = Proc::spawn(
+        "migrate",
+        pair.dir(),
+        [
+            "migrate",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--to",
+            &url,
+            "--copy-storage",
+            "--max-bandwidth",
+            "2M",
+            "--json",
+        ],
+    );
+    loop {
+        let line = migrate.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["type"] == "progress" && v["status"] == "active" && v["transferred"].as_u64() > Some(0)
+        {
+            assert_eq!(v["storage"]["disks"][0]["ready"], true, "{line}");
+            break;
+        }
+    }
+    let t = Instant::now();
+    migrate.signal(libc::SIGINT);
+    let (status, _) = migrate.wait(RUN).await;
+    let stopped = t.elapsed();
+    let stderr = migrate.stderr();
+    srv.kill().await;
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("incomplete"), "{stderr}");
+    assert!(
+        stopped < Duration::from_secs(15),
+        "took {stopped:?}: {stderr}"
+    );
+
+    source_left_clean(pair.src.qmp_path()).await;
+    let src = check::qmp(pair.src.qmp_path()).await;
+    let devices = src
+        .execute(&qmigrate_qmp::QueryBlock)
+        .await
+        .expect("query-block");
+    let vblk0 = devices
+        .iter()
+        .find(|d| d.qdev_id() == Some("vblk0"))
+        .and_then(|d| d.inserted.as_ref())
+        .expect("vblk0 has a medium");
+    assert_eq!(vblk0.file, path(&pair.disk), "{vblk0:?}");
+    drop(src);
+    let after = untouched_part(
+        pair.src.qmp_path(),
+        &pair.disk,
+        &pair.dir().join("after.raw"),
+    )
+    .await;
+    assert!(
+        before == after,
+        "the part of the image the guest never writes changed"
+    );
+    let out = Command::new("qemu-img")
+        .args(["check", "-U"])
+        .arg(&pair.disk)
+        .output()
+        .expect("run qemu-img check");
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let beats = pair.src.serial().heartbeats.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = pair.src.serial();
+    assert!(log.failures.is_empty(), "{:?}", log.failures);
+    assert!(log.heartbeats.len() > beats, "{}", pair.report());
+    eprintln!("storage_interrupted_during_ram: exit 4 after {stopped:?}");
+}
