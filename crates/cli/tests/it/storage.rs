@@ -755,3 +755,145 @@ async fn storage_interrupted_during_ram() {
     assert!(log.heartbeats.len() > beats, "{}", pair.report());
     eprintln!("storage_interrupted_during_ram: exit 4 after {stopped:?}");
 }
+
+/// The link to the destination down for 3 s during the disk copy (step by step, the
+/// tunnel-server in a network namespace of its own): with a 1 s dead-peer timeout the NBD
+/// tunnel connection breaks, QEMU's NBD client reconnects through a new one once the link is
+/// back (within its reconnect delay, its requests waiting meanwhile), the copy completes, and
+/// the images are identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_link_down_during_copy() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some((bin, img)) = support::linux_guest() else {
+        return;
+    };
+    let Some(ns) = qmigrate_testkit::netns::NetNs::new() else {
+        return;
+    };
+    // 384 MiB to copy: several seconds, so that the link goes down mid-copy.
+    let cfg = GuestConfig {
+        disk_mib: 512,
+        ..GuestConfig::default()
+    };
+    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, 384).await;
+    let d = pair.dir();
+    let token = d.join("token");
+    std::fs::write(&token, "a token for the storage namespace test\n").expect("token file");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (dest_sock, src_sock) = (d.join("dest.sock"), d.join("source.sock"));
+    let auth = ["--token-file".to_owned(), path(&token)];
+    let dead_peer = ["--dead-peer-timeout".to_owned(), "1s".to_owned()];
+    let mut args = vec![
+        "tunnel-server".to_owned(),
+        "--listen".into(),
+        format!("tcp://{}:0", ns.addr()),
+        "--socket".into(),
+        path(&dest_sock),
+    ];
+    args.extend(auth.iter().chain(&dead_peer).cloned());
+    let mut srv = Proc::spawn_wrapped("tunnel-server", d, &ns.command("env"), &args);
+    let line = srv.next_line(RUN).await;
+    let url = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
+        .trim()
+        .to_owned();
+    let mut args = vec![
+        "tunnel-client".to_owned(),
+        "--connect".into(),
+        url,
+        "--socket".into(),
+        path(&src_sock),
+        "--copy-storage".into(),
+    ];
+    args.extend(auth.iter().chain(&dead_peer).cloned());
+    let mut client = Proc::spawn("tunnel-client", d, &args);
+    let line = client.next_line(RUN).await;
+    assert!(line.starts_with("listening on "), "{line}");
+
+    let mut receive = Proc::spawn(
+        "receive",
+        d,
+        [
+            "receive",
+            "--qmp",
+            &path(pair.dst.qmp_path()),
+            "--socket",
+            &path(&dest_sock),
+            "--copy-storage",
+        ],
+    );
+    receive
+        .line_matching(RUN, |l| l.starts_with("disks exported"))
+        .await;
+    let mut send = Proc::spawn(
+        "send",
+        d,
+        [
+            "send",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--socket",
+            &path(&src_sock),
+            "--copy-storage",
+            "--json",
+        ],
+    );
+    let copied_at_cut = loop {
+        let line = send.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let copied = v["storage"]["copied"].as_u64().unwrap_or(0);
+        if v["type"] == "progress" && v["status"] == "none" && copied > 0 {
+            assert!(
+                copied < 384 << 20,
+                "the copy was done before the cut: {line}"
+            );
+            break copied;
+        }
+    };
+    let t = Instant::now();
+    ns.link_down();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ns.link_up();
+    let (status, stdout) = send.wait(RUN).await;
+    let took = t.elapsed();
+    let logs = format!(
+        "--- send\n{}\n--- tunnel-server\n{}\n--- tunnel-client\n{}\n--- receive\n{}",
+        send.stderr(),
+        srv.stderr(),
+        client.stderr(),
+        receive.stderr()
+    );
+    assert!(status.success(), "send: {status:?}\n{logs}");
+    let (status, _) = receive.wait(RUN).await;
+    assert!(status.success(), "receive: {logs}");
+    // The NBD client did reconnect: more than one NBD connection reached the destination.
+    let nbd_connections = srv
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("NBD connection closed") || l.contains("NBD connection failed"))
+        .count();
+    assert!(nbd_connections >= 2, "no NBD reconnect:\n{logs}");
+    srv.kill().await;
+    client.kill().await;
+    let summary = events(&stdout, "summary").pop().expect("a summary");
+    assert_eq!(summary["status"], "completed", "{summary}");
+
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::vm_state(&src).await.0, RunState::Postmigrate);
+    drop(src);
+    let (same, said) = compare(&pair.disk, &pair.dst_disk, "qcow2");
+    assert!(same, "qemu-img compare: {said}\n{logs}");
+    let dst = check::qmp(pair.dst.qmp_path()).await;
+    dst.execute(&qmigrate_qmp::Cont).await.expect("cont");
+    drop(dst);
+    let verdict = pair.assert_continued(Expect::default(), CONTINUE).await;
+    eprintln!(
+        "storage_link_down_during_copy: cut after {:.1} MiB, send done {:.1} s after the cut, \
+         {nbd_connections} NBD connections; {verdict:?}",
+        copied_at_cut as f64 / (1 << 20) as f64,
+        took.as_secs_f64()
+    );
+}
