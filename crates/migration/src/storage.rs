@@ -14,7 +14,8 @@
 //! are then incomplete.
 //!
 //! The sequence and the reasons for each step: /work/shared/notes/storage-recovery.md §1.3
-//! (QEMU 10; `block-job-change` needs QEMU 8.2).
+//! (QEMU 10; `block-job-change` needs QEMU 8.2: on older ones, 7.2 here, the mirrors start in
+//! write-blocking mode instead, §1.7).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -426,6 +427,9 @@ struct Mirror {
 #[derive(Debug)]
 pub struct Mirrors {
     mirrors: Vec<Mirror>,
+    /// Started in write-blocking mode: the QEMU cannot switch a running mirror
+    /// (`block-job-change` came in 8.2), so guest writes go through from the start.
+    write_blocking: bool,
     /// The last progress seen of each (kept after the jobs are gone, for the summary).
     last: Mutex<Vec<DiskProgress>>,
 }
@@ -443,8 +447,11 @@ impl Mirrors {
         socket: &Path,
         nbd_error: impl Fn() -> Option<String>,
     ) -> crate::Result<Mirrors> {
+        let v = &qmp.greeting().version.qemu;
+        let write_blocking = (v.major, v.minor) < (8, 2);
         let mut made = Mirrors {
             mirrors: Vec::new(),
+            write_blocking,
             last: Mutex::new(Vec::new()),
         };
         let mut nodes = Vec::new();
@@ -500,7 +507,7 @@ impl Mirrors {
                     sync: MirrorSyncMode::Full,
                     auto_dismiss: Some(false),
                     speed: None,
-                    copy_mode: None,
+                    copy_mode: write_blocking.then_some(MirrorCopyMode::WriteBlocking),
                 })
                 .await;
             if let Err(err) = started {
@@ -522,7 +529,10 @@ impl Mirrors {
                 node: node.clone(),
             });
         }
-        info!(disks = made.mirrors.len(), "mirrors started");
+        info!(
+            disks = made.mirrors.len(),
+            write_blocking, "mirrors started"
+        );
         Ok(made)
     }
 
@@ -593,7 +603,8 @@ impl Mirrors {
 
     /// Waits until every mirror is ready (the first full copy is done), reporting progress,
     /// then switches each to write-blocking and waits until each is actively synced: from then
-    /// on the guest cannot dirty a disk faster than it is copied. Ends with `Cancelled` when
+    /// on the guest cannot dirty a disk faster than it is copied (mirrors started in
+    /// write-blocking mode, on QEMU before 8.2, are in sync once ready). Ends with `Cancelled` when
     /// `cancel` resolves; the caller then [`Mirrors::abort`]s.
     pub async fn converge(
         &self,
@@ -632,7 +643,13 @@ impl Mirrors {
             };
             if !switched {
                 if mine().all(|j| j.ready) {
-                    for m in &self.mirrors {
+                    // Write-blocking from the start (QEMU before 8.2): ready is in sync.
+                    let to_switch = if self.write_blocking {
+                        &[][..]
+                    } else {
+                        &self.mirrors[..]
+                    };
+                    for m in to_switch {
                         qmp.execute(&BlockJobChangeMirror {
                             id: m.job.clone(),
                             copy_mode: MirrorCopyMode::WriteBlocking,

@@ -19,6 +19,7 @@ use qmigrate_qmp::{MigrationStatus, RunState};
 use qmigrate_testkit::check;
 use qmigrate_testkit::guest::{Expect, GuestConfig, GuestPair};
 use support::proc::{run, Proc};
+use support::qemu::{self, QemuBinary};
 use support::tunnel::{server, Transport, Tunnel};
 
 /// Deadline for one `qmigrate` run.
@@ -256,6 +257,128 @@ async fn copy_and_compare(
         started.elapsed().as_secs_f64()
     );
     Some((pair, summary))
+}
+
+/// The `-blockdev`/`-device` arguments of a VM's disk `vblk0` on the qcow2 `image`.
+fn disk_args(image: &Path) -> Vec<String> {
+    vec![
+        "-blockdev".into(),
+        format!("driver=file,filename={},node-name=file0", path(image)),
+        "-blockdev".into(),
+        "driver=qcow2,file=file0,node-name=disk0".into(),
+        "-device".into(),
+        "virtio-blk-pci,drive=disk0,id=vblk0".into(),
+    ]
+}
+
+/// `migrate --copy-storage --no-start` between firmware VMs (KVM: the unpacked QEMU 7.2 has no
+/// TCG, which the Linux guest needs) of QEMU `src_bin` and `dst_bin` on machine `machine`,
+/// each with its own disk (the source's with 24 MiB of data): completed, with the images
+/// identical and the destination's NBD server gone.
+async fn copy_between(src_bin: &QemuBinary, dst_bin: &QemuBinary, machine: &str, name: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (src_disk, dst_disk) = (d.join("src.qcow2"), d.join("dst.qcow2"));
+    qmigrate_testkit::guest::create_disk(&src_disk, 64);
+    qmigrate_testkit::guest::fill_disk(&src_disk, 8, FILL_MIB);
+    qmigrate_testkit::guest::create_disk(&dst_disk, 64);
+    let src = qemu::Vm::start(
+        src_bin,
+        &qemu::VmConfig {
+            mem_mib: 64,
+            machine: machine.into(),
+            extra_args: disk_args(&src_disk),
+            ..qemu::VmConfig::default()
+        },
+    )
+    .expect("start the source QEMU");
+    let mut dst_cfg = qemu::destination_config(64);
+    dst_cfg.machine = machine.into();
+    dst_cfg.extra_args.extend(disk_args(&dst_disk));
+    let dst = qemu::Vm::start(dst_bin, &dst_cfg).expect("start the destination QEMU");
+    let (mut srv, url) = server(d, &["--qmp".into(), path(&dst.qmp_path)]).await;
+    let t = Instant::now();
+    let out = run(
+        [
+            "migrate",
+            "--qmp",
+            &path(&src.qmp_path),
+            "--to",
+            &url,
+            "--copy-storage",
+            "--no-start",
+            "--json",
+        ],
+        RUN,
+    )
+    .await;
+    let took = t.elapsed();
+    srv.kill().await;
+    assert!(
+        out.status.success(),
+        "migrate: {:?}\n{}\n--- tunnel-server\n{}\n--- source QEMU\n{}\n--- destination QEMU\n{}",
+        out.status,
+        out.stderr,
+        srv.stderr(),
+        src.log(),
+        dst.log()
+    );
+    let summary = events(&out.stdout, "summary").pop().expect("a summary");
+    assert_eq!(summary["status"], "completed", "{summary}");
+    let copied = summary["storage"]["disks"][0]["copied"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(copied >= FILL_MIB << 20, "{summary}");
+    let s = check::qmp(&src.qmp_path).await;
+    assert_eq!(check::vm_state(&s).await.0, RunState::Postmigrate);
+    drop(s);
+    let (same, said) = compare(&src_disk, &dst_disk, "qcow2");
+    assert!(same, "qemu-img compare: {said}");
+    let t_dst = check::qmp(&dst.qmp_path).await;
+    let exports = t_dst
+        .execute(&qmigrate_qmp::QueryBlockExports)
+        .await
+        .expect("query-block-exports");
+    assert!(exports.is_empty(), "{exports:?}");
+    eprintln!(
+        "{name}: QEMU {:?} -> {:?}, {:.1} MiB copied, migration {:.1} s, downtime {} ms",
+        src_bin.version,
+        dst_bin.version,
+        copied as f64 / (1 << 20) as f64,
+        took.as_secs_f64(),
+        summary["downtime_ms"]
+    );
+}
+
+fn qemu72() -> Option<QemuBinary> {
+    qemu::require(qemu::qemu72(), "QEMU 7.2")
+}
+
+/// QEMU 7.2 on both sides: no `block-job-change` there, so the source's mirrors start in
+/// write-blocking mode; the destination exports and releases its disk as QEMU 10 does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_qemu72_to_qemu72() {
+    let Some(old) = qemu72() else { return };
+    copy_between(&old, &old, "q35", "storage_copy_qemu72_to_qemu72").await;
+}
+
+/// A QEMU 7.2 source (write-blocking from the start) to a QEMU 10 destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_qemu72_to_qemu10() {
+    let (Some(old), Some(new)) = (qemu72(), support::qemu10()) else {
+        return;
+    };
+    copy_between(&old, &new, "pc-q35-7.2", "storage_copy_qemu72_to_qemu10").await;
+}
+
+/// A QEMU 10 source (switching to write-blocking at ready) to a QEMU 7.2 destination, on 7.2's
+/// machine type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_qemu10_to_qemu72() {
+    let (Some(new), Some(old)) = (support::qemu10(), qemu72()) else {
+        return;
+    };
+    copy_between(&new, &old, "pc-q35-7.2", "storage_copy_qemu10_to_qemu72").await;
 }
 
 /// A destination image 1 MiB too small is refused before anything is copied, with a message
