@@ -68,6 +68,32 @@ pub enum Selection {
     Only(Vec<String>),
 }
 
+/// What `--copy-storage` or `--copy-storage-inc` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StorageCopy {
+    /// Which disks.
+    pub selection: Selection,
+    /// Only each disk's top image (`blockdev-mirror sync=top`, `--copy-storage-inc`): the
+    /// destination's images already have the same backing chain.
+    pub incremental: bool,
+}
+
+impl StorageCopy {
+    /// From the `--copy-storage[=DISK,...]` and `--copy-storage-inc[=DISK,...]` flags (one at
+    /// most is given).
+    pub fn parse(all: Option<&str>, incremental: Option<&str>) -> StorageCopy {
+        StorageCopy {
+            selection: Selection::parse(all.or(incremental)),
+            incremental: incremental.is_some(),
+        }
+    }
+
+    /// Whether any disk is to be copied.
+    pub fn any(&self) -> bool {
+        self.selection != Selection::None
+    }
+}
+
 impl Selection {
     /// The selection of a `--copy-storage[=DISK,...]` flag: absent, bare (all) or a list.
     pub fn parse(flag: Option<&str>) -> Selection {
@@ -109,17 +135,18 @@ fn describe(info: &qmigrate_qmp::BlockInfo) -> Option<(String, &BlockDeviceInfo,
 
 /// The source's disks that `selection` copies. All: every device with a writable medium that
 /// is not removable (CD-ROMs, floppies). Named disks must exist and be writable.
-pub async fn source_disks(qmp: &Qmp, selection: &Selection) -> crate::Result<Vec<SourceDisk>> {
-    select_disks(qmp, selection, "source").await
+pub async fn source_disks(qmp: &Qmp, copy: &StorageCopy) -> crate::Result<Vec<SourceDisk>> {
+    select_disks(qmp, copy, "source").await
 }
 
-/// The disks of the VM behind `qmp` (the `side`'s, for messages) that `selection` names, as
+/// The disks of the VM behind `qmp` (the `side`'s, for messages) that `copy` names, as
 /// [`source_disks`] picks them.
 pub async fn select_disks(
     qmp: &Qmp,
-    selection: &Selection,
+    copy: &StorageCopy,
     side: &str,
 ) -> crate::Result<Vec<SourceDisk>> {
+    let selection = &copy.selection;
     if *selection == Selection::None {
         return Ok(Vec::new());
     }
@@ -158,6 +185,7 @@ pub async fn select_disks(
                 size,
                 read_only: false,
                 format,
+                incremental: copy.incremental,
             },
             node: inserted.node_name.clone(),
         });
@@ -221,6 +249,16 @@ pub async fn export_disks(qmp: &Qmp, disks: &[Disk], socket: &Path) -> anyhow::R
             bail!(
                 "disk {} is read-only on the destination: the copy needs to write it",
                 disk.id
+            );
+        }
+        if disk.incremental && inserted.backing_file_depth == 0 {
+            bail!(
+                "disk {}: only the source's top image is copied (--copy-storage-inc), but the \
+                 destination's image has no backing file: create it over a copy of the source's \
+                 backing chain (`qemu-img create -f qcow2 -b BASE -F FORMAT IMAGE {}`), or copy \
+                 the whole disk with --copy-storage",
+                disk.id,
+                disk.size
             );
         }
         if size != disk.size {
@@ -504,7 +542,11 @@ impl Mirrors {
                     job_id: job.clone(),
                     device: d.node.clone(),
                     target: node.clone(),
-                    sync: MirrorSyncMode::Full,
+                    sync: if d.disk.incremental {
+                        MirrorSyncMode::Top
+                    } else {
+                        MirrorSyncMode::Full
+                    },
                     auto_dismiss: Some(false),
                     speed: None,
                     copy_mode: write_blocking.then_some(MirrorCopyMode::WriteBlocking),

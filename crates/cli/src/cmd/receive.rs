@@ -9,7 +9,7 @@ use qmigrate_migration::destination::{
     check_waiting_for_incoming, follow_incoming, prepare_incoming, IncomingOutcome,
 };
 use qmigrate_migration::statefile::{self, StateFile};
-use qmigrate_migration::storage::{self, Selection};
+use qmigrate_migration::storage::{self, StorageCopy};
 use qmigrate_migration::{monitor, MigrationPlan, Mode, QemuTarget, StreamKind};
 use qmigrate_qmp::{MigrationStatus, Qmp};
 
@@ -94,6 +94,18 @@ pub struct Args {
     )]
     pub copy_storage: Option<String>,
 
+    /// As --copy-storage, for `send --copy-storage-inc`: only the top images are copied, so
+    /// each exported image must have a backing file (a copy of the source's backing chain).
+    #[arg(
+        long,
+        value_name = "DISK,...",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        conflicts_with_all = ["from", "postcopy", "copy_storage"]
+    )]
+    pub copy_storage_inc: Option<String>,
+
     /// Print the ready message (and with --wait the result) as JSON objects on stdout.
     #[arg(long)]
     pub json: bool,
@@ -142,8 +154,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // 1.67-2.07 s (BENCHMARKS.md).
         plan.direct_io = statefile::can_read_direct(&state.path);
     }
-    let selection = Selection::parse(args.copy_storage.as_deref());
-    let copying = selection != Selection::None;
+    let copy = StorageCopy::parse(
+        args.copy_storage.as_deref(),
+        args.copy_storage_inc.as_deref(),
+    );
+    let copying = copy.any();
     let follow = args.wait || args.start || copying;
 
     let qmp = monitor::connect_qmp(&args.qmp).await?;
@@ -151,7 +166,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // The disks first: a refusal leaves the destination as it was.
     let nbd = qmigrate_transport::nbd_socket(&args.socket);
     let exported = if copying {
-        export(&qmp, &selection, &nbd).await
+        export(&qmp, &copy, &nbd).await
     } else {
         Ok(Vec::new())
     };
@@ -283,9 +298,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 /// `--copy-storage`: exports the selected disks of the destination VM over NBD on `nbd`
 /// (checked first: it must wait for an incoming migration); their names with sizes.
-async fn export(qmp: &Qmp, selection: &Selection, nbd: &Path) -> anyhow::Result<Vec<String>> {
+async fn export(qmp: &Qmp, copy: &StorageCopy, nbd: &Path) -> anyhow::Result<Vec<String>> {
     check_waiting_for_incoming(qmp).await?;
-    let disks = storage::select_disks(qmp, selection, "destination").await?;
+    let disks = storage::select_disks(qmp, copy, "destination").await?;
     let wanted: Vec<_> = disks.iter().map(|d| d.disk.clone()).collect();
     let exports = storage::export_disks(qmp, &wanted, nbd).await?;
     Ok(exports

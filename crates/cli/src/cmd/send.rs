@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context as _};
 use qmigrate_migration::save::{self, Saved};
 use qmigrate_migration::source::{self, FollowOptions, Latch};
-use qmigrate_migration::storage::{self, NbdRoute, Selection};
+use qmigrate_migration::storage::{self, NbdRoute, StorageCopy};
 use qmigrate_migration::{MigrationPlan, Mode, Outcome, Progress, QemuTarget, StreamKind, Summary};
 use qmigrate_qmp::{Error as QmpError, Quit};
 
@@ -91,6 +91,18 @@ pub struct Args {
     )]
     pub copy_storage: Option<String>,
 
+    /// As --copy-storage, but only each disk's top image (`sync=top`): the destination's
+    /// images (`receive --copy-storage-inc`) already sit on the same backing chain.
+    #[arg(
+        long,
+        value_name = "DISK,...",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        conflicts_with_all = ["to", "detach", "postcopy", "copy_storage"]
+    )]
+    pub copy_storage_inc: Option<String>,
+
     /// One JSON object per line on stdout: progress ticks, then a summary.
     #[arg(long)]
     pub json: bool,
@@ -134,7 +146,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (partial, endpoint) = save::prepare(endpoint, &mut plan)?;
 
     let (qmp, source) = source::connect_source(&args.qmp, &plan, None).await?;
-    let disks = storage::source_disks(&qmp, &Selection::parse(args.copy_storage.as_deref())).await;
+    let copy = StorageCopy::parse(
+        args.copy_storage.as_deref(),
+        args.copy_storage_inc.as_deref(),
+    );
+    let disks = storage::source_disks(&qmp, &copy).await;
     let disks = match disks {
         Ok(disks) => disks,
         Err(err) => {

@@ -271,32 +271,31 @@ fn disk_args(image: &Path) -> Vec<String> {
     ]
 }
 
-/// `migrate --copy-storage --no-start` between firmware VMs (KVM: the unpacked QEMU 7.2 has no
-/// TCG, which the Linux guest needs) of QEMU `src_bin` and `dst_bin` on machine `machine`,
-/// each with its own disk (the source's with 24 MiB of data): completed, with the images
-/// identical and the destination's NBD server gone.
-async fn copy_between(src_bin: &QemuBinary, dst_bin: &QemuBinary, machine: &str, name: &str) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let (src_disk, dst_disk) = (d.join("src.qcow2"), d.join("dst.qcow2"));
-    qmigrate_testkit::guest::create_disk(&src_disk, 64);
-    qmigrate_testkit::guest::fill_disk(&src_disk, 8, FILL_MIB);
-    qmigrate_testkit::guest::create_disk(&dst_disk, 64);
+/// Firmware VMs (KVM: the unpacked QEMU 7.2 has no TCG, which the Linux guest needs) of QEMU
+/// `src_bin` and `dst_bin` on machine `machine`, on the images `src_disk` and `dst_disk`,
+/// migrated with `migrate FLAG --no-start --json` through a `tunnel-server --qmp`. The output
+/// and the source's QMP path; both VMs stay up until the returned guard is dropped.
+async fn firmware_copy(
+    (src_bin, dst_bin): (&QemuBinary, &QemuBinary),
+    machine: &str,
+    (src_disk, dst_disk): (&Path, &Path),
+    flag: &str,
+) -> (support::proc::Output, (qemu::Vm, qemu::Vm), Duration) {
     let src = qemu::Vm::start(
         src_bin,
         &qemu::VmConfig {
             mem_mib: 64,
             machine: machine.into(),
-            extra_args: disk_args(&src_disk),
+            extra_args: disk_args(src_disk),
             ..qemu::VmConfig::default()
         },
     )
     .expect("start the source QEMU");
     let mut dst_cfg = qemu::destination_config(64);
     dst_cfg.machine = machine.into();
-    dst_cfg.extra_args.extend(disk_args(&dst_disk));
+    dst_cfg.extra_args.extend(disk_args(dst_disk));
     let dst = qemu::Vm::start(dst_bin, &dst_cfg).expect("start the destination QEMU");
-    let (mut srv, url) = server(d, &["--qmp".into(), path(&dst.qmp_path)]).await;
+    let (mut srv, url) = server(&src.dir, &["--qmp".into(), path(&dst.qmp_path)]).await;
     let t = Instant::now();
     let out = run(
         [
@@ -305,7 +304,7 @@ async fn copy_between(src_bin: &QemuBinary, dst_bin: &QemuBinary, machine: &str,
             &path(&src.qmp_path),
             "--to",
             &url,
-            "--copy-storage",
+            flag,
             "--no-start",
             "--json",
         ],
@@ -314,12 +313,22 @@ async fn copy_between(src_bin: &QemuBinary, dst_bin: &QemuBinary, machine: &str,
     .await;
     let took = t.elapsed();
     srv.kill().await;
+    (out, (src, dst), took)
+}
+
+/// After a completed [`firmware_copy`]: the summary (completed, at least `min` bytes copied),
+/// the source postmigrate, the images identical and the destination's exports gone.
+async fn check_copied(
+    out: &support::proc::Output,
+    (src, dst): &(qemu::Vm, qemu::Vm),
+    (src_disk, dst_disk): (&Path, &Path),
+    min: u64,
+) -> serde_json::Value {
     assert!(
         out.status.success(),
-        "migrate: {:?}\n{}\n--- tunnel-server\n{}\n--- source QEMU\n{}\n--- destination QEMU\n{}",
+        "migrate: {:?}\n{}\n--- source QEMU\n{}\n--- destination QEMU\n{}",
         out.status,
         out.stderr,
-        srv.stderr(),
         src.log(),
         dst.log()
     );
@@ -328,11 +337,11 @@ async fn copy_between(src_bin: &QemuBinary, dst_bin: &QemuBinary, machine: &str,
     let copied = summary["storage"]["disks"][0]["copied"]
         .as_u64()
         .unwrap_or(0);
-    assert!(copied >= FILL_MIB << 20, "{summary}");
+    assert!(copied >= min, "{summary}");
     let s = check::qmp(&src.qmp_path).await;
     assert_eq!(check::vm_state(&s).await.0, RunState::Postmigrate);
     drop(s);
-    let (same, said) = compare(&src_disk, &dst_disk, "qcow2");
+    let (same, said) = compare(src_disk, dst_disk, "qcow2");
     assert!(same, "qemu-img compare: {said}");
     let t_dst = check::qmp(&dst.qmp_path).await;
     let exports = t_dst
@@ -340,14 +349,119 @@ async fn copy_between(src_bin: &QemuBinary, dst_bin: &QemuBinary, machine: &str,
         .await
         .expect("query-block-exports");
     assert!(exports.is_empty(), "{exports:?}");
+    summary
+}
+
+/// `migrate --copy-storage` between firmware VMs of QEMU `src_bin` and `dst_bin`, each with its
+/// own disk (the source's with 24 MiB of data): completed, with the images identical and the
+/// destination's NBD server gone.
+async fn copy_between(src_bin: &QemuBinary, dst_bin: &QemuBinary, machine: &str, name: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (src_disk, dst_disk) = (d.join("src.qcow2"), d.join("dst.qcow2"));
+    qmigrate_testkit::guest::create_disk(&src_disk, 64);
+    qmigrate_testkit::guest::fill_disk(&src_disk, 8, FILL_MIB);
+    qmigrate_testkit::guest::create_disk(&dst_disk, 64);
+    let disks = (src_disk.as_path(), dst_disk.as_path());
+    let (out, vms, took) =
+        firmware_copy((src_bin, dst_bin), machine, disks, "--copy-storage").await;
+    let summary = check_copied(&out, &vms, disks, FILL_MIB << 20).await;
     eprintln!(
-        "{name}: QEMU {:?} -> {:?}, {:.1} MiB copied, migration {:.1} s, downtime {} ms",
+        "{name}: QEMU {:?} -> {:?}, {} bytes copied, migration {:.1} s, downtime {} ms",
         src_bin.version,
         dst_bin.version,
-        copied as f64 / (1 << 20) as f64,
+        summary["storage"]["disks"][0]["copied"],
         took.as_secs_f64(),
         summary["downtime_ms"]
     );
+}
+
+/// `qemu-img create -f qcow2 -b BACKING -F qcow2 IMAGE`: an empty overlay.
+fn overlay(image: &Path, backing: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(backing)
+        .arg(image)
+        .output()
+        .expect("run qemu-img create");
+    assert!(
+        out.status.success(),
+        "qemu-img create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `--copy-storage-inc`: the source's disk is an overlay (8 MiB of data) on a base image (24
+/// MiB), the destination's an empty overlay on a copy of that base. Only the top image's data
+/// crosses (`sync=top`), and the two chains read the same afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_incremental() {
+    let Some(bin) = support::qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (base, dst_base) = (d.join("base.qcow2"), d.join("dst-base.qcow2"));
+    qmigrate_testkit::guest::create_disk(&base, 64);
+    qmigrate_testkit::guest::fill_disk(&base, 8, FILL_MIB);
+    std::fs::copy(&base, &dst_base).expect("copy the base image");
+    let (src_disk, dst_disk) = (d.join("src.qcow2"), d.join("dst.qcow2"));
+    overlay(&src_disk, &base);
+    qmigrate_testkit::guest::fill_image(&src_disk, "qcow2", 40, 8);
+    overlay(&dst_disk, &dst_base);
+    let disks = (src_disk.as_path(), dst_disk.as_path());
+    let (out, vms, took) = firmware_copy((&bin, &bin), "q35", disks, "--copy-storage-inc").await;
+    let summary = check_copied(&out, &vms, disks, 8 << 20).await;
+    let copied = summary["storage"]["disks"][0]["copied"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        copied < 16 << 20,
+        "the base image was copied too: {summary}"
+    );
+    eprintln!(
+        "storage_copy_incremental: {copied} bytes copied (8 MiB in the top image, 24 MiB in \
+         the base), migration {:.1} s",
+        took.as_secs_f64()
+    );
+}
+
+/// `--copy-storage-inc` to a destination image without a backing file: refused before anything
+/// is copied, saying how to make one; both QEMUs stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_incremental_without_backing_refused() {
+    let Some(bin) = support::qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    qmigrate_testkit::guest::create_disk(&base, 64);
+    let (src_disk, dst_disk) = (d.join("src.qcow2"), d.join("dst.qcow2"));
+    overlay(&src_disk, &base);
+    qmigrate_testkit::guest::create_disk(&dst_disk, 64);
+    let disks = (src_disk.as_path(), dst_disk.as_path());
+    let (out, (src, dst), _) =
+        firmware_copy((&bin, &bin), "q35", disks, "--copy-storage-inc").await;
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    for needle in [
+        "vblk0",
+        "no backing file",
+        "qemu-img create -f qcow2 -b BASE",
+    ] {
+        assert!(
+            out.stderr.contains(needle),
+            "{needle:?} in:\n{}",
+            out.stderr
+        );
+    }
+    let s = check::qmp(&src.qmp_path).await;
+    assert_eq!(check::migration_status(&s).await.0, MigrationStatus::None);
+    let jobs = s
+        .execute(&qmigrate_qmp::QueryBlockJobs)
+        .await
+        .expect("query-block-jobs");
+    assert!(jobs.is_empty(), "{jobs:?}");
+    drop(s);
+    let t = check::qmp(&dst.qmp_path).await;
+    assert_eq!(check::vm_state(&t).await.0, RunState::InMigrate);
+    assert_eq!(check::migration_status(&t).await.0, MigrationStatus::None);
 }
 
 fn qemu72() -> Option<QemuBinary> {

@@ -58,8 +58,8 @@ pub struct SessionOptions {
     /// How long to keep reconnecting when postcopy is paused by a broken connection (zero:
     /// not at all; both QEMUs are then left paused for `qmigrate recover`).
     pub recover_timeout: Duration,
-    /// The disks to copy (`--copy-storage`); none for shared storage.
-    pub storage: storage::Selection,
+    /// The disks to copy (`--copy-storage`, `--copy-storage-inc`); none for shared storage.
+    pub storage: storage::StorageCopy,
 }
 
 /// What the source side of a session shows the operator besides the migration's progress.
