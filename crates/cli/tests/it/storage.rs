@@ -1134,3 +1134,124 @@ async fn storage_link_down_during_copy() {
         took.as_secs_f64()
     );
 }
+
+/// Step by step, `--copy-storage-inc` (firmware VMs): `receive --copy-storage-inc` refuses a
+/// destination image without a backing file at once; on an overlay over a copy of the base it
+/// exports, `send --copy-storage-inc` mirrors only the top image through the tunnel, and the
+/// chains read the same afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_step_by_step_incremental() {
+    let Some(bin) = support::qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (base, dst_base) = (d.join("base.qcow2"), d.join("dst-base.qcow2"));
+    qmigrate_testkit::guest::create_disk(&base, 64);
+    qmigrate_testkit::guest::fill_disk(&base, 8, FILL_MIB);
+    std::fs::copy(&base, &dst_base).expect("copy the base image");
+    let (src_disk, dst_disk, flat) = (
+        d.join("src.qcow2"),
+        d.join("dst.qcow2"),
+        d.join("flat.qcow2"),
+    );
+    overlay(&src_disk, &base);
+    qmigrate_testkit::guest::fill_image(&src_disk, "qcow2", 40, 8);
+    overlay(&dst_disk, &dst_base);
+    qmigrate_testkit::guest::create_disk(&flat, 64);
+    let src = qemu::Vm::start(
+        &bin,
+        &qemu::VmConfig {
+            mem_mib: 64,
+            extra_args: disk_args(&src_disk),
+            ..qemu::VmConfig::default()
+        },
+    )
+    .expect("start the source QEMU");
+    let destination = |image: &Path| {
+        let mut cfg = qemu::destination_config(64);
+        cfg.extra_args.extend(disk_args(image));
+        qemu::Vm::start(&bin, &cfg).expect("start a destination QEMU")
+    };
+    let tunnel = Tunnel::start_with(d, Transport::Tcp, &[], &["--copy-storage".into()]).await;
+
+    // A destination image without a backing file: refused, nothing exported.
+    let wrong = destination(&flat);
+    let out = run(
+        [
+            "receive",
+            "--qmp",
+            &path(&wrong.qmp_path),
+            "--socket",
+            &path(&tunnel.dest_socket),
+            "--copy-storage-inc",
+        ],
+        // Refused at once; accepted, it would wait for a migration.
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("no backing file"), "{}", out.stderr);
+    let w = check::qmp(&wrong.qmp_path).await;
+    assert_eq!(check::migration_status(&w).await.0, MigrationStatus::None);
+    let exports = w
+        .execute(&qmigrate_qmp::QueryBlockExports)
+        .await
+        .expect("query-block-exports");
+    assert!(exports.is_empty(), "{exports:?}");
+    drop(w);
+    drop(wrong);
+
+    let dst = destination(&dst_disk);
+    let mut receive = Proc::spawn(
+        "receive",
+        d,
+        [
+            "receive",
+            "--qmp",
+            &path(&dst.qmp_path),
+            "--socket",
+            &path(&tunnel.dest_socket),
+            "--copy-storage-inc",
+        ],
+    );
+    receive
+        .line_matching(RUN, |l| l.starts_with("disks exported"))
+        .await;
+    let out = run(
+        [
+            "send",
+            "--qmp",
+            &path(&src.qmp_path),
+            "--socket",
+            &path(&tunnel.source_socket),
+            "--copy-storage-inc",
+            "--json",
+        ],
+        RUN,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "send: {}\n{}\n--- receive\n{}",
+        out.stderr,
+        tunnel.logs(),
+        receive.stderr()
+    );
+    let (status, _) = receive.wait(RUN).await;
+    assert!(status.success(), "receive: {}", receive.stderr());
+    let vms = (src, dst);
+    let summary = check_copied(
+        &out,
+        &vms,
+        (src_disk.as_path(), dst_disk.as_path()),
+        8 << 20,
+    )
+    .await;
+    let copied = summary["storage"]["disks"][0]["copied"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        copied < 16 << 20,
+        "the base image was copied too: {summary}"
+    );
+    eprintln!("storage_step_by_step_incremental: {copied} bytes copied");
+}
