@@ -433,21 +433,32 @@ pub async fn resume_paused(
 }
 
 /// A cancellation future that can be awaited again after it resolved (it then gives the same
-/// reason at once): the source job is followed more than once when postcopy is recovered.
-pub(crate) struct Latch<F> {
+/// reason at once): the source job is followed more than once when postcopy is recovered, and
+/// a migration with disks awaits it in the disk phase and again in the RAM phase.
+pub struct Latch<F> {
     fut: std::pin::Pin<Box<F>>,
     reason: Option<String>,
 }
 
+impl<F> std::fmt::Debug for Latch<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Latch")
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
 impl<F: Future<Output = String>> Latch<F> {
-    pub(crate) fn new(fut: F) -> Self {
+    /// Wraps `fut`.
+    pub fn new(fut: F) -> Self {
         Latch {
             fut: Box::pin(fut),
             reason: None,
         }
     }
 
-    pub(crate) async fn wait(&mut self) -> String {
+    /// `fut`'s reason, once it resolved (at once if it already did).
+    pub async fn wait(&mut self) -> String {
         if let Some(reason) = &self.reason {
             return reason.clone();
         }

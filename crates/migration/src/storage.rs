@@ -14,27 +14,29 @@
 //! are then incomplete.
 //!
 //! The sequence and the reasons for each step: /work/shared/notes/storage-recovery.md §1.3
-//! (QEMU 10; `block-job-change` needs QEMU 8.2).
+//! (QEMU 10; `block-job-change` needs QEMU 8.2: on older ones, 7.2 here, the mirrors start in
+//! write-blocking mode instead, §1.7).
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use qmigrate_qmp::{
-    BlockDeviceInfo, BlockExportAddNbd, BlockJobCancel, BlockJobChangeMirror, BlockJobInfo,
-    BlockdevAddNbd, BlockdevDel, BlockdevMirror, JobDismiss, JobStatus, MirrorCopyMode,
-    MirrorSyncMode, NbdServerStart, NbdServerStop, Qmp, QueryBlock, QueryBlockJobs, SocketAddress,
-    SocketAddressLegacy,
+    BlockDeviceInfo, BlockExportAddNbd, BlockExportDel, BlockExportRemoveMode, BlockJobCancel,
+    BlockJobChangeMirror, BlockJobInfo, BlockdevAddNbd, BlockdevDel, BlockdevMirror, JobDismiss,
+    JobStatus, MirrorCopyMode, MirrorSyncMode, NbdServerStart, NbdServerStop, Qmp, QueryBlock,
+    QueryBlockExports, QueryBlockJobs, QueryNamedBlockNodes, SocketAddress, SocketAddressLegacy,
 };
 use tracing::{debug, info, warn};
 
-use crate::outcome::{DiskProgress, Progress, Snapshot};
+use crate::outcome::{DiskProgress, Outcome, Progress, Snapshot, Summary};
 use crate::session::{Disk, Export};
-use crate::{Error, ErrorKind};
+use crate::source::{self, Latch};
+use crate::{Error, ErrorKind, MigrationPlan, QemuTarget};
 
 /// How often the mirrors are polled while they copy.
 const POLL: Duration = Duration::from_millis(250);
@@ -46,6 +48,10 @@ const RECONNECT_DELAY: u32 = 10;
 /// How long the final sync (a non-forced cancel at `pre-switchover`) or a forced cancel may
 /// take.
 const CANCEL_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long the destination waits after the migration for the source's NBD clients to go
+/// before it stops its NBD server anyway.
+const RELEASE_LIMIT: Duration = Duration::from_secs(15);
 
 /// How long the mirrors may take to be actively synced after the switch to write-blocking.
 const SYNC_LIMIT: Duration = Duration::from_secs(120);
@@ -60,6 +66,48 @@ pub enum Selection {
     All,
     /// These, by qdev id.
     Only(Vec<String>),
+}
+
+/// What `--copy-storage` or `--copy-storage-inc` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StorageCopy {
+    /// Which disks.
+    pub selection: Selection,
+    /// Only each disk's top image (`blockdev-mirror sync=top`, `--copy-storage-inc`): the
+    /// destination's images already have the same backing chain.
+    pub incremental: bool,
+}
+
+impl StorageCopy {
+    /// From the `--copy-storage[=DISK,...]` and `--copy-storage-inc[=DISK,...]` flags (one at
+    /// most is given).
+    pub fn parse(all: Option<&str>, incremental: Option<&str>) -> StorageCopy {
+        StorageCopy {
+            selection: Selection::parse(all.or(incremental)),
+            incremental: incremental.is_some(),
+        }
+    }
+
+    /// Whether any disk is to be copied.
+    pub fn any(&self) -> bool {
+        self.selection != Selection::None
+    }
+}
+
+impl Selection {
+    /// The selection of a `--copy-storage[=DISK,...]` flag: absent, bare (all) or a list.
+    pub fn parse(flag: Option<&str>) -> Selection {
+        match flag {
+            None => Selection::None,
+            Some("") => Selection::All,
+            Some(list) => Selection::Only(
+                list.split(',')
+                    .filter(|d| !d.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+        }
+    }
 }
 
 /// A source disk to copy: what the destination is told, and the node to mirror.
@@ -87,14 +135,25 @@ fn describe(info: &qmigrate_qmp::BlockInfo) -> Option<(String, &BlockDeviceInfo,
 
 /// The source's disks that `selection` copies. All: every device with a writable medium that
 /// is not removable (CD-ROMs, floppies). Named disks must exist and be writable.
-pub async fn source_disks(qmp: &Qmp, selection: &Selection) -> crate::Result<Vec<SourceDisk>> {
+pub async fn source_disks(qmp: &Qmp, copy: &StorageCopy) -> crate::Result<Vec<SourceDisk>> {
+    select_disks(qmp, copy, "source").await
+}
+
+/// The disks of the VM behind `qmp` (the `side`'s, for messages) that `copy` names, as
+/// [`source_disks`] picks them.
+pub async fn select_disks(
+    qmp: &Qmp,
+    copy: &StorageCopy,
+    side: &str,
+) -> crate::Result<Vec<SourceDisk>> {
+    let selection = &copy.selection;
     if *selection == Selection::None {
         return Ok(Vec::new());
     }
     let devices = qmp
         .execute(&QueryBlock)
         .await
-        .context("query-block failed on the source")?;
+        .with_context(|| format!("query-block failed on the {side}"))?;
     let mut disks = Vec::new();
     let mut known = BTreeMap::new();
     for info in &devices {
@@ -126,6 +185,7 @@ pub async fn source_disks(qmp: &Qmp, selection: &Selection) -> crate::Result<Vec
                 size,
                 read_only: false,
                 format,
+                incremental: copy.incremental,
             },
             node: inserted.node_name.clone(),
         });
@@ -137,7 +197,7 @@ pub async fn source_disks(qmp: &Qmp, selection: &Selection) -> crate::Result<Vec
                 return Err(Error::new(
                     ErrorKind::Usage,
                     anyhow!(
-                        "the source VM has no disk with qdev id {id:?} (its disks: {names:?}); \
+                        "the {side} VM has no disk with qdev id {id:?} (its disks: {names:?}); \
                          name disks by their -device id"
                     ),
                 ));
@@ -147,7 +207,7 @@ pub async fn source_disks(qmp: &Qmp, selection: &Selection) -> crate::Result<Vec
     if disks.is_empty() {
         return Err(Error::new(
             ErrorKind::Usage,
-            anyhow!("the source VM has no writable disk to copy"),
+            anyhow!("the {side} VM has no writable disk to copy"),
         ));
     }
     Ok(disks)
@@ -189,6 +249,16 @@ pub async fn export_disks(qmp: &Qmp, disks: &[Disk], socket: &Path) -> anyhow::R
             bail!(
                 "disk {} is read-only on the destination: the copy needs to write it",
                 disk.id
+            );
+        }
+        if disk.incremental && inserted.backing_file_depth == 0 {
+            bail!(
+                "disk {}: only the source's top image is copied (--copy-storage-inc), but the \
+                 destination's image has no backing file: create it over a copy of the source's \
+                 backing chain (`qemu-img create -f qcow2 -b BASE -F FORMAT IMAGE {}`), or copy \
+                 the whole disk with --copy-storage",
+                disk.id,
+                disk.size
             );
         }
         if size != disk.size {
@@ -253,6 +323,134 @@ pub async fn stop_nbd_server(qmp: &Qmp) {
     }
 }
 
+/// The export names a destination gives `disks` (`receive --copy-storage` exports each disk
+/// under its qdev id), for a source that has no control connection to be told them.
+pub fn exports_of(disks: &[SourceDisk]) -> Vec<Export> {
+    disks
+        .iter()
+        .map(|d| Export {
+            disk: d.disk.id.clone(),
+            name: export_name(&d.disk.id),
+        })
+        .collect()
+}
+
+/// Source: refuses an NBD node (`nodes[i]`, the export of `disks[i]`) whose size is not its
+/// disk's, naming the disk, both sizes and the `qemu-img create` that makes a fitting image.
+async fn check_sizes(qmp: &Qmp, disks: &[SourceDisk], nodes: &[String]) -> crate::Result<()> {
+    let known = qmp
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .context("query-named-block-nodes failed on the source")?;
+    for (d, node) in disks.iter().zip(nodes) {
+        let size = known
+            .iter()
+            .find(|n| n.node_name == *node)
+            .and_then(|n| n.image.as_ref())
+            .map(|i| i.virtual_size);
+        match size {
+            Some(size) if size != d.disk.size => {
+                return Err(Error::new(
+                    ErrorKind::Refused,
+                    anyhow!(
+                        "disk {}: the destination's image is {size} bytes, the source's {} bytes; \
+                         the copy needs the same size: `qemu-img create -f {} IMAGE {}` on the \
+                         destination (with its QEMU stopped), then start it on that image",
+                        d.disk.id,
+                        d.disk.size,
+                        d.disk.format,
+                        d.disk.size
+                    ),
+                ))
+            }
+            Some(_) => {}
+            None => warn!(%node, "the NBD node's size is unknown; not checked"),
+        }
+    }
+    Ok(())
+}
+
+/// Removes NBD client nodes that no mirror uses yet.
+async fn remove_nodes(qmp: &Qmp, nodes: &[String]) {
+    for node in nodes {
+        if let Err(err) = qmp
+            .execute(&BlockdevDel {
+                node_name: node.clone(),
+            })
+            .await
+        {
+            warn!(%node, "blockdev-del: {err}");
+        }
+    }
+}
+
+/// Destination, after an incoming migration that copied disks: stops the NBD server (its
+/// exports hold the images, so the guest must not start before), then with `start` sends
+/// `cont` to a completed, paused destination, as [`crate::destination::follow_incoming`] does
+/// for the others; `outcome` records it and the VM's state.
+pub async fn finish_incoming(
+    qmp: &Qmp,
+    outcome: &mut crate::destination::IncomingOutcome,
+    start: bool,
+) -> anyhow::Result<()> {
+    if outcome.status == qmigrate_qmp::MigrationStatus::Completed {
+        release_exports(qmp).await;
+    }
+    stop_nbd_server(qmp).await;
+    let state = crate::monitor::query_status(qmp).await?;
+    if outcome.status == qmigrate_qmp::MigrationStatus::Completed && start && !state.running {
+        qmp.execute(&qmigrate_qmp::Cont)
+            .await
+            .context("cont on the destination failed")?;
+        outcome.started = true;
+    }
+    outcome.run_state = crate::monitor::query_status(qmp).await?.status;
+    Ok(())
+}
+
+/// Destination, after a completed migration: removes each export once no NBD client uses it
+/// (`block-export-del` in `safe` mode fails while one is connected), for up to
+/// [`RELEASE_LIMIT`]. The source removes its NBD nodes just after the migration completes;
+/// stopping the server before would make them reconnect until their reconnect delay ran out,
+/// which holds up the source's `blockdev-del` for as long.
+async fn release_exports(qmp: &Qmp) {
+    let deadline = Instant::now() + RELEASE_LIMIT;
+    loop {
+        let exports = match qmp.execute(&QueryBlockExports).await {
+            Ok(exports) => exports,
+            Err(err) => {
+                debug!("query-block-exports: {err}");
+                return;
+            }
+        };
+        let ours: Vec<_> = exports
+            .iter()
+            .filter(|e| e.id.starts_with("qmigrate-") && !e.shutting_down)
+            .collect();
+        if ours.is_empty() {
+            return;
+        }
+        for e in ours {
+            let del = BlockExportDel {
+                id: e.id.clone(),
+                mode: Some(BlockExportRemoveMode::Safe),
+            };
+            if let Err(err) = qmp.execute(&del).await {
+                debug!(export = %e.id, "block-export-del: {err}");
+            }
+        }
+        if Instant::now() > deadline {
+            warn!(
+                "the source's NBD clients were still connected {} s after the migration; \
+                 stopping the NBD server anyway",
+                RELEASE_LIMIT.as_secs()
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One disk's mirror on the source.
 #[derive(Debug, Clone)]
 struct Mirror {
@@ -267,15 +465,19 @@ struct Mirror {
 #[derive(Debug)]
 pub struct Mirrors {
     mirrors: Vec<Mirror>,
+    /// Started in write-blocking mode: the QEMU cannot switch a running mirror
+    /// (`block-job-change` came in 8.2), so guest writes go through from the start.
+    write_blocking: bool,
     /// The last progress seen of each (kept after the jobs are gone, for the summary).
     last: Mutex<Vec<DiskProgress>>,
 }
 
 impl Mirrors {
     /// Adds an NBD client node per disk (connecting through `socket`, the in-process
-    /// listener whose connections become `nbd` tunnel connections) and starts its mirror.
-    /// On a failure, what was made is undone. `nbd_error` says why the last tunnel
-    /// connection failed, if one did (a `blockdev-add` then fails without saying).
+    /// listener whose connections become `nbd` tunnel connections), checks that each export
+    /// has its disk's size, and starts the mirrors. On a failure, what was made is undone.
+    /// `nbd_error` says why the last tunnel connection failed, if one did (a `blockdev-add`
+    /// then fails without saying).
     pub async fn start(
         qmp: &Qmp,
         disks: &[SourceDisk],
@@ -283,13 +485,17 @@ impl Mirrors {
         socket: &Path,
         nbd_error: impl Fn() -> Option<String>,
     ) -> crate::Result<Mirrors> {
+        let v = &qmp.greeting().version.qemu;
+        let write_blocking = (v.major, v.minor) < (8, 2);
         let mut made = Mirrors {
             mirrors: Vec::new(),
+            write_blocking,
             last: Mutex::new(Vec::new()),
         };
+        let mut nodes = Vec::new();
         for d in disks {
             let Some(export) = exports.iter().find(|e| e.disk == d.disk.id) else {
-                made.abort(qmp).await;
+                remove_nodes(qmp, &nodes).await;
                 bail!(
                     "the destination did not export disk {} (its exports: {:?})",
                     d.disk.id,
@@ -309,7 +515,7 @@ impl Mirrors {
                 })
                 .await;
             if let Err(err) = added {
-                made.abort(qmp).await;
+                remove_nodes(qmp, &nodes).await;
                 let why = nbd_error()
                     .map(|e| format!(" (the tunnel: {e})"))
                     .unwrap_or_default();
@@ -321,34 +527,54 @@ impl Mirrors {
                     )),
                 ));
             }
+            nodes.push(node);
+        }
+        // Before anything is written: each export must have its disk's size (the destination
+        // checked its own when a control connection told it the sizes; `receive` could not).
+        if let Err(err) = check_sizes(qmp, disks, &nodes).await {
+            remove_nodes(qmp, &nodes).await;
+            return Err(err);
+        }
+        for (d, node) in disks.iter().zip(nodes.iter()) {
             let job = format!("qmigrate-mirror-{}", d.disk.id);
-            let mirror = Mirror {
-                disk: d.disk.id.clone(),
-                size: d.disk.size,
-                job: job.clone(),
-                node: node.clone(),
-            };
             let started = qmp
                 .execute(&BlockdevMirror {
-                    job_id: job,
+                    job_id: job.clone(),
                     device: d.node.clone(),
                     target: node.clone(),
-                    sync: MirrorSyncMode::Full,
+                    sync: if d.disk.incremental {
+                        MirrorSyncMode::Top
+                    } else {
+                        MirrorSyncMode::Full
+                    },
                     auto_dismiss: Some(false),
                     speed: None,
-                    copy_mode: None,
+                    copy_mode: write_blocking.then_some(MirrorCopyMode::WriteBlocking),
                 })
                 .await;
             if let Err(err) = started {
-                let _ = qmp.execute(&BlockdevDel { node_name: node }).await;
                 made.abort(qmp).await;
+                let left: Vec<String> = nodes
+                    .iter()
+                    .filter(|n| !made.mirrors.iter().any(|m| m.node == **n))
+                    .cloned()
+                    .collect();
+                remove_nodes(qmp, &left).await;
                 return Err(anyhow!(err)
                     .context(format!("blockdev-mirror of disk {} failed", d.disk.id))
                     .into());
             }
-            made.mirrors.push(mirror);
+            made.mirrors.push(Mirror {
+                disk: d.disk.id.clone(),
+                size: d.disk.size,
+                job,
+                node: node.clone(),
+            });
         }
-        info!(disks = made.mirrors.len(), "mirrors started");
+        info!(
+            disks = made.mirrors.len(),
+            write_blocking, "mirrors started"
+        );
         Ok(made)
     }
 
@@ -419,7 +645,8 @@ impl Mirrors {
 
     /// Waits until every mirror is ready (the first full copy is done), reporting progress,
     /// then switches each to write-blocking and waits until each is actively synced: from then
-    /// on the guest cannot dirty a disk faster than it is copied. Ends with `Cancelled` when
+    /// on the guest cannot dirty a disk faster than it is copied (mirrors started in
+    /// write-blocking mode, on QEMU before 8.2, are in sync once ready). Ends with `Cancelled` when
     /// `cancel` resolves; the caller then [`Mirrors::abort`]s.
     pub async fn converge(
         &self,
@@ -458,7 +685,13 @@ impl Mirrors {
             };
             if !switched {
                 if mine().all(|j| j.ready) {
-                    for m in &self.mirrors {
+                    // Write-blocking from the start (QEMU before 8.2): ready is in sync.
+                    let to_switch = if self.write_blocking {
+                        &[][..]
+                    } else {
+                        &self.mirrors[..]
+                    };
+                    for m in to_switch {
                         qmp.execute(&BlockJobChangeMirror {
                             id: m.job.clone(),
                             copy_mode: MirrorCopyMode::WriteBlocking,
@@ -587,4 +820,120 @@ impl Mirrors {
         self.dismiss(qmp).await;
         self.remove(qmp).await;
     }
+}
+
+/// What a migration that copied disks and did not complete leaves behind.
+pub const INCOMPLETE: &str =
+    "the destination's disk images are incomplete (the source VM keeps its own disks)";
+
+/// Where the source's NBD client nodes reach the destination's exports.
+#[derive(Clone, Copy)]
+pub struct NbdRoute<'a> {
+    /// The destination's exports of the disks.
+    pub exports: &'a [Export],
+    /// The local Unix socket whose connections the tunnel carries to the destination's NBD
+    /// server.
+    pub socket: &'a Path,
+    /// Why the last tunnel connection for NBD failed, if one did.
+    pub nbd_error: &'a (dyn Fn() -> Option<String> + Send + Sync),
+}
+
+impl std::fmt::Debug for NbdRoute<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdRoute")
+            .field("exports", &self.exports)
+            .field("socket", &self.socket)
+            .finish()
+    }
+}
+
+/// A migration with its disks, on the source (`migrate --copy-storage` and `send
+/// --copy-storage` alike): the disk phase (mirrors onto the destination's NBD exports until
+/// every disk is copied and kept in sync), then the RAM ([`source::run_migration`] with
+/// `pause-before-switchover`, the mirrors completed at `pre-switchover`), then the NBD nodes
+/// removed. `cancel` (awaited in both phases) cancels.
+///
+/// Whatever fails or is cancelled, the mirrors are abandoned and the NBD nodes removed; the
+/// error or the summary's outcome then says the destination's images are incomplete. The
+/// summary has the bytes copied per disk.
+#[allow(clippy::too_many_arguments)] // run_migration's own, and the disks
+pub async fn run_with_disks<F: Future<Output = String>>(
+    qmp: &Qmp,
+    plan: &MigrationPlan,
+    endpoint: &QemuTarget,
+    state: &source::SourceState,
+    follow: &source::FollowOptions,
+    disks: &[SourceDisk],
+    route: NbdRoute<'_>,
+    progress: &mut dyn Progress,
+    cancel: &mut Latch<F>,
+) -> crate::Result<Summary> {
+    let mirrors = Mirrors::start(qmp, disks, route.exports, route.socket, route.nbd_error)
+        .await
+        .map_err(incomplete)?;
+    if let Err(err) = mirrors.converge(qmp, progress, cancel.wait()).await {
+        mirrors.abort(qmp).await;
+        return Err(incomplete(err));
+    }
+    let mirrors = Arc::new(mirrors);
+    let plan = MigrationPlan {
+        pause_before_switchover: true,
+        ..plan.clone()
+    };
+    let follow = source::FollowOptions {
+        storage: Some(mirrors.clone()),
+        ..follow.clone()
+    };
+    let result = source::run_migration(
+        qmp,
+        &plan,
+        endpoint,
+        state,
+        &follow,
+        progress,
+        cancel.wait(),
+    )
+    .await;
+    match result {
+        Ok(mut summary) => {
+            finish(qmp, &mirrors, &mut summary).await;
+            Ok(summary)
+        }
+        Err(err) => {
+            mirrors.abort(qmp).await;
+            Err(incomplete(err))
+        }
+    }
+}
+
+/// `err`, saying that the destination's images are incomplete (its kind kept).
+fn incomplete(err: Error) -> Error {
+    Error::from(err.into_anyhow().context(INCOMPLETE))
+}
+
+/// After the RAM migration: a completed one completes any mirror still running (a QEMU that
+/// did not pause before switchover) and removes the NBD nodes; any other abandons the copy.
+/// The summary gets the bytes copied per disk, and says the images are incomplete when they
+/// are.
+async fn finish(qmp: &Qmp, mirrors: &Mirrors, summary: &mut Summary) {
+    if summary.outcome == Outcome::Completed {
+        let running = qmp.execute(&QueryBlockJobs).await.is_ok_and(|jobs| {
+            jobs.iter()
+                .any(|j| mirrors.mirrors.iter().any(|m| m.job == j.device))
+        });
+        if running {
+            if let Err(err) = mirrors.complete(qmp).await {
+                warn!("completing the disk mirrors after the migration: {err:#}");
+            }
+        }
+        mirrors.remove(qmp).await;
+    } else {
+        mirrors.abort(qmp).await;
+        summary.outcome = match std::mem::replace(&mut summary.outcome, Outcome::Completed) {
+            Outcome::Failed(r) => Outcome::Failed(format!("{r}; {INCOMPLETE}")),
+            Outcome::Cancelled(r) => Outcome::Cancelled(format!("{r}; {INCOMPLETE}")),
+            other => other,
+        };
+    }
+    summary.disks = mirrors.last();
 }

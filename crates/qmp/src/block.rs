@@ -85,6 +85,29 @@ pub struct BlockExportDel {
 }
 command!(BlockExportDel, "block-export-del", Empty);
 
+/// `query-block-exports`: the block exports (NBD and others).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueryBlockExports;
+command!(
+    QueryBlockExports,
+    "query-block-exports",
+    Vec<BlockExportInfo>
+);
+
+/// One export of [`QueryBlockExports`]'s reply.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockExportInfo {
+    /// The export's id.
+    pub id: String,
+    /// The exported node.
+    #[serde(default)]
+    pub node_name: String,
+    /// Removed (`block-export-del`), waiting for its clients to go.
+    #[serde(default)]
+    pub shutting_down: bool,
+}
+
 /// `blockdev-add` of an NBD client node (`driver: nbd`): it connects at once and stays
 /// connected until `blockdev-del`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -257,6 +280,9 @@ pub struct BlockDeviceInfo {
     /// The image's file name.
     #[serde(default)]
     pub file: String,
+    /// How many backing images the image has (0: none). QEMU spells it with underscores.
+    #[serde(default, rename = "backing_file_depth")]
+    pub backing_file_depth: u64,
     /// The image.
     #[serde(default)]
     pub image: Option<ImageInfo>,
@@ -438,6 +464,12 @@ mod tests {
         assert_eq!(block[0].qdev_id(), Some("vblk0"));
         let inserted = block[0].inserted.as_ref().expect("inserted");
         assert_eq!(inserted.node_name, "disk0");
+        // An overlay: QEMU spells this member with underscores.
+        let overlay: BlockDeviceInfo = serde_json::from_value(json!({
+            "node-name": "disk0", "backing_file_depth": 1, "ro": false, "drv": "qcow2",
+            "file": "/tmp/top.qcow2", "backing_file": "/tmp/base.qcow2"}))
+        .expect("an overlay's BlockDeviceInfo");
+        assert_eq!(overlay.backing_file_depth, 1);
         assert_eq!(
             inserted.image.as_ref().map(|i| i.virtual_size),
             Some(16777216)

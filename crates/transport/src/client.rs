@@ -71,6 +71,48 @@ pub struct Client {
     listener: UnixListener,
     path: PathBuf,
     config: ClientConfig,
+    /// With [`Client::with_nbd`]: the listener for the NBD connections and its path.
+    nbd: Option<(UnixListener, PathBuf)>,
+}
+
+/// The Unix socket for the NBD connections of a disk copy (`send`/`receive --copy-storage`)
+/// beside the migration socket `socket`: the same path with the extension `nbd.sock`
+/// (`/tmp/dest.sock` gives `/tmp/dest.nbd.sock`). On the destination QEMU's NBD server
+/// listens there and `tunnel-server` connects NBD connections to it; on the source
+/// `tunnel-client --copy-storage` listens there for the source QEMU's NBD client.
+pub fn nbd_socket(socket: &Path) -> PathBuf {
+    socket.with_extension("nbd.sock")
+}
+
+/// Creates a Unix socket at `path` (mode 0600), replacing a stale one.
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    let bad = |why: UnixSocketFailure| Error::UnixSocket {
+        path: path.to_owned(),
+        why,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            // Connecting to our own listening socket is harmless (unlike the destination
+            // socket, where any connection is migration data).
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(bad(UnixSocketFailure::InUse));
+            }
+            std::fs::remove_file(path).map_err(|e| bad(UnixSocketFailure::RemoveStale(e)))?;
+            debug!("removed stale socket {}", path.display());
+        }
+        Ok(_) => return Err(bad(UnixSocketFailure::NotASocket)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bad(UnixSocketFailure::Io(e))),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| {
+        bad(match e.kind() {
+            std::io::ErrorKind::NotFound => UnixSocketFailure::NoDirectory,
+            _ => UnixSocketFailure::Io(e),
+        })
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| bad(UnixSocketFailure::Chmod(e)))?;
+    Ok(listener)
 }
 
 /// The migration session the next accepted connection belongs to. A session starts when a
@@ -90,37 +132,29 @@ impl Client {
     /// a TLS address without TLS settings or the other way round.
     pub fn bind(path: &Path, config: ClientConfig) -> Result<Client> {
         transport_for(&config)?;
-        let bad = |why: UnixSocketFailure| Error::UnixSocket {
-            path: path.to_owned(),
-            why,
-        };
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                // Connecting to our own listening socket is harmless (unlike the destination
-                // socket, where any connection is migration data).
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(bad(UnixSocketFailure::InUse));
-                }
-                std::fs::remove_file(path).map_err(|e| bad(UnixSocketFailure::RemoveStale(e)))?;
-                debug!("removed stale socket {}", path.display());
-            }
-            Ok(_) => return Err(bad(UnixSocketFailure::NotASocket)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(bad(UnixSocketFailure::Io(e))),
-        }
-        let listener = UnixListener::bind(path).map_err(|e| {
-            bad(match e.kind() {
-                std::io::ErrorKind::NotFound => UnixSocketFailure::NoDirectory,
-                _ => UnixSocketFailure::Io(e),
-            })
-        })?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| bad(UnixSocketFailure::Chmod(e)))?;
+        let listener = bind_socket(path)?;
         Ok(Client {
             listener,
             path: path.to_owned(),
             config,
+            nbd: None,
         })
+    }
+
+    /// Also listens on [`nbd_socket`] beside the migration socket, for the NBD connections of
+    /// a disk copy (`send --copy-storage`): each becomes an NBD tunnel connection
+    /// ([`crate::protocol::Purpose::Nbd`]), outside the migration's connection order. Refused
+    /// like [`Client::bind`] when that socket is in use.
+    pub fn with_nbd(mut self) -> Result<Client> {
+        let path = nbd_socket(&self.path);
+        let listener = bind_socket(&path)?;
+        self.nbd = Some((listener, path));
+        Ok(self)
+    }
+
+    /// The NBD socket, with [`Client::with_nbd`].
+    pub fn nbd_socket_path(&self) -> Option<&Path> {
+        self.nbd.as_ref().map(|(_, p)| p.as_path())
     }
 
     /// The socket path QEMU connects to.
@@ -145,6 +179,9 @@ impl Client {
         let tally = Arc::new(Mutex::new(Tally::default()));
         let tracker = TaskTracker::new();
         let mut next_id: u64 = 0;
+        // NBD connections name a session too; a server without a controller ignores it.
+        let nbd_session = config.session.clone().unwrap_or_else(new_session_id);
+        let nbd = self.nbd.as_ref().map(|(l, _)| l);
         loop {
             let once_over = config.once
                 && sessions
@@ -157,6 +194,24 @@ impl Client {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = done_rx.changed() => continue,
+                accepted = accept_nbd(nbd) => match accepted {
+                    Ok((unix, _)) => {
+                        next_id += 1;
+                        let span = info_span!("nbd", id = next_id);
+                        let (config, session) = (config.clone(), nbd_session.clone());
+                        let cancel = shutdown.child_token();
+                        tracker.spawn(async move {
+                            tokio::select! {
+                                _ = cancel.cancelled() => debug!("shutting down"),
+                                _ = handle_nbd(&config, unix, &session) => {}
+                            }
+                        }.instrument(span));
+                    }
+                    Err(e) => {
+                        warn!("accept failed on the NBD socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
                 accepted = self.listener.accept() => match accepted {
                     Ok((unix, _)) => {
                         next_id += 1;
@@ -211,6 +266,45 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        if let Some((_, path)) = &self.nbd {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The next connection on the NBD socket; never, without one.
+async fn accept_nbd(
+    listener: Option<&UnixListener>,
+) -> std::io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One NBD connection of the source QEMU: an NBD tunnel connection, relayed until either side
+/// closes. QEMU's NBD client reconnects by itself (a new connection) when one breaks.
+async fn handle_nbd(config: &ClientConfig, unix: UnixStream, session: &str) {
+    let (stream, version) = match open_nbd(config, session).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            error!("NBD tunnel connection: {e}");
+            return;
+        }
+    };
+    let (stats, result) = relay(unix, stream, version).await;
+    match &result {
+        Ok(()) => info!(
+            sent = stats.to_tunnel,
+            received = stats.from_tunnel,
+            secs = stats.elapsed.as_secs_f64(),
+            "NBD connection closed"
+        ),
+        Err(e) => warn!(
+            sent = stats.to_tunnel,
+            received = stats.from_tunnel,
+            "NBD connection failed: {e}"
+        ),
     }
 }
 

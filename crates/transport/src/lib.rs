@@ -59,7 +59,7 @@ mod transport;
 mod ws;
 
 pub use auth::{AuthFailure, Token, TokenError};
-pub use client::{open_control, open_data, open_nbd, Client, ClientConfig};
+pub use client::{nbd_socket, open_control, open_data, open_nbd, Client, ClientConfig};
 pub use endpoint::{Endpoint, Scheme};
 pub use error::{DestinationFailure, Error, Result, UnixSocketFailure};
 pub use frame::DecodeError;

@@ -703,7 +703,12 @@ async fn serve_nbd(
     version: u32,
     mac: Option<String>,
 ) {
-    let Some(socket) = shared.prepared.get_nbd(&hello.session) else {
+    // Without a controller, `receive --copy-storage` runs the NBD server beside --socket.
+    let socket = match &shared.controller {
+        Some(_) => shared.prepared.get_nbd(&hello.session),
+        None => Some(crate::client::nbd_socket(&shared.config.dest_socket)),
+    };
+    let Some(socket) = socket else {
         let message = format!(
             "no disk copy was prepared for migration session {} on this server",
             hello.session
@@ -714,8 +719,13 @@ async fn serve_nbd(
     let dest = match UnixStream::connect(&socket).await {
         Ok(dest) => dest,
         Err(e) => {
+            let hint = if shared.controller.is_none() {
+                " (run `qmigrate receive --copy-storage` on the destination first)"
+            } else {
+                ""
+            };
             let message = format!(
-                "cannot connect to the destination's NBD server {}: {e}",
+                "cannot connect to the destination's NBD server {}: {e}{hint}",
                 socket.display()
             );
             error!("{message}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use qmigrate_migration::session;
 use qmigrate_migration::session::source::{SessionEvent, SessionOptions};
-use qmigrate_migration::storage::Selection;
+use qmigrate_migration::storage::StorageCopy;
 use qmigrate_transport::Scheme;
 
 use crate::args::SourceTuning;
@@ -89,6 +89,19 @@ pub struct Args {
         default_missing_value = ""
     )]
     pub copy_storage: Option<String>,
+
+    /// As --copy-storage, but only each disk's top image (`blockdev-mirror sync=top`): the
+    /// destination's images already sit on the same backing chain (a copy of the source's
+    /// base images), so only what the top images hold is copied.
+    #[arg(
+        long,
+        value_name = "DISK,...",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        conflicts_with = "copy_storage"
+    )]
+    pub copy_storage_inc: Option<String>,
     /// When the network breaks during postcopy (both QEMUs pause: the guest's memory is split
     /// between the hosts), keep reconnecting and resume the migration for up to DUR, with
     /// backoff; then exit 1 and leave both paused for `qmigrate recover`. `off`: do not try.
@@ -120,16 +133,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         relay: args.relay,
         no_start: args.no_start,
         recover_timeout: args.recover_timeout,
-        storage: match args.copy_storage.as_deref() {
-            None => Selection::None,
-            Some("") => Selection::All,
-            Some(list) => Selection::Only(
-                list.split(',')
-                    .filter(|d| !d.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
-            ),
-        },
+        storage: StorageCopy::parse(
+            args.copy_storage.as_deref(),
+            args.copy_storage_inc.as_deref(),
+        ),
     };
 
     let json = args.json;

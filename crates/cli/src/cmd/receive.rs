@@ -1,18 +1,22 @@
 //! `qmigrate receive`: on the destination, make a QEMU started with `-incoming defer` listen for
 //! the migration with the capabilities the source will use, or restore a saved state.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, Context as _};
-use qmigrate_migration::destination::{follow_incoming, prepare_incoming};
+use qmigrate_migration::destination::{
+    check_waiting_for_incoming, follow_incoming, prepare_incoming, IncomingOutcome,
+};
 use qmigrate_migration::statefile::{self, StateFile};
+use qmigrate_migration::storage::{self, StorageCopy};
 use qmigrate_migration::{monitor, MigrationPlan, Mode, QemuTarget, StreamKind};
-use qmigrate_qmp::MigrationStatus;
+use qmigrate_qmp::{MigrationStatus, Qmp};
 
 use crate::args::{CompressArg, ModeArg};
 use crate::exit::Exit;
 use crate::output::JsonEvent;
+use crate::signals;
 use crate::units::{format_bytes, format_duration};
 
 /// Arguments of `qmigrate receive`.
@@ -75,6 +79,33 @@ pub struct Args {
     #[arg(long)]
     pub start: bool,
 
+    /// Copy disks from the source (`send --copy-storage`): all writable disks of this VM, or
+    /// those named by qdev id. Exports them (writable) from QEMU's NBD server on --socket's
+    /// path with the extension .nbd.sock, where `tunnel-server` sends the NBD connections;
+    /// follows the migration (as --wait does) and stops the NBD server before the guest may
+    /// start. Start the destination QEMU with -S, on images of the source disks' virtual sizes.
+    #[arg(
+        long,
+        value_name = "DISK,...",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        conflicts_with_all = ["from", "postcopy"]
+    )]
+    pub copy_storage: Option<String>,
+
+    /// As --copy-storage, for `send --copy-storage-inc`: only the top images are copied, so
+    /// each exported image must have a backing file (a copy of the source's backing chain).
+    #[arg(
+        long,
+        value_name = "DISK,...",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        conflicts_with_all = ["from", "postcopy", "copy_storage"]
+    )]
+    pub copy_storage_inc: Option<String>,
+
     /// Print the ready message (and with --wait the result) as JSON objects on stdout.
     #[arg(long)]
     pub json: bool,
@@ -123,11 +154,39 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // 1.67-2.07 s (BENCHMARKS.md).
         plan.direct_io = statefile::can_read_direct(&state.path);
     }
-    let follow = args.wait || args.start;
+    let copy = StorageCopy::parse(
+        args.copy_storage.as_deref(),
+        args.copy_storage_inc.as_deref(),
+    );
+    let copying = copy.any();
+    let follow = args.wait || args.start || copying;
 
     let qmp = monitor::connect_qmp(&args.qmp).await?;
     let started = Instant::now();
-    let incoming = prepare_incoming(&qmp, &plan, &endpoint, follow && plan.is_save()).await?;
+    // The disks first: a refusal leaves the destination as it was.
+    let nbd = qmigrate_transport::nbd_socket(&args.socket);
+    let exported = if copying {
+        export(&qmp, &copy, &nbd).await
+    } else {
+        Ok(Vec::new())
+    };
+    let exported = match exported {
+        Ok(e) => e,
+        Err(err) => {
+            qmp.close().await;
+            return Err(err);
+        }
+    };
+    let incoming = match prepare_incoming(&qmp, &plan, &endpoint, follow && plan.is_save()).await {
+        Ok(incoming) => incoming,
+        Err(err) => {
+            if copying {
+                storage::stop_nbd_server(&qmp).await;
+            }
+            qmp.close().await;
+            return Err(err.into());
+        }
+    };
     if args.json {
         JsonEvent::Ready {
             endpoint: incoming.endpoint.clone(),
@@ -154,21 +213,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
+    if copying && !args.json {
+        println!(
+            "disks exported over NBD on unix:{}: {}",
+            nbd.display(),
+            exported.join(", ")
+        );
+    }
+
     if !follow {
         // QMP serves one client at a time: let go so the operator's tools can look.
         qmp.close().await;
         return Ok(());
     }
-    let outcome = follow_incoming(&qmp, args.start).await;
+    let outcome = if copying {
+        follow_copy(&qmp, args.start).await
+    } else {
+        follow_incoming(&qmp, args.start).await.map_err(Into::into)
+    };
     qmp.close().await;
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(err) if plan.is_save() => {
-            return Err(
-                anyhow::Error::from(err).context(format!("restoring from {endpoint} failed"))
-            )
+            return Err(err.context(format!("restoring from {endpoint} failed")))
         }
-        Err(err) => return Err(err.into()),
+        Err(err) => return Err(err),
     };
     let elapsed = started.elapsed();
     let status = outcome.status.to_string();
@@ -225,6 +294,50 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Err(err.context(Exit::Failed))
         }
     }
+}
+
+/// `--copy-storage`: exports the selected disks of the destination VM over NBD on `nbd`
+/// (checked first: it must wait for an incoming migration); their names with sizes.
+async fn export(qmp: &Qmp, copy: &StorageCopy, nbd: &Path) -> anyhow::Result<Vec<String>> {
+    check_waiting_for_incoming(qmp).await?;
+    let disks = storage::select_disks(qmp, copy, "destination").await?;
+    let wanted: Vec<_> = disks.iter().map(|d| d.disk.clone()).collect();
+    let exports = storage::export_disks(qmp, &wanted, nbd).await?;
+    Ok(exports
+        .iter()
+        .map(|e| {
+            let size = wanted.iter().find(|d| d.id == e.disk).map_or(0, |d| d.size);
+            format!("{} ({size} bytes)", e.name)
+        })
+        .collect())
+}
+
+/// Follows an incoming migration that copies disks: the guest is not started by
+/// [`follow_incoming`], since the NBD server must stop first ([`storage::finish_incoming`]).
+/// Ctrl-C or SIGTERM stop the NBD server and end with the images incomplete.
+async fn follow_copy(qmp: &Qmp, start: bool) -> anyhow::Result<IncomingOutcome> {
+    let cancel = signals::cancellation(None).context("cannot install signal handlers")?;
+    let outcome = tokio::select! {
+        outcome = follow_incoming(qmp, false) => outcome,
+        reason = cancel => {
+            storage::stop_nbd_server(qmp).await;
+            return Err(anyhow!(
+                "{reason}: the NBD server is stopped and the destination's disk images are \
+                 incomplete; restart the destination QEMU before another attempt"
+            )
+            .context(Exit::Cancelled));
+        }
+    };
+    let mut outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            // A destination whose migration failed may have exited (QEMU's default).
+            storage::stop_nbd_server(qmp).await;
+            return Err(err.into());
+        }
+    };
+    storage::finish_incoming(qmp, &mut outcome, start).await?;
+    Ok(outcome)
 }
 
 #[cfg(test)]

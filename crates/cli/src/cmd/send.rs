@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context as _};
 use qmigrate_migration::save::{self, Saved};
-use qmigrate_migration::source::{self, FollowOptions};
+use qmigrate_migration::source::{self, FollowOptions, Latch};
+use qmigrate_migration::storage::{self, NbdRoute, StorageCopy};
 use qmigrate_migration::{MigrationPlan, Mode, Outcome, Progress, QemuTarget, StreamKind, Summary};
 use qmigrate_qmp::{Error as QmpError, Quit};
 
@@ -74,6 +75,34 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["timeout", "postcopy"])]
     pub detach: bool,
 
+    /// Copy the local disks to the destination's (non-shared storage): all writable disks, or
+    /// those named by qdev id (`--copy-storage=vblk0,vblk1`). The destination runs `receive
+    /// --copy-storage` (its disks exported over NBD) and this host `tunnel-client
+    /// --copy-storage`, whose NBD socket (--socket's path with the extension .nbd.sock)
+    /// carries the copy. Each destination image must have its disk's virtual size (checked
+    /// before anything is copied).
+    #[arg(
+        long,
+        value_name = "DISK,...",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        conflicts_with_all = ["to", "detach", "postcopy"]
+    )]
+    pub copy_storage: Option<String>,
+
+    /// As --copy-storage, but only each disk's top image (`sync=top`): the destination's
+    /// images (`receive --copy-storage-inc`) already sit on the same backing chain.
+    #[arg(
+        long,
+        value_name = "DISK,...",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        conflicts_with_all = ["to", "detach", "postcopy", "copy_storage"]
+    )]
+    pub copy_storage_inc: Option<String>,
+
     /// One JSON object per line on stdout: progress ticks, then a summary.
     #[arg(long)]
     pub json: bool,
@@ -117,6 +146,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (partial, endpoint) = save::prepare(endpoint, &mut plan)?;
 
     let (qmp, source) = source::connect_source(&args.qmp, &plan, None).await?;
+    let copy = StorageCopy::parse(
+        args.copy_storage.as_deref(),
+        args.copy_storage_inc.as_deref(),
+    );
+    let disks = storage::source_disks(&qmp, &copy).await;
+    let disks = match disks {
+        Ok(disks) => disks,
+        Err(err) => {
+            qmp.close().await;
+            return Err(err.into());
+        }
+    };
+    let nbd = qmigrate_transport::nbd_socket(&args.socket);
+    if !disks.is_empty() && !nbd.exists() {
+        qmp.close().await;
+        return Err(anyhow!(
+            "the NBD socket {} does not exist: start `qmigrate tunnel-client --copy-storage \
+             --socket {}` first (and `qmigrate receive --copy-storage` on the destination)",
+            nbd.display(),
+            args.socket.display()
+        ));
+    }
 
     // Installed before `migrate` so that Ctrl-C from here on cancels instead of killing us.
     let cancel =
@@ -126,16 +177,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ..args.tuning.follow()
     };
     let mut progress = output::for_send(args.json);
-    let summary = source::run_migration(
-        &qmp,
-        &plan,
-        &endpoint,
-        &source,
-        &opts,
-        progress.as_mut(),
-        cancel,
-    )
-    .await?;
+    let summary = if disks.is_empty() {
+        source::run_migration(
+            &qmp,
+            &plan,
+            &endpoint,
+            &source,
+            &opts,
+            progress.as_mut(),
+            cancel,
+        )
+        .await?
+    } else {
+        let exports = storage::exports_of(&disks);
+        let route = NbdRoute {
+            exports: &exports,
+            socket: &nbd,
+            nbd_error: &|| None,
+        };
+        storage::run_with_disks(
+            &qmp,
+            &plan,
+            &endpoint,
+            &source,
+            &opts,
+            &disks,
+            route,
+            progress.as_mut(),
+            &mut Latch::new(cancel),
+        )
+        .await?
+    };
 
     let saved = match save::finish(
         &qmp,

@@ -54,6 +54,11 @@ pub struct Args {
     #[arg(long)]
     pub once: bool,
 
+    /// Also carry the NBD connections of a disk copy (`send --copy-storage`): listen on the
+    /// socket's path with the extension .nbd.sock as well (/tmp/s.sock: /tmp/s.nbd.sock).
+    #[arg(long)]
+    pub copy_storage: bool,
+
     #[command(flatten)]
     pub tunnel: TunnelClientArgs,
 }
@@ -70,7 +75,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         once: args.once,
         ..args.tunnel.client_config(server.clone())?
     };
-    let client = Client::bind(&args.socket, config)?;
+    let mut client = Client::bind(&args.socket, config)?;
+    if args.copy_storage {
+        client = client.with_nbd()?;
+        if let Some(nbd) = client.nbd_socket_path() {
+            tracing::info!("NBD connections of the disk copy on unix:{}", nbd.display());
+        }
+    }
     let mut interrupts = Interrupts::install().context("cannot install signal handlers")?;
     ready(&format!(
         "listening on unix:{} -> {server}",

@@ -19,7 +19,8 @@ use qmigrate_qmp::{MigrationStatus, RunState};
 use qmigrate_testkit::check;
 use qmigrate_testkit::guest::{Expect, GuestConfig, GuestPair};
 use support::proc::{run, Proc};
-use support::tunnel::server;
+use support::qemu::{self, QemuBinary};
+use support::tunnel::{server, Transport, Tunnel};
 
 /// Deadline for one `qmigrate` run.
 const RUN: Duration = Duration::from_secs(180);
@@ -258,6 +259,242 @@ async fn copy_and_compare(
     Some((pair, summary))
 }
 
+/// The `-blockdev`/`-device` arguments of a VM's disk `vblk0` on the qcow2 `image`.
+fn disk_args(image: &Path) -> Vec<String> {
+    vec![
+        "-blockdev".into(),
+        format!("driver=file,filename={},node-name=file0", path(image)),
+        "-blockdev".into(),
+        "driver=qcow2,file=file0,node-name=disk0".into(),
+        "-device".into(),
+        "virtio-blk-pci,drive=disk0,id=vblk0".into(),
+    ]
+}
+
+/// Firmware VMs (KVM: the unpacked QEMU 7.2 has no TCG, which the Linux guest needs) of QEMU
+/// `src_bin` and `dst_bin` on machine `machine`, on the images `src_disk` and `dst_disk`,
+/// migrated with `migrate FLAG --no-start --json` through a `tunnel-server --qmp`. The output
+/// and the source's QMP path; both VMs stay up until the returned guard is dropped.
+async fn firmware_copy(
+    (src_bin, dst_bin): (&QemuBinary, &QemuBinary),
+    machine: &str,
+    (src_disk, dst_disk): (&Path, &Path),
+    flag: &str,
+) -> (support::proc::Output, (qemu::Vm, qemu::Vm), Duration) {
+    let src = qemu::Vm::start(
+        src_bin,
+        &qemu::VmConfig {
+            mem_mib: 64,
+            machine: machine.into(),
+            extra_args: disk_args(src_disk),
+            ..qemu::VmConfig::default()
+        },
+    )
+    .expect("start the source QEMU");
+    let mut dst_cfg = qemu::destination_config(64);
+    dst_cfg.machine = machine.into();
+    dst_cfg.extra_args.extend(disk_args(dst_disk));
+    let dst = qemu::Vm::start(dst_bin, &dst_cfg).expect("start the destination QEMU");
+    let (mut srv, url) = server(&src.dir, &["--qmp".into(), path(&dst.qmp_path)]).await;
+    let t = Instant::now();
+    let out = run(
+        [
+            "migrate",
+            "--qmp",
+            &path(&src.qmp_path),
+            "--to",
+            &url,
+            flag,
+            "--no-start",
+            "--json",
+        ],
+        RUN,
+    )
+    .await;
+    let took = t.elapsed();
+    srv.kill().await;
+    (out, (src, dst), took)
+}
+
+/// After a completed [`firmware_copy`]: the summary (completed, at least `min` bytes copied),
+/// the source postmigrate, the images identical and the destination's exports gone.
+async fn check_copied(
+    out: &support::proc::Output,
+    (src, dst): &(qemu::Vm, qemu::Vm),
+    (src_disk, dst_disk): (&Path, &Path),
+    min: u64,
+) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "migrate: {:?}\n{}\n--- source QEMU\n{}\n--- destination QEMU\n{}",
+        out.status,
+        out.stderr,
+        src.log(),
+        dst.log()
+    );
+    let summary = events(&out.stdout, "summary").pop().expect("a summary");
+    assert_eq!(summary["status"], "completed", "{summary}");
+    let copied = summary["storage"]["disks"][0]["copied"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(copied >= min, "{summary}");
+    let s = check::qmp(&src.qmp_path).await;
+    assert_eq!(check::vm_state(&s).await.0, RunState::Postmigrate);
+    drop(s);
+    let (same, said) = compare(src_disk, dst_disk, "qcow2");
+    assert!(same, "qemu-img compare: {said}");
+    let t_dst = check::qmp(&dst.qmp_path).await;
+    let exports = t_dst
+        .execute(&qmigrate_qmp::QueryBlockExports)
+        .await
+        .expect("query-block-exports");
+    assert!(exports.is_empty(), "{exports:?}");
+    summary
+}
+
+/// `migrate --copy-storage` between firmware VMs of QEMU `src_bin` and `dst_bin`, each with its
+/// own disk (the source's with 24 MiB of data): completed, with the images identical and the
+/// destination's NBD server gone.
+async fn copy_between(src_bin: &QemuBinary, dst_bin: &QemuBinary, machine: &str, name: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (src_disk, dst_disk) = (d.join("src.qcow2"), d.join("dst.qcow2"));
+    qmigrate_testkit::guest::create_disk(&src_disk, 64);
+    qmigrate_testkit::guest::fill_disk(&src_disk, 8, FILL_MIB);
+    qmigrate_testkit::guest::create_disk(&dst_disk, 64);
+    let disks = (src_disk.as_path(), dst_disk.as_path());
+    let (out, vms, took) =
+        firmware_copy((src_bin, dst_bin), machine, disks, "--copy-storage").await;
+    let summary = check_copied(&out, &vms, disks, FILL_MIB << 20).await;
+    eprintln!(
+        "{name}: QEMU {:?} -> {:?}, {} bytes copied, migration {:.1} s, downtime {} ms",
+        src_bin.version,
+        dst_bin.version,
+        summary["storage"]["disks"][0]["copied"],
+        took.as_secs_f64(),
+        summary["downtime_ms"]
+    );
+}
+
+/// `qemu-img create -f qcow2 -b BACKING -F qcow2 IMAGE`: an empty overlay.
+fn overlay(image: &Path, backing: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(backing)
+        .arg(image)
+        .output()
+        .expect("run qemu-img create");
+    assert!(
+        out.status.success(),
+        "qemu-img create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `--copy-storage-inc`: the source's disk is an overlay (8 MiB of data) on a base image (24
+/// MiB), the destination's an empty overlay on a copy of that base. Only the top image's data
+/// crosses (`sync=top`), and the two chains read the same afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_incremental() {
+    let Some(bin) = support::qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (base, dst_base) = (d.join("base.qcow2"), d.join("dst-base.qcow2"));
+    qmigrate_testkit::guest::create_disk(&base, 64);
+    qmigrate_testkit::guest::fill_disk(&base, 8, FILL_MIB);
+    std::fs::copy(&base, &dst_base).expect("copy the base image");
+    let (src_disk, dst_disk) = (d.join("src.qcow2"), d.join("dst.qcow2"));
+    overlay(&src_disk, &base);
+    qmigrate_testkit::guest::fill_image(&src_disk, "qcow2", 40, 8);
+    overlay(&dst_disk, &dst_base);
+    let disks = (src_disk.as_path(), dst_disk.as_path());
+    let (out, vms, took) = firmware_copy((&bin, &bin), "q35", disks, "--copy-storage-inc").await;
+    let summary = check_copied(&out, &vms, disks, 8 << 20).await;
+    let copied = summary["storage"]["disks"][0]["copied"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        copied < 16 << 20,
+        "the base image was copied too: {summary}"
+    );
+    eprintln!(
+        "storage_copy_incremental: {copied} bytes copied (8 MiB in the top image, 24 MiB in \
+         the base), migration {:.1} s",
+        took.as_secs_f64()
+    );
+}
+
+/// `--copy-storage-inc` to a destination image without a backing file: refused before anything
+/// is copied, saying how to make one; both QEMUs stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_incremental_without_backing_refused() {
+    let Some(bin) = support::qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    qmigrate_testkit::guest::create_disk(&base, 64);
+    let (src_disk, dst_disk) = (d.join("src.qcow2"), d.join("dst.qcow2"));
+    overlay(&src_disk, &base);
+    qmigrate_testkit::guest::create_disk(&dst_disk, 64);
+    let disks = (src_disk.as_path(), dst_disk.as_path());
+    let (out, (src, dst), _) =
+        firmware_copy((&bin, &bin), "q35", disks, "--copy-storage-inc").await;
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    for needle in [
+        "vblk0",
+        "no backing file",
+        "qemu-img create -f qcow2 -b BASE",
+    ] {
+        assert!(
+            out.stderr.contains(needle),
+            "{needle:?} in:\n{}",
+            out.stderr
+        );
+    }
+    let s = check::qmp(&src.qmp_path).await;
+    assert_eq!(check::migration_status(&s).await.0, MigrationStatus::None);
+    let jobs = s
+        .execute(&qmigrate_qmp::QueryBlockJobs)
+        .await
+        .expect("query-block-jobs");
+    assert!(jobs.is_empty(), "{jobs:?}");
+    drop(s);
+    let t = check::qmp(&dst.qmp_path).await;
+    assert_eq!(check::vm_state(&t).await.0, RunState::InMigrate);
+    assert_eq!(check::migration_status(&t).await.0, MigrationStatus::None);
+}
+
+fn qemu72() -> Option<QemuBinary> {
+    qemu::require(qemu::qemu72(), "QEMU 7.2")
+}
+
+/// QEMU 7.2 on both sides: no `block-job-change` there, so the source's mirrors start in
+/// write-blocking mode; the destination exports and releases its disk as QEMU 10 does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_qemu72_to_qemu72() {
+    let Some(old) = qemu72() else { return };
+    copy_between(&old, &old, "q35", "storage_copy_qemu72_to_qemu72").await;
+}
+
+/// A QEMU 7.2 source (write-blocking from the start) to a QEMU 10 destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_qemu72_to_qemu10() {
+    let (Some(old), Some(new)) = (qemu72(), support::qemu10()) else {
+        return;
+    };
+    copy_between(&old, &new, "pc-q35-7.2", "storage_copy_qemu72_to_qemu10").await;
+}
+
+/// A QEMU 10 source (switching to write-blocking at ready) to a QEMU 7.2 destination, on 7.2's
+/// machine type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_qemu10_to_qemu72() {
+    let (Some(new), Some(old)) = (support::qemu10(), qemu72()) else {
+        return;
+    };
+    copy_between(&new, &old, "pc-q35-7.2", "storage_copy_qemu10_to_qemu72").await;
+}
+
 /// A destination image 1 MiB too small is refused before anything is copied, with a message
 /// naming the disk, both sizes and the `qemu-img create` that fixes it; both QEMUs stay as
 /// they were (the source running, the destination waiting for a migration).
@@ -441,4 +678,580 @@ async fn storage_destination_lost_during_ram() {
     let log = pair.src.serial();
     assert!(log.failures.is_empty(), "{:?}", log.failures);
     assert!(log.heartbeats.len() > before, "{}", pair.report());
+}
+
+/// Step by step through the TCP tunnel: `receive --copy-storage` exports the destination's
+/// disk over NBD beside its migration socket, `tunnel-server` (without --qmp) routes the NBD
+/// connections there, `tunnel-client --copy-storage` carries them from the socket beside its
+/// own, and `send --copy-storage` mirrors the disk of the running guest, then migrates the RAM.
+/// `receive` stops its NBD server and leaves the guest paused (no --start); with the source
+/// paused for good, the images are identical, and once started the guest goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_step_by_step_tcp() {
+    let Some((bin, img)) = support::linux_guest() else {
+        return;
+    };
+    let started = Instant::now();
+    let cfg = config();
+    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
+    let tunnel =
+        Tunnel::start_with(pair.dir(), Transport::Tcp, &[], &["--copy-storage".into()]).await;
+    let mut receive = Proc::spawn(
+        "receive",
+        pair.dir(),
+        [
+            "receive",
+            "--qmp",
+            &path(pair.dst.qmp_path()),
+            "--socket",
+            &path(&tunnel.dest_socket),
+            "--copy-storage",
+        ],
+    );
+    let exported = receive
+        .line_matching(RUN, |l| l.starts_with("disks exported"))
+        .await;
+    assert!(exported.contains("vblk0"), "{exported}");
+    let t = Instant::now();
+    let out = run(
+        [
+            "send",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--socket",
+            &path(&tunnel.source_socket),
+            "--copy-storage",
+            "--json",
+        ],
+        RUN,
+    )
+    .await;
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "send: {:?}\n{}\n{}\n--- receive\n{}\n{}",
+        out.status,
+        out.stderr,
+        tunnel.logs(),
+        receive.stderr(),
+        pair.report()
+    );
+    let (status, _) = receive.wait(RUN).await;
+    assert!(status.success(), "receive: {}", receive.stderr());
+    // The destination released its exports only once the source's NBD clients had gone: none
+    // of them tried to reconnect to a stopped server.
+    assert!(
+        !tunnel.client.stderr().contains("NBD tunnel connection"),
+        "{}",
+        tunnel.logs()
+    );
+
+    let summary = events(&out.stdout, "summary").pop().expect("a summary");
+    assert_eq!(summary["status"], "completed", "{summary}");
+    let copied = summary["storage"]["disks"][0]["copied"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(copied >= FILL_MIB << 20, "{summary}");
+    assert!(
+        events(&out.stdout, "progress")
+            .iter()
+            .any(|t| t["status"] == "none" && t["storage"]["disks"][0]["disk"] == "vblk0"),
+        "no disk-phase progress: {}",
+        out.stdout
+    );
+
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::vm_state(&src).await.0, RunState::Postmigrate);
+    let nodes = src
+        .execute(&qmigrate_qmp::QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .expect("query-named-block-nodes");
+    assert!(
+        nodes.iter().all(|n| !n.node_name.starts_with("qmigrate-")),
+        "NBD nodes left on the source"
+    );
+    drop(src);
+    let (same, said) = compare(&pair.disk, &pair.dst_disk, "qcow2");
+    assert!(same, "qemu-img compare: {said}\n{}", pair.report());
+
+    let dst = check::qmp(pair.dst.qmp_path()).await;
+    assert_eq!(
+        check::migration_status(&dst).await.0,
+        MigrationStatus::Completed
+    );
+    assert_eq!(check::vm_state(&dst).await.0, RunState::Paused);
+    // The NBD server stopped before the guest may start (its exports hold the images).
+    let exports = dst
+        .execute(&qmigrate_qmp::QueryBlockExports)
+        .await
+        .expect("query-block-exports");
+    assert!(exports.is_empty(), "{exports:?}");
+    dst.execute(&qmigrate_qmp::Cont).await.expect("cont");
+    drop(dst);
+    let verdict = pair.assert_continued(Expect::default(), CONTINUE).await;
+    eprintln!(
+        "storage_step_by_step_tcp: send {:.1} s ({:.1} MiB copied), downtime {} ms, whole test \
+         {:.1} s; {verdict:?}",
+        took.as_secs_f64(),
+        copied as f64 / (1 << 20) as f64,
+        summary["downtime_ms"],
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Step by step, a destination image 1 MiB too small: `send --copy-storage` reads the size of
+/// the export over NBD and refuses before anything is copied, naming the disk, both sizes and
+/// the `qemu-img create` that fixes it; the source keeps running with no NBD node left, and
+/// the destination still waits for a migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_step_by_step_size_mismatch_refused() {
+    let Some((bin, img)) = support::linux_guest() else {
+        return;
+    };
+    let cfg = config();
+    let size = cfg.disk_mib << 20;
+    let small = size - (1 << 20);
+    let pair = GuestPair::start_local(&bin, &img, &cfg, small, 0).await;
+    let tunnel =
+        Tunnel::start_with(pair.dir(), Transport::Tcp, &[], &["--copy-storage".into()]).await;
+    let mut receive = Proc::spawn(
+        "receive",
+        pair.dir(),
+        [
+            "receive",
+            "--qmp",
+            &path(pair.dst.qmp_path()),
+            "--socket",
+            &path(&tunnel.dest_socket),
+            "--copy-storage",
+        ],
+    );
+    receive
+        .line_matching(RUN, |l| l.starts_with("disks exported"))
+        .await;
+    let out = run(
+        [
+            "send",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--socket",
+            &path(&tunnel.source_socket),
+            "--copy-storage=vblk0",
+        ],
+        RUN,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    for needle in [
+        "vblk0".to_owned(),
+        size.to_string(),
+        small.to_string(),
+        format!("qemu-img create -f qcow2 IMAGE {size}"),
+    ] {
+        assert!(
+            out.stderr.contains(&needle),
+            "{needle:?} in:\n{}",
+            out.stderr
+        );
+    }
+    source_left_clean(pair.src.qmp_path()).await;
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::migration_status(&src).await.0, MigrationStatus::None);
+    drop(src);
+    // `receive` still waits (its QMP connection is the destination's one client): stop it.
+    receive.signal(libc::SIGINT);
+    let (status, _) = receive.wait(RUN).await;
+    assert_eq!(status.code(), Some(4), "{}", receive.stderr());
+    let dst = check::qmp(pair.dst.qmp_path()).await;
+    assert_eq!(check::vm_state(&dst).await.0, RunState::InMigrate);
+    let exports = dst
+        .execute(&qmigrate_qmp::QueryBlockExports)
+        .await
+        .expect("query-block-exports");
+    assert!(exports.is_empty(), "{exports:?}");
+}
+
+/// The part of the source's image that the guest's workload never writes (its records stay
+/// below 16 MiB), as raw bytes, read with the guest paused.
+async fn untouched_part(qmp: &Path, image: &Path, out: &Path) -> Vec<u8> {
+    let src = check::qmp(qmp).await;
+    src.execute(&qmigrate_qmp::Stop).await.expect("stop");
+    let dd = Command::new("qemu-img")
+        .args(["dd", "-U", "-f", "qcow2", "-O", "raw", "bs=1M", "skip=16"])
+        .arg(format!("if={}", path(image)))
+        .arg(format!("of={}", path(out)))
+        .output()
+        .expect("run qemu-img dd");
+    src.execute(&qmigrate_qmp::Cont).await.expect("cont");
+    assert!(
+        dd.status.success(),
+        "qemu-img dd: {}",
+        String::from_utf8_lossy(&dd.stderr)
+    );
+    std::fs::read(out).expect("read the copy")
+}
+
+/// Ctrl-C during the RAM phase (the disks copied and kept in sync by write-blocking mirrors):
+/// `migrate` exits 4 saying the destination's images are incomplete, the mirrors are
+/// abandoned and the NBD nodes removed, the guest's device is still on its own image, which
+/// `qemu-img check` finds intact and whose part the guest never writes is byte for byte what
+/// it was before the migration (both read with the guest paused); the guest goes on checking
+/// its records on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_interrupted_during_ram() {
+    let Some((bin, img)) = support::linux_guest() else {
+        return;
+    };
+    let cfg = config();
+    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
+    let before = untouched_part(
+        pair.src.qmp_path(),
+        &pair.disk,
+        &pair.dir().join("before.raw"),
+    )
+    .await;
+    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
+    // 2 MB/s for 128 MiB of RAM: the RAM phase lasts until the interrupt.
+    let mut migrate = Proc::spawn(
+        "migrate",
+        pair.dir(),
+        [
+            "migrate",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--to",
+            &url,
+            "--copy-storage",
+            "--max-bandwidth",
+            "2M",
+            "--json",
+        ],
+    );
+    loop {
+        let line = migrate.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["type"] == "progress" && v["status"] == "active" && v["transferred"].as_u64() > Some(0)
+        {
+            assert_eq!(v["storage"]["disks"][0]["ready"], true, "{line}");
+            break;
+        }
+    }
+    let t = Instant::now();
+    migrate.signal(libc::SIGINT);
+    let (status, _) = migrate.wait(RUN).await;
+    let stopped = t.elapsed();
+    let stderr = migrate.stderr();
+    srv.kill().await;
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("incomplete"), "{stderr}");
+    assert!(
+        stopped < Duration::from_secs(15),
+        "took {stopped:?}: {stderr}"
+    );
+
+    source_left_clean(pair.src.qmp_path()).await;
+    let src = check::qmp(pair.src.qmp_path()).await;
+    let devices = src
+        .execute(&qmigrate_qmp::QueryBlock)
+        .await
+        .expect("query-block");
+    let vblk0 = devices
+        .iter()
+        .find(|d| d.qdev_id() == Some("vblk0"))
+        .and_then(|d| d.inserted.as_ref())
+        .expect("vblk0 has a medium");
+    assert_eq!(vblk0.file, path(&pair.disk), "{vblk0:?}");
+    drop(src);
+    let after = untouched_part(
+        pair.src.qmp_path(),
+        &pair.disk,
+        &pair.dir().join("after.raw"),
+    )
+    .await;
+    assert!(
+        before == after,
+        "the part of the image the guest never writes changed"
+    );
+    let out = Command::new("qemu-img")
+        .args(["check", "-U"])
+        .arg(&pair.disk)
+        .output()
+        .expect("run qemu-img check");
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let beats = pair.src.serial().heartbeats.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = pair.src.serial();
+    assert!(log.failures.is_empty(), "{:?}", log.failures);
+    assert!(log.heartbeats.len() > beats, "{}", pair.report());
+    eprintln!("storage_interrupted_during_ram: exit 4 after {stopped:?}");
+}
+
+/// The link to the destination down for 3 s during the disk copy (step by step, the
+/// tunnel-server in a network namespace of its own): with a 1 s dead-peer timeout the NBD
+/// tunnel connection breaks, QEMU's NBD client reconnects through a new one once the link is
+/// back (within its reconnect delay, its requests waiting meanwhile), the copy completes, and
+/// the images are identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_link_down_during_copy() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some((bin, img)) = support::linux_guest() else {
+        return;
+    };
+    let Some(ns) = qmigrate_testkit::netns::NetNs::new() else {
+        return;
+    };
+    // 384 MiB to copy: several seconds, so that the link goes down mid-copy.
+    let cfg = GuestConfig {
+        disk_mib: 512,
+        ..GuestConfig::default()
+    };
+    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, 384).await;
+    let d = pair.dir();
+    let token = d.join("token");
+    std::fs::write(&token, "a token for the storage namespace test\n").expect("token file");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (dest_sock, src_sock) = (d.join("dest.sock"), d.join("source.sock"));
+    let auth = ["--token-file".to_owned(), path(&token)];
+    let dead_peer = ["--dead-peer-timeout".to_owned(), "1s".to_owned()];
+    let mut args = vec![
+        "tunnel-server".to_owned(),
+        "--listen".into(),
+        format!("tcp://{}:0", ns.addr()),
+        "--socket".into(),
+        path(&dest_sock),
+    ];
+    args.extend(auth.iter().chain(&dead_peer).cloned());
+    let mut srv = Proc::spawn_wrapped("tunnel-server", d, &ns.command("env"), &args);
+    let line = srv.next_line(RUN).await;
+    let url = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
+        .trim()
+        .to_owned();
+    let mut args = vec![
+        "tunnel-client".to_owned(),
+        "--connect".into(),
+        url,
+        "--socket".into(),
+        path(&src_sock),
+        "--copy-storage".into(),
+    ];
+    args.extend(auth.iter().chain(&dead_peer).cloned());
+    let mut client = Proc::spawn("tunnel-client", d, &args);
+    let line = client.next_line(RUN).await;
+    assert!(line.starts_with("listening on "), "{line}");
+
+    let mut receive = Proc::spawn(
+        "receive",
+        d,
+        [
+            "receive",
+            "--qmp",
+            &path(pair.dst.qmp_path()),
+            "--socket",
+            &path(&dest_sock),
+            "--copy-storage",
+        ],
+    );
+    receive
+        .line_matching(RUN, |l| l.starts_with("disks exported"))
+        .await;
+    let mut send = Proc::spawn(
+        "send",
+        d,
+        [
+            "send",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--socket",
+            &path(&src_sock),
+            "--copy-storage",
+            "--json",
+        ],
+    );
+    let copied_at_cut = loop {
+        let line = send.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let copied = v["storage"]["copied"].as_u64().unwrap_or(0);
+        if v["type"] == "progress" && v["status"] == "none" && copied > 0 {
+            assert!(
+                copied < 384 << 20,
+                "the copy was done before the cut: {line}"
+            );
+            break copied;
+        }
+    };
+    let t = Instant::now();
+    ns.link_down();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ns.link_up();
+    let (status, stdout) = send.wait(RUN).await;
+    let took = t.elapsed();
+    let logs = format!(
+        "--- send\n{}\n--- tunnel-server\n{}\n--- tunnel-client\n{}\n--- receive\n{}",
+        send.stderr(),
+        srv.stderr(),
+        client.stderr(),
+        receive.stderr()
+    );
+    assert!(status.success(), "send: {status:?}\n{logs}");
+    let (status, _) = receive.wait(RUN).await;
+    assert!(status.success(), "receive: {logs}");
+    // The NBD client did reconnect: more than one NBD connection reached the destination.
+    let nbd_connections = srv
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("NBD connection closed") || l.contains("NBD connection failed"))
+        .count();
+    assert!(nbd_connections >= 2, "no NBD reconnect:\n{logs}");
+    srv.kill().await;
+    client.kill().await;
+    let summary = events(&stdout, "summary").pop().expect("a summary");
+    assert_eq!(summary["status"], "completed", "{summary}");
+
+    let src = check::qmp(pair.src.qmp_path()).await;
+    assert_eq!(check::vm_state(&src).await.0, RunState::Postmigrate);
+    drop(src);
+    let (same, said) = compare(&pair.disk, &pair.dst_disk, "qcow2");
+    assert!(same, "qemu-img compare: {said}\n{logs}");
+    let dst = check::qmp(pair.dst.qmp_path()).await;
+    dst.execute(&qmigrate_qmp::Cont).await.expect("cont");
+    drop(dst);
+    let verdict = pair.assert_continued(Expect::default(), CONTINUE).await;
+    eprintln!(
+        "storage_link_down_during_copy: cut after {:.1} MiB, send done {:.1} s after the cut, \
+         {nbd_connections} NBD connections; {verdict:?}",
+        copied_at_cut as f64 / (1 << 20) as f64,
+        took.as_secs_f64()
+    );
+}
+
+/// Step by step, `--copy-storage-inc` (firmware VMs): `receive --copy-storage-inc` refuses a
+/// destination image without a backing file at once; on an overlay over a copy of the base it
+/// exports, `send --copy-storage-inc` mirrors only the top image through the tunnel, and the
+/// chains read the same afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_step_by_step_incremental() {
+    let Some(bin) = support::qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (base, dst_base) = (d.join("base.qcow2"), d.join("dst-base.qcow2"));
+    qmigrate_testkit::guest::create_disk(&base, 64);
+    qmigrate_testkit::guest::fill_disk(&base, 8, FILL_MIB);
+    std::fs::copy(&base, &dst_base).expect("copy the base image");
+    let (src_disk, dst_disk, flat) = (
+        d.join("src.qcow2"),
+        d.join("dst.qcow2"),
+        d.join("flat.qcow2"),
+    );
+    overlay(&src_disk, &base);
+    qmigrate_testkit::guest::fill_image(&src_disk, "qcow2", 40, 8);
+    overlay(&dst_disk, &dst_base);
+    qmigrate_testkit::guest::create_disk(&flat, 64);
+    let src = qemu::Vm::start(
+        &bin,
+        &qemu::VmConfig {
+            mem_mib: 64,
+            extra_args: disk_args(&src_disk),
+            ..qemu::VmConfig::default()
+        },
+    )
+    .expect("start the source QEMU");
+    let destination = |image: &Path| {
+        let mut cfg = qemu::destination_config(64);
+        cfg.extra_args.extend(disk_args(image));
+        qemu::Vm::start(&bin, &cfg).expect("start a destination QEMU")
+    };
+    let tunnel = Tunnel::start_with(d, Transport::Tcp, &[], &["--copy-storage".into()]).await;
+
+    // A destination image without a backing file: refused, nothing exported.
+    let wrong = destination(&flat);
+    let out = run(
+        [
+            "receive",
+            "--qmp",
+            &path(&wrong.qmp_path),
+            "--socket",
+            &path(&tunnel.dest_socket),
+            "--copy-storage-inc",
+        ],
+        // Refused at once; accepted, it would wait for a migration.
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("no backing file"), "{}", out.stderr);
+    let w = check::qmp(&wrong.qmp_path).await;
+    assert_eq!(check::migration_status(&w).await.0, MigrationStatus::None);
+    let exports = w
+        .execute(&qmigrate_qmp::QueryBlockExports)
+        .await
+        .expect("query-block-exports");
+    assert!(exports.is_empty(), "{exports:?}");
+    drop(w);
+    drop(wrong);
+
+    let dst = destination(&dst_disk);
+    let mut receive = Proc::spawn(
+        "receive",
+        d,
+        [
+            "receive",
+            "--qmp",
+            &path(&dst.qmp_path),
+            "--socket",
+            &path(&tunnel.dest_socket),
+            "--copy-storage-inc",
+        ],
+    );
+    receive
+        .line_matching(RUN, |l| l.starts_with("disks exported"))
+        .await;
+    let out = run(
+        [
+            "send",
+            "--qmp",
+            &path(&src.qmp_path),
+            "--socket",
+            &path(&tunnel.source_socket),
+            "--copy-storage-inc",
+            "--json",
+        ],
+        RUN,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "send: {}\n{}\n--- receive\n{}",
+        out.stderr,
+        tunnel.logs(),
+        receive.stderr()
+    );
+    let (status, _) = receive.wait(RUN).await;
+    assert!(status.success(), "receive: {}", receive.stderr());
+    let vms = (src, dst);
+    let summary = check_copied(
+        &out,
+        &vms,
+        (src_disk.as_path(), dst_disk.as_path()),
+        8 << 20,
+    )
+    .await;
+    let copied = summary["storage"]["disks"][0]["copied"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        copied < 16 << 20,
+        "the base image was copied too: {summary}"
+    );
+    eprintln!("storage_step_by_step_incremental: {copied} bytes copied");
 }

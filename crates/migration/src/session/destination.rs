@@ -290,24 +290,6 @@ fn nbd_socket(socket: &std::path::Path) -> std::path::PathBuf {
     socket.with_extension("nbd.sock")
 }
 
-/// After a migration that copied disks and the NBD server's stop: `cont`, as
-/// [`follow_incoming`] does for the others.
-async fn start_after_copy(
-    qmp: &qmigrate_qmp::Qmp,
-    outcome: &mut crate::destination::IncomingOutcome,
-    start: bool,
-) -> anyhow::Result<()> {
-    let state = crate::monitor::query_status(qmp).await?;
-    if outcome.status == MigrationStatus::Completed && start && !state.running {
-        qmp.execute(&qmigrate_qmp::Cont)
-            .await
-            .context("cont on the destination failed")?;
-        outcome.started = true;
-    }
-    outcome.run_state = crate::monitor::query_status(qmp).await?.status;
-    Ok(())
-}
-
 /// `migrate-recover`: the paused destination listens again at `target` for the resume.
 async fn listen_again(qmp: &qmigrate_qmp::Qmp, target: &QemuTarget) -> anyhow::Result<()> {
     crate::destination::listen_for_recovery(qmp, target).await?;
@@ -526,12 +508,15 @@ async fn prepare_and_follow(
     let mut outcome = outcome;
     if copying {
         // The source has removed its NBD nodes by now (it reports its end after that).
-        crate::storage::stop_nbd_server(qmp).await;
-        if let Some(Ok(o)) = &mut outcome {
-            if let Err(err) = start_after_copy(qmp, o, !settings.no_start).await {
-                warn!("{err:#}");
-                o.error = Some(format!("{err:#}"));
+        match &mut outcome {
+            Some(Ok(o)) => {
+                if let Err(err) = crate::storage::finish_incoming(qmp, o, !settings.no_start).await
+                {
+                    warn!("{err:#}");
+                    o.error = Some(format!("{err:#}"));
+                }
             }
+            _ => crate::storage::stop_nbd_server(qmp).await,
         }
     }
     ending.completed = matches!(&outcome, Some(Ok(o)) if o.status == MigrationStatus::Completed);

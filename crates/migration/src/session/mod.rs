@@ -166,6 +166,11 @@ pub struct Disk {
     pub read_only: bool,
     /// The source image's format (`qcow2`, `raw`), for the destination's advice.
     pub format: String,
+    /// Only the top image is copied (`--copy-storage-inc`): the destination's image must have
+    /// a backing chain (the same as the source's). Left out when false; older servers ignore
+    /// it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incremental: bool,
 }
 
 /// One disk's NBD export on the destination, in [`Control::Ready`].
@@ -286,6 +291,7 @@ mod tests {
                             size: 16777216,
                             read_only: false,
                             format: "qcow2".into(),
+                            incremental: false,
                         }],
                         ..MigrationSettings::default()
                     },

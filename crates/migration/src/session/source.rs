@@ -16,7 +16,7 @@ use crate::monitor::connect_qmp;
 use crate::outcome::{Outcome, Progress};
 use crate::source::Latch;
 use crate::source::{self, FollowOptions};
-use crate::storage::{self, Mirrors, SourceDisk};
+use crate::storage::{self, SourceDisk};
 use crate::{direct, Error, ErrorKind, MigrationPlan, QemuTarget};
 
 /// How long the destination may take to prepare (QMP, capabilities, `migrate-incoming`).
@@ -58,8 +58,8 @@ pub struct SessionOptions {
     /// How long to keep reconnecting when postcopy is paused by a broken connection (zero:
     /// not at all; both QEMUs are then left paused for `qmigrate recover`).
     pub recover_timeout: Duration,
-    /// The disks to copy (`--copy-storage`); none for shared storage.
-    pub storage: storage::Selection,
+    /// The disks to copy (`--copy-storage`, `--copy-storage-inc`); none for shared storage.
+    pub storage: storage::StorageCopy,
 }
 
 /// What the source side of a session shows the operator besides the migration's progress.
@@ -254,7 +254,7 @@ async fn follow_source<F: Future<Output = String>>(
     cancel: &mut Latch<F>,
     downtime: &mut Option<Duration>,
 ) -> crate::Result<()> {
-    let mut follow = FollowOptions {
+    let follow = FollowOptions {
         detach: false,
         ..opts.follow.clone()
     };
@@ -270,23 +270,35 @@ async fn follow_source<F: Future<Output = String>>(
             (qmp, state)
         }
     };
-    let mut mirrors = None;
     let mut summary = match (begin, route.as_ref()) {
-        (Begin::Migrate, Some(r)) => {
-            if !disks.is_empty() {
-                let copy = copy_disks(&qmp, disks, r, progress, cancel.wait()).await;
-                let copy = match copy {
-                    Ok(copy) => copy,
-                    Err(err) => {
-                        qmp.close().await;
-                        return Err(err);
-                    }
-                };
-                let copy = std::sync::Arc::new(copy);
-                follow.storage = Some(copy.clone());
-                mirrors = Some(copy);
+        (Begin::Migrate, Some(r)) if !disks.is_empty() => {
+            let nbd = r.nbd.as_ref().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Failed,
+                    anyhow!("no NBD relay was set up for the disks"),
+                )
+            })?;
+            let failed = nbd.failed.clone();
+            let nbd_error = move || failed.lock().ok().and_then(|e| e.clone());
+            let nbd_route = storage::NbdRoute {
+                exports: &r.exports,
+                socket: &nbd.socket,
+                nbd_error: &nbd_error,
+            };
+            let result = storage::run_with_disks(
+                &qmp, &opts.plan, &r.target, &state, &follow, disks, nbd_route, progress, cancel,
+            )
+            .await;
+            match result {
+                Ok(summary) => summary,
+                Err(err) => {
+                    qmp.close().await;
+                    return Err(err);
+                }
             }
-            let result = source::run_migration(
+        }
+        (Begin::Migrate, Some(r)) => {
+            source::run_migration(
                 &qmp,
                 &opts.plan,
                 &r.target,
@@ -295,16 +307,7 @@ async fn follow_source<F: Future<Output = String>>(
                 progress,
                 cancel.wait(),
             )
-            .await;
-            match (result, &mirrors) {
-                (Ok(summary), _) => summary,
-                (Err(err), Some(m)) => {
-                    m.abort(&qmp).await;
-                    qmp.close().await;
-                    return Err(Error::from(err.into_anyhow().context(INCOMPLETE)));
-                }
-                (Err(err), None) => return Err(err),
-            }
+            .await?
         }
         _ => crate::outcome::Summary::from_info(
             &qmigrate_qmp::MigrationInfo::default(),
@@ -375,75 +378,10 @@ async fn follow_source<F: Future<Output = String>>(
             }
         }
     }
-    if let Some(m) = &mirrors {
-        finish_disks(&qmp, m, &mut summary).await;
-    }
     *downtime = summary.downtime;
     progress.finish(&summary);
     qmp.close().await;
     source::outcome_result(&summary.outcome, &state)
-}
-
-/// What a migration that copied disks and did not complete leaves behind.
-const INCOMPLETE: &str =
-    "the destination's disk images are incomplete (the source VM keeps its own disks)";
-
-/// The disk phase: the mirrors onto the destination's NBD exports, until every disk is copied
-/// and kept in sync. On a failure or cancel, the mirrors are abandoned and the NBD nodes
-/// removed before the error returns.
-async fn copy_disks(
-    qmp: &qmigrate_qmp::Qmp,
-    disks: &[SourceDisk],
-    route: &Route,
-    progress: &mut (dyn Progress + Send),
-    cancel: impl Future<Output = String>,
-) -> crate::Result<Mirrors> {
-    let nbd = route.nbd.as_ref().ok_or_else(|| {
-        Error::new(
-            ErrorKind::Failed,
-            anyhow!("no NBD relay was set up for the disks"),
-        )
-    })?;
-    let failed = nbd.failed.clone();
-    let last_error = move || failed.lock().ok().and_then(|e| e.clone());
-    let mirrors = Mirrors::start(qmp, disks, &route.exports, &nbd.socket, last_error)
-        .await
-        .map_err(|e| Error::from(e.into_anyhow().context(INCOMPLETE)))?;
-    if let Err(err) = mirrors.converge(qmp, progress, cancel).await {
-        mirrors.abort(qmp).await;
-        return Err(Error::from(err.into_anyhow().context(INCOMPLETE)));
-    }
-    Ok(mirrors)
-}
-
-/// After the RAM migration: a completed one completes any mirror still running (a QEMU that
-/// did not pause before switchover) and removes the NBD nodes; any other abandons the copy.
-/// The summary gets the bytes copied per disk, and says the images are incomplete when they
-/// are.
-async fn finish_disks(qmp: &qmigrate_qmp::Qmp, mirrors: &Mirrors, summary: &mut crate::Summary) {
-    if summary.outcome == Outcome::Completed {
-        let running = qmp
-            .execute(&qmigrate_qmp::QueryBlockJobs)
-            .await
-            .is_ok_and(|jobs| {
-                jobs.iter()
-                    .any(|j| j.device.starts_with("qmigrate-mirror-"))
-            });
-        if running {
-            if let Err(err) = mirrors.complete(qmp).await {
-                tracing::warn!("completing the disk mirrors after the migration: {err:#}");
-            }
-        }
-        mirrors.remove(qmp).await;
-    } else {
-        mirrors.abort(qmp).await;
-        summary.outcome = match std::mem::replace(&mut summary.outcome, Outcome::Completed) {
-            Outcome::Failed(r) => Outcome::Failed(format!("{r}; {INCOMPLETE}")),
-            Outcome::Cancelled(r) => Outcome::Cancelled(format!("{r}; {INCOMPLETE}")),
-            other => other,
-        };
-    }
-    summary.disks = mirrors.last();
 }
 
 /// Reports the source's end to the destination, waits for its verdict over the route in use,
