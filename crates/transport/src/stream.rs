@@ -105,6 +105,17 @@ impl TunnelStream {
         }
     }
 
+    /// Tells the connection the protocol version the handshake agreed on, before the split:
+    /// from [`protocol::HEARTBEATS`] a WebSocket connection pings while quiet and drops a
+    /// peer that stays silent for the dead-peer timeout. Other transports ignore it.
+    pub fn set_version(&mut self, version: u32) {
+        match self {
+            TunnelStream::Tcp(_) | TunnelStream::Tls(_) => {}
+            TunnelStream::Ws(ws) => ws.set_version(version),
+            TunnelStream::Wss(ws) => ws.set_version(version),
+        }
+    }
+
     /// Splits the connection into its two directions, so both can run at once.
     pub fn into_split(self) -> (TunnelReader, TunnelWriter) {
         match self {
