@@ -634,3 +634,133 @@ async fn step_by_step_postcopy_recovers() {
     srv.kill().await;
     client.kill().await;
 }
+
+/// The tunnel-server frozen mid-precopy (`SIGSTOP`: its kernel still acknowledges every byte,
+/// so keepalive sees nothing wrong): the control connection's heartbeats stop, and `migrate`
+/// gives up within the dead-peer timeout and a margin, naming the silent control connection,
+/// exit 1, the source running. Once the server runs again it frees the route, and the next
+/// migration through it (to a fresh destination QEMU) succeeds.
+async fn server_stopped_mid_precopy(relay: bool) {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let mut rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let mut args = vec![
+        "migrate".to_owned(),
+        "--qmp".into(),
+        path(&rig.src.qmp_path),
+        "--to".into(),
+        rig.url.clone(),
+        "--max-bandwidth".into(),
+        BANDWIDTH.into(),
+    ];
+    if relay {
+        args.push("--relay".into());
+    }
+    args.extend(rig.client.iter().cloned());
+    let mut mig = Proc::spawn("migrate", &rig.d, &args);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    rig.srv.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let (status, _) = mig.wait(Duration::from_secs(90)).await;
+    let took = stopped.elapsed();
+    rig.srv.signal(libc::SIGCONT);
+    let err = mig.stderr();
+    eprintln!(
+        "{}: migrate gave up {took:?} after the server stopped: {}",
+        if relay { "relay" } else { "direct" },
+        err.lines().last().unwrap_or_default()
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the tunnel-server sent nothing on the control connection for 5 s"),
+        "the message names the silent control connection:\n{err}"
+    );
+    // The dead-peer timeout (5 s), the cancel, and the tunnel's bounded stop (5 s).
+    assert!(took < Duration::from_secs(20), "took {took:?}:\n{err}");
+    let qmp = support::qmp(&rig.src.qmp_path).await;
+    assert_eq!(support::vm_state(&qmp).await.0, RunState::Running, "{err}");
+    // Cancelled; relayed, QEMU sometimes sees the torn-down connection first.
+    let after = support::migration_status(&qmp).await.0;
+    assert!(
+        matches!(after, MigrationStatus::Cancelled | MigrationStatus::Failed),
+        "source migration status {after:?}"
+    );
+    drop(qmp);
+
+    // The same server, running again, with a fresh destination (the old one took its one
+    // incoming migration). The old one dies first: while it lives, its socket at the same
+    // path passes for the new one's.
+    rig.dst.kill();
+    drop(std::mem::replace(
+        &mut rig.dst,
+        destination(&bin, &rig.d.join("dst.qmp")),
+    ));
+    args.retain(|a| a != BANDWIDTH && a != "--max-bandwidth");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = run(&args, Duration::from_secs(120)).await;
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            out.stderr.contains("already under way") && Instant::now() < deadline,
+            "the next migration failed:\n{}\nserver log:\n{}",
+            out.stderr,
+            rig.srv.stderr()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let qmp = support::qmp(&rig.src.qmp_path).await;
+    assert_eq!(support::vm_state(&qmp).await.0, RunState::Postmigrate);
+    rig.srv.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stopped_mid_precopy_relay() {
+    server_stopped_mid_precopy(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stopped_mid_precopy_direct() {
+    server_stopped_mid_precopy(false).await;
+}
+
+/// A migration that lasts several dead-peer timeouts (the tests' 5 s), with nothing wrong:
+/// the heartbeats keep both ends of the control connection satisfied, and it completes with
+/// the destination's RAM the source's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_migration_keeps_its_control_connection() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let mut args = vec![
+        "migrate".to_owned(),
+        "--qmp".into(),
+        path(&rig.src.qmp_path),
+        "--to".into(),
+        rig.url.clone(),
+        // 256 MiB at 16 MiB/s: about three dead-peer timeouts.
+        "--max-bandwidth".into(),
+        "16MiB".into(),
+    ];
+    args.extend(rig.client.iter().cloned());
+    let started = Instant::now();
+    let out = run(&args, Duration::from_secs(120)).await;
+    let took = started.elapsed();
+    eprintln!("the migration took {took:?}");
+    assert!(
+        out.status.success(),
+        "{}\nserver:\n{}",
+        out.stderr,
+        rig.srv.stderr()
+    );
+    assert!(
+        took > Duration::from_secs(10),
+        "too quick to prove anything: {took:?}"
+    );
+    rig.verify().await;
+}

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use qmigrate_qmp::{MigrationStatus, RunState};
-use qmigrate_transport::{open_control, open_data, open_nbd, Client, ClientConfig, TunnelStream};
+use qmigrate_transport::{open_control, open_data, open_nbd, Client, ClientConfig};
 use tokio_util::sync::CancellationToken;
 
+use super::link::Link;
 use super::{Control, Export, MigrationSettings, Named, SourceEnd};
 use crate::monitor::connect_qmp;
 use crate::outcome::{Outcome, Progress};
@@ -271,10 +272,25 @@ async fn follow_source<F: Future<Output = String>>(
         }
     };
     let mut mirrors = None;
-    let mut summary = match (begin, route.as_ref()) {
+    let mut summary = match (begin, route.as_mut()) {
         (Begin::Migrate, Some(r)) => {
+            let Route {
+                control,
+                target,
+                exports,
+                nbd,
+                ..
+            } = r;
             if !disks.is_empty() {
-                let copy = copy_disks(&qmp, disks, r, progress, cancel.wait()).await;
+                let copy = copy_disks(
+                    &qmp,
+                    disks,
+                    exports,
+                    nbd.as_ref(),
+                    progress,
+                    watched(cancel, control),
+                )
+                .await;
                 let copy = match copy {
                     Ok(copy) => copy,
                     Err(err) => {
@@ -289,15 +305,15 @@ async fn follow_source<F: Future<Output = String>>(
             let result = source::run_migration(
                 &qmp,
                 &opts.plan,
-                &r.target,
+                target,
                 &state,
                 &follow,
                 progress,
-                cancel.wait(),
+                watched(cancel, control),
             )
             .await;
             match (result, &mirrors) {
-                (Ok(summary), _) => summary,
+                (Ok(summary), _) => silence_is_a_failure(summary, control),
                 (Err(err), Some(m)) => {
                     m.abort(&qmp).await;
                     qmp.close().await;
@@ -345,7 +361,9 @@ async fn follow_source<F: Future<Output = String>>(
                 }
                 progress.note("the destination listens again: resuming the migration");
                 let target = new.target.clone();
-                *route = Some(new);
+                let control = &mut route.insert(new).control;
+                // Postcopy cannot be cancelled: a silent server is only noted there, and
+                // the heartbeats keep the destination from taking this side for dead.
                 summary = source::resume_migration(
                     &qmp,
                     &opts.plan,
@@ -353,7 +371,7 @@ async fn follow_source<F: Future<Output = String>>(
                     &state,
                     &follow,
                     progress,
-                    cancel.wait(),
+                    watched(cancel, control),
                 )
                 .await?;
                 backoff = RECOVER_BACKOFF_FIRST;
@@ -384,6 +402,28 @@ async fn follow_source<F: Future<Output = String>>(
     source::outcome_result(&summary.outcome, &state)
 }
 
+/// `cancel`, or the control connection's silence ([`Link::watch`]): the migration is
+/// cancelled either way, and the heartbeats flow meanwhile.
+async fn watched<F: Future<Output = String>>(cancel: &mut Latch<F>, control: &mut Link) -> String {
+    tokio::select! {
+        reason = cancel.wait() => reason,
+        reason = control.watch() => reason,
+    }
+}
+
+/// A migration cancelled because the tunnel-server fell silent failed: it is not the
+/// operator's cancel (exit 1, not 4).
+fn silence_is_a_failure(mut summary: crate::Summary, control: &Link) -> crate::Summary {
+    if control.silent().is_some() {
+        if let Outcome::Cancelled(reason) = &summary.outcome {
+            summary.outcome = Outcome::Failed(format!(
+                "{reason}; the migration was cancelled, the source VM stays on this host"
+            ));
+        }
+    }
+    summary
+}
+
 /// What a migration that copied disks and did not complete leaves behind.
 const INCOMPLETE: &str =
     "the destination's disk images are incomplete (the source VM keeps its own disks)";
@@ -394,11 +434,12 @@ const INCOMPLETE: &str =
 async fn copy_disks(
     qmp: &qmigrate_qmp::Qmp,
     disks: &[SourceDisk],
-    route: &Route,
+    exports: &[Export],
+    nbd: Option<&NbdRelay>,
     progress: &mut (dyn Progress + Send),
     cancel: impl Future<Output = String>,
 ) -> crate::Result<Mirrors> {
-    let nbd = route.nbd.as_ref().ok_or_else(|| {
+    let nbd = nbd.ok_or_else(|| {
         Error::new(
             ErrorKind::Failed,
             anyhow!("no NBD relay was set up for the disks"),
@@ -406,7 +447,7 @@ async fn copy_disks(
     })?;
     let failed = nbd.failed.clone();
     let last_error = move || failed.lock().ok().and_then(|e| e.clone());
-    let mirrors = Mirrors::start(qmp, disks, &route.exports, &nbd.socket, last_error)
+    let mirrors = Mirrors::start(qmp, disks, exports, &nbd.socket, last_error)
         .await
         .map_err(|e| Error::from(e.into_anyhow().context(INCOMPLETE)))?;
     if let Err(err) = mirrors.converge(qmp, progress, cancel).await {
@@ -497,7 +538,7 @@ async fn finish(
 /// One session's way to the destination: its control connection and how the data goes (the
 /// direct data path's socket, or an in-process tunnel client on a private socket).
 struct Route {
-    control: TunnelStream,
+    control: Link,
     direct_fd: Option<OwnedFd>,
     target: QemuTarget,
     tunnel: Option<tokio::task::JoinHandle<qmigrate_transport::Report>>,
@@ -603,21 +644,25 @@ async fn open_route(
     events: &mut (dyn FnMut(SessionEvent<'_>) + Send),
 ) -> crate::Result<Route> {
     let server = opts.tunnel.server.clone();
-    let (mut control, session) = open_control(&opts.tunnel)
+    let (control, session, version) = open_control(&opts.tunnel)
         .await
         .map_err(|e| anyhow!(e))
         .with_context(|| format!("cannot start the migration session with {server}"))?;
+    let mut control = Link::new(
+        control,
+        version,
+        opts.tunnel.dead_peer.timeout,
+        "the tunnel-server",
+    );
     control
-        .send_msg(&first)
+        .send(&first)
         .await
         .context("the tunnel server went away")?;
     let asked_disks = match &first {
         Control::Prepare { settings } => settings.disks.len(),
         _ => 0,
     };
-    let (direct, exports) = match tokio::time::timeout(READY_TIMEOUT, control.recv_msg::<Control>())
-        .await
-    {
+    let (direct, exports) = match tokio::time::timeout(READY_TIMEOUT, control.recv()).await {
         Ok(Ok(Control::Ready {
             qemu,
             direct,
@@ -637,6 +682,7 @@ async fn open_route(
                 server: &server.to_string(),
                 direct,
             });
+            control.arm();
             (direct, exports)
         }
         Ok(Ok(Control::Failed { message })) => {
@@ -654,9 +700,7 @@ async fn open_route(
         Ok(Err(e)) => {
             return Err(Error::new(
                 ErrorKind::Failed,
-                anyhow!(e).context(
-                    "the tunnel server closed the session while preparing the destination",
-                ),
+                e.context("the tunnel server closed the session while preparing the destination"),
             ))
         }
         Err(_) => {
@@ -733,10 +777,14 @@ async fn open_route(
 
 /// Tells the server how the source ended and waits for the destination's verdict.
 async fn destination_verdict(
-    control: &mut TunnelStream,
+    control: &mut Link,
     outcome: SourceEnd,
     downtime_ms: Option<u64>,
 ) -> anyhow::Result<Verdict> {
+    if let Some(silent) = control.silent() {
+        // Nothing will come: waiting for it would only hold the operator's answer.
+        return Err(anyhow!("{silent}"));
+    }
     // The server may already have sent its verdict (the destination finished first) and
     // closed: a failed send is not yet an error.
     // A destination that loads a completed migration may take a while to finish; one whose
@@ -750,8 +798,8 @@ async fn destination_verdict(
         outcome,
         downtime_ms,
     };
-    let _ = tokio::time::timeout(limit, control.send_msg(&finished)).await;
-    match tokio::time::timeout(limit, control.recv_msg::<Control>()).await {
+    let _ = tokio::time::timeout(limit, control.send(&finished)).await;
+    match tokio::time::timeout(limit, control.recv()).await {
         Ok(Ok(Control::Done {
             status,
             vm,
@@ -765,7 +813,8 @@ async fn destination_verdict(
         }),
         Ok(Ok(Control::Failed { message })) => Err(anyhow!("{message}")),
         Ok(Ok(other)) => Err(anyhow!("unexpected message {other:?}")),
-        Ok(Err(e)) => Err(anyhow!(e).context("the tunnel server closed the session")),
+        Ok(Err(e)) if control.silent().is_some() => Err(e),
+        Ok(Err(e)) => Err(e.context("the tunnel server closed the session")),
         Err(_) => Err(anyhow!(
             "no verdict from the destination within {}s",
             limit.as_secs()
