@@ -180,3 +180,121 @@ async fn sleep_until_some(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::session::SourceEnd;
+
+    /// Two ends of a loopback TCP connection.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.expect("connect"), b.expect("accept").0)
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(3);
+
+    /// Version 3, both ends armed: one side busy elsewhere ([`Link::watch`]) for two
+    /// timeouts, the other waiting in [`Link::recv`] all along; the heartbeats keep both
+    /// alive, and the message that finally comes arrives whole although every heartbeat
+    /// tick cancels a receive.
+    #[tokio::test]
+    async fn heartbeats_keep_a_quiet_session_alive() {
+        let (a, b) = pair().await;
+        let mut a = Link::new(TunnelStream::Tcp(a), 3, TIMEOUT, "a");
+        let mut b = Link::new(TunnelStream::Tcp(b), 3, TIMEOUT, "b");
+        a.arm();
+        b.arm();
+        let msg = Control::Finished {
+            outcome: SourceEnd::Completed,
+            downtime_ms: Some(7),
+        };
+        let sender = async {
+            let quiet = tokio::time::timeout(2 * TIMEOUT, a.watch()).await;
+            assert!(quiet.is_err(), "a took b for dead: {quiet:?}");
+            a.send(&msg).await.expect("send");
+            // Kept alive until b has read it.
+            let _ = tokio::time::timeout(Duration::from_secs(2), a.watch()).await;
+        };
+        let (_, got) = tokio::join!(sender, b.recv());
+        assert_eq!(got.expect("b receives"), msg);
+        assert!(a.silent().is_none() && b.silent().is_none());
+    }
+
+    /// A peer whose connection stays up but says nothing (a stopped process) is taken for
+    /// hung after the timeout, not before, and the reason names it.
+    #[tokio::test]
+    async fn a_silent_peer_is_taken_for_hung() {
+        let (a, _b) = pair().await;
+        let mut a = Link::new(TunnelStream::Tcp(a), 3, TIMEOUT, "the tunnel-server");
+        a.arm();
+        let start = Instant::now();
+        let err = a.recv().await.expect_err("silence");
+        let took = start.elapsed();
+        assert!(
+            took >= TIMEOUT && took < TIMEOUT + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("the tunnel-server sent nothing on the control connection for 3 s"),
+            "{err}"
+        );
+        assert!(a.silent().is_some());
+        // And from then on, at once.
+        assert!(tokio::time::timeout(Duration::from_millis(100), a.recv())
+            .await
+            .expect("at once")
+            .is_err());
+    }
+
+    /// With a version-2 peer nothing new goes on the wire and silence is no error: an older
+    /// qmigrate would refuse a message type it does not know.
+    #[tokio::test]
+    async fn version_2_sends_and_expects_no_heartbeat() {
+        let (a, mut b) = pair().await;
+        let mut a = Link::new(TunnelStream::Tcp(a), 2, TIMEOUT, "a");
+        a.arm();
+        let waited = tokio::time::timeout(TIMEOUT + Duration::from_secs(1), a.recv()).await;
+        assert!(waited.is_err(), "recv ended: {waited:?}");
+        let mut byte = [0u8; 1];
+        let sent = tokio::time::timeout(Duration::from_millis(200), b.read(&mut byte)).await;
+        assert!(
+            sent.is_err(),
+            "a sent something to a version-2 peer: {sent:?}"
+        );
+    }
+
+    /// A message whose second half comes after a heartbeat tick (which cancels the receive
+    /// under way) arrives whole: the half already read is kept.
+    #[tokio::test]
+    async fn a_message_cut_by_a_heartbeat_tick_arrives_whole() {
+        let (a, mut b) = pair().await;
+        let mut a = Link::new(TunnelStream::Tcp(a), 3, TIMEOUT, "a");
+        a.arm();
+        let mut all = protocol::encode(&Control::Heartbeat);
+        all.extend_from_slice(&protocol::encode(&Control::Failed {
+            message: "the destination says why".into(),
+        }));
+        let (first, rest) = all.split_at(all.len() - 10);
+        let writer = async {
+            b.write_all(first).await.expect("write");
+            tokio::time::sleep(PING_IDLE + Duration::from_millis(500)).await;
+            b.write_all(rest).await.expect("write");
+        };
+        let (got, ()) = tokio::join!(a.recv(), writer);
+        assert_eq!(
+            got.expect("recv"),
+            Control::Failed {
+                message: "the destination says why".into()
+            }
+        );
+    }
+}
