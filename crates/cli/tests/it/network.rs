@@ -764,3 +764,99 @@ async fn a_long_migration_keeps_its_control_connection() {
     );
     rig.verify().await;
 }
+
+/// Step by step over `ws://` (`send`, tunnel-client, a plain tunnel-server, `receive`): the
+/// tunnel-server frozen mid-precopy. There is no control connection here: the WebSocket pings
+/// are what notice it. The tunnel-client drops the connection within its dead-peer timeout,
+/// which fails the source QEMU's migration, and `send` exits 1 with the source running, even
+/// with the stall timeout off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_by_step_ws_server_stopped() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let d = rig.d.clone();
+    let dest_sock = d.join("dest.sock");
+    let src_sock = d.join("src.sock");
+    let s = setup(&d, "ws", ns.addr());
+    let mut args = vec![
+        "tunnel-server".to_owned(),
+        "--listen".into(),
+        format!("ws://{}:0", ns.addr()),
+        "--socket".into(),
+        path(&dest_sock),
+        "--dead-peer-timeout".into(),
+        DEAD_PEER.into(),
+    ];
+    args.extend(s.server.iter().cloned());
+    let (mut srv, url) = server_in(&ns, &d, "plain-ws-server", &args).await;
+    assert!(url.starts_with("ws://"), "{url}");
+    let mut args = vec![
+        "tunnel-client".to_owned(),
+        "--connect".into(),
+        url,
+        "--socket".into(),
+        path(&src_sock),
+    ];
+    args.extend(s.client.iter().cloned());
+    args.extend(["--dead-peer-timeout".into(), DEAD_PEER.into()]);
+    let mut client = Proc::spawn("tunnel-client", &d, &args);
+    let line = client.next_line(READY).await;
+    assert!(line.starts_with("listening on "), "{line}");
+
+    let dst_qmp = path(&rig.dst.qmp_path);
+    let src_qmp = path(&rig.src.qmp_path);
+    let out = run(
+        ["receive", "--qmp", &dst_qmp, "--socket", &path(&dest_sock)],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(out.status.success(), "receive: {}", out.stderr);
+    let mut send = Proc::spawn(
+        "send",
+        &d,
+        [
+            "send",
+            "--qmp",
+            &src_qmp,
+            "--socket",
+            &path(&src_sock),
+            "--max-bandwidth",
+            BANDWIDTH,
+            "--stall-timeout",
+            "off",
+        ],
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    srv.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let (status, _) = send.wait(Duration::from_secs(90)).await;
+    let took = stopped.elapsed();
+    srv.signal(libc::SIGCONT);
+    let err = send.stderr();
+    eprintln!(
+        "send ended {took:?} after the ws server stopped: {}",
+        err.lines().last().unwrap_or_default()
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    // The dead-peer timeout (5 s) and QEMU's failure.
+    assert!(
+        took < Duration::from_secs(20),
+        "took {took:?}:\n{err}\nclient:\n{}",
+        client.stderr()
+    );
+    assert!(
+        client
+            .stderr()
+            .contains("the peer did not answer WebSocket pings for 5s"),
+        "the tunnel-client names the pings:\n{}",
+        client.stderr()
+    );
+    let qmp = support::qmp(&rig.src.qmp_path).await;
+    assert_eq!(support::vm_state(&qmp).await.0, RunState::Running, "{err}");
+    drop(qmp);
+    srv.kill().await;
+    client.kill().await;
+}
