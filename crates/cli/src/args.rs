@@ -145,7 +145,10 @@ impl TunnelClientArgs {
 pub struct DeadPeerArgs {
     /// A tunnel connection whose peer has not answered for DUR fails (TCP keepalive probes
     /// idle connections; data unacknowledged for DUR is an error, also on the direct data
-    /// path's socket in QEMU's hands). `off` leaves the system's defaults (hours).
+    /// path's socket in QEMU's hands). With peers of this version, ws:// and wss:// connections
+    /// and the control connection of migrate/tunnel-server --qmp also fail when the peer sends
+    /// nothing (not even a ping or heartbeat) for DUR, at least 3s: a hung peer process.
+    /// `off` leaves the system's defaults (hours) and takes no silence for a dead peer.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = units::parse_duration_or_off)]
     pub dead_peer_timeout: Duration,
 }

@@ -352,16 +352,17 @@ async fn handle(
 }
 
 /// Opens the control connection of a new migration session to `config.server` (its path
-/// names the route) and returns it with the session id; then send [`Control`] messages on it
-/// and serve a [`Client`] with that session in `config.session`.
+/// names the route) and returns it with the session id and the protocol version the server
+/// chose (from [`crate::protocol::HEARTBEATS`] the session exchanges heartbeats); then send
+/// [`Control`] messages on it and serve a [`Client`] with that session in `config.session`.
 ///
 /// [`Control`]: crate::protocol::Control
-pub async fn open_control(config: &ClientConfig) -> Result<(TunnelStream, String)> {
+pub async fn open_control(config: &ClientConfig) -> Result<(TunnelStream, String, u32)> {
     let session = new_session_id();
     let transport = transport_for(config)?;
     let hello = Hello::control(&session, config.server.route());
-    let (stream, _) = open(&transport, config, &hello).await?;
-    Ok((stream, session))
+    let (stream, version) = open(&transport, config, &hello).await?;
+    Ok((stream, session, version))
 }
 
 /// Opens data connection `seq` of `session` (prepared on a control connection) and returns it

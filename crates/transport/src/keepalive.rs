@@ -52,6 +52,15 @@ impl DeadPeer {
     }
 }
 
+/// A timeout for a message: whole seconds as `30s`, anything else in milliseconds.
+pub(crate) fn show(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

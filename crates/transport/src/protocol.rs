@@ -20,7 +20,7 @@ pub const MAX_HANDSHAKE_LEN: u32 = 64 * 1024;
 /// The oldest protocol version this build speaks.
 pub const PROTOCOL_MIN: u32 = 1;
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_MAX: u32 = 2;
+pub const PROTOCOL_MAX: u32 = 3;
 
 /// The first version in which each side of a data connection acknowledges the peer's end of
 /// stream before either calls the connection complete: on `tcp://` and `tls://` a second empty
@@ -28,6 +28,18 @@ pub const PROTOCOL_MAX: u32 = 2;
 /// 1 ends without it (and a side there cannot tell a direction cut after its end marker left
 /// from a complete one). Nothing else differs, so a version-1 peer still interoperates.
 pub const ACKNOWLEDGED_END: u32 = 2;
+
+/// The first version in which each side proves it is alive: on `ws://` and `wss://` data
+/// connections a side sends a ping ([`PING_IDLE`]) whenever it has sent no frame for a second,
+/// until its end marker, so that the other side can take a silence of its dead-peer timeout
+/// for a hung peer; control connections carry heartbeats (the migration engine's messages).
+/// A version-2 peer neither sends nor expects them, and nothing else differs.
+pub const HEARTBEATS: u32 = 3;
+
+/// From version [`HEARTBEATS`]: the longest a side stays silent on a WebSocket data
+/// connection before its end marker (it sends a ping after this long without a frame), and
+/// the interval of the control connection's heartbeats.
+pub const PING_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Largest data frame on a TCP tunnel connection. Frames carry whatever one read from the
 /// Unix socket returned, so this is also the relay's buffer size.

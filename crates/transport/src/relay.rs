@@ -42,7 +42,7 @@ pub async fn relay(
 /// task can read them while the relay runs.
 pub(crate) async fn relay_counted(
     mut unix: UnixStream,
-    tunnel: TunnelStream,
+    mut tunnel: TunnelStream,
     version: u32,
     to_tunnel: &AtomicU64,
     from_tunnel: &AtomicU64,
@@ -52,6 +52,7 @@ pub(crate) async fn relay_counted(
     // Borrowed halves: tokio's owned write half shuts the socket down when dropped, and that
     // half-close would reach QEMU as a clean EOF before the close that resets its connection.
     let (mut unix_rd, mut unix_wr) = unix.split();
+    tunnel.set_version(version);
     let (mut tun_rd, mut tun_wr) = tunnel.into_split();
     tun_rd.expect_acknowledged_end(version);
 

@@ -91,6 +91,42 @@ impl TunnelStream {
         }
     }
 
+    /// Receives one message's body as [`recv_body`](Self::recv_body) does, but cancel-safe,
+    /// for a receive that races a timer (the control connection's heartbeats): on TCP and
+    /// TLS the bytes read go into `buf` first, and what a cancelled receive had read stays
+    /// there for the next call. Once used on a connection, every later receive on it must go
+    /// through here with the same `buf`. WebSocket keeps partial messages itself.
+    pub async fn recv_body_buffered(&mut self, buf: &mut Vec<u8>) -> Result<Vec<u8>> {
+        loop {
+            if buf.len() >= 12 {
+                let mut header = [0u8; 12];
+                header.copy_from_slice(&buf[..12]);
+                let len = protocol::parse_header(&header)? as usize;
+                if buf.len() >= 12 + len {
+                    let body = buf[12..12 + len].to_vec();
+                    buf.drain(..12 + len);
+                    return Ok(body);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            // `read` is cancel-safe: bytes it returns are kept before the next await.
+            let n = match self {
+                TunnelStream::Tcp(s) => s.read(&mut chunk).await,
+                TunnelStream::Tls(s) => s.read(&mut chunk).await,
+                TunnelStream::Ws(_) | TunnelStream::Wss(_) => return self.recv_body().await,
+            }
+            .map_err(Error::lost_or_io)?;
+            if n == 0 {
+                return Err(Error::ConnectionLost(if buf.is_empty() {
+                    "the peer closed the connection".into()
+                } else {
+                    "the peer closed in the middle of a message".into()
+                }));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
     /// Ends a connection this side refused, after the `reject` that says why: TCP a FIN, TLS
     /// `close_notify` and FIN, WebSocket a close frame with status 1008 (policy violation)
     /// and `reason`. Then, for at most a second, it reads what the peer still sends, so that
@@ -102,6 +138,17 @@ impl TunnelStream {
             TunnelStream::Tls(s) => linger(&mut **s).await,
             TunnelStream::Ws(ws) => ws.close_with(ws::CLOSE_REFUSED, reason).await,
             TunnelStream::Wss(ws) => ws.close_with(ws::CLOSE_REFUSED, reason).await,
+        }
+    }
+
+    /// Tells the connection the protocol version the handshake agreed on, before the split:
+    /// from [`protocol::HEARTBEATS`] a WebSocket connection pings while quiet and drops a
+    /// peer that stays silent for the dead-peer timeout. Other transports ignore it.
+    pub fn set_version(&mut self, version: u32) {
+        match self {
+            TunnelStream::Tcp(_) | TunnelStream::Tls(_) => {}
+            TunnelStream::Ws(ws) => ws.set_version(version),
+            TunnelStream::Wss(ws) => ws.set_version(version),
         }
     }
 

@@ -184,12 +184,18 @@ impl Transport for WebSocket {
 
     async fn connect(&self, to: &Endpoint) -> Result<TunnelStream> {
         let tcp = tcp_connect(to, &self.dead_peer).await?;
-        Ok(TunnelStream::Ws(Box::new(ws_connect(to, tcp).await?)))
+        let ws = ws_connect(to, tcp).await?;
+        Ok(TunnelStream::Ws(Box::new(
+            ws.with_dead_peer(self.dead_peer.timeout),
+        )))
     }
 
     async fn accept(&self, tcp: TcpStream) -> Result<TunnelStream> {
         tune(&tcp, &self.dead_peer)?;
-        Ok(TunnelStream::Ws(Box::new(ws_accept(tcp).await?)))
+        let ws = ws_accept(tcp).await?;
+        Ok(TunnelStream::Ws(Box::new(
+            ws.with_dead_peer(self.dead_peer.timeout),
+        )))
     }
 }
 
@@ -209,7 +215,10 @@ impl Transport for Tls {
         let tcp = tcp_connect(to, &self.dead_peer).await?;
         let tls = tls::connect(settings, to, tcp).await?;
         if self.websocket {
-            Ok(TunnelStream::Wss(Box::new(ws_connect(to, tls).await?)))
+            let ws = ws_connect(to, tls).await?;
+            Ok(TunnelStream::Wss(Box::new(
+                ws.with_dead_peer(self.dead_peer.timeout),
+            )))
         } else {
             Ok(TunnelStream::Tls(Box::new(tls)))
         }
@@ -222,7 +231,10 @@ impl Transport for Tls {
         tune(&tcp, &self.dead_peer)?;
         let tls = tls::accept(settings, tcp).await?;
         if self.websocket {
-            Ok(TunnelStream::Wss(Box::new(ws_accept(tls).await?)))
+            let ws = ws_accept(tls).await?;
+            Ok(TunnelStream::Wss(Box::new(
+                ws.with_dead_peer(self.dead_peer.timeout),
+            )))
         } else {
             Ok(TunnelStream::Tls(Box::new(tls)))
         }

@@ -300,7 +300,8 @@ pub async fn run(mut args: Args, given: &Given) -> anyhow::Result<()> {
     let controller = if routes.is_empty() {
         None
     } else {
-        let controller = QmpController::observed(routes, Some(metrics.clone()))?;
+        let controller = QmpController::observed(routes, Some(metrics.clone()))?
+            .with_dead_peer(args.dead_peer.dead_peer_timeout);
         server = server.with_controller(Arc::new(controller.clone()));
         Some(controller)
     };

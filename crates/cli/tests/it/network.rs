@@ -634,3 +634,229 @@ async fn step_by_step_postcopy_recovers() {
     srv.kill().await;
     client.kill().await;
 }
+
+/// The tunnel-server frozen mid-precopy (`SIGSTOP`: its kernel still acknowledges every byte,
+/// so keepalive sees nothing wrong): the control connection's heartbeats stop, and `migrate`
+/// gives up within the dead-peer timeout and a margin, naming the silent control connection,
+/// exit 1, the source running. Once the server runs again it frees the route, and the next
+/// migration through it (to a fresh destination QEMU) succeeds.
+async fn server_stopped_mid_precopy(relay: bool) {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let mut rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let mut args = vec![
+        "migrate".to_owned(),
+        "--qmp".into(),
+        path(&rig.src.qmp_path),
+        "--to".into(),
+        rig.url.clone(),
+        "--max-bandwidth".into(),
+        BANDWIDTH.into(),
+    ];
+    if relay {
+        args.push("--relay".into());
+    }
+    args.extend(rig.client.iter().cloned());
+    let mut mig = Proc::spawn("migrate", &rig.d, &args);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    rig.srv.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let (status, _) = mig.wait(Duration::from_secs(90)).await;
+    let took = stopped.elapsed();
+    rig.srv.signal(libc::SIGCONT);
+    let err = mig.stderr();
+    eprintln!(
+        "{}: migrate gave up {took:?} after the server stopped: {}",
+        if relay { "relay" } else { "direct" },
+        err.lines().last().unwrap_or_default()
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the tunnel-server sent nothing on the control connection for 5 s"),
+        "the message names the silent control connection:\n{err}"
+    );
+    // The dead-peer timeout (5 s), the cancel, and the tunnel's bounded stop (5 s).
+    assert!(took < Duration::from_secs(20), "took {took:?}:\n{err}");
+    let qmp = support::qmp(&rig.src.qmp_path).await;
+    assert_eq!(support::vm_state(&qmp).await.0, RunState::Running, "{err}");
+    // Cancelled; relayed, QEMU sometimes sees the torn-down connection first.
+    let after = support::migration_status(&qmp).await.0;
+    assert!(
+        matches!(after, MigrationStatus::Cancelled | MigrationStatus::Failed),
+        "source migration status {after:?}"
+    );
+    drop(qmp);
+
+    // The same server, running again, with a fresh destination (the old one took its one
+    // incoming migration). The old one dies first: while it lives, its socket at the same
+    // path passes for the new one's.
+    rig.dst.kill();
+    drop(std::mem::replace(
+        &mut rig.dst,
+        destination(&bin, &rig.d.join("dst.qmp")),
+    ));
+    args.retain(|a| a != BANDWIDTH && a != "--max-bandwidth");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = run(&args, Duration::from_secs(120)).await;
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            out.stderr.contains("already under way") && Instant::now() < deadline,
+            "the next migration failed:\n{}\nserver log:\n{}",
+            out.stderr,
+            rig.srv.stderr()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let qmp = support::qmp(&rig.src.qmp_path).await;
+    assert_eq!(support::vm_state(&qmp).await.0, RunState::Postmigrate);
+    rig.srv.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stopped_mid_precopy_relay() {
+    server_stopped_mid_precopy(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stopped_mid_precopy_direct() {
+    server_stopped_mid_precopy(false).await;
+}
+
+/// A migration that lasts several dead-peer timeouts (the tests' 5 s), with nothing wrong:
+/// the heartbeats keep both ends of the control connection satisfied, and it completes with
+/// the destination's RAM the source's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_migration_keeps_its_control_connection() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let mut args = vec![
+        "migrate".to_owned(),
+        "--qmp".into(),
+        path(&rig.src.qmp_path),
+        "--to".into(),
+        rig.url.clone(),
+        // 256 MiB at 16 MiB/s: about three dead-peer timeouts.
+        "--max-bandwidth".into(),
+        "16MiB".into(),
+    ];
+    args.extend(rig.client.iter().cloned());
+    let started = Instant::now();
+    let out = run(&args, Duration::from_secs(120)).await;
+    let took = started.elapsed();
+    eprintln!("the migration took {took:?}");
+    assert!(
+        out.status.success(),
+        "{}\nserver:\n{}",
+        out.stderr,
+        rig.srv.stderr()
+    );
+    assert!(
+        took > Duration::from_secs(10),
+        "too quick to prove anything: {took:?}"
+    );
+    rig.verify().await;
+}
+
+/// Step by step over `ws://` (`send`, tunnel-client, a plain tunnel-server, `receive`): the
+/// tunnel-server frozen mid-precopy. There is no control connection here: the WebSocket pings
+/// are what notice it. The tunnel-client drops the connection within its dead-peer timeout,
+/// which fails the source QEMU's migration, and `send` exits 1 with the source running, even
+/// with the stall timeout off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_by_step_ws_server_stopped() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let d = rig.d.clone();
+    let dest_sock = d.join("dest.sock");
+    let src_sock = d.join("src.sock");
+    let s = setup(&d, "ws", ns.addr());
+    let mut args = vec![
+        "tunnel-server".to_owned(),
+        "--listen".into(),
+        format!("ws://{}:0", ns.addr()),
+        "--socket".into(),
+        path(&dest_sock),
+        "--dead-peer-timeout".into(),
+        DEAD_PEER.into(),
+    ];
+    args.extend(s.server.iter().cloned());
+    let (mut srv, url) = server_in(&ns, &d, "plain-ws-server", &args).await;
+    assert!(url.starts_with("ws://"), "{url}");
+    let mut args = vec![
+        "tunnel-client".to_owned(),
+        "--connect".into(),
+        url,
+        "--socket".into(),
+        path(&src_sock),
+    ];
+    args.extend(s.client.iter().cloned());
+    args.extend(["--dead-peer-timeout".into(), DEAD_PEER.into()]);
+    let mut client = Proc::spawn("tunnel-client", &d, &args);
+    let line = client.next_line(READY).await;
+    assert!(line.starts_with("listening on "), "{line}");
+
+    let dst_qmp = path(&rig.dst.qmp_path);
+    let src_qmp = path(&rig.src.qmp_path);
+    let out = run(
+        ["receive", "--qmp", &dst_qmp, "--socket", &path(&dest_sock)],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(out.status.success(), "receive: {}", out.stderr);
+    let mut send = Proc::spawn(
+        "send",
+        &d,
+        [
+            "send",
+            "--qmp",
+            &src_qmp,
+            "--socket",
+            &path(&src_sock),
+            "--max-bandwidth",
+            BANDWIDTH,
+            "--stall-timeout",
+            "off",
+        ],
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    srv.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let (status, _) = send.wait(Duration::from_secs(90)).await;
+    let took = stopped.elapsed();
+    srv.signal(libc::SIGCONT);
+    let err = send.stderr();
+    eprintln!(
+        "send ended {took:?} after the ws server stopped: {}",
+        err.lines().last().unwrap_or_default()
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    // The dead-peer timeout (5 s) and QEMU's failure.
+    assert!(
+        took < Duration::from_secs(20),
+        "took {took:?}:\n{err}\nclient:\n{}",
+        client.stderr()
+    );
+    assert!(
+        client
+            .stderr()
+            .contains("the peer did not answer WebSocket pings for 5s"),
+        "the tunnel-client names the pings:\n{}",
+        client.stderr()
+    );
+    let qmp = support::qmp(&rig.src.qmp_path).await;
+    assert_eq!(support::vm_state(&qmp).await.0, RunState::Running, "{err}");
+    drop(qmp);
+    srv.kill().await;
+    client.kill().await;
+}

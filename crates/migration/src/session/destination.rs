@@ -20,6 +20,7 @@ use qmigrate_transport::protocol::Hello;
 use qmigrate_transport::{Controller, SessionMap, TunnelStream};
 use tracing::{info, warn};
 
+use super::link::Link;
 use super::{Control, MigrationSettings, Named, SourceEnd};
 use crate::destination::{check_waiting_for_incoming, follow_incoming, prepare_incoming};
 use crate::monitor::{connect_qmp, query_migrate, status_of};
@@ -121,6 +122,8 @@ struct Inner {
     busy: Mutex<HashSet<Option<String>>>,
     /// Told when migrations start and end.
     observer: Option<Arc<dyn DestinationObserver>>,
+    /// A source silent this long on its control connection is taken for hung (version 3).
+    dead_peer: Duration,
 }
 
 impl QmpController {
@@ -143,7 +146,17 @@ impl QmpController {
             dir,
             busy: Mutex::new(HashSet::new()),
             observer,
+            dead_peer: qmigrate_transport::DEFAULT_DEAD_PEER_TIMEOUT,
         })))
+    }
+
+    /// The same controller, taking a source whose control connection is silent for `timeout`
+    /// (zero: never) for hung, from protocol version 3 (heartbeats). Call it before serving.
+    pub fn with_dead_peer(mut self, timeout: Duration) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.dead_peer = timeout;
+        }
+        self
     }
 
     /// The routes as the operator wrote them, for the log.
@@ -183,24 +196,32 @@ impl Drop for Busy<'_> {
     }
 }
 
-async fn serve(inner: Arc<Inner>, hello: Hello, mut stream: TunnelStream, sessions: SessionMap) {
-    let (settings, recover) =
-        match tokio::time::timeout(PREPARE_TIMEOUT, stream.recv_msg::<Control>()).await {
-            Ok(Ok(Control::Prepare { settings })) => (settings, false),
-            Ok(Ok(Control::Recover { settings })) => (settings, true),
-            Ok(Ok(other)) => {
-                warn!("control connection: expected prepare, got {other:?}");
-                return;
-            }
-            Ok(Err(e)) => {
-                warn!("control connection: {e}");
-                return;
-            }
-            Err(_) => {
-                warn!("control connection: no settings within {PREPARE_TIMEOUT:?}");
-                return;
-            }
-        };
+async fn serve(inner: Arc<Inner>, hello: Hello, stream: TunnelStream, sessions: SessionMap) {
+    // The version the server's handshake chose for this hello.
+    let version = qmigrate_transport::protocol::negotiate(hello.min_version, hello.max_version)
+        .unwrap_or(qmigrate_transport::protocol::PROTOCOL_MIN);
+    let mut stream = Link::new(
+        stream,
+        version,
+        inner.dead_peer,
+        "the source (qmigrate migrate)",
+    );
+    let (settings, recover) = match tokio::time::timeout(PREPARE_TIMEOUT, stream.recv()).await {
+        Ok(Ok(Control::Prepare { settings })) => (settings, false),
+        Ok(Ok(Control::Recover { settings })) => (settings, true),
+        Ok(Ok(other)) => {
+            warn!("control connection: expected prepare, got {other:?}");
+            return;
+        }
+        Ok(Err(e)) => {
+            warn!("control connection: {e:#}");
+            return;
+        }
+        Err(_) => {
+            warn!("control connection: no settings within {PREPARE_TIMEOUT:?}");
+            return;
+        }
+    };
     let route = hello.route.clone();
     let Some(qmp_path) = inner.routes.get(&route).cloned() else {
         let known: Vec<String> = inner
@@ -297,9 +318,9 @@ async fn listen_again(qmp: &qmigrate_qmp::Qmp, target: &QemuTarget) -> anyhow::R
     Ok(())
 }
 
-async fn fail(stream: &mut TunnelStream, message: String) {
+async fn fail(stream: &mut Link, message: String) {
     warn!("refused the migration: {message}");
-    let _ = stream.send_msg(&Control::Failed { message }).await;
+    let _ = stream.send(&Control::Failed { message }).await;
 }
 
 /// The destination's plan from the source's settings, validated as the source validated its
@@ -330,7 +351,7 @@ async fn run_session(
     recover: bool,
     socket: &std::path::Path,
     session: &str,
-    stream: &mut TunnelStream,
+    stream: &mut Link,
     sessions: &SessionMap,
     ending: &mut Ending,
 ) -> anyhow::Result<()> {
@@ -383,7 +404,7 @@ async fn prepare_and_follow(
     recover: bool,
     socket: &std::path::Path,
     session: &str,
-    stream: &mut TunnelStream,
+    stream: &mut Link,
     sessions: &SessionMap,
     ending: &mut Ending,
     version: String,
@@ -392,7 +413,7 @@ async fn prepare_and_follow(
     let plan = plan_for(settings)?;
     let copying = !exports.is_empty();
     // The direct data path: one plain-TCP connection that both QEMUs take over.
-    let direct = settings.direct && direct::allowed_on(stream, settings.multifd);
+    let direct = settings.direct && direct::allowed_on(stream.stream(), settings.multifd);
     if direct {
         // Checked now: the socket arrives only after `ready`.
         if !recover {
@@ -400,16 +421,17 @@ async fn prepare_and_follow(
         }
         let mut handed = sessions.hand_over(session);
         stream
-            .send_msg(&Control::Ready {
+            .send(&Control::Ready {
                 qemu: version,
                 direct: true,
                 exports,
             })
             .await
             .context("the source went away before the migration started")?;
+        stream.arm();
         let tcp = tokio::select! {
             tcp = handed.recv() => tcp.context("the data connection never came")?,
-            msg = stream.recv_msg::<Control>() => bail!("the source ended before it connected: {msg:?}"),
+            msg = stream.recv() => bail!("the source ended before it connected: {msg:?}"),
             _ = tokio::time::sleep(PREPARE_TIMEOUT) => bail!("the source did not connect within {PREPARE_TIMEOUT:?}"),
         };
         sessions.remove(session);
@@ -434,13 +456,14 @@ async fn prepare_and_follow(
         }
         sessions.insert(session, socket.to_owned());
         stream
-            .send_msg(&Control::Ready {
+            .send(&Control::Ready {
                 qemu: version,
                 direct: false,
                 exports,
             })
             .await
             .context("the source went away before the migration started")?;
+        stream.arm();
     }
 
     // Follow the destination; meanwhile listen for the source's end. When the source ended
@@ -459,9 +482,23 @@ async fn prepare_and_follow(
                     None => std::future::pending().await,
                 }
             };
+            let watching = source_ended && stream.silent().is_none();
             tokio::select! {
                 outcome = &mut follow => break (Some(outcome), source_ended),
-                msg = stream.recv_msg::<Control>(), if !source_ended => {
+                // After the source's end it waits for the verdict: heartbeats on until then.
+                msg = async {
+                    if source_ended {
+                        Err(anyhow::anyhow!(stream.watch().await))
+                    } else {
+                        stream.recv().await
+                    }
+                }, if !source_ended || watching => {
+                    if source_ended {
+                        if let Err(silent) = msg {
+                            warn!("{silent:#}");
+                        }
+                        continue;
+                    }
                     source_ended = true;
                     if let Ok(Control::Finished { outcome, downtime_ms }) = &msg {
                         ending.source = Some(*outcome);
@@ -484,7 +521,7 @@ async fn prepare_and_follow(
                         }
                         Ok(other) => bail!("unexpected control message {other:?}"),
                         Err(e) => {
-                            warn!("the source's control connection ended: {e}");
+                            warn!("the source's control connection ended: {e:#}");
                             deadline = Some(tokio::time::Instant::now() + AFTER_SOURCE_FAILED);
                         }
                     }
@@ -499,7 +536,7 @@ async fn prepare_and_follow(
         if let Ok(Ok(Control::Finished {
             outcome,
             downtime_ms,
-        })) = tokio::time::timeout(SOURCE_END_GRACE, stream.recv_msg::<Control>()).await
+        })) = tokio::time::timeout(SOURCE_END_GRACE, stream.recv()).await
         {
             ending.source = Some(outcome);
             ending.downtime = downtime_ms.map(Duration::from_millis);
@@ -564,7 +601,7 @@ async fn prepare_and_follow(
         }
     }
     info!(?done, "migration session over");
-    let _ = stream.send_msg(&done).await;
+    let _ = stream.send(&done).await;
     Ok(())
 }
 

@@ -17,11 +17,15 @@
 //!                         <-------------    Done { status, vm, error, started }
 //! ```
 //!
+//! From protocol version 3 both sides also send `Heartbeat` whenever they have sent nothing
+//! for a second, at any point of the session (see `link.rs`).
+//!
 //! The JSON is part of the wire protocol (docs/PROTOCOL.md): statuses and outcomes are typed
 //! here but keep QEMU's names on the wire, and a name this build does not know is kept as it
 //! came ([`Named::Other`]) rather than refused, so that a newer peer still interoperates.
 
 pub mod destination;
+mod link;
 pub mod source;
 
 use std::fmt;
@@ -95,6 +99,10 @@ pub enum Control {
         /// Whether the server sent `cont`.
         started: bool,
     },
+    /// Either side, from protocol version 3 ([`qmigrate_transport::protocol::HEARTBEATS`]):
+    /// "still here", whenever it has sent nothing for a second while the session lasts. A
+    /// side that hears nothing at all for its dead-peer timeout takes the peer for hung.
+    Heartbeat,
 }
 
 /// How the source side of a session ended, in [`Control::Finished`].
@@ -368,6 +376,7 @@ mod tests {
                 },
                 r#"{"type":"finished","outcome":"failed"}"#,
             ),
+            (Control::Heartbeat, r#"{"type":"heartbeat"}"#),
             (
                 Control::Done {
                     status: Named::Known(MigrationStatus::Completed),

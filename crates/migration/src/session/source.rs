@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use qmigrate_qmp::{MigrationStatus, RunState};
-use qmigrate_transport::{open_control, open_data, open_nbd, Client, ClientConfig, TunnelStream};
+use qmigrate_transport::{open_control, open_data, open_nbd, Client, ClientConfig};
 use tokio_util::sync::CancellationToken;
 
+use super::link::Link;
 use super::{Control, Export, MigrationSettings, Named, SourceEnd};
 use crate::monitor::connect_qmp;
 use crate::outcome::{Outcome, Progress};
@@ -270,9 +271,16 @@ async fn follow_source<F: Future<Output = String>>(
             (qmp, state)
         }
     };
-    let mut summary = match (begin, route.as_ref()) {
+    let mut summary = match (begin, route.as_mut()) {
         (Begin::Migrate, Some(r)) if !disks.is_empty() => {
-            let nbd = r.nbd.as_ref().ok_or_else(|| {
+            let Route {
+                control,
+                target,
+                exports,
+                nbd,
+                ..
+            } = r;
+            let nbd = nbd.as_ref().ok_or_else(|| {
                 Error::new(
                     ErrorKind::Failed,
                     anyhow!("no NBD relay was set up for the disks"),
@@ -281,33 +289,39 @@ async fn follow_source<F: Future<Output = String>>(
             let failed = nbd.failed.clone();
             let nbd_error = move || failed.lock().ok().and_then(|e| e.clone());
             let nbd_route = storage::NbdRoute {
-                exports: &r.exports,
+                exports,
                 socket: &nbd.socket,
                 nbd_error: &nbd_error,
             };
+            let mut watch = Latch::new(watched(cancel, control));
             let result = storage::run_with_disks(
-                &qmp, &opts.plan, &r.target, &state, &follow, disks, nbd_route, progress, cancel,
+                &qmp, &opts.plan, target, &state, &follow, disks, nbd_route, progress, &mut watch,
             )
             .await;
+            drop(watch);
             match result {
-                Ok(summary) => summary,
+                Ok(summary) => silence_is_a_failure(summary, control),
                 Err(err) => {
                     qmp.close().await;
-                    return Err(err);
+                    return Err(silence_fails(err, control));
                 }
             }
         }
         (Begin::Migrate, Some(r)) => {
-            source::run_migration(
+            let Route {
+                control, target, ..
+            } = r;
+            let result = source::run_migration(
                 &qmp,
                 &opts.plan,
-                &r.target,
+                target,
                 &state,
                 &follow,
                 progress,
-                cancel.wait(),
+                watched(cancel, control),
             )
-            .await?
+            .await;
+            silence_is_a_failure(result?, control)
         }
         _ => crate::outcome::Summary::from_info(
             &qmigrate_qmp::MigrationInfo::default(),
@@ -348,7 +362,9 @@ async fn follow_source<F: Future<Output = String>>(
                 }
                 progress.note("the destination listens again: resuming the migration");
                 let target = new.target.clone();
-                *route = Some(new);
+                let control = &mut route.insert(new).control;
+                // Postcopy cannot be cancelled: a silent server is only noted there, and
+                // the heartbeats keep the destination from taking this side for dead.
                 summary = source::resume_migration(
                     &qmp,
                     &opts.plan,
@@ -356,7 +372,7 @@ async fn follow_source<F: Future<Output = String>>(
                     &state,
                     &follow,
                     progress,
-                    cancel.wait(),
+                    watched(cancel, control),
                 )
                 .await?;
                 backoff = RECOVER_BACKOFF_FIRST;
@@ -382,6 +398,39 @@ async fn follow_source<F: Future<Output = String>>(
     progress.finish(&summary);
     qmp.close().await;
     source::outcome_result(&summary.outcome, &state)
+}
+
+/// `cancel`, or the control connection's silence ([`Link::watch`]): the migration is
+/// cancelled either way, and the heartbeats flow meanwhile.
+async fn watched<F: Future<Output = String>>(cancel: &mut Latch<F>, control: &mut Link) -> String {
+    tokio::select! {
+        reason = cancel.wait() => reason,
+        reason = control.watch() => reason,
+    }
+}
+
+/// A migration cancelled because the tunnel-server fell silent failed: it is not the
+/// operator's cancel (exit 1, not 4).
+fn silence_is_a_failure(mut summary: crate::Summary, control: &Link) -> crate::Summary {
+    if control.silent().is_some() {
+        if let Outcome::Cancelled(reason) = &summary.outcome {
+            summary.outcome = Outcome::Failed(format!(
+                "{reason}; the migration was cancelled, the source VM stays on this host"
+            ));
+        }
+    }
+    summary
+}
+
+/// An error of a disk copy cancelled because the tunnel-server fell silent: a failure, as
+/// in [`silence_is_a_failure`].
+fn silence_fails(err: Error, control: &Link) -> Error {
+    match control.silent() {
+        Some(_) if err.kind() == ErrorKind::Cancelled => {
+            Error::new(ErrorKind::Failed, err.into_anyhow())
+        }
+        _ => err,
+    }
 }
 
 /// Reports the source's end to the destination, waits for its verdict over the route in use,
@@ -435,7 +484,7 @@ async fn finish(
 /// One session's way to the destination: its control connection and how the data goes (the
 /// direct data path's socket, or an in-process tunnel client on a private socket).
 struct Route {
-    control: TunnelStream,
+    control: Link,
     direct_fd: Option<OwnedFd>,
     target: QemuTarget,
     tunnel: Option<tokio::task::JoinHandle<qmigrate_transport::Report>>,
@@ -541,21 +590,25 @@ async fn open_route(
     events: &mut (dyn FnMut(SessionEvent<'_>) + Send),
 ) -> crate::Result<Route> {
     let server = opts.tunnel.server.clone();
-    let (mut control, session) = open_control(&opts.tunnel)
+    let (control, session, version) = open_control(&opts.tunnel)
         .await
         .map_err(|e| anyhow!(e))
         .with_context(|| format!("cannot start the migration session with {server}"))?;
+    let mut control = Link::new(
+        control,
+        version,
+        opts.tunnel.dead_peer.timeout,
+        "the tunnel-server",
+    );
     control
-        .send_msg(&first)
+        .send(&first)
         .await
         .context("the tunnel server went away")?;
     let asked_disks = match &first {
         Control::Prepare { settings } => settings.disks.len(),
         _ => 0,
     };
-    let (direct, exports) = match tokio::time::timeout(READY_TIMEOUT, control.recv_msg::<Control>())
-        .await
-    {
+    let (direct, exports) = match tokio::time::timeout(READY_TIMEOUT, control.recv()).await {
         Ok(Ok(Control::Ready {
             qemu,
             direct,
@@ -575,6 +628,7 @@ async fn open_route(
                 server: &server.to_string(),
                 direct,
             });
+            control.arm();
             (direct, exports)
         }
         Ok(Ok(Control::Failed { message })) => {
@@ -592,9 +646,7 @@ async fn open_route(
         Ok(Err(e)) => {
             return Err(Error::new(
                 ErrorKind::Failed,
-                anyhow!(e).context(
-                    "the tunnel server closed the session while preparing the destination",
-                ),
+                e.context("the tunnel server closed the session while preparing the destination"),
             ))
         }
         Err(_) => {
@@ -671,10 +723,14 @@ async fn open_route(
 
 /// Tells the server how the source ended and waits for the destination's verdict.
 async fn destination_verdict(
-    control: &mut TunnelStream,
+    control: &mut Link,
     outcome: SourceEnd,
     downtime_ms: Option<u64>,
 ) -> anyhow::Result<Verdict> {
+    if let Some(silent) = control.silent() {
+        // Nothing will come: waiting for it would only hold the operator's answer.
+        return Err(anyhow!("{silent}"));
+    }
     // The server may already have sent its verdict (the destination finished first) and
     // closed: a failed send is not yet an error.
     // A destination that loads a completed migration may take a while to finish; one whose
@@ -688,8 +744,8 @@ async fn destination_verdict(
         outcome,
         downtime_ms,
     };
-    let _ = tokio::time::timeout(limit, control.send_msg(&finished)).await;
-    match tokio::time::timeout(limit, control.recv_msg::<Control>()).await {
+    let _ = tokio::time::timeout(limit, control.send(&finished)).await;
+    match tokio::time::timeout(limit, control.recv()).await {
         Ok(Ok(Control::Done {
             status,
             vm,
@@ -703,7 +759,8 @@ async fn destination_verdict(
         }),
         Ok(Ok(Control::Failed { message })) => Err(anyhow!("{message}")),
         Ok(Ok(other)) => Err(anyhow!("unexpected message {other:?}")),
-        Ok(Err(e)) => Err(anyhow!(e).context("the tunnel server closed the session")),
+        Ok(Err(e)) if control.silent().is_some() => Err(e),
+        Ok(Err(e)) => Err(e.context("the tunnel server closed the session")),
         Err(_) => Err(anyhow!(
             "no verdict from the destination within {}s",
             limit.as_secs()

@@ -16,7 +16,7 @@ const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
 pub(super) const OP_BINARY: u8 = 0x2;
 pub(super) const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
+pub(super) const OP_PING: u8 = 0x9;
 pub(super) const OP_PONG: u8 = 0xa;
 
 /// Which end of the WebSocket connection this is: a client masks what it sends and requires

@@ -29,6 +29,7 @@ mod write;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -36,7 +37,7 @@ use self::frame::{Item, MAX_HEADER, OP_BINARY, OP_CLOSE, OP_PONG};
 use self::read::{ControlPayload, PongSlot, ReadState};
 use self::write::WriteState;
 use crate::error::{Error, Result};
-use crate::protocol::MAX_FRAME;
+use crate::protocol::{HEARTBEATS, MAX_FRAME, PING_IDLE};
 
 pub use self::frame::FrameError;
 pub(crate) use self::frame::{events, Event, Role};
@@ -117,6 +118,11 @@ pub struct WsStream<S> {
     io: S,
     rd: ReadState,
     wr: WriteState,
+    /// This end's dead-peer timeout (zero: none): after the split, from protocol version
+    /// [`HEARTBEATS`], the reader fails when the peer sends nothing for this long.
+    dead_peer: Duration,
+    /// Whether the negotiated version has heartbeats ([`WsStream::set_version`]).
+    heartbeats: bool,
 }
 
 impl<S> fmt::Debug for WsStream<S> {
@@ -137,7 +143,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             io,
             rd: ReadState::new(role, max_message, buffered),
             wr: WriteState::new(role),
+            dead_peer: Duration::ZERO,
+            heartbeats: false,
         }
+    }
+
+    /// The same connection, taking a silence of `timeout` (zero: never) for a hung peer once
+    /// the negotiated version has heartbeats.
+    pub(crate) fn with_dead_peer(mut self, timeout: Duration) -> Self {
+        self.dead_peer = timeout;
+        self
+    }
+
+    /// Tells the connection the negotiated protocol `version`: from [`HEARTBEATS`] the data
+    /// path's writer pings whenever it has been quiet for [`PING_IDLE`], and its reader fails
+    /// when the peer has sent nothing (not even a ping) for the dead-peer timeout.
+    pub(crate) fn set_version(&mut self, version: u32) {
+        self.heartbeats = version >= HEARTBEATS;
     }
 
     /// Sends `payload` as one binary message (one frame).
@@ -214,17 +236,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         rd.widen(READ_CHUNK);
         rd.parser.max_message = MAX_FRAME;
         let pong = Arc::new(PongSlot::default());
+        // A ping every PING_IDLE at most: a timeout shorter than a few of them would take
+        // a scheduling hiccup for a dead peer.
+        let silence = (self.heartbeats && !self.dead_peer.is_zero())
+            .then(|| self.dead_peer.max(3 * PING_IDLE));
         (
             WsReader {
                 io: r,
                 st: rd,
                 pong: pong.clone(),
+                silence,
             },
             WsWriter {
                 io: w,
                 st: self.wr,
                 pong,
                 frame: vec![0; MAX_HEADER + WS_MESSAGE],
+                ping: self.heartbeats,
             },
         )
     }

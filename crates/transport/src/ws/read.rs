@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
@@ -225,6 +226,9 @@ pub struct WsReader<R> {
     pub(super) io: R,
     pub(super) st: ReadState,
     pub(super) pong: Arc<PongSlot>,
+    /// From protocol version 3 the peer pings while its stream is open: a wait for bytes
+    /// that lasts this long means it hung or the network between is gone.
+    pub(super) silence: Option<Duration>,
 }
 
 impl<R> fmt::Debug for WsReader<R> {
@@ -257,8 +261,24 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 Some(Item::End { .. } | Item::Pong) => {}
                 Some(Item::Ping(r)) => self.pong.offer(&self.st.buf[r]),
                 Some(Item::Close(r)) => return Err(self.st.closed_early(r)),
-                None => read_result(self.st.fill(&mut self.io).await)?,
+                None => self.fill_watched().await?,
             }
+        }
+    }
+
+    /// Reads more bytes of the stream, as [`ReadState::fill`], failing when the peer was to
+    /// ping and has sent nothing for [`WsReader::silence`].
+    async fn fill_watched(&mut self) -> Result<()> {
+        let Some(limit) = self.silence else {
+            return read_result(self.st.fill(&mut self.io).await);
+        };
+        match tokio::time::timeout(limit, self.st.fill(&mut self.io)).await {
+            Ok(n) => read_result(n),
+            Err(_) => Err(Error::ConnectionLost(format!(
+                "the peer did not answer WebSocket pings for {}: it hangs, or the network \
+                 between the hosts is down",
+                crate::keepalive::show(limit)
+            ))),
         }
     }
 
@@ -287,7 +307,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 Parsed::Eos => self.st.eos = true,
                 Parsed::Full => {}
                 Parsed::NeedMore => {
-                    read_result(self.st.fill(&mut self.io).await)?;
+                    self.fill_watched().await?;
                     self.st
                         .fill_more(&mut self.io)
                         .await

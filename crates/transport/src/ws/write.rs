@@ -9,10 +9,13 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::frame::{apply_mask, header_len, put_header, Role, MAX_HEADER, OP_BINARY, OP_PONG};
+use super::frame::{
+    apply_mask, header_len, put_header, Role, MAX_HEADER, OP_BINARY, OP_PING, OP_PONG,
+};
 use super::read::PongSlot;
 use super::WS_MESSAGE;
 use crate::error::{Error, Result};
+use crate::protocol::PING_IDLE;
 
 /// Masking keys for a client: fresh random ones, drawn from the kernel in batches (one
 /// `getrandom` per 64 frames instead of one per frame).
@@ -116,6 +119,9 @@ pub struct WsWriter<W> {
     pub(super) pong: Arc<PongSlot>,
     /// One frame: header gap, then payload.
     pub(super) frame: Vec<u8>,
+    /// Protocol version 3: ping when quiet for [`PING_IDLE`], so that the peer can tell a
+    /// quiet direction from a hung end.
+    pub(super) ping: bool,
 }
 
 impl<W> fmt::Debug for WsWriter<W> {
@@ -187,12 +193,23 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
     ) -> Result<()> {
         let slot = self.pong.clone();
         let mut ping = std::pin::pin!(slot.notify.notified());
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PING_IDLE, PING_IDLE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Whether a frame went out since the last tick: a busy direction needs no ping.
+        let mut sent = false;
         loop {
             tokio::select! {
                 biased;
                 () = &mut ping => {
                     ping.set(slot.notify.notified());
                     self.answer_ping().await?;
+                    sent = true;
+                }
+                _ = tick.tick(), if self.ping => {
+                    if !std::mem::take(&mut sent) {
+                        self.st.queue(OP_PING, &[])?;
+                        self.st.drain(&mut self.io).await?;
+                    }
                 }
                 n = r.read(&mut self.frame[MAX_HEADER..]) => {
                     let n = n.map_err(Error::lost_or_io)?;
@@ -200,6 +217,7 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
                         return Ok(());
                     }
                     self.send_frame(n).await?;
+                    sent = true;
                     count.fetch_add(n as u64, Relaxed);
                 }
             }

@@ -11,8 +11,8 @@ use futures_util::{SinkExt, StreamExt};
 use qmigrate_transport::protocol;
 use qmigrate_transport::tls::{CertificateDer, PrivateKeyDer};
 use qmigrate_transport::{
-    Client, ClientConfig, ClientTls, Endpoint, Report, Scheme, Server, ServerCheck, ServerConfig,
-    ServerTls, Token,
+    Client, ClientConfig, ClientTls, DeadPeer, Endpoint, Report, Scheme, Server, ServerCheck,
+    ServerConfig, ServerTls, Token,
 };
 use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -108,6 +108,8 @@ pub struct Opts {
     pub client_tls: Option<ClientTls>,
     /// Put a [`CutProxy`] between the client and the server.
     pub proxy: bool,
+    /// Both ends' dead-peer timeout (`None`: the default).
+    pub dead_peer: Option<Duration>,
 }
 
 impl Default for Opts {
@@ -123,6 +125,7 @@ impl Default for Opts {
             server_tls: None,
             client_tls: None,
             proxy: false,
+            dead_peer: None,
         }
     }
 }
@@ -182,6 +185,9 @@ impl Tunnel {
             max_unauthenticated: opts.max_unauthenticated,
             token: opts.server_token.clone(),
             once: opts.once,
+            dead_peer: opts
+                .dead_peer
+                .map_or_else(DeadPeer::default, |timeout| DeadPeer { timeout }),
             ..ServerConfig::new(&dest)
         };
         let server = Server::bind(&listen, config).await.expect("server bind");
@@ -205,6 +211,9 @@ impl Tunnel {
                 once: opts.once,
                 token: opts.client_token.clone(),
                 tls: client_tls,
+                dead_peer: opts
+                    .dead_peer
+                    .map_or_else(DeadPeer::default, |timeout| DeadPeer { timeout }),
                 ..ClientConfig::new(client_url)
             },
         )
@@ -285,6 +294,18 @@ impl Drop for Tunnel {
     }
 }
 
+/// The write halves a swallowing [`CutProxy`] keeps open until it is dropped.
+type Held = Arc<Mutex<Vec<tokio::net::tcp::OwnedWriteHalf>>>;
+
+/// What a [`CutProxy`] does to its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Ends one direction.
+    Way(Direction),
+    /// Drops everything both ways, ends nothing.
+    Swallow,
+}
+
 /// Which direction of a connection a [`CutProxy`] cuts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -302,8 +323,11 @@ pub enum Direction {
 pub struct CutProxy {
     /// The port the client connects to.
     pub port: u16,
-    cut: tokio::sync::watch::Sender<Option<Direction>>,
+    cut: tokio::sync::watch::Sender<Option<Cut>>,
     task: JoinHandle<()>,
+    /// Dropped with the proxy.
+    #[allow(dead_code)]
+    held: Held,
 }
 
 impl CutProxy {
@@ -315,23 +339,52 @@ impl CutProxy {
         let port = listener.local_addr().expect("proxy address").port();
         let (cut, cut_rx) = tokio::sync::watch::channel(None);
         let to = upstream.authority();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(&to).await else {
-                    continue;
-                };
-                let (c_rd, c_wr) = client.into_split();
-                let (s_rd, s_wr) = server.into_split();
-                tokio::spawn(forward(c_rd, s_wr, cut_rx.clone(), Direction::Up));
-                tokio::spawn(forward(s_rd, c_wr, cut_rx.clone(), Direction::Down));
+        let held = Held::default();
+        let task = tokio::spawn({
+            let held = held.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = TcpStream::connect(&to).await else {
+                        continue;
+                    };
+                    let (c_rd, c_wr) = client.into_split();
+                    let (s_rd, s_wr) = server.into_split();
+                    tokio::spawn(forward(
+                        c_rd,
+                        s_wr,
+                        cut_rx.clone(),
+                        Direction::Up,
+                        held.clone(),
+                    ));
+                    tokio::spawn(forward(
+                        s_rd,
+                        c_wr,
+                        cut_rx.clone(),
+                        Direction::Down,
+                        held.clone(),
+                    ));
+                }
             }
         });
-        CutProxy { port, cut, task }
+        CutProxy {
+            port,
+            cut,
+            task,
+            held,
+        }
     }
 
     /// Cuts `direction` of every connection, present and future.
     pub fn cut(&self, direction: Direction) {
-        self.cut.send_replace(Some(direction));
+        self.cut.send_replace(Some(Cut::Way(direction)));
+    }
+
+    /// From now on drops everything both ways and sends nothing, without a FIN: the TCP
+    /// connections stay up (their kernels acknowledge every byte, so keepalive and
+    /// `TCP_USER_TIMEOUT` see nothing wrong) but no frame arrives at either end, as with a
+    /// hung peer or middlebox.
+    pub fn swallow(&self) {
+        self.cut.send_replace(Some(Cut::Swallow));
     }
 }
 
@@ -346,14 +399,24 @@ impl Drop for CutProxy {
 async fn forward(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut cut: tokio::sync::watch::Receiver<Option<Direction>>,
+    mut cut: tokio::sync::watch::Receiver<Option<Cut>>,
     way: Direction,
+    held: Held,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        if *cut.borrow_and_update() == Some(way) {
+        let now = *cut.borrow_and_update();
+        if now == Some(Cut::Way(way)) {
             let _ = to.shutdown().await;
             while matches!(from.read(&mut buf).await, Ok(n) if n > 0) {}
+            return;
+        }
+        if now == Some(Cut::Swallow) {
+            while matches!(from.read(&mut buf).await, Ok(n) if n > 0) {}
+            // Held as long as the proxy, so that no FIN goes on when the sender gives up.
+            if let Ok(mut held) = held.lock() {
+                held.push(to);
+            }
             return;
         }
         tokio::select! {

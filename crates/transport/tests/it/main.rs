@@ -5,6 +5,7 @@
 mod common;
 
 mod auth;
+mod heartbeat;
 mod nbd;
 mod tls;
 mod tunnel;

@@ -66,7 +66,7 @@ async fn nbd_connections_reach_the_sessions_nbd_socket() {
         };
         assert!(err.to_string().contains("no disk copy"), "{err}");
 
-        let (mut control, session) = open_control(&client).await.expect("control");
+        let (mut control, session, _) = open_control(&client).await.expect("control");
         assert_eq!(control.recv_msg::<String>().await.expect("ok"), "ok");
         // Two connections at once (two disks), each to the NBD socket, both ways.
         for n in 0..2u8 {

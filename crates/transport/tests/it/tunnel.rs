@@ -1237,9 +1237,12 @@ async fn a_version_2_client_by_hand() {
     let mut t = Tunnel::start(Scheme::Tcp, Opts::default()).await;
     let dest = t.dest_listener();
     let mut peer = Peer::connect(&t.url).await;
-    peer.send_msg(&Hello::data("00000000000000d9", 0))
-        .await
-        .expect("hello");
+    peer.send_msg(&Hello {
+        max_version: 2,
+        ..Hello::data("00000000000000d9", 0)
+    })
+    .await
+    .expect("hello");
     let reply: Reply = within(STEP, "the accept", peer.recv_msg())
         .await
         .expect("the accept");
