@@ -499,6 +499,9 @@ async fn server_killed_mid_precopy() {
     assert_eq!(support::vm_state(&qmp).await.0, RunState::Running, "{err}");
     drop(qmp);
 
+    // The old destination dies first: its exit unlinks the QMP socket at the same path,
+    // which would otherwise take the new one's away.
+    rig.dst.kill();
     drop(std::mem::replace(
         &mut rig.dst,
         destination(&bin, &rig.d.join("dst.qmp")),
