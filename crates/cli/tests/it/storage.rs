@@ -628,6 +628,78 @@ async fn storage_interrupted_during_copy() {
     eprintln!("storage_interrupted_during_copy: exit 4 after {stopped:?}");
 }
 
+/// The tunnel-server hangs (SIGSTOP) during the disk phase: the control connection falls
+/// silent, and `migrate` gives up after the dead-peer timeout with exit 1 (a failure, not the
+/// operator's cancel), naming the silent server and the incomplete images; the mirrors are
+/// gone and the source runs on its own disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_server_silent_during_copy() {
+    let Some((bin, img)) = support::linux_guest() else {
+        return;
+    };
+    // 384 MiB to copy: several seconds at the rates seen here (50-100 MiB/s).
+    let cfg = GuestConfig {
+        disk_mib: 512,
+        ..GuestConfig::default()
+    };
+    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, 384).await;
+    let dead_peer = ["--dead-peer-timeout".to_owned(), "3s".to_owned()];
+    let mut args = vec!["--qmp".to_owned(), path(pair.dst.qmp_path())];
+    args.extend(dead_peer.iter().cloned());
+    let (mut srv, url) = server(pair.dir(), &args).await;
+    let mut args = vec![
+        "migrate".to_owned(),
+        "--qmp".into(),
+        path(pair.src.qmp_path()),
+        "--to".into(),
+        url,
+        "--copy-storage".into(),
+        "--json".into(),
+    ];
+    args.extend(dead_peer.iter().cloned());
+    let mut migrate = Proc::spawn("migrate", pair.dir(), &args);
+    loop {
+        let line = migrate.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let copied = v["storage"]["copied"].as_u64().unwrap_or(0);
+        if v["type"] == "progress" && v["status"] == "none" && copied > 0 {
+            assert!(
+                copied < 384 << 20,
+                "the copy was done before the stop: {line}"
+            );
+            break;
+        }
+    }
+    srv.signal(libc::SIGSTOP);
+    let t = Instant::now();
+    let (status, _) = migrate.wait(RUN).await;
+    let took = t.elapsed();
+    srv.signal(libc::SIGCONT);
+    let stderr = migrate.stderr();
+    srv.kill().await;
+    eprintln!(
+        "storage_server_silent_during_copy: exit {:?} {took:?} after the stop: {}",
+        status.code(),
+        stderr.lines().last().unwrap_or_default()
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("sent nothing on the control connection"),
+        "the message names the silent server:\n{stderr}"
+    );
+    assert!(stderr.contains("incomplete"), "{stderr}");
+    // The dead-peer timeout, the mirrors' forced cancel, the tunnel's bounded stop.
+    assert!(took < Duration::from_secs(30), "took {took:?}: {stderr}");
+    source_left_clean(pair.src.qmp_path()).await;
+    let before = pair.src.serial().heartbeats.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = pair.src.serial();
+    assert!(log.failures.is_empty(), "{:?}", log.failures);
+    assert!(log.heartbeats.len() > before, "{}", pair.report());
+}
+
 /// The destination QEMU dies while the RAM migrates (the disks already copied and kept in
 /// sync): `migrate` exits 1 saying the destination's images are incomplete, the mirrors are
 /// abandoned and the NBD nodes removed, and the guest goes on on the source.
