@@ -851,6 +851,26 @@ impl Peer {
         Peer::connect_from(url).await.0
     }
 
+    /// Connects to `url` as a data connection of `session` that speaks protocol versions up to
+    /// `max_version` only, and checks that the server accepted it at that version.
+    pub async fn connect_at_version(url: &Endpoint, session: &str, max_version: u32) -> Peer {
+        let mut peer = Peer::connect(url).await;
+        peer.send_msg(&protocol::Hello {
+            max_version,
+            ..protocol::Hello::data(session, 0)
+        })
+        .await
+        .expect("hello");
+        let reply: protocol::Reply = within(STEP, "the accept", peer.recv_msg())
+            .await
+            .expect("the accept");
+        assert!(
+            matches!(reply, protocol::Reply::Accept { version, .. } if version == max_version),
+            "{reply:?}"
+        );
+        peer
+    }
+
     /// As [`Peer::connect`], with the local address: the peer address the server logs.
     pub async fn connect_from(url: &Endpoint) -> (Peer, std::net::SocketAddr) {
         let tcp = within(

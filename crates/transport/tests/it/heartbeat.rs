@@ -161,25 +161,11 @@ async fn a_quiet_or_one_way_connection_lives_on() {
 #[tokio::test]
 async fn a_version_2_peer_is_neither_pinged_nor_dropped() {
     use futures_util::{SinkExt, StreamExt};
-    use qmigrate_transport::protocol::{Hello, Reply};
     use tokio_tungstenite::tungstenite::Message;
 
     let t = Tunnel::start(Scheme::Ws, opts(false)).await;
     let listener = t.dest_listener();
-    let mut peer = Peer::connect(&t.url).await;
-    peer.send_msg(&Hello {
-        max_version: 2,
-        ..Hello::data("00000000000000e3", 0)
-    })
-    .await
-    .expect("hello");
-    let reply: Reply = within(STEP, "the accept", peer.recv_msg())
-        .await
-        .expect("the accept");
-    assert!(
-        matches!(reply, Reply::Accept { version: 2, .. }),
-        "{reply:?}"
-    );
+    let peer = Peer::connect_at_version(&t.url, "00000000000000e3", 2).await;
     let Peer::Ws(mut ws) = peer else {
         unreachable!("a ws:// peer");
     };

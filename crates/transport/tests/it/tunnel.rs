@@ -1236,20 +1236,7 @@ async fn ws_connections_dropped_for_a_reason_get_a_close_status() {
 async fn a_version_2_client_by_hand() {
     let mut t = Tunnel::start(Scheme::Tcp, Opts::default()).await;
     let dest = t.dest_listener();
-    let mut peer = Peer::connect(&t.url).await;
-    peer.send_msg(&Hello {
-        max_version: 2,
-        ..Hello::data("00000000000000d9", 0)
-    })
-    .await
-    .expect("hello");
-    let reply: Reply = within(STEP, "the accept", peer.recv_msg())
-        .await
-        .expect("the accept");
-    assert!(
-        matches!(reply, Reply::Accept { version: 2, .. }),
-        "{reply:?}"
-    );
+    let mut peer = Peer::connect_at_version(&t.url, "00000000000000d9", 2).await;
     let (up, down) = (
         Pattern::new(1).bytes(0, 70_001),
         Pattern::new(2).bytes(0, 50_001),
