@@ -30,6 +30,7 @@ use qmigrate_qmp::{
     BlockJobChangeMirror, BlockJobInfo, BlockdevAddNbd, BlockdevDel, BlockdevMirror, JobDismiss,
     JobStatus, MirrorCopyMode, MirrorSyncMode, NbdServerStart, NbdServerStop, Qmp, QueryBlock,
     QueryBlockExports, QueryBlockJobs, QueryNamedBlockNodes, SocketAddress, SocketAddressLegacy,
+    Yank, YankInstance,
 };
 use tracing::{debug, info, warn};
 
@@ -48,6 +49,10 @@ const RECONNECT_DELAY: u32 = 10;
 /// How long the final sync (a non-forced cancel at `pre-switchover`) or a forced cancel may
 /// take.
 const CANCEL_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long a forced cancel may wait on the NBD requests in flight before their connections
+/// are yanked (a hung peer would keep them, and the cancel, waiting).
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 /// How long the destination waits after the migration for the source's NBD clients to go
 /// before it stops its NBD server anyway.
@@ -735,7 +740,7 @@ impl Mirrors {
             .await
             .with_context(|| format!("cannot complete the mirror of disk {}", m.disk))?;
         }
-        let jobs = self.wait_concluded(qmp).await?;
+        let jobs = self.wait_concluded(qmp, CANCEL_LIMIT).await?;
         let _ = self.progress_of(&jobs);
         let mut failure = None;
         for m in &self.mirrors {
@@ -753,8 +758,8 @@ impl Mirrors {
     }
 
     /// Waits until every job has concluded (or gone); the last `query-block-jobs` reply.
-    async fn wait_concluded(&self, qmp: &Qmp) -> crate::Result<Vec<BlockJobInfo>> {
-        let deadline = Instant::now() + CANCEL_LIMIT;
+    async fn wait_concluded(&self, qmp: &Qmp, limit: Duration) -> crate::Result<Vec<BlockJobInfo>> {
+        let deadline = Instant::now() + limit;
         loop {
             let jobs = qmp
                 .execute(&QueryBlockJobs)
@@ -769,10 +774,7 @@ impl Mirrors {
                 return Ok(jobs);
             }
             if Instant::now() > deadline {
-                bail!(
-                    "the disk mirrors did not end within {} s",
-                    CANCEL_LIMIT.as_secs()
-                );
+                bail!("the disk mirrors did not end within {} s", limit.as_secs());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -814,8 +816,22 @@ impl Mirrors {
                 debug!(job = %m.job, "block-job-cancel: {err}");
             }
         }
-        if let Err(err) = self.wait_concluded(qmp).await {
-            warn!("{err:#}");
+        // A forced cancel still waits for the NBD requests in flight, which a peer that hangs
+        // (a stopped tunnel-server) never answers: cut their connections, and QEMU fails the
+        // requests within its reconnect delay.
+        if self.wait_concluded(qmp, CANCEL_GRACE).await.is_err() {
+            let instances = self
+                .mirrors
+                .iter()
+                .map(|m| YankInstance::block_node(&m.node))
+                .collect();
+            info!("the disk mirrors wait on their NBD connections: yanking them");
+            if let Err(err) = qmp.execute(&Yank { instances }).await {
+                warn!("yank of the NBD connections: {err}");
+            }
+            if let Err(err) = self.wait_concluded(qmp, CANCEL_LIMIT).await {
+                warn!("{err:#}");
+            }
         }
         self.dismiss(qmp).await;
         self.remove(qmp).await;

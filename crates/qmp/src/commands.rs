@@ -270,10 +270,32 @@ command!(Closefd, "closefd", Empty);
 pub struct QueryYank;
 command!(QueryYank, "query-yank", Vec<YankInstance>);
 
-/// One entry of [`QueryYank`]'s reply; only its kind matters to us.
+/// One entry of [`QueryYank`]'s reply, or an instance to [`Yank`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct YankInstance {
     /// `block-node`, `chardev` or `migration`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// The block node, for a `block-node` instance (an NBD client node).
+    #[serde(rename = "node-name", default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
 }
+
+impl YankInstance {
+    /// The network connection of block node `node` (an NBD client's).
+    pub fn block_node(node: impl Into<String>) -> Self {
+        YankInstance {
+            kind: "block-node".into(),
+            node_name: Some(node.into()),
+        }
+    }
+}
+
+/// `yank`: shuts down the network connections of `instances` at once (QEMU 6.0+), so that
+/// what waits on a peer that hangs (an NBD request in flight) fails instead of waiting on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Yank {
+    /// What to yank.
+    pub instances: Vec<YankInstance>,
+}
+command!(Yank, "yank", Empty);

@@ -680,8 +680,10 @@ async fn storage_server_silent_during_copy() {
     let stderr = migrate.stderr();
     srv.kill().await;
     eprintln!(
-        "storage_server_silent_during_copy: exit {:?} {took:?} after the stop: {}",
+        "storage_server_silent_during_copy: exit {:?} {took:?} after the stop (NBD connections \
+         yanked: {}): {}",
         status.code(),
+        stderr.contains("yanking"),
         stderr.lines().last().unwrap_or_default()
     );
     assert_eq!(status.code(), Some(1), "{stderr}");
