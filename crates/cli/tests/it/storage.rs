@@ -550,6 +550,55 @@ async fn storage_size_mismatch_refused() {
     assert!(same_size, "the destination image is still readable: {said}");
 }
 
+/// Waits for the first disk-phase progress tick of `proc` (a `migrate` or `send` with
+/// `--copy-storage --json`) with something copied, and asserts that not all of `total` was:
+/// the bytes copied then.
+async fn mid_copy(proc: &mut Proc, total: u64) -> u64 {
+    loop {
+        let line = proc.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let copied = v["storage"]["copied"].as_u64().unwrap_or(0);
+        if v["type"] == "progress" && v["status"] == "none" && copied > 0 {
+            assert!(copied < total, "the copy was done already: {line}");
+            return copied;
+        }
+    }
+}
+
+/// Starts `migrate --copy-storage --max-bandwidth 2M --json` of `pair` through a new
+/// `tunnel-server --qmp` and waits until the RAM phase has moved something (2 MB/s for 128 MiB
+/// of RAM: it lasts until the test ends it): the server, the `migrate` and that progress tick.
+async fn migrate_into_ram_phase(pair: &GuestPair) -> (Proc, Proc, serde_json::Value) {
+    let (srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
+    let mut migrate = Proc::spawn(
+        "migrate",
+        pair.dir(),
+        [
+            "migrate",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--to",
+            &url,
+            "--copy-storage",
+            "--max-bandwidth",
+            "2M",
+            "--json",
+        ],
+    );
+    loop {
+        let line = migrate.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["type"] == "progress" && v["status"] == "active" && v["transferred"].as_u64() > Some(0)
+        {
+            return (srv, migrate, v);
+        }
+    }
+}
+
 /// Ctrl-C during the disk phase: `migrate` exits 4 at once, the mirrors are gone (no job, no
 /// NBD node left on the source), the source VM keeps running on its own image, which
 /// `qemu-img check` finds intact, and the message says the destination's images are
@@ -579,21 +628,7 @@ async fn storage_interrupted_during_copy() {
             "--json",
         ],
     );
-    // The first tick of the disk phase with something copied, and not all of it.
-    loop {
-        let line = migrate.next_line(RUN).await;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        let copied = v["storage"]["copied"].as_u64().unwrap_or(0);
-        if v["type"] == "progress" && v["status"] == "none" && copied > 0 {
-            assert!(
-                copied < 384 << 20,
-                "the copy was done before the interrupt: {line}"
-            );
-            break;
-        }
-    }
+    mid_copy(&mut migrate, 384 << 20).await;
     let t = Instant::now();
     migrate.signal(libc::SIGINT);
     let (status, _) = migrate.wait(RUN).await;
@@ -638,33 +673,7 @@ async fn storage_destination_lost_during_ram() {
     };
     let cfg = config();
     let mut pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
-    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
-    // 2 MB/s for 128 MiB of RAM: the RAM phase lasts until the destination dies.
-    let mut migrate = Proc::spawn(
-        "migrate",
-        pair.dir(),
-        [
-            "migrate",
-            "--qmp",
-            &path(pair.src.qmp_path()),
-            "--to",
-            &url,
-            "--copy-storage",
-            "--max-bandwidth",
-            "2M",
-            "--json",
-        ],
-    );
-    loop {
-        let line = migrate.next_line(RUN).await;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if v["type"] == "progress" && v["status"] == "active" && v["transferred"].as_u64() > Some(0)
-        {
-            break;
-        }
-    }
+    let (mut srv, mut migrate, _) = migrate_into_ram_phase(&pair).await;
     pair.dst.vm.kill();
     let (status, _) = migrate.wait(RUN).await;
     let stderr = migrate.stderr();
@@ -678,6 +687,25 @@ async fn storage_destination_lost_during_ram() {
     let log = pair.src.serial();
     assert!(log.failures.is_empty(), "{:?}", log.failures);
     assert!(log.heartbeats.len() > before, "{}", pair.report());
+}
+
+/// Spawns `receive --qmp QMP --socket SOCKET EXTRA...` (a `--copy-storage` flag among `extra`)
+/// in `dir` and waits until it has exported the disks: the process and its "disks exported"
+/// line.
+async fn start_receive(dir: &Path, qmp: &Path, socket: &Path, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "receive".to_owned(),
+        "--qmp".into(),
+        path(qmp),
+        "--socket".into(),
+        path(socket),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let mut receive = Proc::spawn("receive", dir, &args);
+    let exported = receive
+        .line_matching(RUN, |l| l.starts_with("disks exported"))
+        .await;
+    (receive, exported)
 }
 
 /// Step by step through the TCP tunnel: `receive --copy-storage` exports the destination's
@@ -696,21 +724,13 @@ async fn storage_step_by_step_tcp() {
     let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
     let tunnel =
         Tunnel::start_with(pair.dir(), Transport::Tcp, &[], &["--copy-storage".into()]).await;
-    let mut receive = Proc::spawn(
-        "receive",
+    let (mut receive, exported) = start_receive(
         pair.dir(),
-        [
-            "receive",
-            "--qmp",
-            &path(pair.dst.qmp_path()),
-            "--socket",
-            &path(&tunnel.dest_socket),
-            "--copy-storage",
-        ],
-    );
-    let exported = receive
-        .line_matching(RUN, |l| l.starts_with("disks exported"))
-        .await;
+        pair.dst.qmp_path(),
+        &tunnel.dest_socket,
+        &["--copy-storage"],
+    )
+    .await;
     assert!(exported.contains("vblk0"), "{exported}");
     let t = Instant::now();
     let out = run(
@@ -814,21 +834,13 @@ async fn storage_step_by_step_size_mismatch_refused() {
     let pair = GuestPair::start_local(&bin, &img, &cfg, small, 0).await;
     let tunnel =
         Tunnel::start_with(pair.dir(), Transport::Tcp, &[], &["--copy-storage".into()]).await;
-    let mut receive = Proc::spawn(
-        "receive",
+    let (mut receive, _) = start_receive(
         pair.dir(),
-        [
-            "receive",
-            "--qmp",
-            &path(pair.dst.qmp_path()),
-            "--socket",
-            &path(&tunnel.dest_socket),
-            "--copy-storage",
-        ],
-    );
-    receive
-        .line_matching(RUN, |l| l.starts_with("disks exported"))
-        .await;
+        pair.dst.qmp_path(),
+        &tunnel.dest_socket,
+        &["--copy-storage"],
+    )
+    .await;
     let out = run(
         [
             "send",
@@ -910,34 +922,8 @@ async fn storage_interrupted_during_ram() {
         &pair.dir().join("before.raw"),
     )
     .await;
-    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
-    // 2 MB/s for 128 MiB of RAM: the RAM phase lasts until the interrupt.
-    let mut migrate = Proc::spawn(
-        "migrate",
-        pair.dir(),
-        [
-            "migrate",
-            "--qmp",
-            &path(pair.src.qmp_path()),
-            "--to",
-            &url,
-            "--copy-storage",
-            "--max-bandwidth",
-            "2M",
-            "--json",
-        ],
-    );
-    loop {
-        let line = migrate.next_line(RUN).await;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if v["type"] == "progress" && v["status"] == "active" && v["transferred"].as_u64() > Some(0)
-        {
-            assert_eq!(v["storage"]["disks"][0]["ready"], true, "{line}");
-            break;
-        }
-    }
+    let (mut srv, mut migrate, tick) = migrate_into_ram_phase(&pair).await;
+    assert_eq!(tick["storage"]["disks"][0]["ready"], true, "{tick}");
     let t = Instant::now();
     migrate.signal(libc::SIGINT);
     let (status, _) = migrate.wait(RUN).await;
@@ -1048,21 +1034,8 @@ async fn storage_link_down_during_copy() {
     let line = client.next_line(RUN).await;
     assert!(line.starts_with("listening on "), "{line}");
 
-    let mut receive = Proc::spawn(
-        "receive",
-        d,
-        [
-            "receive",
-            "--qmp",
-            &path(pair.dst.qmp_path()),
-            "--socket",
-            &path(&dest_sock),
-            "--copy-storage",
-        ],
-    );
-    receive
-        .line_matching(RUN, |l| l.starts_with("disks exported"))
-        .await;
+    let (mut receive, _) =
+        start_receive(d, pair.dst.qmp_path(), &dest_sock, &["--copy-storage"]).await;
     let mut send = Proc::spawn(
         "send",
         d,
@@ -1076,20 +1049,7 @@ async fn storage_link_down_during_copy() {
             "--json",
         ],
     );
-    let copied_at_cut = loop {
-        let line = send.next_line(RUN).await;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        let copied = v["storage"]["copied"].as_u64().unwrap_or(0);
-        if v["type"] == "progress" && v["status"] == "none" && copied > 0 {
-            assert!(
-                copied < 384 << 20,
-                "the copy was done before the cut: {line}"
-            );
-            break copied;
-        }
-    };
+    let copied_at_cut = mid_copy(&mut send, 384 << 20).await;
     let t = Instant::now();
     ns.link_down();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1201,21 +1161,13 @@ async fn storage_step_by_step_incremental() {
     drop(wrong);
 
     let dst = destination(&dst_disk);
-    let mut receive = Proc::spawn(
-        "receive",
+    let (mut receive, _) = start_receive(
         d,
-        [
-            "receive",
-            "--qmp",
-            &path(&dst.qmp_path),
-            "--socket",
-            &path(&tunnel.dest_socket),
-            "--copy-storage-inc",
-        ],
-    );
-    receive
-        .line_matching(RUN, |l| l.starts_with("disks exported"))
-        .await;
+        &dst.qmp_path,
+        &tunnel.dest_socket,
+        &["--copy-storage-inc"],
+    )
+    .await;
     let out = run(
         [
             "send",
