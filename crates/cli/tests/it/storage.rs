@@ -708,6 +708,37 @@ async fn start_receive(dir: &Path, qmp: &Path, socket: &Path, extra: &[&str]) ->
     (receive, exported)
 }
 
+/// The tunnels of the step-by-step tests.
+#[derive(Debug, Clone, Copy)]
+enum Scheme {
+    Tcp,
+    Ws,
+    /// TLS over TCP, the server's self-signed certificate pinned by the client.
+    Tls,
+}
+
+/// `tunnel-server` and `tunnel-client --copy-storage` over `scheme`, in `dir`.
+async fn copy_tunnel(dir: &Path, scheme: Scheme) -> Tunnel {
+    let (transport, server_extra, mut client_extra) = match scheme {
+        Scheme::Tcp => (Transport::Tcp, Vec::new(), Vec::new()),
+        Scheme::Ws => (Transport::Ws, Vec::new(), Vec::new()),
+        Scheme::Tls => {
+            let (cert, key, pin) = support::tunnel::self_signed_cert(dir);
+            let server = vec!["--tls-cert".into(), cert, "--tls-key".into(), key];
+            (
+                Transport::Tcp,
+                server,
+                vec!["--tls-fingerprint".into(), pin],
+            )
+        }
+    };
+    client_extra.push("--copy-storage".into());
+    let tunnel = Tunnel::start_with(dir, transport, &server_extra, &client_extra).await;
+    let expected = format!("{scheme:?}://").to_lowercase();
+    assert!(tunnel.url.starts_with(&expected), "{}", tunnel.url);
+    tunnel
+}
+
 /// Step by step through the TCP tunnel: `receive --copy-storage` exports the destination's
 /// disk over NBD beside its migration socket, `tunnel-server` (without --qmp) routes the NBD
 /// connections there, `tunnel-client --copy-storage` carries them from the socket beside its
@@ -716,14 +747,32 @@ async fn start_receive(dir: &Path, qmp: &Path, socket: &Path, extra: &[&str]) ->
 /// paused for good, the images are identical, and once started the guest goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_step_by_step_tcp() {
+    step_by_step(Scheme::Tcp).await;
+}
+
+/// [`storage_step_by_step_tcp`] over WebSocket: the NBD connections are WebSocket tunnel
+/// connections too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_step_by_step_ws() {
+    step_by_step(Scheme::Ws).await;
+}
+
+/// [`storage_step_by_step_tcp`] over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_step_by_step_tls() {
+    step_by_step(Scheme::Tls).await;
+}
+
+/// The step-by-step migration of [`storage_step_by_step_tcp`] through a tunnel of `scheme`.
+async fn step_by_step(scheme: Scheme) {
     let Some((bin, img)) = support::linux_guest() else {
         return;
     };
+    let name = format!("storage_step_by_step_{scheme:?}").to_lowercase();
     let started = Instant::now();
     let cfg = config();
     let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
-    let tunnel =
-        Tunnel::start_with(pair.dir(), Transport::Tcp, &[], &["--copy-storage".into()]).await;
+    let tunnel = copy_tunnel(pair.dir(), scheme).await;
     let (mut receive, exported) = start_receive(
         pair.dir(),
         pair.dst.qmp_path(),
@@ -810,8 +859,8 @@ async fn storage_step_by_step_tcp() {
     drop(dst);
     let verdict = pair.assert_continued(Expect::default(), CONTINUE).await;
     eprintln!(
-        "storage_step_by_step_tcp: send {:.1} s ({:.1} MiB copied), downtime {} ms, whole test \
-         {:.1} s; {verdict:?}",
+        "{name}: send {:.1} s ({:.1} MiB copied), downtime {} ms, whole test {:.1} s; \
+         {verdict:?}",
         took.as_secs_f64(),
         copied as f64 / (1 << 20) as f64,
         summary["downtime_ms"],
@@ -832,8 +881,7 @@ async fn storage_step_by_step_size_mismatch_refused() {
     let size = cfg.disk_mib << 20;
     let small = size - (1 << 20);
     let pair = GuestPair::start_local(&bin, &img, &cfg, small, 0).await;
-    let tunnel =
-        Tunnel::start_with(pair.dir(), Transport::Tcp, &[], &["--copy-storage".into()]).await;
+    let tunnel = copy_tunnel(pair.dir(), Scheme::Tcp).await;
     let (mut receive, _) = start_receive(
         pair.dir(),
         pair.dst.qmp_path(),
@@ -1131,7 +1179,7 @@ async fn storage_step_by_step_incremental() {
         cfg.extra_args.extend(disk_args(image));
         qemu::Vm::start(&bin, &cfg).expect("start a destination QEMU")
     };
-    let tunnel = Tunnel::start_with(d, Transport::Tcp, &[], &["--copy-storage".into()]).await;
+    let tunnel = copy_tunnel(d, Scheme::Tcp).await;
 
     // A destination image without a backing file: refused, nothing exported.
     let wrong = destination(&flat);
