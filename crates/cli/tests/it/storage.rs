@@ -77,6 +77,15 @@ fn compare(a: &Path, b: &Path, format: &str) -> (bool, String) {
     )
 }
 
+/// Asserts that the VM behind `qmp` has no block export (its NBD server stopped or released).
+async fn assert_no_exports(qmp: &qmigrate_qmp::Qmp) {
+    let exports = qmp
+        .execute(&qmigrate_qmp::QueryBlockExports)
+        .await
+        .expect("query-block-exports");
+    assert!(exports.is_empty(), "{exports:?}");
+}
+
 /// The JSON objects of `--json` output of `type`.
 fn events(stdout: &str, kind: &str) -> Vec<serde_json::Value> {
     stdout
@@ -271,6 +280,14 @@ fn disk_args(image: &Path) -> Vec<String> {
     ]
 }
 
+/// A firmware VM of `bin` waiting for an incoming migration (`-incoming defer -S`) on the qcow2
+/// `image`.
+fn firmware_destination(bin: &QemuBinary, image: &Path) -> qemu::Vm {
+    let mut cfg = qemu::destination_config(64);
+    cfg.extra_args.extend(disk_args(image));
+    qemu::Vm::start(bin, &cfg).expect("start a destination QEMU")
+}
+
 /// Firmware VMs (KVM: the unpacked QEMU 7.2 has no TCG, which the Linux guest needs) of QEMU
 /// `src_bin` and `dst_bin` on machine `machine`, on the images `src_disk` and `dst_disk`,
 /// migrated with `migrate FLAG --no-start --json` through a `tunnel-server --qmp`. The output
@@ -344,11 +361,7 @@ async fn check_copied(
     let (same, said) = compare(src_disk, dst_disk, "qcow2");
     assert!(same, "qemu-img compare: {said}");
     let t_dst = check::qmp(&dst.qmp_path).await;
-    let exports = t_dst
-        .execute(&qmigrate_qmp::QueryBlockExports)
-        .await
-        .expect("query-block-exports");
-    assert!(exports.is_empty(), "{exports:?}");
+    assert_no_exports(&t_dst).await;
     summary
 }
 
@@ -550,6 +563,38 @@ async fn storage_size_mismatch_refused() {
     assert!(same_size, "the destination image is still readable: {said}");
 }
 
+/// MiB of data on the disk of [`big_copy_pair`]'s guest.
+const BIG_FILL_MIB: u64 = 384;
+
+/// A guest pair on a 512 MiB disk with [`BIG_FILL_MIB`] of data: several seconds to copy at
+/// the rates seen here (50-100 MiB/s), for tests that act mid-copy (`None`: skipped).
+async fn big_copy_pair() -> Option<GuestPair> {
+    let (bin, img) = support::linux_guest()?;
+    let cfg = GuestConfig {
+        disk_mib: 512,
+        ..GuestConfig::default()
+    };
+    Some(GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, BIG_FILL_MIB).await)
+}
+
+/// Spawns `send --copy-storage --json` of `pair`'s source through the tunnel-client on
+/// `socket`.
+fn spawn_send(pair: &GuestPair, socket: &Path) -> Proc {
+    Proc::spawn(
+        "send",
+        pair.dir(),
+        [
+            "send",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--socket",
+            &path(socket),
+            "--copy-storage",
+            "--json",
+        ],
+    )
+}
+
 /// Waits for the first disk-phase progress tick of `proc` (a `migrate` or `send` with
 /// `--copy-storage --json`) with something copied, and asserts that not all of `total` was:
 /// the bytes copied then.
@@ -605,15 +650,9 @@ async fn migrate_into_ram_phase(pair: &GuestPair) -> (Proc, Proc, serde_json::Va
 /// incomplete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_interrupted_during_copy() {
-    let Some((bin, img)) = support::linux_guest() else {
+    let Some(pair) = big_copy_pair().await else {
         return;
     };
-    // 384 MiB to copy: several seconds at the rates seen here (50-100 MiB/s).
-    let cfg = GuestConfig {
-        disk_mib: 512,
-        ..GuestConfig::default()
-    };
-    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, 384).await;
     let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
     let mut migrate = Proc::spawn(
         "migrate",
@@ -628,7 +667,7 @@ async fn storage_interrupted_during_copy() {
             "--json",
         ],
     );
-    mid_copy(&mut migrate, 384 << 20).await;
+    mid_copy(&mut migrate, BIG_FILL_MIB << 20).await;
     let t = Instant::now();
     migrate.signal(libc::SIGINT);
     let (status, _) = migrate.wait(RUN).await;
@@ -763,6 +802,11 @@ async fn storage_step_by_step_tls() {
     step_by_step(Scheme::Tls).await;
 }
 
+/// Stall timeout of `receive` in the tests that copy to the end: the guest writes all along,
+/// and the RAM migration begins moments after the copy, so it never runs out (a false alarm
+/// would fail them).
+const RECEIVE_STALL: &str = "10s";
+
 /// The step-by-step migration of [`storage_step_by_step_tcp`] through a tunnel of `scheme`.
 async fn step_by_step(scheme: Scheme) {
     let Some((bin, img)) = support::linux_guest() else {
@@ -777,7 +821,7 @@ async fn step_by_step(scheme: Scheme) {
         pair.dir(),
         pair.dst.qmp_path(),
         &tunnel.dest_socket,
-        &["--copy-storage"],
+        &["--copy-storage", "--stall-timeout", RECEIVE_STALL],
     )
     .await;
     assert!(exported.contains("vblk0"), "{exported}");
@@ -850,11 +894,7 @@ async fn step_by_step(scheme: Scheme) {
     );
     assert_eq!(check::vm_state(&dst).await.0, RunState::Paused);
     // The NBD server stopped before the guest may start (its exports hold the images).
-    let exports = dst
-        .execute(&qmigrate_qmp::QueryBlockExports)
-        .await
-        .expect("query-block-exports");
-    assert!(exports.is_empty(), "{exports:?}");
+    assert_no_exports(&dst).await;
     dst.execute(&qmigrate_qmp::Cont).await.expect("cont");
     drop(dst);
     let verdict = pair.assert_continued(Expect::default(), CONTINUE).await;
@@ -865,6 +905,109 @@ async fn step_by_step(scheme: Scheme) {
         copied as f64 / (1 << 20) as f64,
         summary["downtime_ms"],
         started.elapsed().as_secs_f64()
+    );
+}
+
+/// Step by step, `send` and the `tunnel-client` killed mid disk copy (the source's host gone):
+/// QMP shows the destination nothing, but no NBD write reaches its exported disk any more, and
+/// `receive --stall-timeout 5s` gives up within that bound: exit 1, saying that the source
+/// stopped sending disk data, that the images are incomplete and that the destination QEMU
+/// must be restarted; its NBD server is stopped and its dirty bitmaps removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_step_by_step_source_dies_during_copy() {
+    let Some(pair) = big_copy_pair().await else {
+        return;
+    };
+    let mut tunnel = copy_tunnel(pair.dir(), Scheme::Tcp).await;
+    let (mut receive, _) = start_receive(
+        pair.dir(),
+        pair.dst.qmp_path(),
+        &tunnel.dest_socket,
+        &["--copy-storage", "--stall-timeout", "5s"],
+    )
+    .await;
+    let mut send = spawn_send(&pair, &tunnel.source_socket);
+    let copied = mid_copy(&mut send, BIG_FILL_MIB << 20).await;
+    send.kill().await;
+    tunnel.client.kill().await;
+    let t = Instant::now();
+    // The bound, from the last write (at most the kill), with a margin for a loaded host.
+    let (status, _) = receive.wait(Duration::from_secs(5 + 25)).await;
+    let took = t.elapsed();
+    let stderr = receive.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}\n{}", tunnel.logs());
+    for needle in [
+        "the source stopped sending disk data",
+        "incomplete",
+        "restart the destination QEMU",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} in:\n{stderr}");
+    }
+    // Not before the stall timeout (less the poll interval).
+    assert!(
+        took >= Duration::from_secs(3),
+        "receive gave up {took:?} after the kill: {stderr}"
+    );
+    let dst = check::qmp(pair.dst.qmp_path()).await;
+    assert_no_exports(&dst).await;
+    let nodes = dst
+        .execute(&qmigrate_qmp::QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .expect("query-named-block-nodes");
+    assert!(
+        nodes.iter().all(|n| n.dirty_bitmaps.is_empty()),
+        "bitmaps left: {nodes:?}"
+    );
+    assert_eq!(check::vm_state(&dst).await.0, RunState::InMigrate);
+    eprintln!(
+        "storage_step_by_step_source_dies_during_copy: killed after {:.1} MiB, receive exit 1 \
+         {:.1} s later",
+        copied as f64 / (1 << 20) as f64,
+        took.as_secs_f64()
+    );
+}
+
+/// `receive --copy-storage --stall-timeout 3s` and no `send` at all: no disk data arrives, and
+/// `receive` gives up after the bound (exit 1), its NBD server stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_receive_without_source_gives_up() {
+    let Some(bin) = support::qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("dst.qcow2");
+    qmigrate_testkit::guest::create_disk(&disk, 64);
+    let dst = firmware_destination(&bin, &disk);
+    let t = Instant::now();
+    let out = run(
+        [
+            "receive",
+            "--qmp",
+            &path(&dst.qmp_path),
+            "--socket",
+            &path(&dir.path().join("dest.sock")),
+            "--copy-storage",
+            "--stall-timeout",
+            "3s",
+        ],
+        RUN,
+    )
+    .await;
+    let took = t.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no disk data arrived within 3 s"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(3 + 20),
+        "took {took:?}"
+    );
+    let t_dst = check::qmp(&dst.qmp_path).await;
+    assert_no_exports(&t_dst).await;
+    eprintln!(
+        "storage_receive_without_source_gives_up: exit 1 after {:.1} s: {}",
+        took.as_secs_f64(),
+        out.stderr.trim()
     );
 }
 
@@ -924,11 +1067,7 @@ async fn storage_step_by_step_size_mismatch_refused() {
     assert_eq!(status.code(), Some(4), "{}", receive.stderr());
     let dst = check::qmp(pair.dst.qmp_path()).await;
     assert_eq!(check::vm_state(&dst).await.0, RunState::InMigrate);
-    let exports = dst
-        .execute(&qmigrate_qmp::QueryBlockExports)
-        .await
-        .expect("query-block-exports");
-    assert!(exports.is_empty(), "{exports:?}");
+    assert_no_exports(&dst).await;
 }
 
 /// The part of the source's image that the guest's workload never writes (its records stay
@@ -1030,23 +1169,18 @@ async fn storage_interrupted_during_ram() {
 /// The link to the destination down for 3 s during the disk copy (step by step, the
 /// tunnel-server in a network namespace of its own): with a 1 s dead-peer timeout the NBD
 /// tunnel connection breaks, QEMU's NBD client reconnects through a new one once the link is
-/// back (within its reconnect delay, its requests waiting meanwhile), the copy completes, and
-/// the images are identical.
+/// back (within its reconnect delay, its requests waiting meanwhile), the copy completes
+/// (`receive`'s stall timeout, 10 s, does not run out), and the images are identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_link_down_during_copy() {
     use std::os::unix::fs::PermissionsExt as _;
-    let Some((bin, img)) = support::linux_guest() else {
-        return;
-    };
     let Some(ns) = qmigrate_testkit::netns::NetNs::new() else {
         return;
     };
-    // 384 MiB to copy: several seconds, so that the link goes down mid-copy.
-    let cfg = GuestConfig {
-        disk_mib: 512,
-        ..GuestConfig::default()
+    // Several seconds of copy, so that the link goes down mid-copy.
+    let Some(pair) = big_copy_pair().await else {
+        return;
     };
-    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, 384).await;
     let d = pair.dir();
     let token = d.join("token");
     std::fs::write(&token, "a token for the storage namespace test\n").expect("token file");
@@ -1082,22 +1216,16 @@ async fn storage_link_down_during_copy() {
     let line = client.next_line(RUN).await;
     assert!(line.starts_with("listening on "), "{line}");
 
-    let (mut receive, _) =
-        start_receive(d, pair.dst.qmp_path(), &dest_sock, &["--copy-storage"]).await;
-    let mut send = Proc::spawn(
-        "send",
+    // The outage and the NBD client's reconnection stay well within the stall timeout.
+    let (mut receive, _) = start_receive(
         d,
-        [
-            "send",
-            "--qmp",
-            &path(pair.src.qmp_path()),
-            "--socket",
-            &path(&src_sock),
-            "--copy-storage",
-            "--json",
-        ],
-    );
-    let copied_at_cut = mid_copy(&mut send, 384 << 20).await;
+        pair.dst.qmp_path(),
+        &dest_sock,
+        &["--copy-storage", "--stall-timeout", RECEIVE_STALL],
+    )
+    .await;
+    let mut send = spawn_send(&pair, &src_sock);
+    let copied_at_cut = mid_copy(&mut send, BIG_FILL_MIB << 20).await;
     let t = Instant::now();
     ns.link_down();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1174,15 +1302,10 @@ async fn storage_step_by_step_incremental() {
         },
     )
     .expect("start the source QEMU");
-    let destination = |image: &Path| {
-        let mut cfg = qemu::destination_config(64);
-        cfg.extra_args.extend(disk_args(image));
-        qemu::Vm::start(&bin, &cfg).expect("start a destination QEMU")
-    };
     let tunnel = copy_tunnel(d, Scheme::Tcp).await;
 
     // A destination image without a backing file: refused, nothing exported.
-    let wrong = destination(&flat);
+    let wrong = firmware_destination(&bin, &flat);
     let out = run(
         [
             "receive",
@@ -1200,20 +1323,18 @@ async fn storage_step_by_step_incremental() {
     assert!(out.stderr.contains("no backing file"), "{}", out.stderr);
     let w = check::qmp(&wrong.qmp_path).await;
     assert_eq!(check::migration_status(&w).await.0, MigrationStatus::None);
-    let exports = w
-        .execute(&qmigrate_qmp::QueryBlockExports)
-        .await
-        .expect("query-block-exports");
-    assert!(exports.is_empty(), "{exports:?}");
+    assert_no_exports(&w).await;
     drop(w);
     drop(wrong);
 
-    let dst = destination(&dst_disk);
+    let dst = firmware_destination(&bin, &dst_disk);
     let (mut receive, _) = start_receive(
         d,
         &dst.qmp_path,
         &tunnel.dest_socket,
-        &["--copy-storage-inc"],
+        // Firmware VMs write nothing: once the copy is done no disk data comes until the RAM
+        // migration begins, which must come before the stall timeout.
+        &["--copy-storage-inc", "--stall-timeout", "5s"],
     )
     .await;
     let out = run(
