@@ -26,11 +26,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use qmigrate_qmp::{
-    BlockDeviceInfo, BlockExportAddNbd, BlockExportDel, BlockExportRemoveMode, BlockJobCancel,
-    BlockJobChangeMirror, BlockJobInfo, BlockdevAddNbd, BlockdevDel, BlockdevMirror, JobDismiss,
-    JobStatus, MirrorCopyMode, MirrorSyncMode, NbdServerStart, NbdServerStop, Qmp, QueryBlock,
-    QueryBlockExports, QueryBlockJobs, QueryNamedBlockNodes, SocketAddress, SocketAddressLegacy,
-    Yank, YankInstance,
+    BlockDeviceInfo, BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapClear,
+    BlockDirtyBitmapRemove, BlockExportAddNbd, BlockExportDel, BlockExportRemoveMode,
+    BlockJobCancel, BlockJobChangeMirror, BlockJobInfo, BlockdevAddNbd, BlockdevDel,
+    BlockdevMirror, JobDismiss, JobStatus, MirrorCopyMode, MirrorSyncMode, NbdServerStart,
+    NbdServerStop, Qmp, QueryBlock, QueryBlockExports, QueryBlockJobs, QueryNamedBlockNodes,
+    SocketAddress, SocketAddressLegacy, Yank, YankInstance,
 };
 use tracing::{debug, info, warn};
 
@@ -453,6 +454,174 @@ async fn release_exports(qmp: &Qmp) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The dirty bitmap the destination puts on each exported node to see the source's NBD writes
+/// (the NBD server keeps no count of them, but every write marks a node's bitmaps).
+const WRITES_BITMAP: &str = "qmigrate-writes";
+
+/// How often the destination looks at its bitmaps while the disks are copied.
+const WATCH_POLL: Duration = Duration::from_secs(1);
+
+/// Destination without a control connection (`receive --copy-storage`): QMP cannot tell a
+/// source that died during the disk copy from a slow copy, so this watches the source's NBD
+/// writes. A non-persistent dirty bitmap on each exported node, looked at and cleared every
+/// second, shows whether any arrived; [`CopyWatch::stalled`] gives up when none has for the
+/// stall timeout while the RAM migration has not begun (an idle guest's mirrors are ready and
+/// the RAM migration starts within moments, so the watch ends before a false alarm). A QEMU
+/// that cannot add a bitmap is not watched (a warning says so).
+#[derive(Debug)]
+pub struct CopyWatch {
+    /// The exported nodes that carry the bitmap.
+    nodes: Vec<String>,
+    stall: Duration,
+    /// The bitmaps are gone (removed, or the watch never started).
+    removed: std::sync::atomic::AtomicBool,
+}
+
+impl CopyWatch {
+    /// Adds the bitmap to each node of the NBD exports [`export_disks`] made; `stall` zero:
+    /// no watch.
+    pub async fn start(qmp: &Qmp, stall: Duration) -> CopyWatch {
+        let mut nodes = Vec::new();
+        if !stall.is_zero() {
+            match qmp.execute(&QueryBlockExports).await {
+                Ok(exports) => {
+                    for e in exports.iter().filter(|e| e.id.starts_with("qmigrate-")) {
+                        let added = qmp
+                            .execute(&BlockDirtyBitmapAdd {
+                                node: e.node_name.clone(),
+                                name: WRITES_BITMAP.to_owned(),
+                                persistent: Some(false),
+                            })
+                            .await;
+                        if let Err(err) = added {
+                            // A disk left out would look idle while only it is copied.
+                            warn!(
+                                node = %e.node_name,
+                                "block-dirty-bitmap-add: {err}; the disk copy is not watched: a \
+                                 source that stops sending is not noticed"
+                            );
+                            let watch = CopyWatch::new(nodes, stall);
+                            watch.remove(qmp).await;
+                            return watch;
+                        }
+                        nodes.push(e.node_name.clone());
+                    }
+                }
+                Err(err) => warn!("query-block-exports: {err}; the disk copy is not watched"),
+            }
+        }
+        CopyWatch::new(nodes, stall)
+    }
+
+    /// A watch of the bitmaps on `nodes` (none: no watch).
+    fn new(nodes: Vec<String>, stall: Duration) -> CopyWatch {
+        CopyWatch {
+            removed: nodes.is_empty().into(),
+            nodes,
+            stall,
+        }
+    }
+
+    /// Resolves when no disk data has arrived for the stall timeout while the RAM migration
+    /// has not begun, with what to tell the operator. Once the RAM migration has begun it
+    /// removes the bitmaps and never resolves (nor does it without bitmaps).
+    pub async fn stalled(&self, qmp: &Qmp) -> anyhow::Error {
+        let started = Instant::now();
+        let mut last_write: Option<Instant> = None;
+        let mut tick = tokio::time::interval(WATCH_POLL);
+        while !self.removed.load(std::sync::atomic::Ordering::Relaxed) {
+            tick.tick().await;
+            match crate::monitor::query_migrate(qmp).await {
+                Ok(info) => {
+                    let status = crate::monitor::status_of(&info);
+                    if !matches!(
+                        status,
+                        qmigrate_qmp::MigrationStatus::None | qmigrate_qmp::MigrationStatus::Setup
+                    ) {
+                        debug!(%status, "the RAM migration began: the disk copy is not watched any more");
+                        self.remove(qmp).await;
+                        break;
+                    }
+                }
+                Err(err) => debug!("query-migrate: {err:#}"),
+            }
+            if self.written(qmp).await {
+                last_write = Some(Instant::now());
+            }
+            let quiet = last_write.unwrap_or(started).elapsed();
+            if quiet >= self.stall {
+                let secs = self.stall.as_secs_f64();
+                return match last_write {
+                    None => anyhow!(
+                        "no disk data arrived within {secs:.0} s of the export (is `send \
+                         --copy-storage` running, through a `tunnel-client --copy-storage`?)"
+                    ),
+                    Some(_) => anyhow!(
+                        "the source stopped sending disk data: nothing arrived for {secs:.0} s \
+                         while the disks were copied (`send` ended, or its host or the link is \
+                         down)"
+                    ),
+                };
+            }
+        }
+        std::future::pending().await
+    }
+
+    /// Whether any bitmap has marks; clears them.
+    async fn written(&self, qmp: &Qmp) -> bool {
+        let nodes = match qmp
+            .execute(&QueryNamedBlockNodes { flat: Some(true) })
+            .await
+        {
+            Ok(nodes) => nodes,
+            Err(err) => {
+                debug!("query-named-block-nodes: {err}");
+                return false;
+            }
+        };
+        let mut written = false;
+        for n in nodes.iter().filter(|n| self.nodes.contains(&n.node_name)) {
+            let marked = n
+                .dirty_bitmaps
+                .iter()
+                .any(|b| b.name == WRITES_BITMAP && b.count > 0);
+            if marked {
+                written = true;
+                let clear = BlockDirtyBitmapClear(self.bitmap(&n.node_name));
+                if let Err(err) = qmp.execute(&clear).await {
+                    debug!(node = %n.node_name, "block-dirty-bitmap-clear: {err}");
+                }
+            }
+        }
+        written
+    }
+
+    fn bitmap(&self, node: &str) -> BlockDirtyBitmap {
+        BlockDirtyBitmap {
+            node: node.to_owned(),
+            name: WRITES_BITMAP.to_owned(),
+        }
+    }
+
+    /// Removes the bitmaps (once; a failure is logged).
+    pub async fn remove(&self, qmp: &Qmp) {
+        if self
+            .removed
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        for node in &self.nodes {
+            if let Err(err) = qmp
+                .execute(&BlockDirtyBitmapRemove(self.bitmap(node)))
+                .await
+            {
+                debug!(%node, "block-dirty-bitmap-remove: {err}");
+            }
+        }
     }
 }
 

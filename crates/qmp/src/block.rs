@@ -286,7 +286,57 @@ pub struct BlockDeviceInfo {
     /// The image.
     #[serde(default)]
     pub image: Option<ImageInfo>,
+    /// The node's dirty bitmaps (`query-named-block-nodes`; `query-block` has them too).
+    #[serde(default)]
+    pub dirty_bitmaps: Vec<BlockDirtyInfo>,
 }
+
+/// `BlockDirtyInfo`: one dirty bitmap of a node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockDirtyInfo {
+    /// The bitmap's name.
+    #[serde(default)]
+    pub name: String,
+    /// Bytes marked dirty (whole granules).
+    #[serde(default)]
+    pub count: u64,
+}
+
+/// `block-dirty-bitmap-add`: a bitmap on `node` that every write to the node marks, whoever
+/// writes (the guest, a block job, an NBD client).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlockDirtyBitmapAdd {
+    /// The node (or device) name.
+    pub node: String,
+    /// The bitmap's name, unique on the node.
+    pub name: String,
+    /// Kept in the image (qcow2) after QEMU ends; `false` for one that only lives in memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<bool>,
+}
+command!(BlockDirtyBitmapAdd, "block-dirty-bitmap-add", Empty);
+
+/// `block-dirty-bitmap-clear` and `block-dirty-bitmap-remove`: a bitmap of a node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlockDirtyBitmap {
+    /// The node (or device) name.
+    pub node: String,
+    /// The bitmap's name.
+    pub name: String,
+}
+
+/// `block-dirty-bitmap-clear`: unmarks every bit of a bitmap.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct BlockDirtyBitmapClear(pub BlockDirtyBitmap);
+command!(BlockDirtyBitmapClear, "block-dirty-bitmap-clear", Empty);
+
+/// `block-dirty-bitmap-remove`: deletes a bitmap.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct BlockDirtyBitmapRemove(pub BlockDirtyBitmap);
+command!(BlockDirtyBitmapRemove, "block-dirty-bitmap-remove", Empty);
 
 /// `ImageInfo`, what this crate reads of it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -444,6 +494,21 @@ mod tests {
             }),
             json!({"state": "pre-switchover"})
         );
+        assert_eq!(
+            args(&BlockDirtyBitmapAdd {
+                node: "disk0".into(),
+                name: "qmigrate-writes".into(),
+                persistent: Some(false),
+            }),
+            json!({"node": "disk0", "name": "qmigrate-writes", "persistent": false})
+        );
+        let bitmap = BlockDirtyBitmap {
+            node: "disk0".into(),
+            name: "qmigrate-writes".into(),
+        };
+        let expected = json!({"node": "disk0", "name": "qmigrate-writes"});
+        assert_eq!(args(&BlockDirtyBitmapClear(bitmap.clone())), expected);
+        assert_eq!(args(&BlockDirtyBitmapRemove(bitmap)), expected);
     }
 
     /// Replies as QEMU 10 gave them (`query-block` of a `-blockdev` disk, `query-block-jobs`
@@ -470,6 +535,13 @@ mod tests {
             "file": "/tmp/top.qcow2", "backing_file": "/tmp/base.qcow2"}))
         .expect("an overlay's BlockDeviceInfo");
         assert_eq!(overlay.backing_file_depth, 1);
+        // A destination's exported node with the bitmap that watches the NBD writes (QEMU 10).
+        let watched: BlockDeviceInfo = serde_json::from_value(json!({
+            "node-name": "disk0", "ro": false, "drv": "qcow2", "file": "/tmp/dst.qcow2",
+            "dirty-bitmaps": [{"name": "qmigrate-writes", "recording": true,
+                "persistent": false, "busy": false, "granularity": 65536, "count": 1048576}]}))
+        .expect("a BlockDeviceInfo with a dirty bitmap");
+        assert_eq!(watched.dirty_bitmaps[0].count, 1048576);
         assert_eq!(
             inserted.image.as_ref().map(|i| i.virtual_size),
             Some(16777216)

@@ -2,7 +2,7 @@
 //! the migration with the capabilities the source will use, or restore a saved state.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use qmigrate_migration::destination::{
@@ -17,7 +17,7 @@ use crate::args::{CompressArg, ModeArg};
 use crate::exit::Exit;
 use crate::output::JsonEvent;
 use crate::signals;
-use crate::units::{format_bytes, format_duration};
+use crate::units::{self, format_bytes, format_duration};
 
 /// Arguments of `qmigrate receive`.
 #[derive(Debug, clap::Args)]
@@ -105,6 +105,13 @@ pub struct Args {
         conflicts_with_all = ["from", "postcopy", "copy_storage"]
     )]
     pub copy_storage_inc: Option<String>,
+
+    /// With --copy-storage or --copy-storage-inc: give up when no disk data has arrived for
+    /// DUR (from the export on) while the RAM migration has not begun: the source stopped
+    /// sending (`send` died, its host or the link is down). Stops the NBD server and exits 1;
+    /// the images are then incomplete. `off` waits for ever.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = units::parse_duration_or_off)]
+    pub stall_timeout: Duration,
 
     /// Print the ready message (and with --wait the result) as JSON objects on stdout.
     #[arg(long)]
@@ -227,7 +234,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let outcome = if copying {
-        follow_copy(&qmp, args.start).await
+        follow_copy(&qmp, args.start, args.stall_timeout).await
     } else {
         follow_incoming(&qmp, args.start).await.map_err(Into::into)
     };
@@ -314,20 +321,27 @@ async fn export(qmp: &Qmp, copy: &StorageCopy, nbd: &Path) -> anyhow::Result<Vec
 
 /// Follows an incoming migration that copies disks: the guest is not started by
 /// [`follow_incoming`], since the NBD server must stop first ([`storage::finish_incoming`]).
-/// Ctrl-C or SIGTERM stop the NBD server and end with the images incomplete.
-async fn follow_copy(qmp: &Qmp, start: bool) -> anyhow::Result<IncomingOutcome> {
+/// Ctrl-C or SIGTERM, or no disk data for `stall` before the RAM migration ([`storage::CopyWatch`]),
+/// stop the NBD server and end with the images incomplete.
+async fn follow_copy(qmp: &Qmp, start: bool, stall: Duration) -> anyhow::Result<IncomingOutcome> {
     let cancel = signals::cancellation(None).context("cannot install signal handlers")?;
+    let watch = storage::CopyWatch::start(qmp, stall).await;
+    let incomplete = "the NBD server is stopped and the destination's disk images are \
+                      incomplete; restart the destination QEMU before another attempt";
     let outcome = tokio::select! {
         outcome = follow_incoming(qmp, false) => outcome,
         reason = cancel => {
+            watch.remove(qmp).await;
             storage::stop_nbd_server(qmp).await;
-            return Err(anyhow!(
-                "{reason}: the NBD server is stopped and the destination's disk images are \
-                 incomplete; restart the destination QEMU before another attempt"
-            )
-            .context(Exit::Cancelled));
+            return Err(anyhow!("{reason}: {incomplete}").context(Exit::Cancelled));
+        }
+        err = watch.stalled(qmp) => {
+            watch.remove(qmp).await;
+            storage::stop_nbd_server(qmp).await;
+            return Err(anyhow!("{err:#}; {incomplete}").context(Exit::Failed));
         }
     };
+    watch.remove(qmp).await;
     let mut outcome = match outcome {
         Ok(outcome) => outcome,
         Err(err) => {

@@ -359,30 +359,6 @@ async fn authenticated_tunnel_after_refused_attempts() {
     );
 }
 
-/// A self-signed certificate for the destination (made now, never kept) in `dir`: the paths
-/// of cert.pem and key.pem (0600), and the certificate's fingerprint as `openssl x509
-/// -fingerprint -sha256` prints it.
-fn self_signed_cert(dir: &Path) -> (String, String, String) {
-    use sha2::Digest as _;
-    use std::os::unix::fs::PermissionsExt as _;
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["dest".to_owned()])
-        .expect("names")
-        .self_signed(&key)
-        .expect("certificate");
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).expect("write cert.pem");
-    std::fs::write(&key_path, key.serialize_pem()).expect("write key.pem");
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let digest = sha2::Sha256::digest(cert.der().as_ref());
-    let hex: Vec<String> = digest.iter().map(|b| format!("{b:02X}")).collect();
-    (
-        path(&cert_path),
-        path(&key_path),
-        format!("sha256 Fingerprint={}", hex.join(":")),
-    )
-}
-
 /// WebSocket over TLS with the server's certificate pinned by its fingerprint, plus the token:
 /// a client pinning another certificate and a plain ws:// client fail on the source (which
 /// keeps running) without reaching the destination; then a migration through the pinned
@@ -396,7 +372,7 @@ async fn wss_tunnel_with_pinned_certificate_and_token() {
         "token",
         "cXVpdGUgYSBnb29kIHRva2VuIGZvciB0aGUgdGVzdA==",
     );
-    let (cert, key, fingerprint) = self_signed_cert(pair.dir());
+    let (cert, key, fingerprint) = support::tunnel::self_signed_cert(pair.dir());
     let server_args: Vec<String> = [
         "--token-file",
         &token,

@@ -77,6 +77,15 @@ fn compare(a: &Path, b: &Path, format: &str) -> (bool, String) {
     )
 }
 
+/// Asserts that the VM behind `qmp` has no block export (its NBD server stopped or released).
+async fn assert_no_exports(qmp: &qmigrate_qmp::Qmp) {
+    let exports = qmp
+        .execute(&qmigrate_qmp::QueryBlockExports)
+        .await
+        .expect("query-block-exports");
+    assert!(exports.is_empty(), "{exports:?}");
+}
+
 /// The JSON objects of `--json` output of `type`.
 fn events(stdout: &str, kind: &str) -> Vec<serde_json::Value> {
     stdout
@@ -271,6 +280,14 @@ fn disk_args(image: &Path) -> Vec<String> {
     ]
 }
 
+/// A firmware VM of `bin` waiting for an incoming migration (`-incoming defer -S`) on the qcow2
+/// `image`.
+fn firmware_destination(bin: &QemuBinary, image: &Path) -> qemu::Vm {
+    let mut cfg = qemu::destination_config(64);
+    cfg.extra_args.extend(disk_args(image));
+    qemu::Vm::start(bin, &cfg).expect("start a destination QEMU")
+}
+
 /// Firmware VMs (KVM: the unpacked QEMU 7.2 has no TCG, which the Linux guest needs) of QEMU
 /// `src_bin` and `dst_bin` on machine `machine`, on the images `src_disk` and `dst_disk`,
 /// migrated with `migrate FLAG --no-start --json` through a `tunnel-server --qmp`. The output
@@ -344,11 +361,7 @@ async fn check_copied(
     let (same, said) = compare(src_disk, dst_disk, "qcow2");
     assert!(same, "qemu-img compare: {said}");
     let t_dst = check::qmp(&dst.qmp_path).await;
-    let exports = t_dst
-        .execute(&qmigrate_qmp::QueryBlockExports)
-        .await
-        .expect("query-block-exports");
-    assert!(exports.is_empty(), "{exports:?}");
+    assert_no_exports(&t_dst).await;
     summary
 }
 
@@ -550,21 +563,96 @@ async fn storage_size_mismatch_refused() {
     assert!(same_size, "the destination image is still readable: {said}");
 }
 
+/// MiB of data on the disk of [`big_copy_pair`]'s guest.
+const BIG_FILL_MIB: u64 = 384;
+
+/// A guest pair on a 512 MiB disk with [`BIG_FILL_MIB`] of data: several seconds to copy at
+/// the rates seen here (50-100 MiB/s), for tests that act mid-copy (`None`: skipped).
+async fn big_copy_pair() -> Option<GuestPair> {
+    let (bin, img) = support::linux_guest()?;
+    let cfg = GuestConfig {
+        disk_mib: 512,
+        ..GuestConfig::default()
+    };
+    Some(GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, BIG_FILL_MIB).await)
+}
+
+/// Spawns `send --copy-storage --json` of `pair`'s source through the tunnel-client on
+/// `socket`.
+fn spawn_send(pair: &GuestPair, socket: &Path) -> Proc {
+    Proc::spawn(
+        "send",
+        pair.dir(),
+        [
+            "send",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--socket",
+            &path(socket),
+            "--copy-storage",
+            "--json",
+        ],
+    )
+}
+
+/// Waits for the first disk-phase progress tick of `proc` (a `migrate` or `send` with
+/// `--copy-storage --json`) with something copied, and asserts that not all of `total` was:
+/// the bytes copied then.
+async fn mid_copy(proc: &mut Proc, total: u64) -> u64 {
+    loop {
+        let line = proc.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let copied = v["storage"]["copied"].as_u64().unwrap_or(0);
+        if v["type"] == "progress" && v["status"] == "none" && copied > 0 {
+            assert!(copied < total, "the copy was done already: {line}");
+            return copied;
+        }
+    }
+}
+
+/// Starts `migrate --copy-storage --max-bandwidth 2M --json` of `pair` through a new
+/// `tunnel-server --qmp` and waits until the RAM phase has moved something (2 MB/s for 128 MiB
+/// of RAM: it lasts until the test ends it): the server, the `migrate` and that progress tick.
+async fn migrate_into_ram_phase(pair: &GuestPair) -> (Proc, Proc, serde_json::Value) {
+    let (srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
+    let mut migrate = Proc::spawn(
+        "migrate",
+        pair.dir(),
+        [
+            "migrate",
+            "--qmp",
+            &path(pair.src.qmp_path()),
+            "--to",
+            &url,
+            "--copy-storage",
+            "--max-bandwidth",
+            "2M",
+            "--json",
+        ],
+    );
+    loop {
+        let line = migrate.next_line(RUN).await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["type"] == "progress" && v["status"] == "active" && v["transferred"].as_u64() > Some(0)
+        {
+            return (srv, migrate, v);
+        }
+    }
+}
+
 /// Ctrl-C during the disk phase: `migrate` exits 4 at once, the mirrors are gone (no job, no
 /// NBD node left on the source), the source VM keeps running on its own image, which
 /// `qemu-img check` finds intact, and the message says the destination's images are
 /// incomplete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_interrupted_during_copy() {
-    let Some((bin, img)) = support::linux_guest() else {
+    let Some(pair) = big_copy_pair().await else {
         return;
     };
-    // 384 MiB to copy: several seconds at the rates seen here (50-100 MiB/s).
-    let cfg = GuestConfig {
-        disk_mib: 512,
-        ..GuestConfig::default()
-    };
-    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, 384).await;
     let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
     let mut migrate = Proc::spawn(
         "migrate",
@@ -579,21 +667,7 @@ async fn storage_interrupted_during_copy() {
             "--json",
         ],
     );
-    // The first tick of the disk phase with something copied, and not all of it.
-    loop {
-        let line = migrate.next_line(RUN).await;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        let copied = v["storage"]["copied"].as_u64().unwrap_or(0);
-        if v["type"] == "progress" && v["status"] == "none" && copied > 0 {
-            assert!(
-                copied < 384 << 20,
-                "the copy was done before the interrupt: {line}"
-            );
-            break;
-        }
-    }
+    mid_copy(&mut migrate, BIG_FILL_MIB << 20).await;
     let t = Instant::now();
     migrate.signal(libc::SIGINT);
     let (status, _) = migrate.wait(RUN).await;
@@ -712,33 +786,7 @@ async fn storage_destination_lost_during_ram() {
     };
     let cfg = config();
     let mut pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
-    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
-    // 2 MB/s for 128 MiB of RAM: the RAM phase lasts until the destination dies.
-    let mut migrate = Proc::spawn(
-        "migrate",
-        pair.dir(),
-        [
-            "migrate",
-            "--qmp",
-            &path(pair.src.qmp_path()),
-            "--to",
-            &url,
-            "--copy-storage",
-            "--max-bandwidth",
-            "2M",
-            "--json",
-        ],
-    );
-    loop {
-        let line = migrate.next_line(RUN).await;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if v["type"] == "progress" && v["status"] == "active" && v["transferred"].as_u64() > Some(0)
-        {
-            break;
-        }
-    }
+    let (mut srv, mut migrate, _) = migrate_into_ram_phase(&pair).await;
     pair.dst.vm.kill();
     let (status, _) = migrate.wait(RUN).await;
     let stderr = migrate.stderr();
@@ -754,6 +802,56 @@ async fn storage_destination_lost_during_ram() {
     assert!(log.heartbeats.len() > before, "{}", pair.report());
 }
 
+/// Spawns `receive --qmp QMP --socket SOCKET EXTRA...` (a `--copy-storage` flag among `extra`)
+/// in `dir` and waits until it has exported the disks: the process and its "disks exported"
+/// line.
+async fn start_receive(dir: &Path, qmp: &Path, socket: &Path, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "receive".to_owned(),
+        "--qmp".into(),
+        path(qmp),
+        "--socket".into(),
+        path(socket),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let mut receive = Proc::spawn("receive", dir, &args);
+    let exported = receive
+        .line_matching(RUN, |l| l.starts_with("disks exported"))
+        .await;
+    (receive, exported)
+}
+
+/// The tunnels of the step-by-step tests.
+#[derive(Debug, Clone, Copy)]
+enum Scheme {
+    Tcp,
+    Ws,
+    /// TLS over TCP, the server's self-signed certificate pinned by the client.
+    Tls,
+}
+
+/// `tunnel-server` and `tunnel-client --copy-storage` over `scheme`, in `dir`.
+async fn copy_tunnel(dir: &Path, scheme: Scheme) -> Tunnel {
+    let (transport, server_extra, mut client_extra) = match scheme {
+        Scheme::Tcp => (Transport::Tcp, Vec::new(), Vec::new()),
+        Scheme::Ws => (Transport::Ws, Vec::new(), Vec::new()),
+        Scheme::Tls => {
+            let (cert, key, pin) = support::tunnel::self_signed_cert(dir);
+            let server = vec!["--tls-cert".into(), cert, "--tls-key".into(), key];
+            (
+                Transport::Tcp,
+                server,
+                vec!["--tls-fingerprint".into(), pin],
+            )
+        }
+    };
+    client_extra.push("--copy-storage".into());
+    let tunnel = Tunnel::start_with(dir, transport, &server_extra, &client_extra).await;
+    let expected = format!("{scheme:?}://").to_lowercase();
+    assert!(tunnel.url.starts_with(&expected), "{}", tunnel.url);
+    tunnel
+}
+
 /// Step by step through the TCP tunnel: `receive --copy-storage` exports the destination's
 /// disk over NBD beside its migration socket, `tunnel-server` (without --qmp) routes the NBD
 /// connections there, `tunnel-client --copy-storage` carries them from the socket beside its
@@ -762,29 +860,44 @@ async fn storage_destination_lost_during_ram() {
 /// paused for good, the images are identical, and once started the guest goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_step_by_step_tcp() {
+    step_by_step(Scheme::Tcp).await;
+}
+
+/// [`storage_step_by_step_tcp`] over WebSocket: the NBD connections are WebSocket tunnel
+/// connections too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_step_by_step_ws() {
+    step_by_step(Scheme::Ws).await;
+}
+
+/// [`storage_step_by_step_tcp`] over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_step_by_step_tls() {
+    step_by_step(Scheme::Tls).await;
+}
+
+/// Stall timeout of `receive` in the tests that copy to the end: the guest writes all along,
+/// and the RAM migration begins moments after the copy, so it never runs out (a false alarm
+/// would fail them).
+const RECEIVE_STALL: &str = "10s";
+
+/// The step-by-step migration of [`storage_step_by_step_tcp`] through a tunnel of `scheme`.
+async fn step_by_step(scheme: Scheme) {
     let Some((bin, img)) = support::linux_guest() else {
         return;
     };
+    let name = format!("storage_step_by_step_{scheme:?}").to_lowercase();
     let started = Instant::now();
     let cfg = config();
     let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, FILL_MIB).await;
-    let tunnel =
-        Tunnel::start_with(pair.dir(), Transport::Tcp, &[], &["--copy-storage".into()]).await;
-    let mut receive = Proc::spawn(
-        "receive",
+    let tunnel = copy_tunnel(pair.dir(), scheme).await;
+    let (mut receive, exported) = start_receive(
         pair.dir(),
-        [
-            "receive",
-            "--qmp",
-            &path(pair.dst.qmp_path()),
-            "--socket",
-            &path(&tunnel.dest_socket),
-            "--copy-storage",
-        ],
-    );
-    let exported = receive
-        .line_matching(RUN, |l| l.starts_with("disks exported"))
-        .await;
+        pair.dst.qmp_path(),
+        &tunnel.dest_socket,
+        &["--copy-storage", "--stall-timeout", RECEIVE_STALL],
+    )
+    .await;
     assert!(exported.contains("vblk0"), "{exported}");
     let t = Instant::now();
     let out = run(
@@ -855,21 +968,120 @@ async fn storage_step_by_step_tcp() {
     );
     assert_eq!(check::vm_state(&dst).await.0, RunState::Paused);
     // The NBD server stopped before the guest may start (its exports hold the images).
-    let exports = dst
-        .execute(&qmigrate_qmp::QueryBlockExports)
-        .await
-        .expect("query-block-exports");
-    assert!(exports.is_empty(), "{exports:?}");
+    assert_no_exports(&dst).await;
     dst.execute(&qmigrate_qmp::Cont).await.expect("cont");
     drop(dst);
     let verdict = pair.assert_continued(Expect::default(), CONTINUE).await;
     eprintln!(
-        "storage_step_by_step_tcp: send {:.1} s ({:.1} MiB copied), downtime {} ms, whole test \
-         {:.1} s; {verdict:?}",
+        "{name}: send {:.1} s ({:.1} MiB copied), downtime {} ms, whole test {:.1} s; \
+         {verdict:?}",
         took.as_secs_f64(),
         copied as f64 / (1 << 20) as f64,
         summary["downtime_ms"],
         started.elapsed().as_secs_f64()
+    );
+}
+
+/// Step by step, `send` and the `tunnel-client` killed mid disk copy (the source's host gone):
+/// QMP shows the destination nothing, but no NBD write reaches its exported disk any more, and
+/// `receive --stall-timeout 5s` gives up within that bound: exit 1, saying that the source
+/// stopped sending disk data, that the images are incomplete and that the destination QEMU
+/// must be restarted; its NBD server is stopped and its dirty bitmaps removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_step_by_step_source_dies_during_copy() {
+    let Some(pair) = big_copy_pair().await else {
+        return;
+    };
+    let mut tunnel = copy_tunnel(pair.dir(), Scheme::Tcp).await;
+    let (mut receive, _) = start_receive(
+        pair.dir(),
+        pair.dst.qmp_path(),
+        &tunnel.dest_socket,
+        &["--copy-storage", "--stall-timeout", "5s"],
+    )
+    .await;
+    let mut send = spawn_send(&pair, &tunnel.source_socket);
+    let copied = mid_copy(&mut send, BIG_FILL_MIB << 20).await;
+    send.kill().await;
+    tunnel.client.kill().await;
+    let t = Instant::now();
+    // The bound, from the last write (at most the kill), with a margin for a loaded host.
+    let (status, _) = receive.wait(Duration::from_secs(5 + 25)).await;
+    let took = t.elapsed();
+    let stderr = receive.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}\n{}", tunnel.logs());
+    for needle in [
+        "the source stopped sending disk data",
+        "incomplete",
+        "restart the destination QEMU",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} in:\n{stderr}");
+    }
+    // Not before the stall timeout (less the poll interval).
+    assert!(
+        took >= Duration::from_secs(3),
+        "receive gave up {took:?} after the kill: {stderr}"
+    );
+    let dst = check::qmp(pair.dst.qmp_path()).await;
+    assert_no_exports(&dst).await;
+    let nodes = dst
+        .execute(&qmigrate_qmp::QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .expect("query-named-block-nodes");
+    assert!(
+        nodes.iter().all(|n| n.dirty_bitmaps.is_empty()),
+        "bitmaps left: {nodes:?}"
+    );
+    assert_eq!(check::vm_state(&dst).await.0, RunState::InMigrate);
+    eprintln!(
+        "storage_step_by_step_source_dies_during_copy: killed after {:.1} MiB, receive exit 1 \
+         {:.1} s later",
+        copied as f64 / (1 << 20) as f64,
+        took.as_secs_f64()
+    );
+}
+
+/// `receive --copy-storage --stall-timeout 3s` and no `send` at all: no disk data arrives, and
+/// `receive` gives up after the bound (exit 1), its NBD server stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_receive_without_source_gives_up() {
+    let Some(bin) = support::qemu10() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("dst.qcow2");
+    qmigrate_testkit::guest::create_disk(&disk, 64);
+    let dst = firmware_destination(&bin, &disk);
+    let t = Instant::now();
+    let out = run(
+        [
+            "receive",
+            "--qmp",
+            &path(&dst.qmp_path),
+            "--socket",
+            &path(&dir.path().join("dest.sock")),
+            "--copy-storage",
+            "--stall-timeout",
+            "3s",
+        ],
+        RUN,
+    )
+    .await;
+    let took = t.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no disk data arrived within 3 s"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(3 + 20),
+        "took {took:?}"
+    );
+    let t_dst = check::qmp(&dst.qmp_path).await;
+    assert_no_exports(&t_dst).await;
+    eprintln!(
+        "storage_receive_without_source_gives_up: exit 1 after {:.1} s: {}",
+        took.as_secs_f64(),
+        out.stderr.trim()
     );
 }
 
@@ -886,23 +1098,14 @@ async fn storage_step_by_step_size_mismatch_refused() {
     let size = cfg.disk_mib << 20;
     let small = size - (1 << 20);
     let pair = GuestPair::start_local(&bin, &img, &cfg, small, 0).await;
-    let tunnel =
-        Tunnel::start_with(pair.dir(), Transport::Tcp, &[], &["--copy-storage".into()]).await;
-    let mut receive = Proc::spawn(
-        "receive",
+    let tunnel = copy_tunnel(pair.dir(), Scheme::Tcp).await;
+    let (mut receive, _) = start_receive(
         pair.dir(),
-        [
-            "receive",
-            "--qmp",
-            &path(pair.dst.qmp_path()),
-            "--socket",
-            &path(&tunnel.dest_socket),
-            "--copy-storage",
-        ],
-    );
-    receive
-        .line_matching(RUN, |l| l.starts_with("disks exported"))
-        .await;
+        pair.dst.qmp_path(),
+        &tunnel.dest_socket,
+        &["--copy-storage"],
+    )
+    .await;
     let out = run(
         [
             "send",
@@ -938,11 +1141,7 @@ async fn storage_step_by_step_size_mismatch_refused() {
     assert_eq!(status.code(), Some(4), "{}", receive.stderr());
     let dst = check::qmp(pair.dst.qmp_path()).await;
     assert_eq!(check::vm_state(&dst).await.0, RunState::InMigrate);
-    let exports = dst
-        .execute(&qmigrate_qmp::QueryBlockExports)
-        .await
-        .expect("query-block-exports");
-    assert!(exports.is_empty(), "{exports:?}");
+    assert_no_exports(&dst).await;
 }
 
 /// The part of the source's image that the guest's workload never writes (its records stay
@@ -984,34 +1183,8 @@ async fn storage_interrupted_during_ram() {
         &pair.dir().join("before.raw"),
     )
     .await;
-    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
-    // 2 MB/s for 128 MiB of RAM: the RAM phase lasts until the interrupt.
-    let mut migrate = Proc::spawn(
-        "migrate",
-        pair.dir(),
-        [
-            "migrate",
-            "--qmp",
-            &path(pair.src.qmp_path()),
-            "--to",
-            &url,
-            "--copy-storage",
-            "--max-bandwidth",
-            "2M",
-            "--json",
-        ],
-    );
-    loop {
-        let line = migrate.next_line(RUN).await;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if v["type"] == "progress" && v["status"] == "active" && v["transferred"].as_u64() > Some(0)
-        {
-            assert_eq!(v["storage"]["disks"][0]["ready"], true, "{line}");
-            break;
-        }
-    }
+    let (mut srv, mut migrate, tick) = migrate_into_ram_phase(&pair).await;
+    assert_eq!(tick["storage"]["disks"][0]["ready"], true, "{tick}");
     let t = Instant::now();
     migrate.signal(libc::SIGINT);
     let (status, _) = migrate.wait(RUN).await;
@@ -1070,23 +1243,18 @@ async fn storage_interrupted_during_ram() {
 /// The link to the destination down for 3 s during the disk copy (step by step, the
 /// tunnel-server in a network namespace of its own): with a 1 s dead-peer timeout the NBD
 /// tunnel connection breaks, QEMU's NBD client reconnects through a new one once the link is
-/// back (within its reconnect delay, its requests waiting meanwhile), the copy completes, and
-/// the images are identical.
+/// back (within its reconnect delay, its requests waiting meanwhile), the copy completes
+/// (`receive`'s stall timeout, 10 s, does not run out), and the images are identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_link_down_during_copy() {
     use std::os::unix::fs::PermissionsExt as _;
-    let Some((bin, img)) = support::linux_guest() else {
-        return;
-    };
     let Some(ns) = qmigrate_testkit::netns::NetNs::new() else {
         return;
     };
-    // 384 MiB to copy: several seconds, so that the link goes down mid-copy.
-    let cfg = GuestConfig {
-        disk_mib: 512,
-        ..GuestConfig::default()
+    // Several seconds of copy, so that the link goes down mid-copy.
+    let Some(pair) = big_copy_pair().await else {
+        return;
     };
-    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, 384).await;
     let d = pair.dir();
     let token = d.join("token");
     std::fs::write(&token, "a token for the storage namespace test\n").expect("token file");
@@ -1122,48 +1290,16 @@ async fn storage_link_down_during_copy() {
     let line = client.next_line(RUN).await;
     assert!(line.starts_with("listening on "), "{line}");
 
-    let mut receive = Proc::spawn(
-        "receive",
+    // The outage and the NBD client's reconnection stay well within the stall timeout.
+    let (mut receive, _) = start_receive(
         d,
-        [
-            "receive",
-            "--qmp",
-            &path(pair.dst.qmp_path()),
-            "--socket",
-            &path(&dest_sock),
-            "--copy-storage",
-        ],
-    );
-    receive
-        .line_matching(RUN, |l| l.starts_with("disks exported"))
-        .await;
-    let mut send = Proc::spawn(
-        "send",
-        d,
-        [
-            "send",
-            "--qmp",
-            &path(pair.src.qmp_path()),
-            "--socket",
-            &path(&src_sock),
-            "--copy-storage",
-            "--json",
-        ],
-    );
-    let copied_at_cut = loop {
-        let line = send.next_line(RUN).await;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        let copied = v["storage"]["copied"].as_u64().unwrap_or(0);
-        if v["type"] == "progress" && v["status"] == "none" && copied > 0 {
-            assert!(
-                copied < 384 << 20,
-                "the copy was done before the cut: {line}"
-            );
-            break copied;
-        }
-    };
+        pair.dst.qmp_path(),
+        &dest_sock,
+        &["--copy-storage", "--stall-timeout", RECEIVE_STALL],
+    )
+    .await;
+    let mut send = spawn_send(&pair, &src_sock);
+    let copied_at_cut = mid_copy(&mut send, BIG_FILL_MIB << 20).await;
     let t = Instant::now();
     ns.link_down();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1240,15 +1376,10 @@ async fn storage_step_by_step_incremental() {
         },
     )
     .expect("start the source QEMU");
-    let destination = |image: &Path| {
-        let mut cfg = qemu::destination_config(64);
-        cfg.extra_args.extend(disk_args(image));
-        qemu::Vm::start(&bin, &cfg).expect("start a destination QEMU")
-    };
-    let tunnel = Tunnel::start_with(d, Transport::Tcp, &[], &["--copy-storage".into()]).await;
+    let tunnel = copy_tunnel(d, Scheme::Tcp).await;
 
     // A destination image without a backing file: refused, nothing exported.
-    let wrong = destination(&flat);
+    let wrong = firmware_destination(&bin, &flat);
     let out = run(
         [
             "receive",
@@ -1266,30 +1397,20 @@ async fn storage_step_by_step_incremental() {
     assert!(out.stderr.contains("no backing file"), "{}", out.stderr);
     let w = check::qmp(&wrong.qmp_path).await;
     assert_eq!(check::migration_status(&w).await.0, MigrationStatus::None);
-    let exports = w
-        .execute(&qmigrate_qmp::QueryBlockExports)
-        .await
-        .expect("query-block-exports");
-    assert!(exports.is_empty(), "{exports:?}");
+    assert_no_exports(&w).await;
     drop(w);
     drop(wrong);
 
-    let dst = destination(&dst_disk);
-    let mut receive = Proc::spawn(
-        "receive",
+    let dst = firmware_destination(&bin, &dst_disk);
+    let (mut receive, _) = start_receive(
         d,
-        [
-            "receive",
-            "--qmp",
-            &path(&dst.qmp_path),
-            "--socket",
-            &path(&tunnel.dest_socket),
-            "--copy-storage-inc",
-        ],
-    );
-    receive
-        .line_matching(RUN, |l| l.starts_with("disks exported"))
-        .await;
+        &dst.qmp_path,
+        &tunnel.dest_socket,
+        // Firmware VMs write nothing: once the copy is done no disk data comes until the RAM
+        // migration begins, which must come before the stall timeout.
+        &["--copy-storage-inc", "--stall-timeout", "5s"],
+    )
+    .await;
     let out = run(
         [
             "send",

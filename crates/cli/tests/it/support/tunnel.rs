@@ -152,3 +152,27 @@ pub async fn server(dir: &Path, args: &[String]) -> (Proc, String) {
         .to_owned();
     (server, url)
 }
+
+/// A self-signed certificate for the destination (made now, never kept) in `dir`: the paths
+/// of cert.pem and key.pem (0600), and the certificate's fingerprint as `openssl x509
+/// -fingerprint -sha256` prints it.
+pub fn self_signed_cert(dir: &Path) -> (String, String, String) {
+    use sha2::Digest as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["dest".to_owned()])
+        .expect("names")
+        .self_signed(&key)
+        .expect("certificate");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).expect("write cert.pem");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key.pem");
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let digest = sha2::Sha256::digest(cert.der().as_ref());
+    let hex: Vec<String> = digest.iter().map(|b| format!("{b:02X}")).collect();
+    (
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+        format!("sha256 Fingerprint={}", hex.join(":")),
+    )
+}
