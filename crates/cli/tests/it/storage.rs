@@ -612,6 +612,36 @@ async fn mid_copy(proc: &mut Proc, total: u64) -> u64 {
     }
 }
 
+/// Starts `migrate --copy-storage --json EXTRA` of `pair` through a new `tunnel-server --qmp`
+/// (with `extra` too) and waits until the disk copy is under way: the server and the `migrate`.
+async fn migrate_mid_copy(pair: &GuestPair, extra: &[String]) -> (Proc, Proc) {
+    let mut args = vec!["--qmp".to_owned(), path(pair.dst.qmp_path())];
+    args.extend(extra.iter().cloned());
+    let (srv, url) = server(pair.dir(), &args).await;
+    let mut args = vec![
+        "migrate".to_owned(),
+        "--qmp".into(),
+        path(pair.src.qmp_path()),
+        "--to".into(),
+        url,
+        "--copy-storage".into(),
+        "--json".into(),
+    ];
+    args.extend(extra.iter().cloned());
+    let mut migrate = Proc::spawn("migrate", pair.dir(), &args);
+    mid_copy(&mut migrate, BIG_FILL_MIB << 20).await;
+    (srv, migrate)
+}
+
+/// The guest still runs on the source, and its own checks of its records pass.
+async fn source_guest_runs(pair: &GuestPair) {
+    let before = pair.src.serial().heartbeats.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = pair.src.serial();
+    assert!(log.failures.is_empty(), "{:?}", log.failures);
+    assert!(log.heartbeats.len() > before, "{}", pair.report());
+}
+
 /// Starts `migrate --copy-storage --max-bandwidth 2M --json` of `pair` through a new
 /// `tunnel-server --qmp` and waits until the RAM phase has moved something (2 MB/s for 128 MiB
 /// of RAM: it lasts until the test ends it): the server, the `migrate` and that progress tick.
@@ -653,21 +683,7 @@ async fn storage_interrupted_during_copy() {
     let Some(pair) = big_copy_pair().await else {
         return;
     };
-    let (mut srv, url) = server(pair.dir(), &["--qmp".into(), path(pair.dst.qmp_path())]).await;
-    let mut migrate = Proc::spawn(
-        "migrate",
-        pair.dir(),
-        [
-            "migrate",
-            "--qmp",
-            &path(pair.src.qmp_path()),
-            "--to",
-            &url,
-            "--copy-storage",
-            "--json",
-        ],
-    );
-    mid_copy(&mut migrate, BIG_FILL_MIB << 20).await;
+    let (mut srv, mut migrate) = migrate_mid_copy(&pair, &[]).await;
     let t = Instant::now();
     migrate.signal(libc::SIGINT);
     let (status, _) = migrate.wait(RUN).await;
@@ -694,11 +710,7 @@ async fn storage_interrupted_during_copy() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The guest still runs (and checks its records) on the source.
-    let before = pair.src.serial().heartbeats.len();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let log = pair.src.serial();
-    assert!(log.failures.is_empty(), "{:?}", log.failures);
-    assert!(log.heartbeats.len() > before, "{}", pair.report());
+    source_guest_runs(&pair).await;
     eprintln!("storage_interrupted_during_copy: exit 4 after {stopped:?}");
 }
 
@@ -708,44 +720,11 @@ async fn storage_interrupted_during_copy() {
 /// gone and the source runs on its own disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_server_silent_during_copy() {
-    let Some((bin, img)) = support::linux_guest() else {
+    let Some(pair) = big_copy_pair().await else {
         return;
     };
-    // 384 MiB to copy: several seconds at the rates seen here (50-100 MiB/s).
-    let cfg = GuestConfig {
-        disk_mib: 512,
-        ..GuestConfig::default()
-    };
-    let pair = GuestPair::start_local(&bin, &img, &cfg, cfg.disk_mib << 20, 384).await;
     let dead_peer = ["--dead-peer-timeout".to_owned(), "3s".to_owned()];
-    let mut args = vec!["--qmp".to_owned(), path(pair.dst.qmp_path())];
-    args.extend(dead_peer.iter().cloned());
-    let (mut srv, url) = server(pair.dir(), &args).await;
-    let mut args = vec![
-        "migrate".to_owned(),
-        "--qmp".into(),
-        path(pair.src.qmp_path()),
-        "--to".into(),
-        url,
-        "--copy-storage".into(),
-        "--json".into(),
-    ];
-    args.extend(dead_peer.iter().cloned());
-    let mut migrate = Proc::spawn("migrate", pair.dir(), &args);
-    loop {
-        let line = migrate.next_line(RUN).await;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        let copied = v["storage"]["copied"].as_u64().unwrap_or(0);
-        if v["type"] == "progress" && v["status"] == "none" && copied > 0 {
-            assert!(
-                copied < 384 << 20,
-                "the copy was done before the stop: {line}"
-            );
-            break;
-        }
-    }
+    let (mut srv, mut migrate) = migrate_mid_copy(&pair, &dead_peer).await;
     srv.signal(libc::SIGSTOP);
     let t = Instant::now();
     let (status, _) = migrate.wait(RUN).await;
@@ -769,11 +748,7 @@ async fn storage_server_silent_during_copy() {
     // The dead-peer timeout, the mirrors' forced cancel, the tunnel's bounded stop.
     assert!(took < Duration::from_secs(30), "took {took:?}: {stderr}");
     source_left_clean(pair.src.qmp_path()).await;
-    let before = pair.src.serial().heartbeats.len();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let log = pair.src.serial();
-    assert!(log.failures.is_empty(), "{:?}", log.failures);
-    assert!(log.heartbeats.len() > before, "{}", pair.report());
+    source_guest_runs(&pair).await;
 }
 
 /// The destination QEMU dies while the RAM migrates (the disks already copied and kept in
@@ -795,11 +770,7 @@ async fn storage_destination_lost_during_ram() {
     assert!(stderr.contains("incomplete"), "{stderr}");
 
     source_left_clean(pair.src.qmp_path()).await;
-    let before = pair.src.serial().heartbeats.len();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let log = pair.src.serial();
-    assert!(log.failures.is_empty(), "{:?}", log.failures);
-    assert!(log.heartbeats.len() > before, "{}", pair.report());
+    source_guest_runs(&pair).await;
 }
 
 /// Spawns `receive --qmp QMP --socket SOCKET EXTRA...` (a `--copy-storage` flag among `extra`)
