@@ -13,7 +13,7 @@ use qmigrate_migration::storage::{self, StorageCopy};
 use qmigrate_migration::{monitor, MigrationPlan, Mode, QemuTarget, StreamKind};
 use qmigrate_qmp::{MigrationStatus, Qmp};
 
-use crate::args::{CompressArg, ModeArg};
+use crate::args::{CompressArg, CopyStorageArgs, ModeArg};
 use crate::exit::Exit;
 use crate::output::JsonEvent;
 use crate::signals;
@@ -22,6 +22,25 @@ use crate::units::{format_bytes, format_duration};
 /// Arguments of `qmigrate receive`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = crate::exit::EXIT_CODES_HELP)]
+#[command(
+    mut_arg("copy_storage", |a| a
+        .help(
+            "Copy disks from the source (`send --copy-storage`): all writable disks of this VM, \
+             or those named by qdev id. Exports them (writable) from QEMU's NBD server on \
+             --socket's path with the extension .nbd.sock, where `tunnel-server` sends the NBD \
+             connections; follows the migration (as --wait does) and stops the NBD server before \
+             the guest may start. Start the destination QEMU with -S, on images of the source \
+             disks' virtual sizes"
+        )
+        .conflicts_with_all(["from", "postcopy"])),
+    mut_arg("copy_storage_inc", |a| a
+        .help(
+            "As --copy-storage, for `send --copy-storage-inc`: only the top images are copied, \
+             so each exported image must have a backing file (a copy of the source's backing \
+             chain)"
+        )
+        .conflicts_with_all(["from", "postcopy"]))
+)]
 pub struct Args {
     /// The destination QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`), or
     /// tcp:HOST:PORT.
@@ -79,32 +98,8 @@ pub struct Args {
     #[arg(long)]
     pub start: bool,
 
-    /// Copy disks from the source (`send --copy-storage`): all writable disks of this VM, or
-    /// those named by qdev id. Exports them (writable) from QEMU's NBD server on --socket's
-    /// path with the extension .nbd.sock, where `tunnel-server` sends the NBD connections;
-    /// follows the migration (as --wait does) and stops the NBD server before the guest may
-    /// start. Start the destination QEMU with -S, on images of the source disks' virtual sizes.
-    #[arg(
-        long,
-        value_name = "DISK,...",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "",
-        conflicts_with_all = ["from", "postcopy"]
-    )]
-    pub copy_storage: Option<String>,
-
-    /// As --copy-storage, for `send --copy-storage-inc`: only the top images are copied, so
-    /// each exported image must have a backing file (a copy of the source's backing chain).
-    #[arg(
-        long,
-        value_name = "DISK,...",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "",
-        conflicts_with_all = ["from", "postcopy", "copy_storage"]
-    )]
-    pub copy_storage_inc: Option<String>,
+    #[command(flatten)]
+    pub storage: CopyStorageArgs,
 
     /// Print the ready message (and with --wait the result) as JSON objects on stdout.
     #[arg(long)]
@@ -154,10 +149,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // 1.67-2.07 s (BENCHMARKS.md).
         plan.direct_io = statefile::can_read_direct(&state.path);
     }
-    let copy = StorageCopy::parse(
-        args.copy_storage.as_deref(),
-        args.copy_storage_inc.as_deref(),
-    );
+    let copy = args.storage.copy();
     let copying = copy.any();
     let follow = args.wait || args.start || copying;
 

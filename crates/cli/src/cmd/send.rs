@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context as _};
 use qmigrate_migration::save::{self, Saved};
 use qmigrate_migration::source::{self, FollowOptions, Latch};
-use qmigrate_migration::storage::{self, NbdRoute, StorageCopy};
+use qmigrate_migration::storage::{self, NbdRoute};
 use qmigrate_migration::{MigrationPlan, Mode, Outcome, Progress, QemuTarget, StreamKind, Summary};
 use qmigrate_qmp::{Error as QmpError, Quit};
 
-use crate::args::{ModeArg, SourceTuning};
+use crate::args::{CopyStorageArgs, ModeArg, SourceTuning};
 use crate::exit::Exit;
 use crate::output::{self, JsonEvent, SourceSummary};
 use crate::signals;
@@ -19,6 +19,24 @@ use crate::units::format_bytes;
 /// Arguments of `qmigrate send`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = crate::exit::EXIT_CODES_HELP)]
+#[command(
+    mut_arg("copy_storage", |a| a
+        .help(
+            "Copy the local disks to the destination's (non-shared storage): all writable disks, \
+             or those named by qdev id (`--copy-storage=vblk0,vblk1`). The destination runs \
+             `receive --copy-storage` (its disks exported over NBD) and this host `tunnel-client \
+             --copy-storage`, whose NBD socket (--socket's path with the extension .nbd.sock) \
+             carries the copy. Each destination image must have its disk's virtual size \
+             (checked before anything is copied)"
+        )
+        .conflicts_with_all(["to", "detach", "postcopy"])),
+    mut_arg("copy_storage_inc", |a| a
+        .help(
+            "As --copy-storage, but only each disk's top image (`sync=top`): the destination's \
+             images (`receive --copy-storage-inc`) already sit on the same backing chain"
+        )
+        .conflicts_with_all(["to", "detach", "postcopy"]))
+)]
 pub struct Args {
     /// The source QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`), or tcp:HOST:PORT.
     #[arg(
@@ -75,33 +93,8 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["timeout", "postcopy"])]
     pub detach: bool,
 
-    /// Copy the local disks to the destination's (non-shared storage): all writable disks, or
-    /// those named by qdev id (`--copy-storage=vblk0,vblk1`). The destination runs `receive
-    /// --copy-storage` (its disks exported over NBD) and this host `tunnel-client
-    /// --copy-storage`, whose NBD socket (--socket's path with the extension .nbd.sock)
-    /// carries the copy. Each destination image must have its disk's virtual size (checked
-    /// before anything is copied).
-    #[arg(
-        long,
-        value_name = "DISK,...",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "",
-        conflicts_with_all = ["to", "detach", "postcopy"]
-    )]
-    pub copy_storage: Option<String>,
-
-    /// As --copy-storage, but only each disk's top image (`sync=top`): the destination's
-    /// images (`receive --copy-storage-inc`) already sit on the same backing chain.
-    #[arg(
-        long,
-        value_name = "DISK,...",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "",
-        conflicts_with_all = ["to", "detach", "postcopy", "copy_storage"]
-    )]
-    pub copy_storage_inc: Option<String>,
+    #[command(flatten)]
+    pub storage: CopyStorageArgs,
 
     /// One JSON object per line on stdout: progress ticks, then a summary.
     #[arg(long)]
@@ -146,10 +139,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (partial, endpoint) = save::prepare(endpoint, &mut plan)?;
 
     let (qmp, source) = source::connect_source(&args.qmp, &plan, None).await?;
-    let copy = StorageCopy::parse(
-        args.copy_storage.as_deref(),
-        args.copy_storage_inc.as_deref(),
-    );
+    let copy = args.storage.copy();
     let disks = storage::source_disks(&qmp, &copy).await;
     let disks = match disks {
         Ok(disks) => disks,
