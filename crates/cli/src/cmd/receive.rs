@@ -6,14 +6,15 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context as _};
 use qmigrate_migration::destination::{
-    check_waiting_for_incoming, follow_incoming, prepare_incoming, IncomingOutcome,
+    check_waiting_for_incoming, follow_and_recover, follow_incoming, prepare_incoming,
+    IncomingOutcome, Recovery,
 };
 use qmigrate_migration::statefile::{self, StateFile};
 use qmigrate_migration::storage::{self, StorageCopy};
 use qmigrate_migration::{monitor, MigrationPlan, Mode, QemuTarget, StreamKind};
 use qmigrate_qmp::{MigrationStatus, Qmp};
 
-use crate::args::{CompressArg, CopyStorageArgs, ModeArg};
+use crate::args::{CompressArg, CopyStorageArgs, ModeArg, RecoverArgs};
 use crate::exit::Exit;
 use crate::output::JsonEvent;
 use crate::signals;
@@ -89,7 +90,10 @@ pub struct Args {
     #[arg(long, value_name = "MODE", default_value = "normal")]
     pub mode: ModeArg,
 
-    /// Follow the migration to its end and exit 0 only if it completed.
+    /// Follow the migration to its end and exit 0 only if it completed. With --postcopy,
+    /// recover it when the network breaks: once the destination is postcopy-paused it listens
+    /// again on the same socket (migrate-recover) for the source's resume (`send` retries it),
+    /// for --recover-timeout; without --wait, `qmigrate recover --incoming` does that step.
     #[arg(long)]
     pub wait: bool,
 
@@ -100,6 +104,9 @@ pub struct Args {
 
     #[command(flatten)]
     pub storage: CopyStorageArgs,
+
+    #[command(flatten)]
+    pub recover: RecoverArgs,
 
     /// Print the ready message (and with --wait the result) as JSON objects on stdout.
     #[arg(long)]
@@ -213,6 +220,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
+    // Postcopy paused by the network is recovered here only while this command follows.
+    let recovering = plan.postcopy && follow && !copying && !plan.is_save();
+    if plan.postcopy && !args.json {
+        if recovering {
+            eprintln!(
+                "postcopy: following the migration; if the network breaks, the destination \
+                 listens again on {} for the source's resume (for up to {})",
+                incoming.endpoint,
+                format_duration(args.recover.recover_timeout)
+            );
+        } else if !follow {
+            eprintln!(
+                "postcopy: if the network breaks during postcopy, nothing here makes the \
+                 destination listen again: run `qmigrate recover --incoming` then, or use \
+                 --wait, which does it"
+            );
+        }
+    }
+
     if !follow {
         // QMP serves one client at a time: let go so the operator's tools can look.
         qmp.close().await;
@@ -220,6 +246,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let outcome = if copying {
         follow_copy(&qmp, args.start).await
+    } else if recovering {
+        let recovery = Recovery {
+            target: endpoint.clone(),
+            timeout: args.recover.recover_timeout,
+        };
+        follow_recovering(&qmp, args.start, &recovery, args.json).await
     } else {
         follow_incoming(&qmp, args.start).await.map_err(Into::into)
     };
@@ -262,6 +294,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     match outcome.status {
         MigrationStatus::Completed => Ok(()),
+        MigrationStatus::PostcopyPaused => {
+            let reason = outcome.error.unwrap_or_default();
+            Err(anyhow!(
+                "{reason}: once the network is back, `qmigrate recover --qmp SRC --socket PATH` \
+                 on the source resumes it (run `qmigrate recover --incoming` here first if it \
+                 pauses again)"
+            )
+            .context(Exit::Failed))
+        }
         _ => {
             let reason = outcome
                 .error
@@ -302,6 +343,29 @@ async fn export(qmp: &Qmp, copy: &StorageCopy, nbd: &Path) -> anyhow::Result<Vec
             format!("{} ({size} bytes)", e.name)
         })
         .collect())
+}
+
+/// Follows an incoming postcopy migration, making the destination listen again whenever the
+/// network breaks ([`follow_and_recover`]); says what happens on stderr (or as JSON notes).
+/// Ctrl-C or SIGTERM stop following and leave the destination as it is.
+async fn follow_recovering(
+    qmp: &Qmp,
+    start: bool,
+    recovery: &Recovery,
+    json: bool,
+) -> anyhow::Result<IncomingOutcome> {
+    let cancel = signals::cancellation(None).context("cannot install signal handlers")?;
+    let mut note = |message: &str| {
+        if json {
+            JsonEvent::Note {
+                message: message.to_owned(),
+            }
+            .emit();
+        } else {
+            eprintln!("{message}");
+        }
+    };
+    Ok(follow_and_recover(qmp, start, Some(recovery), &mut note, cancel).await?)
 }
 
 /// Follows an incoming migration that copies disks: the guest is not started by

@@ -10,7 +10,7 @@ use qmigrate_migration::storage::{self, NbdRoute};
 use qmigrate_migration::{MigrationPlan, Mode, Outcome, Progress, QemuTarget, StreamKind, Summary};
 use qmigrate_qmp::{Error as QmpError, Quit};
 
-use crate::args::{CopyStorageArgs, ModeArg, SourceTuning};
+use crate::args::{CopyStorageArgs, ModeArg, RecoverArgs, SourceTuning};
 use crate::exit::Exit;
 use crate::output::{self, JsonEvent, SourceSummary};
 use crate::signals;
@@ -96,6 +96,9 @@ pub struct Args {
     #[command(flatten)]
     pub storage: CopyStorageArgs,
 
+    #[command(flatten)]
+    pub recover: RecoverArgs,
+
     /// One JSON object per line on stdout: progress ticks, then a summary.
     #[arg(long)]
     pub json: bool,
@@ -160,24 +163,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // Installed before `migrate` so that Ctrl-C from here on cancels instead of killing us.
-    let cancel =
-        signals::cancellation(args.tuning.timeout).context("cannot install signal handlers")?;
+    let mut cancel = Latch::new(
+        signals::cancellation(args.tuning.timeout).context("cannot install signal handlers")?,
+    );
     let opts = FollowOptions {
         detach: args.detach,
         ..args.tuning.follow()
     };
     let mut progress = output::for_send(args.json);
     let summary = if disks.is_empty() {
-        source::run_migration(
+        let summary = source::run_migration(
             &qmp,
             &plan,
             &endpoint,
             &source,
             &opts,
             progress.as_mut(),
-            cancel,
+            cancel.wait(),
         )
-        .await?
+        .await?;
+        let recover = Recover {
+            plan: &plan,
+            endpoint: &endpoint,
+            source: &source,
+            opts: &opts,
+            timeout: args.recover.recover_timeout,
+        };
+        recover
+            .paused(&qmp, summary, progress.as_mut(), &mut cancel)
+            .await?
     } else {
         let exports = storage::exports_of(&disks);
         let route = NbdRoute {
@@ -194,7 +208,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             &disks,
             route,
             progress.as_mut(),
-            &mut Latch::new(cancel),
+            &mut cancel,
         )
         .await?
     };
@@ -225,6 +239,65 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     source::outcome_result(&summary.outcome, &source)?;
     Ok(())
+}
+
+/// What the recovery of a postcopy migration that paused resumes.
+struct Recover<'a> {
+    plan: &'a MigrationPlan,
+    endpoint: &'a QemuTarget,
+    source: &'a source::SourceState,
+    opts: &'a FollowOptions,
+    timeout: std::time::Duration,
+}
+
+impl Recover<'_> {
+    /// When `summary` is a postcopy migration left paused (the network broke): resumes it to
+    /// the same endpoint (the tunnel-client's socket) with backoff, until the destination
+    /// listens again and the migration ends, or `--recover-timeout` is over or `cancel`
+    /// resolved (both QEMUs then stay paused). Any other summary is returned as it is.
+    async fn paused<F: std::future::Future<Output = String>>(
+        &self,
+        qmp: &qmigrate_qmp::Qmp,
+        summary: Summary,
+        progress: &mut dyn Progress,
+        cancel: &mut Latch<F>,
+    ) -> anyhow::Result<Summary> {
+        let Outcome::PostcopyPaused(reason) = &summary.outcome else {
+            return Ok(summary);
+        };
+        if self.timeout.is_zero() || self.plan.is_save() {
+            return Ok(summary);
+        }
+        if !source::can_retry_resume(qmp) {
+            progress.note(&format!(
+                "postcopy paused ({reason}): QEMU {} cannot retry a resume that fails (it would \
+                 hang in postcopy-recover), so it is not resumed before the network is known to \
+                 be back",
+                self.source.qemu
+            ));
+            return Ok(summary);
+        }
+        progress.note(&format!(
+            "postcopy paused ({reason}): resuming through {} once the destination listens again \
+             (`receive --wait` there makes it listen by itself; without it, run `qmigrate \
+             recover --incoming` there), for up to {}",
+            self.endpoint,
+            crate::units::format_duration(self.timeout)
+        ));
+        let summary = source::keep_resuming(
+            qmp,
+            self.plan,
+            self.endpoint,
+            self.source,
+            self.opts,
+            summary,
+            self.timeout,
+            progress,
+            cancel,
+        )
+        .await?;
+        Ok(summary)
+    }
 }
 
 /// Prints the summary, with the state file and its size (or the command) after a save.
