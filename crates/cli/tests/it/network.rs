@@ -605,6 +605,20 @@ async fn stderr_says(proc: &Proc, text: &str, limit: Duration) {
 /// backoff) recover by themselves and the migration completes, RAM identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn step_by_step_postcopy_recovers_by_itself() {
+    recovers_by_itself(false).await;
+}
+
+/// As [`step_by_step_postcopy_recovers_by_itself`], with the destination's migration socket
+/// file removed as the link goes down. QEMU (10 and 7.2) keeps listening on its first listener
+/// for the whole incoming migration, and that alone would take the resume; without the file
+/// only `receive` making the destination listen again (`migrate-recover` binds the path anew)
+/// lets it through, so this test fails when `receive` does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_by_step_postcopy_recovers_by_itself_socket_removed() {
+    recovers_by_itself(true).await;
+}
+
+async fn recovers_by_itself(remove_socket: bool) {
     let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
         return;
     };
@@ -630,6 +644,10 @@ async fn step_by_step_postcopy_recovers_by_itself() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     ns.link_down();
     let down = Instant::now();
+    if remove_socket {
+        // Before the destination notices (the dead-peer timeout): it has not paused yet.
+        std::fs::remove_file(&t.dest_sock).expect("remove the destination's socket");
+    }
     // Both QEMUs pause once the dead-peer timeout has closed the tunnel's connections.
     stderr_says(&send, "postcopy paused", Duration::from_secs(60)).await;
     stderr_says(&receive, "listening again", Duration::from_secs(60)).await;
