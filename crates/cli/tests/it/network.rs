@@ -688,6 +688,86 @@ async fn recovers_by_itself(remove_socket: bool) {
     t.client.kill().await;
 }
 
+/// Step by step, Ctrl-C while `send` and `receive --wait` wait for the link: both stop
+/// within bounds, `send` exits 1 and `receive` 4, both QEMUs are left postcopy-paused (not
+/// killed, not cancelled); once the link is back `recover --socket` on the source completes
+/// the migration (the destination still listens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_by_step_postcopy_recovery_interrupted() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let mut t = step_by_step_tunnel(&rig, &ns).await;
+    let mut receive = Proc::spawn(
+        "receive",
+        &rig.d,
+        [
+            "receive",
+            "--qmp",
+            &path(&rig.dst.qmp_path),
+            "--socket",
+            &path(&t.dest_sock),
+            "--postcopy",
+            "--wait",
+        ],
+    );
+    let line = receive.next_line(READY).await;
+    assert!(line.starts_with("ready: "), "{line}");
+    let mut send = t.send(&rig, &[]);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ns.link_down();
+    stderr_says(&send, "trying again", Duration::from_secs(60)).await;
+    stderr_says(&receive, "listening again", Duration::from_secs(60)).await;
+    send.signal(libc::SIGINT);
+    receive.signal(libc::SIGINT);
+    let sent = Instant::now();
+    let (status, _) = receive.wait(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(4), "receive: {}", receive.stderr());
+    // A resume under way ends within the tunnel's connect timeout (10 s) and a margin.
+    let (status, _) = send.wait(Duration::from_secs(40)).await;
+    let err = send.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("the recovery stops"), "{err}");
+    assert!(err.contains("qmigrate recover"), "{err}");
+    eprintln!("send stopped {:?} after SIGINT", sent.elapsed());
+    wait_status(
+        &rig.src.qmp_path,
+        MigrationStatus::PostcopyPaused,
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_status(
+        &rig.dst.qmp_path,
+        MigrationStatus::PostcopyPaused,
+        Duration::from_secs(10),
+    )
+    .await;
+    ns.link_up();
+    let out = run(
+        [
+            "recover",
+            "--qmp",
+            &path(&rig.src.qmp_path),
+            "--socket",
+            &path(&t.src_sock),
+        ],
+        Duration::from_secs(240),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "recover: {}\nserver:\n{}\nclient:\n{}",
+        out.stderr,
+        t.srv.stderr(),
+        t.client.stderr()
+    );
+    rig.verify().await;
+    t.srv.kill().await;
+    t.client.kill().await;
+}
+
 /// QEMU 7.2 on both sides, whose source hangs in `postcopy-recover` when a resume cannot get
 /// through: `send` does not resume blind and exits 1 naming `qmigrate recover`, while
 /// `receive --wait` makes the paused destination listen again by itself; once the link is
