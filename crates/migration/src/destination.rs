@@ -170,15 +170,19 @@ pub async fn follow_incoming(qmp: &Qmp, start: bool) -> crate::Result<IncomingOu
     .await
 }
 
+/// How long [`follow_and_recover`] waits before it asks a paused destination that refused to
+/// listen again once more.
+const RELISTEN_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How [`follow_and_recover`] recovers a postcopy migration that pauses.
 #[derive(Debug, Clone)]
 pub struct Recovery {
     /// Where the destination listens again (`migrate-recover`): the address it listened on,
     /// so that whatever carries the stream (the tunnel-server) connects there again.
     pub target: QemuTarget,
-    /// How long the migration may stay paused, counted from the first pause, before the
-    /// destination is left paused (still listening) and the follow ends; zero: at once,
-    /// without listening again.
+    /// How long the migration may stay paused, counted from when it paused (anew after each
+    /// resume that got through), before the destination is left paused (still listening) and
+    /// the follow ends; zero: at once, without listening again.
     pub timeout: std::time::Duration,
 }
 
@@ -209,6 +213,8 @@ pub async fn follow_and_recover(
     // resume takes the listener (QEMU leaves `postcopy-paused`, maybe only for a moment: the
     // MIGRATION events catch what the polls miss).
     let mut listening = false;
+    // After a refused `migrate-recover`: not before this is it tried again.
+    let mut retry_at: Option<std::time::Instant> = None;
     let mut paused_since: Option<std::time::Instant> = None;
     let info = loop {
         tokio::select! {
@@ -296,16 +302,26 @@ pub async fn follow_and_recover(
                 started: false,
             });
         }
-        if !listening {
+        if !listening && retry_at.is_none_or(|at| std::time::Instant::now() >= at) {
             match listen_for_recovery(qmp, &recovery.target).await {
-                Ok(()) => note(&format!(
-                    "listening again at {} (migrate-recover) for the source's resume",
-                    recovery.target
-                )),
-                // Most likely the state changed meanwhile; the next look tells.
-                Err(err) => note(&format!("cannot listen again yet: {err:#}")),
+                Ok(()) => {
+                    note(&format!(
+                        "listening again at {} (migrate-recover) for the source's resume",
+                        recovery.target
+                    ));
+                    listening = true;
+                    retry_at = None;
+                }
+                // The state may have changed meanwhile (the next look tells), or QEMU cannot
+                // listen there yet: tried again a little later.
+                Err(err) => {
+                    note(&format!(
+                        "cannot listen again yet ({err:#}); trying again in {} s",
+                        RELISTEN_AFTER.as_secs()
+                    ));
+                    retry_at = Some(std::time::Instant::now() + RELISTEN_AFTER);
+                }
             }
-            listening = true;
         }
     };
     let status = status_of(&info);
