@@ -427,6 +427,23 @@ mod tests {
     }
 
     #[test]
+    fn shared_flags_parse_alike() {
+        let args = parse(&["--postcopy", "--wait", "--recover-timeout", "90s"]);
+        assert_eq!(
+            args.recover.recover_timeout,
+            std::time::Duration::from_secs(90)
+        );
+        assert!(parse(&["--copy-storage-inc"]).storage.copy().any());
+        assert!(!parse(&[]).storage.copy().any());
+        let refused = |a: &[&str]| {
+            Cli::try_parse_from(std::iter::once("receive").chain(a.iter().copied())).is_err()
+        };
+        assert!(refused(&["--copy-storage", "--postcopy"]));
+        assert!(refused(&["--copy-storage-inc", "--from", "tcp:h:1"]));
+        assert!(refused(&["--copy-storage", "--copy-storage-inc"]));
+    }
+
+    #[test]
     fn capabilities_follow_the_state_file() {
         let args = parse(&["--from", "file:/s", "--multifd", "4"]);
         let plan = args

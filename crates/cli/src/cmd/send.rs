@@ -401,6 +401,19 @@ mod tests {
     }
 
     #[test]
+    fn recover_timeout_defaults_to_ten_minutes() {
+        use std::time::Duration;
+        let args = parse(&["--postcopy"]).expect("bare");
+        assert_eq!(args.recover.recover_timeout, Duration::from_secs(600));
+        let args = parse(&["--postcopy", "--recover-timeout", "off"]).expect("off");
+        assert_eq!(args.recover.recover_timeout, Duration::ZERO);
+        let args = parse(&["--copy-storage=vblk0"]).expect("copy");
+        assert!(args.storage.copy().any());
+        assert!(parse(&["--copy-storage", "--postcopy"]).is_err());
+        assert!(parse(&["--copy-storage-inc", "--detach"]).is_err());
+    }
+
+    #[test]
     fn to_and_uri_are_one_option() {
         let to = parse(&["--to", "file:/tmp/state.bin"]).expect("--to");
         let uri = parse(&["--uri", "file:/tmp/state.bin"]).expect("--uri");
