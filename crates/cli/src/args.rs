@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use qmigrate_migration::source::FollowOptions;
+use qmigrate_migration::storage::StorageCopy;
 use qmigrate_migration::watch::WatchPolicy;
 use qmigrate_migration::{Compression, MigrationPlan, Mode};
 use qmigrate_transport::{ClientConfig, DeadPeer, Endpoint, Scheme};
@@ -99,6 +100,53 @@ impl SourceTuning {
             downtime_limit: self.downtime_limit,
             ..MigrationPlan::default()
         }
+    }
+}
+
+/// `--recover-timeout`: how long a postcopy migration that paused is recovered before both
+/// QEMUs are left paused for `qmigrate recover`; `migrate`, `send` and `receive` flatten it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RecoverArgs {
+    /// When the network breaks during postcopy (both QEMUs pause: the guest's memory is split
+    /// between the hosts), keep reconnecting and resume the migration for up to DUR, with
+    /// backoff; then exit 1 and leave both paused for `qmigrate recover`. `off`: do not try.
+    #[arg(long, value_name = "DUR", default_value = "10m", value_parser = units::parse_duration_or_off)]
+    pub recover_timeout: Duration,
+}
+
+/// `--copy-storage[=DISK,...]` and `--copy-storage-inc[=DISK,...]`, parsed alike by `send` and
+/// `receive`, which word the helps for their side and add their conflicts with `mut_arg`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CopyStorageArgs {
+    /// Copy the disks (all writable ones, or those named by qdev id).
+    #[arg(
+        long,
+        value_name = "DISK,...",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = ""
+    )]
+    pub copy_storage: Option<String>,
+
+    /// As --copy-storage, only each disk's top image.
+    #[arg(
+        long,
+        value_name = "DISK,...",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        conflicts_with = "copy_storage"
+    )]
+    pub copy_storage_inc: Option<String>,
+}
+
+impl CopyStorageArgs {
+    /// Which disks to copy, and how.
+    pub fn copy(&self) -> StorageCopy {
+        StorageCopy::parse(
+            self.copy_storage.as_deref(),
+            self.copy_storage_inc.as_deref(),
+        )
     }
 }
 

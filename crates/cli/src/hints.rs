@@ -52,7 +52,8 @@ fn advised(cause: &(dyn StdError + 'static)) -> Option<String> {
              can run it alone: both QEMUs are left paused (not killed). Once the network is \
              back, resume it with `qmigrate recover --qmp SRC --to URL` (the tunnel-server \
              --qmp's URL), or step by step with `qmigrate recover --incoming --qmp DST --socket \
-             PATH` on the destination, then `qmigrate recover --qmp SRC --socket PATH` here",
+             PATH` on the destination (not needed while `receive --wait` runs there), then \
+             `qmigrate recover --qmp SRC --socket PATH` here",
             e.0
         ));
     }

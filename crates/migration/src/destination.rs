@@ -156,17 +156,94 @@ pub async fn listen_for_recovery(qmp: &Qmp, target: &crate::QemuTarget) -> crate
 /// sends `cont` afterwards when the destination VM is paused (QEMU started with `-S`).
 ///
 /// A destination QEMU exits when an incoming migration fails (its default), so a lost QMP
-/// connection is reported as that.
+/// connection is reported as that. A postcopy migration that pauses is followed on, for
+/// whoever recovers it; [`follow_and_recover`] makes the destination listen again itself.
 pub async fn follow_incoming(qmp: &Qmp, start: bool) -> crate::Result<IncomingOutcome> {
+    let mut nothing = |_: &str| {};
+    follow_and_recover(
+        qmp,
+        start,
+        None,
+        &mut nothing,
+        std::future::pending::<String>(),
+    )
+    .await
+}
+
+/// How long [`follow_and_recover`] waits before it asks a paused destination that refused to
+/// listen again once more.
+const RELISTEN_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How [`follow_and_recover`] recovers a postcopy migration that pauses.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// Where the destination listens again (`migrate-recover`): the address it listened on,
+    /// so that whatever carries the stream (the tunnel-server) connects there again.
+    pub target: QemuTarget,
+    /// How long the migration may stay paused, counted from when it paused (anew after each
+    /// resume that got through), before the destination is left paused (still listening) and
+    /// the follow ends; zero: at once, without listening again.
+    pub timeout: std::time::Duration,
+}
+
+/// [`follow_incoming`], and with `recovery`, whenever the destination reaches
+/// `postcopy-paused` (the network broke during postcopy): makes it listen again at
+/// [`Recovery::target`] ([`listen_for_recovery`]'s `migrate-recover`) and follows on, so that
+/// the source's `migrate` with `resume` completes the migration. A resume that breaks off
+/// (`postcopy-recover`, then paused again) is listened for again. What happens is told to
+/// `note`.
+///
+/// Ends with the destination `postcopy-paused` (its [`IncomingOutcome::status`]), left as it
+/// is and still listening, once the migration has been paused for [`Recovery::timeout`]. When
+/// `cancel` resolves (with the reason) it stops following and fails with
+/// [`crate::ErrorKind::Cancelled`], touching nothing.
+pub async fn follow_and_recover(
+    qmp: &Qmp,
+    start: bool,
+    recovery: Option<&Recovery>,
+    note: &mut (dyn FnMut(&str) + Send),
+    cancel: impl std::future::Future<Output = String>,
+) -> crate::Result<IncomingOutcome> {
     let mut events = qmp.events();
+    let mut events_alive = true;
     let mut poll = tokio::time::interval(POLL_INTERVAL);
+    let mut cancel = std::pin::pin!(cancel);
     let mut last = MigrationStatus::None;
+    // Whether the destination listens for a resume: set by `migrate-recover`, cleared once a
+    // resume takes the listener (QEMU leaves `postcopy-paused`, maybe only for a moment: the
+    // MIGRATION events catch what the polls miss).
+    let mut listening = false;
+    // After a refused `migrate-recover`: not before this is it tried again.
+    let mut retry_at: Option<std::time::Instant> = None;
+    let mut paused_since: Option<std::time::Instant> = None;
     let info = loop {
         tokio::select! {
-            event = events.recv() => if let Ok(event) = event {
-                debug!(event = %event.event, data = %event.data, "QMP event");
+            event = events.recv(), if events_alive => match event {
+                Ok(event) => {
+                    debug!(event = %event.event, data = %event.data, "QMP event");
+                    let status = event.data.get("status").and_then(|s| s.as_str());
+                    if event.event == "MIGRATION"
+                        && status.is_some_and(|s| s != "postcopy-paused")
+                    {
+                        listening = false;
+                    }
+                }
+                Err(QmpError::Disconnected) => events_alive = false,
+                Err(err) => debug!("event stream: {err}"),
             },
             _ = poll.tick() => {}
+            reason = &mut cancel => {
+                let now = query_migrate(qmp)
+                    .await
+                    .map_or(last, |info| status_of(&info));
+                return Err(crate::Error::new(
+                    crate::ErrorKind::Cancelled,
+                    anyhow!(
+                        "{reason}: stopped following the incoming migration; the destination \
+                         QEMU is left as it is (migration status {now})"
+                    ),
+                ));
+            }
         }
         let info = match qmp.execute(&QueryMigrate).await {
             Ok(info) => info,
@@ -189,6 +266,62 @@ pub async fn follow_incoming(qmp: &Qmp, start: bool) -> crate::Result<IncomingOu
             MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
         ) {
             break info;
+        }
+        let Some(recovery) = recovery else {
+            continue;
+        };
+        if status != MigrationStatus::PostcopyPaused {
+            listening = false;
+            if status == MigrationStatus::PostcopyActive && paused_since.is_some() {
+                note("the source resumed: postcopy goes on");
+                paused_since = None;
+            }
+            continue;
+        }
+        let since = *paused_since.get_or_insert_with(|| {
+            note(&format!(
+                "postcopy paused ({}): both QEMUs wait for the network",
+                info.error_desc.as_deref().unwrap_or("the connection broke")
+            ));
+            std::time::Instant::now()
+        });
+        if since.elapsed() >= recovery.timeout {
+            return Ok(IncomingOutcome {
+                status,
+                run_state: query_status(qmp).await?.status,
+                error: Some(format!(
+                    "postcopy still paused after {} s: the destination QEMU is left paused{} \
+                     for the source's resume",
+                    recovery.timeout.as_secs(),
+                    if listening {
+                        format!(", listening again at {}", recovery.target)
+                    } else {
+                        String::new()
+                    }
+                )),
+                started: false,
+            });
+        }
+        if !listening && retry_at.is_none_or(|at| std::time::Instant::now() >= at) {
+            match listen_for_recovery(qmp, &recovery.target).await {
+                Ok(()) => {
+                    note(&format!(
+                        "listening again at {} (migrate-recover) for the source's resume",
+                        recovery.target
+                    ));
+                    listening = true;
+                    retry_at = None;
+                }
+                // The state may have changed meanwhile (the next look tells), or QEMU cannot
+                // listen there yet: tried again a little later.
+                Err(err) => {
+                    note(&format!(
+                        "cannot listen again yet ({err:#}); trying again in {} s",
+                        RELISTEN_AFTER.as_secs()
+                    ));
+                    retry_at = Some(std::time::Instant::now() + RELISTEN_AFTER);
+                }
+            }
         }
     };
     let status = status_of(&info);

@@ -380,8 +380,8 @@ async fn qemu_target(qmp: &Qmp, endpoint: &QemuTarget) -> crate::Result<Migratio
 /// Resumes, from a new process, the postcopy migration this source QEMU was left paused in
 /// (`qmigrate recover`): checks that it is `postcopy-paused`, then [`resume_migration`] to
 /// `endpoint` with default follow options, again with backoff while the resume ends paused
-/// (the network not back yet), for up to `retry_for`. Returns the summary and the source's
-/// state for [`outcome_result`].
+/// (the network not back yet), for up to `retry_for` ([`keep_resuming`]). Returns the summary
+/// and the source's state for [`outcome_result`].
 pub async fn resume_paused(
     qmp: &Qmp,
     endpoint: &QemuTarget,
@@ -398,38 +398,94 @@ pub async fn resume_paused(
         postcopy: true,
         ..MigrationPlan::default()
     };
-    let deadline = Instant::now() + retry_for;
+    let paused = Summary::from_info(
+        &qmigrate_qmp::MigrationInfo::default(),
+        Outcome::PostcopyPaused("paused before this recovery".into()),
+        true,
+    );
     let mut cancel = Latch::new(cancel);
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        let summary = resume_migration(
-            qmp,
-            &plan,
-            endpoint,
-            &state,
-            &FollowOptions::default(),
-            progress,
-            cancel.wait(),
-        )
-        .await?;
+    let summary = keep_resuming(
+        qmp,
+        &plan,
+        endpoint,
+        &state,
+        &FollowOptions::default(),
+        paused,
+        retry_for,
+        progress,
+        &mut cancel,
+    )
+    .await?;
+    Ok((summary, state))
+}
+
+/// Whether this source QEMU may be asked to resume before anyone knows the destination
+/// listens: from 9.1 a resume that cannot get through ends `postcopy-paused` again (through
+/// `postcopy-recover-setup`) and can be retried. Older ones (7.2 here) stay in
+/// `postcopy-recover` for good when the connection fails during the resume handshake, out of
+/// reach of every QMP command, so they must only be resumed once the network is back.
+pub fn can_retry_resume(qmp: &Qmp) -> bool {
+    let v = &qmp.greeting().version.qemu;
+    (v.major, v.minor) >= (9, 1)
+}
+
+/// First wait between two resumes that ended paused; doubled after each, up to
+/// [`RESUME_BACKOFF_MAX`].
+const RESUME_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const RESUME_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// While `summary` is a postcopy migration left paused ([`Outcome::PostcopyPaused`]): resumes
+/// it to `endpoint` ([`resume_migration`]), at once and then with backoff (1 s doubling to
+/// 30 s) while the resume ends paused again (the network is not back, or the destination does
+/// not listen yet), for up to `retry_for` from the first attempt. Returns the last summary:
+/// completed, failed, or still paused once `retry_for` is over or `cancel` resolved (both
+/// QEMUs are then left paused; postcopy is never cancelled).
+///
+/// The source VM is never restarted here, whatever `source` says: after the switch to
+/// postcopy the guest runs on the destination.
+#[allow(clippy::too_many_arguments)] // a resume needs what the migration had
+pub async fn keep_resuming<F: Future<Output = String>>(
+    qmp: &Qmp,
+    plan: &MigrationPlan,
+    endpoint: &QemuTarget,
+    source: &SourceState,
+    opts: &FollowOptions,
+    mut summary: Summary,
+    retry_for: Duration,
+    progress: &mut dyn Progress,
+    cancel: &mut Latch<F>,
+) -> crate::Result<Summary> {
+    let source = SourceState {
+        was_running: false,
+        ..source.clone()
+    };
+    let deadline = Instant::now() + retry_for;
+    let mut backoff = RESUME_BACKOFF_FIRST;
+    while let Outcome::PostcopyPaused(_) = &summary.outcome {
+        summary =
+            resume_migration(qmp, plan, endpoint, &source, opts, progress, cancel.wait()).await?;
         let Outcome::PostcopyPaused(reason) = &summary.outcome else {
-            return Ok((summary, state));
+            break;
         };
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Ok((summary, state));
+            break;
         }
         let wait = backoff.min(left);
         progress.note(&format!(
             "the resume did not get through ({reason}); trying again in {} s",
-            wait.as_secs()
+            wait.as_secs().max(1)
         ));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = cancel.wait() => return Ok((summary, state)),
+            reason = cancel.wait() => {
+                progress.note(&format!("{reason}: the recovery stops; both QEMUs stay paused"));
+                break;
+            }
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(RESUME_BACKOFF_MAX);
     }
+    Ok(summary)
 }
 
 /// A cancellation future that can be awaited again after it resolved (it then gives the same
@@ -737,6 +793,19 @@ async fn cancel_migration(
         progress.note(&format!(
             "{reason}: postcopy cannot be cancelled (the guest already runs on the destination); \
              waiting for it to complete"
+        ));
+        return Cancelling::Refused;
+    }
+    if matches!(
+        status,
+        MigrationStatus::PostcopyPaused
+            | MigrationStatus::PostcopyRecoverSetup
+            | MigrationStatus::PostcopyRecover
+    ) {
+        // A resume under way: cancelling would throw away the guest's memory still here.
+        progress.note(&format!(
+            "{reason}: postcopy cannot be cancelled; the resume under way is followed until it \
+             completes or pauses again"
         ));
         return Cancelling::Refused;
     }

@@ -3,20 +3,17 @@
 //! The flags become one plan and the tunnel's settings; the migration engine's control session
 //! ([`qmigrate_migration::session::source`]) does the rest. This file shows what it reports.
 
-use std::time::Duration;
-
 use anyhow::Context as _;
 use qmigrate_migration::session;
 use qmigrate_migration::session::source::{SessionEvent, SessionOptions};
 use qmigrate_migration::storage::StorageCopy;
 use qmigrate_transport::Scheme;
 
-use crate::args::SourceTuning;
 use crate::args::TunnelClientArgs;
+use crate::args::{RecoverArgs, SourceTuning};
 use crate::exit::Exit;
 use crate::output::{self, JsonEvent};
 use crate::signals;
-use crate::units;
 
 /// Arguments of `qmigrate migrate`.
 #[derive(Debug, clap::Args)]
@@ -102,11 +99,8 @@ pub struct Args {
         conflicts_with = "copy_storage"
     )]
     pub copy_storage_inc: Option<String>,
-    /// When the network breaks during postcopy (both QEMUs pause: the guest's memory is split
-    /// between the hosts), keep reconnecting and resume the migration for up to DUR, with
-    /// backoff; then exit 1 and leave both paused for `qmigrate recover`. `off`: do not try.
-    #[arg(long, value_name = "DUR", default_value = "10m", value_parser = units::parse_duration_or_off)]
-    pub recover_timeout: Duration,
+    #[command(flatten)]
+    pub recover: RecoverArgs,
 
     /// One JSON object per line on stdout: progress ticks, the summary, then the destination's
     /// verdict (`"type": "destination"`).
@@ -132,7 +126,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tunnel,
         relay: args.relay,
         no_start: args.no_start,
-        recover_timeout: args.recover_timeout,
+        recover_timeout: args.recover.recover_timeout,
         storage: StorageCopy::parse(
             args.copy_storage.as_deref(),
             args.copy_storage_inc.as_deref(),

@@ -6,14 +6,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use qmigrate_migration::destination::{
-    check_waiting_for_incoming, follow_incoming, prepare_incoming, IncomingOutcome,
+    check_waiting_for_incoming, follow_and_recover, follow_incoming, prepare_incoming,
+    IncomingOutcome, Recovery,
 };
 use qmigrate_migration::statefile::{self, StateFile};
 use qmigrate_migration::storage::{self, StorageCopy};
 use qmigrate_migration::{monitor, MigrationPlan, Mode, QemuTarget, StreamKind};
 use qmigrate_qmp::{MigrationStatus, Qmp};
 
-use crate::args::{CompressArg, ModeArg};
+use crate::args::{CompressArg, CopyStorageArgs, ModeArg, RecoverArgs};
 use crate::exit::Exit;
 use crate::output::JsonEvent;
 use crate::signals;
@@ -22,6 +23,25 @@ use crate::units::{self, format_bytes, format_duration};
 /// Arguments of `qmigrate receive`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = crate::exit::EXIT_CODES_HELP)]
+#[command(
+    mut_arg("copy_storage", |a| a
+        .help(
+            "Copy disks from the source (`send --copy-storage`): all writable disks of this VM, \
+             or those named by qdev id. Exports them (writable) from QEMU's NBD server on \
+             --socket's path with the extension .nbd.sock, where `tunnel-server` sends the NBD \
+             connections; follows the migration (as --wait does) and stops the NBD server before \
+             the guest may start. Start the destination QEMU with -S, on images of the source \
+             disks' virtual sizes"
+        )
+        .conflicts_with_all(["from", "postcopy"])),
+    mut_arg("copy_storage_inc", |a| a
+        .help(
+            "As --copy-storage, for `send --copy-storage-inc`: only the top images are copied, \
+             so each exported image must have a backing file (a copy of the source's backing \
+             chain)"
+        )
+        .conflicts_with_all(["from", "postcopy"]))
+)]
 pub struct Args {
     /// The destination QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`), or
     /// tcp:HOST:PORT.
@@ -70,7 +90,10 @@ pub struct Args {
     #[arg(long, value_name = "MODE", default_value = "normal")]
     pub mode: ModeArg,
 
-    /// Follow the migration to its end and exit 0 only if it completed.
+    /// Follow the migration to its end and exit 0 only if it completed. With --postcopy,
+    /// recover it when the network breaks: once the destination is postcopy-paused it listens
+    /// again on the same socket (migrate-recover) for the source's resume (`send` retries it),
+    /// for --recover-timeout; without --wait, `qmigrate recover --incoming` does that step.
     #[arg(long)]
     pub wait: bool,
 
@@ -79,32 +102,11 @@ pub struct Args {
     #[arg(long)]
     pub start: bool,
 
-    /// Copy disks from the source (`send --copy-storage`): all writable disks of this VM, or
-    /// those named by qdev id. Exports them (writable) from QEMU's NBD server on --socket's
-    /// path with the extension .nbd.sock, where `tunnel-server` sends the NBD connections;
-    /// follows the migration (as --wait does) and stops the NBD server before the guest may
-    /// start. Start the destination QEMU with -S, on images of the source disks' virtual sizes.
-    #[arg(
-        long,
-        value_name = "DISK,...",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "",
-        conflicts_with_all = ["from", "postcopy"]
-    )]
-    pub copy_storage: Option<String>,
+    #[command(flatten)]
+    pub storage: CopyStorageArgs,
 
-    /// As --copy-storage, for `send --copy-storage-inc`: only the top images are copied, so
-    /// each exported image must have a backing file (a copy of the source's backing chain).
-    #[arg(
-        long,
-        value_name = "DISK,...",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "",
-        conflicts_with_all = ["from", "postcopy", "copy_storage"]
-    )]
-    pub copy_storage_inc: Option<String>,
+    #[command(flatten)]
+    pub recover: RecoverArgs,
 
     /// With --copy-storage or --copy-storage-inc: give up when no disk data has arrived for
     /// DUR (from the export on) while the RAM migration has not begun: the source stopped
@@ -161,10 +163,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // 1.67-2.07 s (BENCHMARKS.md).
         plan.direct_io = statefile::can_read_direct(&state.path);
     }
-    let copy = StorageCopy::parse(
-        args.copy_storage.as_deref(),
-        args.copy_storage_inc.as_deref(),
-    );
+    let copy = args.storage.copy();
     let copying = copy.any();
     let follow = args.wait || args.start || copying;
 
@@ -228,6 +227,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
+    // Postcopy paused by the network is recovered here only while this command follows.
+    let recovering = plan.postcopy && follow && !copying && !plan.is_save();
+    if plan.postcopy && !args.json {
+        if recovering {
+            eprintln!(
+                "postcopy: following the migration; if the network breaks, the destination \
+                 listens again on {} for the source's resume (for up to {})",
+                incoming.endpoint,
+                format_duration(args.recover.recover_timeout)
+            );
+        } else if !follow {
+            eprintln!(
+                "postcopy: if the network breaks during postcopy, nothing here makes the \
+                 destination listen again: run `qmigrate recover --incoming` then, or use \
+                 --wait, which does it"
+            );
+        }
+    }
+
     if !follow {
         // QMP serves one client at a time: let go so the operator's tools can look.
         qmp.close().await;
@@ -235,6 +253,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let outcome = if copying {
         follow_copy(&qmp, args.start, args.stall_timeout).await
+    } else if recovering {
+        let recovery = Recovery {
+            target: endpoint.clone(),
+            timeout: args.recover.recover_timeout,
+        };
+        follow_recovering(&qmp, args.start, &recovery, args.json).await
     } else {
         follow_incoming(&qmp, args.start).await.map_err(Into::into)
     };
@@ -277,6 +301,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     match outcome.status {
         MigrationStatus::Completed => Ok(()),
+        MigrationStatus::PostcopyPaused => {
+            let reason = outcome.error.unwrap_or_default();
+            Err(anyhow!(
+                "{reason}: once the network is back, `qmigrate recover --qmp SRC --socket PATH` \
+                 on the source resumes it (run `qmigrate recover --incoming` here first if it \
+                 pauses again)"
+            )
+            .context(Exit::Failed))
+        }
         _ => {
             let reason = outcome
                 .error
@@ -317,6 +350,29 @@ async fn export(qmp: &Qmp, copy: &StorageCopy, nbd: &Path) -> anyhow::Result<Vec
             format!("{} ({size} bytes)", e.name)
         })
         .collect())
+}
+
+/// Follows an incoming postcopy migration, making the destination listen again whenever the
+/// network breaks ([`follow_and_recover`]); says what happens on stderr (or as JSON notes).
+/// Ctrl-C or SIGTERM stop following and leave the destination as it is.
+async fn follow_recovering(
+    qmp: &Qmp,
+    start: bool,
+    recovery: &Recovery,
+    json: bool,
+) -> anyhow::Result<IncomingOutcome> {
+    let cancel = signals::cancellation(None).context("cannot install signal handlers")?;
+    let mut note = |message: &str| {
+        if json {
+            JsonEvent::Note {
+                message: message.to_owned(),
+            }
+            .emit();
+        } else {
+            eprintln!("{message}");
+        }
+    };
+    Ok(follow_and_recover(qmp, start, Some(recovery), &mut note, cancel).await?)
 }
 
 /// Follows an incoming migration that copies disks: the guest is not started by
@@ -382,6 +438,23 @@ mod tests {
                 capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
             },
         }
+    }
+
+    #[test]
+    fn shared_flags_parse_alike() {
+        let args = parse(&["--postcopy", "--wait", "--recover-timeout", "90s"]);
+        assert_eq!(
+            args.recover.recover_timeout,
+            std::time::Duration::from_secs(90)
+        );
+        assert!(parse(&["--copy-storage-inc"]).storage.copy().any());
+        assert!(!parse(&[]).storage.copy().any());
+        let refused = |a: &[&str]| {
+            Cli::try_parse_from(std::iter::once("receive").chain(a.iter().copied())).is_err()
+        };
+        assert!(refused(&["--copy-storage", "--postcopy"]));
+        assert!(refused(&["--copy-storage-inc", "--from", "tcp:h:1"]));
+        assert!(refused(&["--copy-storage", "--copy-storage-inc"]));
     }
 
     #[test]

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context as _};
 use qmigrate_migration::save::{self, Saved};
 use qmigrate_migration::source::{self, FollowOptions, Latch};
-use qmigrate_migration::storage::{self, NbdRoute, StorageCopy};
+use qmigrate_migration::storage::{self, NbdRoute};
 use qmigrate_migration::{MigrationPlan, Mode, Outcome, Progress, QemuTarget, StreamKind, Summary};
 use qmigrate_qmp::{Error as QmpError, Quit};
 
-use crate::args::{ModeArg, SourceTuning};
+use crate::args::{CopyStorageArgs, ModeArg, RecoverArgs, SourceTuning};
 use crate::exit::Exit;
 use crate::output::{self, JsonEvent, SourceSummary};
 use crate::signals;
@@ -19,6 +19,24 @@ use crate::units::format_bytes;
 /// Arguments of `qmigrate send`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = crate::exit::EXIT_CODES_HELP)]
+#[command(
+    mut_arg("copy_storage", |a| a
+        .help(
+            "Copy the local disks to the destination's (non-shared storage): all writable disks, \
+             or those named by qdev id (`--copy-storage=vblk0,vblk1`). The destination runs \
+             `receive --copy-storage` (its disks exported over NBD) and this host `tunnel-client \
+             --copy-storage`, whose NBD socket (--socket's path with the extension .nbd.sock) \
+             carries the copy. Each destination image must have its disk's virtual size \
+             (checked before anything is copied)"
+        )
+        .conflicts_with_all(["to", "detach", "postcopy"])),
+    mut_arg("copy_storage_inc", |a| a
+        .help(
+            "As --copy-storage, but only each disk's top image (`sync=top`): the destination's \
+             images (`receive --copy-storage-inc`) already sit on the same backing chain"
+        )
+        .conflicts_with_all(["to", "detach", "postcopy"]))
+)]
 pub struct Args {
     /// The source QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`), or tcp:HOST:PORT.
     #[arg(
@@ -75,33 +93,11 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["timeout", "postcopy"])]
     pub detach: bool,
 
-    /// Copy the local disks to the destination's (non-shared storage): all writable disks, or
-    /// those named by qdev id (`--copy-storage=vblk0,vblk1`). The destination runs `receive
-    /// --copy-storage` (its disks exported over NBD) and this host `tunnel-client
-    /// --copy-storage`, whose NBD socket (--socket's path with the extension .nbd.sock)
-    /// carries the copy. Each destination image must have its disk's virtual size (checked
-    /// before anything is copied).
-    #[arg(
-        long,
-        value_name = "DISK,...",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "",
-        conflicts_with_all = ["to", "detach", "postcopy"]
-    )]
-    pub copy_storage: Option<String>,
+    #[command(flatten)]
+    pub storage: CopyStorageArgs,
 
-    /// As --copy-storage, but only each disk's top image (`sync=top`): the destination's
-    /// images (`receive --copy-storage-inc`) already sit on the same backing chain.
-    #[arg(
-        long,
-        value_name = "DISK,...",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "",
-        conflicts_with_all = ["to", "detach", "postcopy", "copy_storage"]
-    )]
-    pub copy_storage_inc: Option<String>,
+    #[command(flatten)]
+    pub recover: RecoverArgs,
 
     /// One JSON object per line on stdout: progress ticks, then a summary.
     #[arg(long)]
@@ -146,10 +142,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (partial, endpoint) = save::prepare(endpoint, &mut plan)?;
 
     let (qmp, source) = source::connect_source(&args.qmp, &plan, None).await?;
-    let copy = StorageCopy::parse(
-        args.copy_storage.as_deref(),
-        args.copy_storage_inc.as_deref(),
-    );
+    let copy = args.storage.copy();
     let disks = storage::source_disks(&qmp, &copy).await;
     let disks = match disks {
         Ok(disks) => disks,
@@ -170,24 +163,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // Installed before `migrate` so that Ctrl-C from here on cancels instead of killing us.
-    let cancel =
-        signals::cancellation(args.tuning.timeout).context("cannot install signal handlers")?;
+    let mut cancel = Latch::new(
+        signals::cancellation(args.tuning.timeout).context("cannot install signal handlers")?,
+    );
     let opts = FollowOptions {
         detach: args.detach,
         ..args.tuning.follow()
     };
     let mut progress = output::for_send(args.json);
     let summary = if disks.is_empty() {
-        source::run_migration(
+        let summary = source::run_migration(
             &qmp,
             &plan,
             &endpoint,
             &source,
             &opts,
             progress.as_mut(),
-            cancel,
+            cancel.wait(),
         )
-        .await?
+        .await?;
+        let recover = Recover {
+            plan: &plan,
+            endpoint: &endpoint,
+            source: &source,
+            opts: &opts,
+            timeout: args.recover.recover_timeout,
+        };
+        recover
+            .paused(&qmp, summary, progress.as_mut(), &mut cancel)
+            .await?
     } else {
         let exports = storage::exports_of(&disks);
         let route = NbdRoute {
@@ -204,7 +208,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             &disks,
             route,
             progress.as_mut(),
-            &mut Latch::new(cancel),
+            &mut cancel,
         )
         .await?
     };
@@ -235,6 +239,65 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     source::outcome_result(&summary.outcome, &source)?;
     Ok(())
+}
+
+/// What the recovery of a postcopy migration that paused resumes.
+struct Recover<'a> {
+    plan: &'a MigrationPlan,
+    endpoint: &'a QemuTarget,
+    source: &'a source::SourceState,
+    opts: &'a FollowOptions,
+    timeout: std::time::Duration,
+}
+
+impl Recover<'_> {
+    /// When `summary` is a postcopy migration left paused (the network broke): resumes it to
+    /// the same endpoint (the tunnel-client's socket) with backoff, until the destination
+    /// listens again and the migration ends, or `--recover-timeout` is over or `cancel`
+    /// resolved (both QEMUs then stay paused). Any other summary is returned as it is.
+    async fn paused<F: std::future::Future<Output = String>>(
+        &self,
+        qmp: &qmigrate_qmp::Qmp,
+        summary: Summary,
+        progress: &mut dyn Progress,
+        cancel: &mut Latch<F>,
+    ) -> anyhow::Result<Summary> {
+        let Outcome::PostcopyPaused(reason) = &summary.outcome else {
+            return Ok(summary);
+        };
+        if self.timeout.is_zero() || self.plan.is_save() {
+            return Ok(summary);
+        }
+        if !source::can_retry_resume(qmp) {
+            progress.note(&format!(
+                "postcopy paused ({reason}): QEMU {} cannot retry a resume that fails (it would \
+                 hang in postcopy-recover), so it is not resumed before the network is known to \
+                 be back",
+                self.source.qemu
+            ));
+            return Ok(summary);
+        }
+        progress.note(&format!(
+            "postcopy paused ({reason}): resuming through {} once the destination listens again \
+             (`receive --wait` there makes it listen by itself; without it, run `qmigrate \
+             recover --incoming` there), for up to {}",
+            self.endpoint,
+            crate::units::format_duration(self.timeout)
+        ));
+        let summary = source::keep_resuming(
+            qmp,
+            self.plan,
+            self.endpoint,
+            self.source,
+            self.opts,
+            summary,
+            self.timeout,
+            progress,
+            cancel,
+        )
+        .await?;
+        Ok(summary)
+    }
 }
 
 /// Prints the summary, with the state file and its size (or the command) after a save.
@@ -335,6 +398,19 @@ mod tests {
         assert!(parse(&["--quit", "--detach"]).is_err());
         assert!(parse(&["--detach", "--timeout", "1s"]).is_err());
         assert!(parse(&["--compress", "lz4"]).is_err());
+    }
+
+    #[test]
+    fn recover_timeout_defaults_to_ten_minutes() {
+        use std::time::Duration;
+        let args = parse(&["--postcopy"]).expect("bare");
+        assert_eq!(args.recover.recover_timeout, Duration::from_secs(600));
+        let args = parse(&["--postcopy", "--recover-timeout", "off"]).expect("off");
+        assert_eq!(args.recover.recover_timeout, Duration::ZERO);
+        let args = parse(&["--copy-storage=vblk0"]).expect("copy");
+        assert!(args.storage.copy().any());
+        assert!(parse(&["--copy-storage", "--postcopy"]).is_err());
+        assert!(parse(&["--copy-storage-inc", "--detach"]).is_err());
     }
 
     #[test]

@@ -519,17 +519,16 @@ async fn server_killed_mid_precopy() {
     assert_eq!(support::vm_state(&qmp).await.0, RunState::Postmigrate);
 }
 
-/// Step by step (`receive`, `send` through tunnel-server and tunnel-client): postcopy paused
-/// by a pulled link, `send` exits 1 naming the recovery; once the link is back,
-/// `recover --incoming` on the destination and `recover --socket` on the source complete it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn step_by_step_postcopy_recovers() {
-    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
-        return;
-    };
-    let Some(ns) = NetNs::new() else { return };
-    let rig = postcopy_rig(&bin, &ns, "tcp").await;
-    // A plain tunnel-server (no --qmp) in the namespace, beside the rig's.
+/// A step-by-step rig: a plain tunnel-server (no --qmp) in the namespace beside the rig's,
+/// connecting to `dest.sock`, and a tunnel-client on `src.sock` reaching it.
+struct StepByStep {
+    srv: Proc,
+    client: Proc,
+    dest_sock: std::path::PathBuf,
+    src_sock: std::path::PathBuf,
+}
+
+async fn step_by_step_tunnel(rig: &PostcopyRig, ns: &NetNs) -> StepByStep {
     let d = rig.d.clone();
     let dest_sock = d.join("dest.sock");
     let src_sock = d.join("src.sock");
@@ -562,44 +561,322 @@ async fn step_by_step_postcopy_recovers() {
     let mut client = Proc::spawn("tunnel-client", &d, &args);
     let line = client.next_line(READY).await;
     assert!(line.starts_with("listening on "), "{line}");
+    StepByStep {
+        srv,
+        client,
+        dest_sock,
+        src_sock,
+    }
+}
 
+impl StepByStep {
+    /// `send --postcopy=0` capped at [`BANDWIDTH`] through the tunnel-client, with `extra`.
+    fn send(&self, rig: &PostcopyRig, extra: &[&str]) -> Proc {
+        let mut args = vec![
+            "send".to_owned(),
+            "--qmp".into(),
+            path(&rig.src.qmp_path),
+            "--socket".into(),
+            path(&self.src_sock),
+            "--postcopy=0".into(),
+            "--max-bandwidth".into(),
+            BANDWIDTH.into(),
+            "--postcopy-bandwidth".into(),
+            BANDWIDTH.into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Proc::spawn("send", &rig.d, &args)
+    }
+}
+
+/// Waits until `proc` has written `text` to stderr.
+async fn stderr_says(proc: &Proc, text: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !proc.stderr().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} within {limit:?}:\n{}",
+            proc.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Step by step (`receive --wait`, `send` through tunnel-server and tunnel-client): the link
+/// pulled during postcopy for longer than the dead-peer timeout, so that both QEMUs pause;
+/// once it is back, `receive` (the destination listens again) and `send` (resuming with
+/// backoff) recover by themselves and the migration completes, RAM identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_by_step_postcopy_recovers_by_itself() {
+    recovers_by_itself(false).await;
+}
+
+/// As [`step_by_step_postcopy_recovers_by_itself`], with the destination's migration socket
+/// file removed as the link goes down. QEMU (10 and 7.2) keeps listening on its first listener
+/// for the whole incoming migration, and that alone would take the resume; without the file
+/// only `receive` making the destination listen again (`migrate-recover` binds the path anew)
+/// lets it through, so this test fails when `receive` does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_by_step_postcopy_recovers_by_itself_socket_removed() {
+    recovers_by_itself(true).await;
+}
+
+async fn recovers_by_itself(remove_socket: bool) {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let mut t = step_by_step_tunnel(&rig, &ns).await;
+    let mut receive = Proc::spawn(
+        "receive",
+        &rig.d,
+        [
+            "receive",
+            "--qmp",
+            &path(&rig.dst.qmp_path),
+            "--socket",
+            &path(&t.dest_sock),
+            "--postcopy",
+            "--wait",
+        ],
+    );
+    let line = receive.next_line(READY).await;
+    assert!(line.starts_with("ready: "), "{line}");
+    let mut send = t.send(&rig, &[]);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ns.link_down();
+    let down = Instant::now();
+    if remove_socket {
+        // Before the destination notices (the dead-peer timeout): it has not paused yet.
+        std::fs::remove_file(&t.dest_sock).expect("remove the destination's socket");
+    }
+    // Both QEMUs pause once the dead-peer timeout has closed the tunnel's connections.
+    stderr_says(&send, "postcopy paused", Duration::from_secs(60)).await;
+    stderr_says(&receive, "listening again", Duration::from_secs(60)).await;
+    // A resume that cannot get through while the link is down, and is retried.
+    stderr_says(&send, "trying again", Duration::from_secs(60)).await;
+    // Down long enough for the backoff to grow past its first steps.
+    tokio::time::sleep(Duration::from_secs(15).saturating_sub(down.elapsed())).await;
+    let paused = down.elapsed();
+    ns.link_up();
+    let up = Instant::now();
+    stderr_says(&receive, "the source resumed", Duration::from_secs(120)).await;
+    let resumed = up.elapsed();
+    let (status, _) = send.wait(Duration::from_secs(240)).await;
+    let took = up.elapsed();
+    let err = send.stderr();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "send: {err}\nreceive:\n{}\nserver:\n{}\nclient:\n{}",
+        receive.stderr(),
+        t.srv.stderr(),
+        t.client.stderr()
+    );
+    let (status, _) = receive.wait(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(0), "receive: {}", receive.stderr());
+    assert!(
+        receive.stderr().contains("incoming migration completed"),
+        "{}",
+        receive.stderr()
+    );
+    eprintln!(
+        "link down for {paused:?}; after it came back: resumed in {resumed:?}, completed in \
+         {took:?}\nsend:\n{err}\nreceive:\n{}",
+        receive.stderr()
+    );
+    rig.verify().await;
+    t.srv.kill().await;
+    t.client.kill().await;
+}
+
+/// Step by step, Ctrl-C while `send` and `receive --wait` wait for the link: both stop
+/// within bounds, `send` exits 1 and `receive` 4, both QEMUs are left postcopy-paused (not
+/// killed, not cancelled); once the link is back `recover --socket` on the source completes
+/// the migration (the destination still listens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_by_step_postcopy_recovery_interrupted() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let mut t = step_by_step_tunnel(&rig, &ns).await;
+    let mut receive = Proc::spawn(
+        "receive",
+        &rig.d,
+        [
+            "receive",
+            "--qmp",
+            &path(&rig.dst.qmp_path),
+            "--socket",
+            &path(&t.dest_sock),
+            "--postcopy",
+            "--wait",
+        ],
+    );
+    let line = receive.next_line(READY).await;
+    assert!(line.starts_with("ready: "), "{line}");
+    let mut send = t.send(&rig, &[]);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ns.link_down();
+    stderr_says(&send, "trying again", Duration::from_secs(60)).await;
+    stderr_says(&receive, "listening again", Duration::from_secs(60)).await;
+    send.signal(libc::SIGINT);
+    receive.signal(libc::SIGINT);
+    let sent = Instant::now();
+    let (status, _) = receive.wait(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(4), "receive: {}", receive.stderr());
+    // A resume under way ends within the tunnel's connect timeout (10 s) and a margin.
+    let (status, _) = send.wait(Duration::from_secs(40)).await;
+    let err = send.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("the recovery stops"), "{err}");
+    assert!(err.contains("qmigrate recover"), "{err}");
+    eprintln!("send stopped {:?} after SIGINT", sent.elapsed());
+    wait_status(
+        &rig.src.qmp_path,
+        MigrationStatus::PostcopyPaused,
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_status(
+        &rig.dst.qmp_path,
+        MigrationStatus::PostcopyPaused,
+        Duration::from_secs(10),
+    )
+    .await;
+    ns.link_up();
+    let out = run(
+        [
+            "recover",
+            "--qmp",
+            &path(&rig.src.qmp_path),
+            "--socket",
+            &path(&t.src_sock),
+        ],
+        Duration::from_secs(240),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "recover: {}\nserver:\n{}\nclient:\n{}",
+        out.stderr,
+        t.srv.stderr(),
+        t.client.stderr()
+    );
+    rig.verify().await;
+    t.srv.kill().await;
+    t.client.kill().await;
+}
+
+/// QEMU 7.2 on both sides, whose source hangs in `postcopy-recover` when a resume cannot get
+/// through: `send` does not resume blind and exits 1 naming `qmigrate recover`, while
+/// `receive --wait` makes the paused destination listen again by itself; once the link is
+/// back, `recover --socket` on the source alone completes the migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_by_step_postcopy_qemu72_recover_after_send() {
+    let Some(bin) = qemu::require(qemu::qemu72(), "QEMU 7.2") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let mut t = step_by_step_tunnel(&rig, &ns).await;
+    let mut receive = Proc::spawn(
+        "receive",
+        &rig.d,
+        [
+            "receive",
+            "--qmp",
+            &path(&rig.dst.qmp_path),
+            "--socket",
+            &path(&t.dest_sock),
+            "--postcopy",
+            "--wait",
+        ],
+    );
+    let line = receive.next_line(READY).await;
+    assert!(line.starts_with("ready: "), "{line}");
+    let mut send = t.send(&rig, &[]);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ns.link_down();
+    let (status, _) = send.wait(Duration::from_secs(120)).await;
+    let err = send.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot retry a resume"), "{err}");
+    assert!(err.contains("qmigrate recover"), "{err}");
+    stderr_says(&receive, "listening again", Duration::from_secs(60)).await;
+    ns.link_up();
+    let out = run(
+        [
+            "recover",
+            "--qmp",
+            &path(&rig.src.qmp_path),
+            "--socket",
+            &path(&t.src_sock),
+        ],
+        Duration::from_secs(240),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "recover: {}\nreceive:\n{}\nserver:\n{}\nclient:\n{}",
+        out.stderr,
+        receive.stderr(),
+        t.srv.stderr(),
+        t.client.stderr()
+    );
+    let (status, _) = receive.wait(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(0), "receive: {}", receive.stderr());
+    rig.verify().await;
+    t.srv.kill().await;
+    t.client.kill().await;
+}
+
+/// Step by step, `send` giving up: postcopy paused by a pulled link, `send` retries the resume
+/// for its short --recover-timeout, then exits 1 naming the recovery, both QEMUs paused; once
+/// the link is back, `recover --incoming` on the destination and `recover --socket` on the
+/// source complete it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_by_step_postcopy_recovers() {
+    let Some(bin) = qemu::require(qemu::qemu10(), "QEMU 10") else {
+        return;
+    };
+    let Some(ns) = NetNs::new() else { return };
+    let rig = postcopy_rig(&bin, &ns, "tcp").await;
+    let mut t = step_by_step_tunnel(&rig, &ns).await;
     let dst_qmp = path(&rig.dst.qmp_path);
     let src_qmp = path(&rig.src.qmp_path);
+    let dest_sock = path(&t.dest_sock);
     let out = run(
         [
             "receive",
             "--qmp",
             &dst_qmp,
             "--socket",
-            &path(&dest_sock),
+            &dest_sock,
             "--postcopy",
         ],
         Duration::from_secs(60),
     )
     .await;
     assert!(out.status.success(), "receive: {}", out.stderr);
-    let mut send = Proc::spawn(
-        "send",
-        &d,
-        [
-            "send",
-            "--qmp",
-            &src_qmp,
-            "--socket",
-            &path(&src_sock),
-            "--postcopy=0",
-            "--max-bandwidth",
-            BANDWIDTH,
-            "--postcopy-bandwidth",
-            BANDWIDTH,
-        ],
-    );
+    assert!(out.stderr.contains("recover --incoming"), "{}", out.stderr);
+    let mut send = t.send(&rig, &["--recover-timeout", "5s"]);
     tokio::time::sleep(Duration::from_secs(6)).await;
     ns.link_down();
     let (status, _) = send.wait(Duration::from_secs(120)).await;
     let err = send.stderr();
     assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("trying again"), "no retry:\n{err}");
     assert!(err.contains("recover --incoming"), "{err}");
+    wait_status(
+        &rig.src.qmp_path,
+        MigrationStatus::PostcopyPaused,
+        Duration::from_secs(10),
+    )
+    .await;
     wait_status(
         &rig.dst.qmp_path,
         MigrationStatus::PostcopyPaused,
@@ -615,14 +892,14 @@ async fn step_by_step_postcopy_recovers() {
             "--qmp",
             &dst_qmp,
             "--socket",
-            &path(&dest_sock),
+            &dest_sock,
         ],
         Duration::from_secs(60),
     )
     .await;
     assert!(out.status.success(), "recover --incoming: {}", out.stderr);
     let out = run(
-        ["recover", "--qmp", &src_qmp, "--socket", &path(&src_sock)],
+        ["recover", "--qmp", &src_qmp, "--socket", &path(&t.src_sock)],
         Duration::from_secs(240),
     )
     .await;
@@ -630,12 +907,12 @@ async fn step_by_step_postcopy_recovers() {
         out.status.success(),
         "recover: {}\nserver:\n{}\nclient:\n{}",
         out.stderr,
-        srv.stderr(),
-        client.stderr()
+        t.srv.stderr(),
+        t.client.stderr()
     );
     rig.verify().await;
-    srv.kill().await;
-    client.kill().await;
+    t.srv.kill().await;
+    t.client.kill().await;
 }
 
 /// The tunnel-server frozen mid-precopy (`SIGSTOP`: its kernel still acknowledges every byte,
