@@ -542,7 +542,7 @@ async fn qemu_alone(
             )
             .await
             .context("destination: migrate-incoming")?;
-            procs::wait_path(&dst_sock, Duration::from_secs(10))?;
+            procs::wait_listening_unix(&dst_sock, Duration::from_secs(10))?;
             let source_port = (via == Via::Socat1mTcp)
                 .then(procs::free_port)
                 .transpose()?;
@@ -670,7 +670,8 @@ fn socat_relays(
     a.push(format!("TCP:127.0.0.1:{port},nodelay"));
     let source_side = Proc::spawn("socat-source", dir, socat, &a)?;
     match source {
-        SocatSource::Unix(path) => procs::wait_path(path, Duration::from_secs(10))?,
+        // The socket file appears at socat's bind, before its listen: wait for the listen.
+        SocatSource::Unix(path) => procs::wait_listening_unix(path, Duration::from_secs(10))?,
         SocatSource::Tcp(port) => procs::wait_listening_tcp(port, Duration::from_secs(10))?,
     }
     Ok(vec![dest_side, source_side])
@@ -1016,7 +1017,7 @@ fn verdict(cells: &[Cell], samples: &[Vec<Sample>]) {
         let who = d.via.label();
         let line = if q.done == 0 {
             format!("QEMU alone never completed; {who} {}/{}", m.done, m.runs)
-        } else if m.done < q.done {
+        } else if m.done * q.runs < q.done * m.runs {
             format!(
                 "NOT MET: {who} completed {}/{}, QEMU alone {}/{}",
                 m.done, m.runs, q.done, q.runs
