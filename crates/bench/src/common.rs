@@ -76,7 +76,8 @@ pub fn socat_pair(
     a.push(format!("UNIX-LISTEN:{}", source.display()));
     a.push(format!("TCP:127.0.0.1:{port}"));
     let source_side = Proc::spawn("socat-source", dir, socat, &a)?;
-    child::wait_path(source, READY)?;
+    // The socket file appears at socat's bind, before its listen: wait for the listen.
+    child::wait_listening_unix(source, READY)?;
     Ok(vec![dest_side, source_side])
 }
 

@@ -18,6 +18,13 @@
 //!   QEMUs take the tunnel connection over; `--relay` relays it instead); multifd's channels
 //!   always go through qmigrate's relay.
 //!
+//! Two more drivers take qmigrate's relay topology apart (`--via socat,tunnel`): the benchmark
+//! drives QEMU as for QEMU alone, but over `unix:` sockets with a relay pair between them
+//! (Unix -> loopback TCP -> Unix), two socats (`socat`: default buffers, `socat-1m`: `-b
+//! 1048576`, `socat-1m-tcp`: the same with loopback TCP instead of the source's Unix socket)
+//! or qmigrate's `tunnel-client` and `tunnel-server` (`tunnel`). `qmigrate-b` runs a second
+//! qmigrate binary (`--qmigrate-b`) beside the first, for a before/after comparison.
+//!
 //! A migration that has not ended after `--limit` is cancelled (`migrate_cancel`, or
 //! qmigrate's own `--timeout`) and counts as not completed. Every figure comes from the source
 //! QEMU's `query-migrate` (qmigrate's `--json` summary carries the same): total time,
@@ -73,7 +80,8 @@ pub struct Args {
     )]
     strategies: Vec<Strategy>,
 
-    /// Who drives the migration, comma-separated, in this order.
+    /// Who drives the migration, comma-separated, in this order (`socat`, `socat-1m` and
+    /// `tunnel`: the benchmark drives QEMU through a relay pair).
     #[arg(long, value_delimiter = ',', default_value = "qemu,qmigrate")]
     via: Vec<Via>,
 
@@ -98,6 +106,14 @@ pub struct Args {
     /// The QEMU binary.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+
+    /// The second qmigrate binary, for `--via qmigrate-b`.
+    #[arg(long, value_name = "PATH")]
+    qmigrate_b: Option<PathBuf>,
+
+    /// The socat binary (`--via socat`).
+    #[arg(long, value_name = "PATH", default_value = "socat")]
+    socat: PathBuf,
 
     #[command(flatten)]
     common: Common,
@@ -137,15 +153,39 @@ impl Strategy {
 pub enum Via {
     /// The benchmark drives both QEMUs over QMP; QEMU to QEMU over `tcp:`.
     Qemu,
+    /// As `qemu`, but over `unix:` sockets with two socats in between (Unix -> loopback TCP
+    /// -> Unix, `fork` for multifd's connections, `nodelay` on the TCP hop): qmigrate's relay
+    /// topology without qmigrate. Default buffers (8 KiB).
+    Socat,
+    /// As `socat`, with `-b 1048576` (the size of qmigrate's reads).
+    #[value(name = "socat-1m")]
+    Socat1m,
+    /// As `socat-1m`, but the source QEMU connects to the first socat over loopback TCP
+    /// (`tcp:`) instead of a Unix socket: what the Unix hop on the source side costs.
+    #[value(name = "socat-1m-tcp")]
+    Socat1mTcp,
+    /// As `qemu`, but over `unix:` sockets with qmigrate's `tunnel-client` and `tunnel-server`
+    /// in between (`tcp://`): qmigrate's relay, driven by the benchmark rather than by
+    /// `qmigrate migrate`.
+    Tunnel,
     /// `qmigrate migrate` to a `tunnel-server --qmp` over `tcp://`.
     Qmigrate,
+    /// As `qmigrate`, with the binary given by `--qmigrate-b` (a before/after comparison
+    /// within one run).
+    #[value(name = "qmigrate-b")]
+    QmigrateB,
 }
 
 impl Via {
     fn label(self) -> &'static str {
         match self {
             Via::Qemu => "QEMU alone",
+            Via::Socat => "QEMU + socat",
+            Via::Socat1m => "QEMU + socat -b 1M",
+            Via::Socat1mTcp => "QEMU tcp: + socat -b 1M",
+            Via::Tunnel => "QEMU + tunnel",
             Via::Qmigrate => "qmigrate",
+            Via::QmigrateB => "qmigrate B",
         }
     }
 }
@@ -204,6 +244,8 @@ struct Env<'a> {
     limit: Duration,
     accel: Option<&'a str>,
     relay: bool,
+    socat: &'a Path,
+    qmigrate_b: Option<&'a Path>,
 }
 
 const POLL: Duration = Duration::from_millis(100);
@@ -221,7 +263,10 @@ pub fn run(mut args: Args) -> anyhow::Result<bool> {
             args.limit = 25;
         }
     }
-    let via_qmigrate = args.via.contains(&Via::Qmigrate);
+    let via_qmigrate = args.via.contains(&Via::Qmigrate) || args.via.contains(&Via::Tunnel);
+    if args.via.contains(&Via::QmigrateB) && args.qmigrate_b.is_none() {
+        bail!("--via qmigrate-b needs --qmigrate-b PATH");
+    }
     let qmigrate = args.common.qmigrate_bin(via_qmigrate)?;
     let qemu = find_qemu(&args.qemu)?;
     let mib = args.mem.div_ceil(1 << 20);
@@ -250,6 +295,8 @@ pub fn run(mut args: Args) -> anyhow::Result<bool> {
         limit: Duration::from_secs(args.limit),
         accel: args.accel.as_deref(),
         relay: args.relay,
+        socat: &args.socat,
+        qmigrate_b: args.qmigrate_b.as_deref(),
     };
 
     let mut cells = Vec::new();
@@ -371,8 +418,23 @@ fn run_once(
     std::thread::sleep(Duration::from_millis(500));
     let watch = Watch::start(watch_path(dir));
     let sample = match cell.via {
-        Via::Qemu => rt.block_on(qemu_alone(cell.strategy, env, &src.qmp_path, &dst.qmp_path)),
-        Via::Qmigrate => through_qmigrate(cell.strategy, env, dir, &src.qmp_path, &dst.qmp_path),
+        Via::Qemu | Via::Socat | Via::Socat1m | Via::Socat1mTcp | Via::Tunnel => {
+            rt.block_on(qemu_alone(
+                cell.strategy,
+                cell.via,
+                env,
+                dir,
+                &src.qmp_path,
+                &dst.qmp_path,
+            ))
+        }
+        Via::Qmigrate | Via::QmigrateB => {
+            let bin = match cell.via {
+                Via::QmigrateB => env.qmigrate_b.context("no --qmigrate-b")?,
+                _ => env.qmigrate,
+            };
+            through_qmigrate(cell.strategy, env, bin, dir, &src.qmp_path, &dst.qmp_path)
+        }
     };
     let mut sample = sample.with_context(|| format!("destination QEMU's log:\n{}", dst.log()))?;
     watch.finish(&mut sample)?;
@@ -416,9 +478,14 @@ fn caps(list: &[(&str, bool)]) -> Value {
 }
 
 /// The migration driven by hand over QMP, QEMU to QEMU over loopback TCP.
+///
+/// With `via` [`Via::Socat`] or [`Via::Tunnel`], over `unix:` sockets in `dir` with a relay
+/// pair between them instead.
 async fn qemu_alone(
     strategy: Strategy,
+    via: Via,
     env: &Env<'_>,
+    dir: &Path,
     src_qmp: &Path,
     dst_qmp: &Path,
 ) -> anyhow::Result<Sample> {
@@ -457,14 +524,47 @@ async fn qemu_alone(
     src.execute_raw("migrate-set-parameters", Some(params))
         .await
         .context("source: migrate-set-parameters")?;
-    let port = procs::free_port()?;
-    let uri = format!("tcp:127.0.0.1:{port}");
-    dst.execute_raw("migrate-incoming", Some(json!({ "uri": uri })))
-        .await
-        .context("destination: migrate-incoming")?;
-    procs::wait_listening_tcp(port, Duration::from_secs(10))?;
+    let (src_uri, _relays) = match via {
+        Via::Qemu => {
+            let port = procs::free_port()?;
+            let uri = format!("tcp:127.0.0.1:{port}");
+            dst.execute_raw("migrate-incoming", Some(json!({ "uri": uri })))
+                .await
+                .context("destination: migrate-incoming")?;
+            procs::wait_listening_tcp(port, Duration::from_secs(10))?;
+            (uri, Vec::new())
+        }
+        _ => {
+            let (src_sock, dst_sock) = (dir.join("src-mig.sock"), dir.join("dst-mig.sock"));
+            dst.execute_raw(
+                "migrate-incoming",
+                Some(json!({ "uri": format!("unix:{}", dst_sock.display()) })),
+            )
+            .await
+            .context("destination: migrate-incoming")?;
+            procs::wait_listening_unix(&dst_sock, Duration::from_secs(10))?;
+            let source_port = (via == Via::Socat1mTcp)
+                .then(procs::free_port)
+                .transpose()?;
+            let relays = match via {
+                Via::Socat | Via::Socat1m | Via::Socat1mTcp => socat_relays(
+                    dir,
+                    env.socat,
+                    source_port.map_or(SocatSource::Unix(&src_sock), SocatSource::Tcp),
+                    &dst_sock,
+                    via != Via::Socat,
+                )?,
+                _ => common::tunnel_pair(dir, env.qmigrate, &src_sock, &dst_sock, false, None)?,
+            };
+            let uri = match source_port {
+                Some(port) => format!("tcp:127.0.0.1:{port}"),
+                None => format!("unix:{}", src_sock.display()),
+            };
+            (uri, relays)
+        }
+    };
     let t0 = Instant::now();
-    src.execute_raw("migrate", Some(json!({ "uri": uri })))
+    src.execute_raw("migrate", Some(json!({ "uri": src_uri })))
         .await
         .context("source: migrate")?;
 
@@ -535,6 +635,53 @@ async fn qemu_alone(
     src.close().await;
     dst.close().await;
     Ok(sample)
+}
+
+/// Two socats, Unix `source` -> loopback TCP -> Unix `dest`, each forking a child per
+/// connection (multifd opens 1 + N), `nodelay` on both ends of the TCP hop as qmigrate's
+/// tunnel sets it; `big_buffers` for `-b 1048576`. Returns once both listen.
+fn socat_relays(
+    dir: &Path,
+    socat: &Path,
+    source: SocatSource<'_>,
+    dest: &Path,
+    big_buffers: bool,
+) -> anyhow::Result<Vec<Proc>> {
+    let buf: Vec<String> = if big_buffers {
+        vec!["-b".into(), "1048576".into()]
+    } else {
+        vec![]
+    };
+    let port = procs::free_port()?;
+    let mut a = buf.clone();
+    a.push(format!(
+        "TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,nodelay"
+    ));
+    a.push(format!("UNIX-CONNECT:{}", dest.display()));
+    let dest_side = Proc::spawn("socat-dest", dir, socat, &a)?;
+    procs::wait_listening_tcp(port, Duration::from_secs(10))?;
+    let mut a = buf;
+    a.push(match source {
+        SocatSource::Unix(path) => format!("UNIX-LISTEN:{},fork", path.display()),
+        SocatSource::Tcp(port) => {
+            format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,nodelay")
+        }
+    });
+    a.push(format!("TCP:127.0.0.1:{port},nodelay"));
+    let source_side = Proc::spawn("socat-source", dir, socat, &a)?;
+    match source {
+        // The socket file appears at socat's bind, before its listen: wait for the listen.
+        SocatSource::Unix(path) => procs::wait_listening_unix(path, Duration::from_secs(10))?,
+        SocatSource::Tcp(port) => procs::wait_listening_tcp(port, Duration::from_secs(10))?,
+    }
+    Ok(vec![dest_side, source_side])
+}
+
+/// Where the source-side socat listens for the source QEMU.
+#[derive(Clone, Copy)]
+enum SocatSource<'a> {
+    Unix(&'a Path),
+    Tcp(u16),
 }
 
 /// Keeps the highest dirty rate and throttle `query-migrate` reported, and the last precopy
@@ -609,6 +756,7 @@ fn pages_to_mib(pages_per_s: u64) -> f64 {
 fn through_qmigrate(
     strategy: Strategy,
     env: &Env<'_>,
+    qmigrate: &Path,
     dir: &Path,
     src_qmp: &Path,
     dst_qmp: &Path,
@@ -625,7 +773,7 @@ fn through_qmigrate(
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    let mut server = Proc::spawn("tunnel-server", dir, env.qmigrate, &a)?;
+    let mut server = Proc::spawn("tunnel-server", dir, qmigrate, &a)?;
     let line = server.ready_line()?;
     let url = line
         .strip_prefix("listening on ")
@@ -653,7 +801,7 @@ fn through_qmigrate(
     if env.relay {
         a.push("--relay".into());
     }
-    let mut migrate = Proc::spawn("migrate", dir, env.qmigrate, &a)?;
+    let mut migrate = Proc::spawn("migrate", dir, qmigrate, &a)?;
     let mut sample = Sample::default();
     let mut summary = None;
     while let Ok(line) = migrate.ready_line() {
@@ -852,25 +1000,26 @@ fn report(args: &Args, env: &Env<'_>, cells: &[Cell], samples: &[Vec<Sample>]) {
 }
 
 /// Against the goal: where QEMU alone completes, qmigrate completes too, with total time and
-/// downtime within 10%.
+/// downtime within 10%. The relayed QEMU-alone variants get the same line, for comparison.
 fn verdict(cells: &[Cell], samples: &[Vec<Sample>]) {
-    println!("\nqmigrate against QEMU alone (goal: completes where QEMU does; total and downtime within 10%):\n");
-    for (i, c) in cells.iter().enumerate() {
-        if c.via != Via::Qemu {
+    println!("\nAgainst QEMU alone (goal for qmigrate: completes where QEMU does; total and downtime within 10%):\n");
+    for (j, d) in cells.iter().enumerate() {
+        if d.via == Via::Qemu {
             continue;
         }
-        let Some(j) = cells
+        let Some(i) = cells
             .iter()
-            .position(|d| d.via == Via::Qmigrate && d.rate == c.rate && d.strategy == c.strategy)
+            .position(|c| c.via == Via::Qemu && d.rate == c.rate && d.strategy == c.strategy)
         else {
             continue;
         };
         let (q, m) = (summarize(&samples[i]), summarize(&samples[j]));
+        let who = d.via.label();
         let line = if q.done == 0 {
-            format!("QEMU alone never completed; qmigrate {}/{}", m.done, m.runs)
-        } else if m.done < q.done {
+            format!("QEMU alone never completed; {who} {}/{}", m.done, m.runs)
+        } else if m.done * q.runs < q.done * m.runs {
             format!(
-                "NOT MET: qmigrate completed {}/{}, QEMU alone {}/{}",
+                "NOT MET: {who} completed {}/{}, QEMU alone {}/{}",
                 m.done, m.runs, q.done, q.runs
             )
         } else {
@@ -878,7 +1027,7 @@ fn verdict(cells: &[Cell], samples: &[Vec<Sample>]) {
             let rd = m.downtime_ms / q.downtime_ms;
             let ok = rt <= 1.1 && rd <= 1.1;
             format!(
-                "{}: total x{} ({} s vs {} s), downtime x{} ({} vs {} ms)",
+                "{who}: {}: total x{} ({} s vs {} s), downtime x{} ({} vs {} ms)",
                 if ok { "met" } else { "NOT MET" },
                 num(rt, 2),
                 num(m.total_s, 1),
@@ -890,8 +1039,8 @@ fn verdict(cells: &[Cell], samples: &[Vec<Sample>]) {
         };
         println!(
             "  {:>3} MiB/s {:<13} {line}",
-            num(c.rate, 0),
-            c.strategy.label()
+            num(d.rate, 0),
+            d.strategy.label()
         );
     }
 }
