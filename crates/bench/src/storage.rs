@@ -11,7 +11,9 @@
 //! - QEMU alone, the sequence qmigrate drives, by hand: the destination's `nbd-server-start` (on a Unix socket, or `tcp:` loopback) and a writable
 //!   `block-export-add`; the source's NBD client node (`discard: unmap`, `reconnect-delay` as
 //!   qmigrate sets them) and `blockdev-mirror sync=full`, cancelled without force at READY
-//!   (which completes it).
+//!   (which completes it). On request (`--only qemu-fd`) also over `tcp:` with the source's
+//!   NBD client handed a connected socket (`getfd`, an `fd:` address), as the direct path
+//!   hands QEMU the RAM's connection.
 //! - `qmigrate migrate --copy-storage --no-start` to a `tunnel-server --once --qmp`: plain TCP
 //!   with the direct data path (the RAM goes QEMU to QEMU; the NBD connection is relayed), with
 //!   `--relay`, and over WebSocket (which always relays).
@@ -30,12 +32,13 @@
 //! both is read with `qemu-img info` (sparse must stay sparse).
 
 use std::io::{Seek as _, SeekFrom, Write as _};
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use qmigrate_qmp::{ConnectOptions, Event, Events, Qmp};
+use qmigrate_qmp::{ConnectOptions, Event, Events, Getfd, Qmp};
 use qmigrate_testkit::child::{self as procs, Proc};
 use qmigrate_testkit::qemu::{self, QemuBinary, Vm, VmConfig};
 use serde_json::{json, Value};
@@ -105,6 +108,12 @@ pub enum Variant {
     QemuUnix,
     /// QEMU alone: the same over loopback TCP (`tcp:`).
     QemuTcp,
+    /// QEMU alone over loopback TCP, the source's NBD client handed a connected socket
+    /// (`getfd`, an `fd:` server address) as qmigrate's direct path hands QEMU the RAM's
+    /// connection. Not in the default set: what handing the NBD connection over would give at
+    /// best (the destination's NBD server cannot be handed a connection, so qmigrate would still
+    /// relay that side), and QEMU does not reconnect such a client (BENCHMARKS.md).
+    QemuFd,
     /// `migrate --copy-storage` over plain TCP with the direct data path.
     Direct,
     /// `migrate --copy-storage --relay` over plain TCP.
@@ -118,6 +127,7 @@ impl Variant {
         match self {
             Variant::QemuUnix => "QEMU alone, unix:",
             Variant::QemuTcp => "QEMU alone, tcp:",
+            Variant::QemuFd => "QEMU alone, fd: (tcp)",
             Variant::Direct => "qmigrate tcp, direct path",
             Variant::RelayTcp => "qmigrate tcp, --relay",
             Variant::RelayWs => "qmigrate ws",
@@ -125,7 +135,7 @@ impl Variant {
     }
 
     fn is_qmigrate(self) -> bool {
-        !matches!(self, Variant::QemuUnix | Variant::QemuTcp)
+        !matches!(self, Variant::QemuUnix | Variant::QemuTcp | Variant::QemuFd)
     }
 }
 
@@ -542,6 +552,9 @@ fn cpu_of(pid: libc::pid_t) -> Option<Duration> {
     Some(Duration::from_secs_f64((u + s) as f64 / hz))
 }
 
+/// The name of the NBD connection handed to the source QEMU in the `fd:` variant.
+const NBD_FD: &str = "bench-nbd";
+
 /// QEMU's own sequence, driven over both primary monitors.
 async fn qemu_alone(
     variant: Variant,
@@ -554,7 +567,7 @@ async fn qemu_alone(
     let src = Qmp::connect_unix(&src_vm.qmp_path, &opts).await?;
     let dst = Qmp::connect_unix(&dst_vm.qmp_path, &opts).await?;
     let (server_addr, client_addr) = match variant {
-        Variant::QemuTcp => {
+        Variant::QemuTcp | Variant::QemuFd => {
             let port = procs::free_port()?.to_string();
             (
                 json!({"type": "inet", "data": {"host": "127.0.0.1", "port": port}}),
@@ -578,6 +591,23 @@ async fn qemu_alone(
         }
     };
     run(&dst, "nbd-server-start", json!({"addr": server_addr})).await?;
+    let client_addr = if variant == Variant::QemuFd {
+        // Connected here, handed over, closed here: QEMU's copy is the only one left.
+        let port = client_addr["port"].as_str().unwrap_or_default();
+        let conn = std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>()?))
+            .context("connecting to the destination's NBD server")?;
+        src.execute_with_fd(
+            &Getfd {
+                fdname: NBD_FD.into(),
+            },
+            conn.as_fd(),
+        )
+        .await
+        .context("getfd failed")?;
+        json!({"type": "fd", "str": NBD_FD})
+    } else {
+        client_addr
+    };
     run(
         &dst,
         "block-export-add",

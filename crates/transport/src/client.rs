@@ -17,7 +17,7 @@ use crate::endpoint::Endpoint;
 use crate::error::{Error, Result, UnixSocketFailure};
 use crate::keepalive::DeadPeer;
 use crate::protocol::{self, Auth, Hello, Reply};
-use crate::relay::relay;
+use crate::relay::{relay, RelayStats};
 use crate::report::{Report, Tally};
 use crate::stream::TunnelStream;
 use crate::tls::ClientTls;
@@ -293,18 +293,30 @@ async fn handle_nbd(config: &ClientConfig, unix: UnixStream, session: &str) {
         }
     };
     let (stats, result) = relay(unix, stream, version).await;
-    match &result {
-        Ok(()) => info!(
-            sent = stats.to_tunnel,
-            received = stats.from_tunnel,
-            secs = stats.elapsed.as_secs_f64(),
-            "NBD connection closed"
-        ),
-        Err(e) => warn!(
-            sent = stats.to_tunnel,
-            received = stats.from_tunnel,
-            "NBD connection failed: {e}"
-        ),
+    log_end(Relayed::Nbd, &stats, &result);
+}
+
+/// Which kind of connection a relay carried, for [`log_end`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Relayed {
+    /// A migration stream: its failure fails the migration.
+    Data,
+    /// An NBD connection: QEMU's NBD client reconnects after a failure, so it is a warning.
+    Nbd,
+}
+
+/// Logs the end of a relayed connection: what it carried, and the error it failed with.
+fn log_end(kind: Relayed, stats: &RelayStats, result: &Result<()>) {
+    let what = match kind {
+        Relayed::Data => "connection",
+        Relayed::Nbd => "NBD connection",
+    };
+    let (sent, received) = (stats.to_tunnel, stats.from_tunnel);
+    let secs = stats.elapsed.as_secs_f64();
+    match result {
+        Ok(()) => info!(sent, received, secs, "{what} closed"),
+        Err(e) if kind == Relayed::Nbd => warn!(sent, received, "{what} failed: {e}"),
+        Err(e) => error!(sent, received, secs, "{what} failed: {e}"),
     }
 }
 
@@ -332,20 +344,7 @@ async fn handle(
         }
     };
     let (stats, result) = relay(unix, stream, version).await;
-    match &result {
-        Ok(()) => info!(
-            sent = stats.to_tunnel,
-            received = stats.from_tunnel,
-            secs = stats.elapsed.as_secs_f64(),
-            "connection closed"
-        ),
-        Err(e) => error!(
-            sent = stats.to_tunnel,
-            received = stats.from_tunnel,
-            secs = stats.elapsed.as_secs_f64(),
-            "connection failed: {e}"
-        ),
-    }
+    log_end(Relayed::Data, &stats, &result);
     if let Ok(mut t) = tally.lock() {
         t.ended(&stats, result.is_err());
     }
