@@ -532,6 +532,12 @@ enum Start {
     Resume(MigrationTarget),
 }
 
+/// How long a resume's handshake (`postcopy-recover-setup`, `postcopy-recover`) may take. It
+/// is a few messages each way plus the destination's received-pages bitmap (32 MiB for 1 TiB
+/// of guest RAM), so seconds even on a slow link; but a connection that failed under it
+/// leaves QEMU before 9.1 there for good, and nothing would end the wait.
+const RECOVER_HANDSHAKE_LIMIT: Duration = Duration::from_secs(300);
+
 /// How long a resumed migration may still report `postcopy-paused` before that counts as the
 /// resume having failed (QEMU before 9.1 leaves the state only once its thread runs).
 const RESUME_START: Duration = Duration::from_secs(3);
@@ -580,6 +586,8 @@ async fn migrate_and_follow(
     // the last ones it reported.
     let mut last_ram = None;
     let mut switched_over = false;
+    // Since when QEMU sits in a resume's handshake (`postcopy-recover(-setup)`).
+    let mut recovering_since: Option<Instant> = None;
 
     let mut info = loop {
         tokio::select! {
@@ -684,6 +692,26 @@ async fn migrate_and_follow(
         }
         if status != MigrationStatus::PostcopyPaused {
             left_pause = true;
+        }
+        if matches!(
+            status,
+            MigrationStatus::PostcopyRecover | MigrationStatus::PostcopyRecoverSetup
+        ) {
+            let since = *recovering_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > RECOVER_HANDSHAKE_LIMIT {
+                let v = &qmp.greeting().version.qemu;
+                bail!(
+                    "the source QEMU has been in {status} for {} s: the resume's handshake with \
+                     the destination did not finish (its connection failed or the destination \
+                     does not answer). QEMU {}.{} cannot leave that state by itself (9.1 and \
+                     later go back to postcopy-paused); both QEMUs stay paused",
+                    RECOVER_HANDSHAKE_LIMIT.as_secs(),
+                    v.major,
+                    v.minor
+                );
+            }
+        } else {
+            recovering_since = None;
         }
         if status == MigrationStatus::PostcopyPaused
             && (left_pause || started.elapsed() > RESUME_START)

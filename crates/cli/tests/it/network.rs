@@ -808,7 +808,9 @@ async fn step_by_step_postcopy_qemu72_recover_after_send() {
     assert!(err.contains("qmigrate recover"), "{err}");
     stderr_says(&receive, "listening again", Duration::from_secs(60)).await;
     ns.link_up();
-    let out = run(
+    let mut recover = Proc::spawn(
+        "recover",
+        &rig.d,
         [
             "recover",
             "--qmp",
@@ -816,13 +818,12 @@ async fn step_by_step_postcopy_qemu72_recover_after_send() {
             "--socket",
             &path(&t.src_sock),
         ],
-        Duration::from_secs(240),
-    )
-    .await;
+    );
+    let (status, _) = recover.wait(Duration::from_secs(240)).await;
     assert!(
-        out.status.success(),
+        status.success(),
         "recover: {}\nreceive:\n{}\nserver:\n{}\nclient:\n{}",
-        out.stderr,
+        recover.stderr(),
         receive.stderr(),
         t.srv.stderr(),
         t.client.stderr()
