@@ -10,7 +10,7 @@ use qmigrate_migration::storage::StorageCopy;
 use qmigrate_transport::Scheme;
 
 use crate::args::TunnelClientArgs;
-use crate::args::{RecoverArgs, SourceTuning};
+use crate::args::{CopyStorageArgs, RecoverArgs, SourceTuning};
 use crate::exit::Exit;
 use crate::output::{self, JsonEvent};
 use crate::signals;
@@ -25,7 +25,18 @@ use crate::signals;
     mut_arg("max_bandwidth", |a| a.help(
         "Bandwidth cap in bytes per second (100M, 1G, 512MiB). Default: unlimited"
     )),
-    mut_arg("compress", |a| a.help("Compress multifd channels (needs --multifd; set on both QEMUs)"))
+    mut_arg("compress", |a| a.help("Compress multifd channels (needs --multifd; set on both QEMUs)")),
+    mut_arg("copy_storage", |a| a.help(
+        "Copy the local disks to the destination's (non-shared storage): all writable disks, or \
+         those named by qdev id (`--copy-storage=vblk0,vblk1`); read-only drives and CD-ROMs \
+         never. The destination VM must have the same devices, each with its own image of the \
+         same virtual size (an empty one will do: `qemu-img create -f qcow2 IMAGE SIZE`)"
+    )),
+    mut_arg("copy_storage_inc", |a| a.help(
+        "As --copy-storage, but only each disk's top image (`blockdev-mirror sync=top`): the \
+         destination's images already sit on the same backing chain (a copy of the source's \
+         base images), so only what the top images hold is copied"
+    ))
 )]
 #[command(after_help = "\
 The destination runs `qmigrate tunnel-server --qmp PATH` (or --route NAME=PATH for several \
@@ -74,31 +85,9 @@ pub struct Args {
     #[arg(long)]
     pub no_start: bool,
 
-    /// Copy the local disks to the destination's (non-shared storage): all writable disks, or
-    /// those named by qdev id (`--copy-storage=vblk0,vblk1`); read-only drives and CD-ROMs
-    /// never. The destination VM must have the same devices, each with its own image of the
-    /// same virtual size (an empty one will do: `qemu-img create -f qcow2 IMAGE SIZE`).
-    #[arg(
-        long,
-        value_name = "DISK,...",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = ""
-    )]
-    pub copy_storage: Option<String>,
+    #[command(flatten)]
+    pub storage: CopyStorageArgs,
 
-    /// As --copy-storage, but only each disk's top image (`blockdev-mirror sync=top`): the
-    /// destination's images already sit on the same backing chain (a copy of the source's
-    /// base images), so only what the top images hold is copied.
-    #[arg(
-        long,
-        value_name = "DISK,...",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "",
-        conflicts_with = "copy_storage"
-    )]
-    pub copy_storage_inc: Option<String>,
     #[command(flatten)]
     pub recover: RecoverArgs,
 
@@ -128,8 +117,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         no_start: args.no_start,
         recover_timeout: args.recover.recover_timeout,
         storage: StorageCopy::parse(
-            args.copy_storage.as_deref(),
-            args.copy_storage_inc.as_deref(),
+            args.storage.copy_storage.as_deref(),
+            args.storage.copy_storage_inc.as_deref(),
         ),
     };
 
