@@ -528,36 +528,33 @@ struct StepByStep {
     src_sock: std::path::PathBuf,
 }
 
-async fn step_by_step_tunnel(rig: &PostcopyRig, ns: &NetNs) -> StepByStep {
+async fn step_by_step_tunnel(rig: &PostcopyRig, ns: &NetNs, scheme: &'static str) -> StepByStep {
     let d = rig.d.clone();
     let dest_sock = d.join("dest.sock");
     let src_sock = d.join("src.sock");
-    let s = setup(&d, "tcp", ns.addr());
+    let s = setup(&d, scheme, ns.addr());
     let mut args = vec![
         "tunnel-server".to_owned(),
         "--listen".into(),
-        format!("tcp://{}:0", ns.addr()),
+        format!("{scheme}://{}:0", ns.addr()),
         "--socket".into(),
         path(&dest_sock),
         "--dead-peer-timeout".into(),
         DEAD_PEER.into(),
     ];
     args.extend(s.server.iter().cloned());
-    let mut srv = Proc::spawn_wrapped("plain-server", &d, &ns.command("env"), &args);
-    let line = srv.next_line(READY).await;
-    let url = line
-        .strip_prefix("listening on ")
-        .expect("ready")
-        .trim()
-        .to_owned();
+    let (srv, url) = server_in(ns, &d, "plain-server", &args).await;
+    assert!(url.starts_with(scheme), "{url}");
     let mut args = vec![
         "tunnel-client".to_owned(),
         "--connect".into(),
         url,
         "--socket".into(),
         path(&src_sock),
+        "--dead-peer-timeout".into(),
+        DEAD_PEER.into(),
     ];
-    args.extend(rig.client.iter().cloned());
+    args.extend(s.client.iter().cloned());
     let mut client = Proc::spawn("tunnel-client", &d, &args);
     let line = client.next_line(READY).await;
     assert!(line.starts_with("listening on "), "{line}");
@@ -570,6 +567,51 @@ async fn step_by_step_tunnel(rig: &PostcopyRig, ns: &NetNs) -> StepByStep {
 }
 
 impl StepByStep {
+    /// `receive --postcopy --wait` on the destination's socket, once it has said it is ready.
+    async fn receive_waiting(&self, rig: &PostcopyRig) -> Proc {
+        let mut receive = Proc::spawn(
+            "receive",
+            &rig.d,
+            [
+                "receive",
+                "--qmp",
+                &path(&rig.dst.qmp_path),
+                "--socket",
+                &path(&self.dest_sock),
+                "--postcopy",
+                "--wait",
+            ],
+        );
+        let line = receive.next_line(READY).await;
+        assert!(line.starts_with("ready: "), "{line}");
+        receive
+    }
+
+    /// `recover --socket` on the source completes the paused migration (every log shown if
+    /// not, `receive`'s too when there is one).
+    async fn recover_source(&self, rig: &PostcopyRig, receive: Option<&Proc>) {
+        let mut recover = Proc::spawn(
+            "recover",
+            &rig.d,
+            [
+                "recover",
+                "--qmp",
+                &path(&rig.src.qmp_path),
+                "--socket",
+                &path(&self.src_sock),
+            ],
+        );
+        let (status, _) = recover.wait(Duration::from_secs(240)).await;
+        assert!(
+            status.success(),
+            "recover: {}\nreceive:\n{}\nserver:\n{}\nclient:\n{}",
+            recover.stderr(),
+            receive.map(Proc::stderr).unwrap_or_default(),
+            self.srv.stderr(),
+            self.client.stderr()
+        );
+    }
+
     /// `send --postcopy=0` capped at [`BANDWIDTH`] through the tunnel-client, with `extra`.
     fn send(&self, rig: &PostcopyRig, extra: &[&str]) -> Proc {
         let mut args = vec![
@@ -627,22 +669,8 @@ async fn recovers_by_itself(remove_socket: bool) {
     };
     let Some(ns) = NetNs::new() else { return };
     let rig = postcopy_rig(&bin, &ns, "tcp").await;
-    let mut t = step_by_step_tunnel(&rig, &ns).await;
-    let mut receive = Proc::spawn(
-        "receive",
-        &rig.d,
-        [
-            "receive",
-            "--qmp",
-            &path(&rig.dst.qmp_path),
-            "--socket",
-            &path(&t.dest_sock),
-            "--postcopy",
-            "--wait",
-        ],
-    );
-    let line = receive.next_line(READY).await;
-    assert!(line.starts_with("ready: "), "{line}");
+    let mut t = step_by_step_tunnel(&rig, &ns, "tcp").await;
+    let mut receive = t.receive_waiting(&rig).await;
     let mut send = t.send(&rig, &[]);
     tokio::time::sleep(Duration::from_secs(6)).await;
     ns.link_down();
@@ -702,22 +730,8 @@ async fn step_by_step_postcopy_recovery_interrupted() {
     };
     let Some(ns) = NetNs::new() else { return };
     let rig = postcopy_rig(&bin, &ns, "tcp").await;
-    let mut t = step_by_step_tunnel(&rig, &ns).await;
-    let mut receive = Proc::spawn(
-        "receive",
-        &rig.d,
-        [
-            "receive",
-            "--qmp",
-            &path(&rig.dst.qmp_path),
-            "--socket",
-            &path(&t.dest_sock),
-            "--postcopy",
-            "--wait",
-        ],
-    );
-    let line = receive.next_line(READY).await;
-    assert!(line.starts_with("ready: "), "{line}");
+    let mut t = step_by_step_tunnel(&rig, &ns, "tcp").await;
+    let mut receive = t.receive_waiting(&rig).await;
     let mut send = t.send(&rig, &[]);
     tokio::time::sleep(Duration::from_secs(6)).await;
     ns.link_down();
@@ -748,24 +762,7 @@ async fn step_by_step_postcopy_recovery_interrupted() {
     )
     .await;
     ns.link_up();
-    let out = run(
-        [
-            "recover",
-            "--qmp",
-            &path(&rig.src.qmp_path),
-            "--socket",
-            &path(&t.src_sock),
-        ],
-        Duration::from_secs(240),
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "recover: {}\nserver:\n{}\nclient:\n{}",
-        out.stderr,
-        t.srv.stderr(),
-        t.client.stderr()
-    );
+    t.recover_source(&rig, None).await;
     rig.verify().await;
     t.srv.kill().await;
     t.client.kill().await;
@@ -782,22 +779,8 @@ async fn step_by_step_postcopy_qemu72_recover_after_send() {
     };
     let Some(ns) = NetNs::new() else { return };
     let rig = postcopy_rig(&bin, &ns, "tcp").await;
-    let mut t = step_by_step_tunnel(&rig, &ns).await;
-    let mut receive = Proc::spawn(
-        "receive",
-        &rig.d,
-        [
-            "receive",
-            "--qmp",
-            &path(&rig.dst.qmp_path),
-            "--socket",
-            &path(&t.dest_sock),
-            "--postcopy",
-            "--wait",
-        ],
-    );
-    let line = receive.next_line(READY).await;
-    assert!(line.starts_with("ready: "), "{line}");
+    let mut t = step_by_step_tunnel(&rig, &ns, "tcp").await;
+    let mut receive = t.receive_waiting(&rig).await;
     let mut send = t.send(&rig, &[]);
     tokio::time::sleep(Duration::from_secs(6)).await;
     ns.link_down();
@@ -808,26 +791,7 @@ async fn step_by_step_postcopy_qemu72_recover_after_send() {
     assert!(err.contains("qmigrate recover"), "{err}");
     stderr_says(&receive, "listening again", Duration::from_secs(60)).await;
     ns.link_up();
-    let mut recover = Proc::spawn(
-        "recover",
-        &rig.d,
-        [
-            "recover",
-            "--qmp",
-            &path(&rig.src.qmp_path),
-            "--socket",
-            &path(&t.src_sock),
-        ],
-    );
-    let (status, _) = recover.wait(Duration::from_secs(240)).await;
-    assert!(
-        status.success(),
-        "recover: {}\nreceive:\n{}\nserver:\n{}\nclient:\n{}",
-        recover.stderr(),
-        receive.stderr(),
-        t.srv.stderr(),
-        t.client.stderr()
-    );
+    t.recover_source(&rig, Some(&receive)).await;
     let (status, _) = receive.wait(Duration::from_secs(60)).await;
     assert_eq!(status.code(), Some(0), "receive: {}", receive.stderr());
     rig.verify().await;
@@ -846,9 +810,8 @@ async fn step_by_step_postcopy_recovers() {
     };
     let Some(ns) = NetNs::new() else { return };
     let rig = postcopy_rig(&bin, &ns, "tcp").await;
-    let mut t = step_by_step_tunnel(&rig, &ns).await;
+    let mut t = step_by_step_tunnel(&rig, &ns, "tcp").await;
     let dst_qmp = path(&rig.dst.qmp_path);
-    let src_qmp = path(&rig.src.qmp_path);
     let dest_sock = path(&t.dest_sock);
     let out = run(
         [
@@ -899,18 +862,7 @@ async fn step_by_step_postcopy_recovers() {
     )
     .await;
     assert!(out.status.success(), "recover --incoming: {}", out.stderr);
-    let out = run(
-        ["recover", "--qmp", &src_qmp, "--socket", &path(&t.src_sock)],
-        Duration::from_secs(240),
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "recover: {}\nserver:\n{}\nclient:\n{}",
-        out.stderr,
-        t.srv.stderr(),
-        t.client.stderr()
-    );
+    t.recover_source(&rig, None).await;
     rig.verify().await;
     t.srv.kill().await;
     t.client.kill().await;
@@ -1058,52 +1010,30 @@ async fn step_by_step_ws_server_stopped() {
     };
     let Some(ns) = NetNs::new() else { return };
     let rig = postcopy_rig(&bin, &ns, "tcp").await;
-    let d = rig.d.clone();
-    let dest_sock = d.join("dest.sock");
-    let src_sock = d.join("src.sock");
-    let s = setup(&d, "ws", ns.addr());
-    let mut args = vec![
-        "tunnel-server".to_owned(),
-        "--listen".into(),
-        format!("ws://{}:0", ns.addr()),
-        "--socket".into(),
-        path(&dest_sock),
-        "--dead-peer-timeout".into(),
-        DEAD_PEER.into(),
-    ];
-    args.extend(s.server.iter().cloned());
-    let (mut srv, url) = server_in(&ns, &d, "plain-ws-server", &args).await;
-    assert!(url.starts_with("ws://"), "{url}");
-    let mut args = vec![
-        "tunnel-client".to_owned(),
-        "--connect".into(),
-        url,
-        "--socket".into(),
-        path(&src_sock),
-    ];
-    args.extend(s.client.iter().cloned());
-    args.extend(["--dead-peer-timeout".into(), DEAD_PEER.into()]);
-    let mut client = Proc::spawn("tunnel-client", &d, &args);
-    let line = client.next_line(READY).await;
-    assert!(line.starts_with("listening on "), "{line}");
-
+    let mut t = step_by_step_tunnel(&rig, &ns, "ws").await;
     let dst_qmp = path(&rig.dst.qmp_path);
     let src_qmp = path(&rig.src.qmp_path);
     let out = run(
-        ["receive", "--qmp", &dst_qmp, "--socket", &path(&dest_sock)],
+        [
+            "receive",
+            "--qmp",
+            &dst_qmp,
+            "--socket",
+            &path(&t.dest_sock),
+        ],
         Duration::from_secs(60),
     )
     .await;
     assert!(out.status.success(), "receive: {}", out.stderr);
     let mut send = Proc::spawn(
         "send",
-        &d,
+        &rig.d,
         [
             "send",
             "--qmp",
             &src_qmp,
             "--socket",
-            &path(&src_sock),
+            &path(&t.src_sock),
             "--max-bandwidth",
             BANDWIDTH,
             "--stall-timeout",
@@ -1111,11 +1041,11 @@ async fn step_by_step_ws_server_stopped() {
         ],
     );
     tokio::time::sleep(Duration::from_secs(4)).await;
-    srv.signal(libc::SIGSTOP);
+    t.srv.signal(libc::SIGSTOP);
     let stopped = Instant::now();
     let (status, _) = send.wait(Duration::from_secs(90)).await;
     let took = stopped.elapsed();
-    srv.signal(libc::SIGCONT);
+    t.srv.signal(libc::SIGCONT);
     let err = send.stderr();
     eprintln!(
         "send ended {took:?} after the ws server stopped: {}",
@@ -1126,18 +1056,18 @@ async fn step_by_step_ws_server_stopped() {
     assert!(
         took < Duration::from_secs(20),
         "took {took:?}:\n{err}\nclient:\n{}",
-        client.stderr()
+        t.client.stderr()
     );
     assert!(
-        client
+        t.client
             .stderr()
             .contains("the peer did not answer WebSocket pings for 5s"),
         "the tunnel-client names the pings:\n{}",
-        client.stderr()
+        t.client.stderr()
     );
     let qmp = support::qmp(&rig.src.qmp_path).await;
     assert_eq!(support::vm_state(&qmp).await.0, RunState::Running, "{err}");
     drop(qmp);
-    srv.kill().await;
-    client.kill().await;
+    t.srv.kill().await;
+    t.client.kill().await;
 }
