@@ -633,6 +633,26 @@ async fn migrate_mid_copy(pair: &GuestPair, extra: &[String]) -> (Proc, Proc) {
     (srv, migrate)
 }
 
+/// Ctrl-C to a `migrate --copy-storage` under way: it exits 4 within 15 s saying the
+/// destination's images are incomplete, and the source is left clean ([`source_left_clean`]);
+/// how long it took after the signal.
+async fn interrupted(pair: &GuestPair, srv: &mut Proc, migrate: &mut Proc) -> Duration {
+    let t = Instant::now();
+    migrate.signal(libc::SIGINT);
+    let (status, _) = migrate.wait(RUN).await;
+    let stopped = t.elapsed();
+    let stderr = migrate.stderr();
+    srv.kill().await;
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("incomplete"), "{stderr}");
+    assert!(
+        stopped < Duration::from_secs(15),
+        "took {stopped:?}: {stderr}"
+    );
+    source_left_clean(pair.src.qmp_path()).await;
+    stopped
+}
+
 /// `qemu-img check` finds `image` intact (read while QEMU has it open).
 fn image_intact(image: &Path) {
     let out = Command::new("qemu-img")
@@ -699,20 +719,7 @@ async fn storage_interrupted_during_copy() {
         return;
     };
     let (mut srv, mut migrate) = migrate_mid_copy(&pair, &[]).await;
-    let t = Instant::now();
-    migrate.signal(libc::SIGINT);
-    let (status, _) = migrate.wait(RUN).await;
-    let stopped = t.elapsed();
-    let stderr = migrate.stderr();
-    srv.kill().await;
-    assert_eq!(status.code(), Some(4), "{stderr}");
-    assert!(stderr.contains("incomplete"), "{stderr}");
-    assert!(
-        stopped < Duration::from_secs(15),
-        "took {stopped:?}: {stderr}"
-    );
-
-    source_left_clean(pair.src.qmp_path()).await;
+    let stopped = interrupted(&pair, &mut srv, &mut migrate).await;
     image_intact(&pair.disk);
     // The guest still runs (and checks its records) on the source.
     source_guest_runs(&pair).await;
@@ -1161,20 +1168,7 @@ async fn storage_interrupted_during_ram() {
     .await;
     let (mut srv, mut migrate, tick) = migrate_into_ram_phase(&pair).await;
     assert_eq!(tick["storage"]["disks"][0]["ready"], true, "{tick}");
-    let t = Instant::now();
-    migrate.signal(libc::SIGINT);
-    let (status, _) = migrate.wait(RUN).await;
-    let stopped = t.elapsed();
-    let stderr = migrate.stderr();
-    srv.kill().await;
-    assert_eq!(status.code(), Some(4), "{stderr}");
-    assert!(stderr.contains("incomplete"), "{stderr}");
-    assert!(
-        stopped < Duration::from_secs(15),
-        "took {stopped:?}: {stderr}"
-    );
-
-    source_left_clean(pair.src.qmp_path()).await;
+    let stopped = interrupted(&pair, &mut srv, &mut migrate).await;
     let src = check::qmp(pair.src.qmp_path()).await;
     let devices = src
         .execute(&qmigrate_qmp::QueryBlock)
